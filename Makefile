@@ -1,0 +1,30 @@
+# The two commands of the README: `make run` (whole pipeline) and `make test` (the test suite).
+# Both create or reuse .venv and install the project into it.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export DVC_NO_ANALYTICS ?= 1
+# Where MNIST's four .gz files are read from when there is no internet (empty: the official mirrors).
+TUNELINE_DATA_MIRROR ?= $(wildcard $(abspath ../shared/data/MNIST/raw))
+export TUNELINE_DATA_MIRROR
+
+.PHONY: install run test lint clean
+install: $(VENV)/.installed
+
+# pip, not uv/poetry: torch comes from this machine's local wheels (see README, "Installation").
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: install
+	$(VENV)/bin/tuneline run $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf data/raw data/prepared models metrics reports .prefect

@@ -1,0 +1,92 @@
+"""`tuneline`: the command line.
+
+    tuneline run [-S key=value …] [--force] [--no-push]   the whole pipeline as a Prefect flow run
+    tuneline stage NAME [-S key=value …]                  one stage (what dvc.yaml calls)
+
+Run from the project folder (the one holding params.yaml), or pass --project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+STAGE_NAMES = ("fetch", "prepare", "train", "evaluate", "export")
+
+
+def _default_environment(root: Path) -> None:
+    """Keep Prefect and DVC local and quiet unless the user configured otherwise (set before importing them)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry would try the internet
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("DVC_SITE_CACHE_DIR", str(root / ".dvc" / "tmp" / "site-cache"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneline", description="Tune, train, gate and ship a model.")
+    parser.add_argument("--project", type=Path, default=Path("."), help="project folder holding params.yaml")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
+    stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
+    stage.add_argument("name", choices=STAGE_NAMES)
+    for p in (run, stage):
+        p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a params.yaml key, e.g. -S train.lr=0.01 (repeatable)")
+    run.add_argument("--force", action="store_true", help="rerun every stage even if DVC reports it unchanged")
+    run.add_argument("--no-push", action="store_true", help="skip the final `dvc push`")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    root = args.project.resolve()
+    _default_environment(root)
+    from tasks.config import ConfigError, load_params, parse_override
+    from tasks.idx import DataError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        overrides = dict(parse_override(text) for text in args.overrides)
+        params = load_params(root / "params.yaml", overrides)  # validate before importing heavy machinery
+        if args.command == "stage":
+            from flows.stages import run_stage
+
+            run_stage(args.name, params, root)
+            return 0
+        return _run_pipeline(root, overrides, force=args.force, push_data=not args.no_push)
+    except (ConfigError, DataError) as exc:
+        print(f"tuneline: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a stage's own error (gate, divergence, parity): one line, non-zero exit
+        from tasks.gate import GateFailed
+        from tasks.train import DivergedError
+
+        if isinstance(exc, (GateFailed, DivergedError)) or type(exc).__module__.startswith("tasks."):
+            print(f"tuneline: {args.command} failed: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _run_pipeline(root: Path, overrides: dict, force: bool, push_data: bool) -> int:
+    from flows.pipeline import pipeline
+
+    state = pipeline(overrides=overrides, project_dir=str(root), force=force, push_data=push_data,
+                     return_state=True)
+    if not state.is_completed():
+        print(f"tuneline: pipeline run {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    summary = state.result()
+    print(f"\nTuneline run completed: test accuracy {summary['accuracy']:.4f}")
+    print(f"  ONNX model:   {summary['onnx_path']}")
+    print(f"  run summary:  {summary['summary_path']}")
+    print(f"  data version: {summary['data_version']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The one place that turns `Params` + a project folder into stage calls.
+
+Both callers go through here: the Prefect flow (one task per stage) and `tuneline stage NAME`, which is
+what dvc.yaml runs. Paths come from params.yaml's `paths` section, relative to the project folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tasks.config import Params
+from tasks.evaluate import EvaluateResult, run_evaluate
+from tasks.export import ExportResult, run_export
+from tasks.fetch import FetchResult, resolve_mirror, run_fetch
+from tasks.lineage import Lineage, git_commit
+from tasks.prepare import PrepareResult, run_prepare
+from tasks.train import TrainResult, run_train
+from tasks.versioning import data_version
+
+STAGES = ("fetch", "prepare", "train", "evaluate", "export")
+
+
+def project_path(root: Path, relative: str) -> Path:
+    return (Path(root) / relative).resolve()
+
+
+def fetch(params: Params, root: Path) -> FetchResult:
+    mirror = resolve_mirror(params.data, os.environ.get("TUNELINE_DATA_MIRROR"))
+    return run_fetch(params.data, project_path(root, params.paths.raw), mirror=mirror)
+
+
+def prepare(params: Params, root: Path) -> PrepareResult:
+    return run_prepare(params.data, project_path(root, params.paths.raw), project_path(root, params.paths.prepared))
+
+
+def lineage(params: Params, root: Path) -> Lineage:
+    return Lineage(data_version=data_version(root, params.paths.raw), params_hash=params.params_hash(),
+                   git_commit=git_commit(root))
+
+
+def train(params: Params, root: Path) -> TrainResult:
+    p = params.paths
+    return run_train(params.model, params.train, project_path(root, p.prepared), project_path(root, p.model),
+                     project_path(root, p.history), lineage(params, root), params=params.model_dump(mode="json"))
+
+
+def evaluate(params: Params, root: Path, enforce: bool = True) -> EvaluateResult:
+    p = params.paths
+    return run_evaluate(project_path(root, p.model), project_path(root, p.prepared), project_path(root, p.metrics),
+                        project_path(root, p.confusion), params.gate, params.train, enforce=enforce)
+
+
+def export(params: Params, root: Path) -> ExportResult:
+    p = params.paths
+    return run_export(params.export, project_path(root, p.model), project_path(root, p.prepared),
+                      project_path(root, p.metrics), project_path(root, p.onnx))
+
+
+def run_stage(name: str, params: Params, root: Path):
+    """Run one stage by name (what `tuneline stage NAME` and dvc.yaml call)."""
+    runners = {"fetch": fetch, "prepare": prepare, "train": train, "evaluate": evaluate, "export": export}
+    if name not in runners:
+        raise ValueError(f"unknown stage {name!r}: choose one of {', '.join(STAGES)}")
+    return runners[name](params, root)

@@ -1,0 +1,137 @@
+"""Stage `prepare`: raw IDX files -> stratified train/val/test uint8 tensors + a manifest describing them.
+
+The official MNIST test set is kept apart; validation is carved out of the training set with a seeded,
+per-class shuffle, so the same seed always gives the same split. Tensors stay uint8 (a quarter of the
+float32 size); normalisation statistics are computed on the training split and recorded in the manifest
+so that training, export and serving all use the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.atomic import staged_dir
+from tasks.config import DataConfig
+from tasks.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, read_idx
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+TEST_FRACTION_WITHOUT_TEST_SET = 1 / 7  # image folders have no official test set; MNIST's ratio is 10k/70k
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    prepared_dir: Path
+    counts: dict[str, int]
+    manifest: dict
+
+
+def stratified_take(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (`count` taken, rest) with each class in proportion, deterministically from `seed`."""
+    rng = np.random.default_rng(seed)
+    classes, class_sizes = np.unique(labels, return_counts=True)
+    # Largest-remainder allocation so the per-class counts add up to exactly `count`.
+    exact = class_sizes * (count / labels.size)
+    quota = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - quota), kind="stable")[: count - int(quota.sum())]:
+        quota[i] += 1
+    taken, rest = [], []
+    for cls, k in zip(classes, quota):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        taken.append(members[:k])
+        rest.append(members[k:])
+    return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
+
+
+def _load_raw(raw_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    classes_path = raw_dir / "classes.json"
+    if not classes_path.is_file():
+        raise DataError(f"{classes_path}: missing: run `tuneline stage fetch` (or `dvc repro`) first")
+    classes = json.loads(classes_path.read_text())
+    sets = {}
+    for split, stem in (("train", "train"), ("test", "t10k"), ("all", "")):
+        images_path = raw_dir / (f"{stem}-images-idx3-ubyte" if stem else "images-idx3-ubyte")
+        labels_path = raw_dir / (f"{stem}-labels-idx1-ubyte" if stem else "labels-idx1-ubyte")
+        if images_path.is_file():
+            images, labels = read_idx(images_path, IMAGES_MAGIC), read_idx(labels_path, LABELS_MAGIC)
+            check_pair(images, labels, images_path, labels_path, n_classes=len(classes))
+            sets[split] = (images, labels)
+    if "all" in sets:  # an image folder: carve the test set out first, with its own seed stream
+        images, labels = sets.pop("all")
+        test_idx, train_idx = stratified_take(labels, round(labels.size * TEST_FRACTION_WITHOUT_TEST_SET), seed=1)
+        sets = {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
+    if set(sets) != {"train", "test"}:
+        raise DataError(f"{raw_dir}: expected MNIST's four IDX files or an image-folder conversion; "
+                        "run `tuneline stage fetch` again")
+    return sets, classes
+
+
+def _limit(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if limit is None or limit >= labels.size:
+        return images, labels
+    keep, _ = stratified_take(labels, limit, seed)
+    return images[keep], labels[keep]
+
+
+def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareResult:
+    """Validate `raw_dir`, split it and write `prepared_dir` atomically (temp dir, then rename)."""
+    raw_dir, prepared_dir = Path(raw_dir), Path(prepared_dir)
+    sets, classes = _load_raw(raw_dir)
+    train_images, train_labels = _limit(*sets["train"], cfg.limit_train, cfg.seed)
+    test_images, test_labels = _limit(*sets["test"], cfg.limit_test, cfg.seed)
+    val_idx, train_idx = stratified_take(train_labels, max(len(classes), round(train_labels.size * cfg.val_fraction)), cfg.seed)
+    splits = {
+        "train": (train_images[train_idx], train_labels[train_idx]),
+        "val": (train_images[val_idx], train_labels[val_idx]),
+        "test": (test_images, test_labels),
+    }
+    train_pixels = splits["train"][0].astype(np.float64) / 255.0
+    manifest = {
+        "source": str(raw_dir),
+        "classes": classes,
+        "image_shape": [1, *splits["train"][0].shape[1:]],
+        "normalization": {"mean": round(float(train_pixels.mean()), 6), "std": round(float(train_pixels.std()), 6)},
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "limits": {"train": cfg.limit_train, "test": cfg.limit_test},
+        "raw_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(raw_dir.iterdir()) if p.is_file()},
+        "counts": {},
+        "counts_per_class": {},
+        "files": {},
+    }
+    with staged_dir(prepared_dir) as staging:
+        for split in SPLITS:
+            images, labels = splits[split]
+            path = staging / f"{split}.pt"
+            torch.save({"images": torch.from_numpy(images.copy()),
+                        "labels": torch.from_numpy(labels.astype(np.int64))}, path)
+            manifest["counts"][split] = int(labels.size)
+            manifest["counts_per_class"][split] = {classes[c]: int(n) for c, n in enumerate(np.bincount(labels, minlength=len(classes)))}
+            manifest["files"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("prepare: %s -> %s %s", raw_dir, prepared_dir, manifest["counts"])
+    return PrepareResult(prepared_dir=prepared_dir, counts=manifest["counts"], manifest=manifest)
+
+
+def load_split(prepared_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [N, H, W], int64 labels [N]) of one prepared split."""
+    path = Path(prepared_dir) / f"{split}.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: missing: run `tuneline stage prepare` (or `dvc repro`) first")
+    data = torch.load(path, weights_only=True)
+    return data["images"], data["labels"]
+
+
+def load_manifest(prepared_dir: Path) -> dict:
+    path = Path(prepared_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path}: missing: run `tuneline stage prepare` (or `dvc repro`) first")
+    return json.loads(path.read_text())

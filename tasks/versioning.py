@@ -1,0 +1,78 @@
+"""DVC as the record of what ran: stage status, committing stages the flow ran, the data version, push.
+
+The Prefect flow runs stages in-process (one task each) and then `dvc commit`s them, so dvc.lock always
+describes the outputs in the workspace and a later `dvc repro` has nothing to redo. Before a stage runs,
+the flow asks DVC whether it changed at all; an unchanged stage is skipped, exactly as `dvc repro` would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+class VersioningError(RuntimeError):
+    """DVC refused an operation; the message says which and why."""
+
+
+@contextlib.contextmanager
+def open_repo(root: Path) -> Iterator["dvc.repo.Repo"]:  # noqa: F821 (imported lazily: DVC is slow to import)
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        repo = Repo(str(root))
+    except NotDvcRepoError:
+        raise VersioningError(f"{root}: not a DVC project: run `dvc init` there (or run from the project folder)") from None
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+def stage_changed(root: Path, stage: str) -> bool:
+    """True when `dvc status` reports anything for the stage (never ran, deps/params/outs differ)."""
+    with open_repo(root) as repo:
+        return bool(repo.status(targets=[stage]))
+
+
+def commit_stage(root: Path, stage: str) -> None:
+    """Record the stage's current deps, params and outs in dvc.lock and its outs in the DVC cache."""
+    with open_repo(root) as repo:
+        repo.commit(stage, force=True)
+
+
+def data_version(root: Path, raw_path: str) -> str:
+    """The DVC md5 of the raw data: the hash dvc.lock records for the fetch stage's output.
+
+    Outside a DVC run (no lock entry yet) the hash is computed the way DVC computes it, so a model
+    trained by hand still names its data.
+    """
+    lock = Path(root) / "dvc.lock"
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for out in stages.get("fetch", {}).get("outs", []):
+            if Path(out["path"]) == Path(raw_path) and out.get("md5"):
+                return out["md5"]
+    with open_repo(root) as repo:
+        (stage,) = repo.stage.collect("fetch")
+        return stage.outs[0].get_hash().value
+
+
+def push(root: Path) -> str:
+    """`dvc push` to the default remote; returns a one-line account of it."""
+    from dvc.exceptions import DvcException
+
+    with open_repo(root) as repo:
+        try:
+            pushed = repo.push()
+        except DvcException as exc:
+            raise VersioningError(f"dvc push failed: {exc}: check `dvc remote list` and that the remote is reachable") from None
+        remote = repo.config["core"].get("remote", "(none)")
+    return f"dvc push: {pushed} file(s) to remote '{remote}'"
