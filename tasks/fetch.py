@@ -83,17 +83,19 @@ def _fetch_mnist(mirror: str | None, staging: Path) -> dict[str, int]:
     workdir = staging / ".download"
     workdir.mkdir()
     for split, (images_name, labels_name) in MNIST_PAIRS.items():
-        arrays = {}
+        gz_paths, contents, arrays = {}, {}, {}
         for name, magic in ((images_name, IMAGES_MAGIC), (labels_name, LABELS_MAGIC)):
-            gz_path = _obtain_gz(name, mirror, workdir)
-            content = read_gzip(gz_path)
-            arrays[name] = parse_idx(content, gz_path, magic)
-            digest = hashlib.sha256(content).hexdigest()
+            gz_paths[name] = _obtain_gz(name, mirror, workdir)
+            contents[name] = read_gzip(gz_paths[name])
+            arrays[name] = parse_idx(contents[name], gz_paths[name], magic)
+        # Pairing and label range before the checksum, so a broken file gets the specific diagnosis.
+        check_pair(arrays[images_name], arrays[labels_name], gz_paths[images_name], gz_paths[labels_name], n_classes=10)
+        for name in (images_name, labels_name):
+            digest = hashlib.sha256(contents[name]).hexdigest()
             if digest != MNIST_SHA256[name]:
-                raise DataError(f"{gz_path}: checksum mismatch (content sha256 {digest[:12]}…, expected "
+                raise DataError(f"{gz_paths[name]}: checksum mismatch (content sha256 {digest[:12]}…, expected "
                                 f"{MNIST_SHA256[name][:12]}…): the file is not the MNIST release; re-fetch it")
-            (staging / name).write_bytes(content)
-        check_pair(arrays[images_name], arrays[labels_name], Path(images_name), Path(labels_name), n_classes=10)
+            (staging / name).write_bytes(contents[name])
         counts[split] = int(arrays[labels_name].shape[0])
     shutil.rmtree(workdir)
     (staging / "classes.json").write_text(json.dumps([str(d) for d in range(10)]))

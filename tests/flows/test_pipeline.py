@@ -1,0 +1,121 @@
+"""End to end, as a user runs it: `tuneline run` (Prefect, embedded API) and `dvc repro` in a project copy,
+on a small slice of the real MNIST, on CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+from tasks.checkpoint import load_checkpoint
+from tasks.export import ort_session
+from tasks.prepare import load_split
+from tests.conftest import cli_env
+
+pytestmark = pytest.mark.slow
+
+SLICE = ["data.limit_train=3000", "data.limit_test=600", "train.epochs=2", "train.batch_size=64"]
+BIN = Path(sys.executable).parent
+
+
+def tuneline(project: Path, mirror: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "tuneline"), *args], cwd=project, env=cli_env(mirror), capture_output=True,
+                          text=True, timeout=600)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def lock_md5(project: Path, stage: str) -> str:
+    return yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]["outs"][0]["md5"]
+
+
+def test_flow_gates_exports_records_lineage_and_skips_unchanged(project: Path, mnist_mirror: Path):
+    overrides = [arg for kv in SLICE for arg in ("-S", kv)]
+
+    # 1. A gate above what the model reaches: the run fails with the gate's numbers, nothing is exported.
+    failed = tuneline(project, mnist_mirror, "run", *overrides, "-S", "gate.min_accuracy=0.999")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "gate gate.min_accuracy FAILED: test accuracy" in failed.stderr
+    assert "threshold 0.9990" in failed.stderr
+    assert not (project / "models" / "model.onnx").exists()
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["gates_passed"] is False and metrics["gates"][0]["margin"] < 0
+
+    # 2. A reachable gate: the run completes and says where the model and summary are.
+    done = tuneline(project, mnist_mirror, "run", *overrides, "-S", "gate.min_accuracy=0.85")
+    assert done.returncode == 0, done.stdout + done.stderr
+    onnx_path = project / "models" / "model.onnx"
+    assert f"ONNX model:   {onnx_path}" in done.stdout
+    assert "run summary:" in done.stdout
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["gates_passed"] is True and metrics["accuracy"] >= 0.85
+    assert metrics["n_test"] == 600
+
+    # Parity of the exported file with the PyTorch checkpoint, on real test images, at batch 256.
+    model, checkpoint = load_checkpoint(project / "models" / "model.pt")
+    images, _ = load_split(project / "data" / "prepared", "test")
+    pixels = images[:256].unsqueeze(1).float()
+    with torch.no_grad():
+        expected = model(pixels).numpy()
+    (actual,) = ort_session(onnx_path).run(["logits"], {"pixels": pixels.numpy()})
+    assert np.abs(actual - expected).max() <= 1e-4
+
+    # Lineage: the data version in the checkpoint and the ONNX metadata is the DVC hash dvc.lock records.
+    data_version = lock_md5(project, "fetch")
+    assert data_version.endswith(".dir")
+    assert checkpoint["lineage"]["data_version"] == data_version
+    metadata = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert metadata["data_version"] == data_version
+    assert json.loads(metadata["labels"]) == [str(d) for d in range(10)]
+    assert metadata["git_commit"] == checkpoint["lineage"]["git_commit"] != "unknown"
+
+    # The overrides were written to params.yaml, so dvc.lock tells the truth: nothing to reproduce.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["train"]["epochs"] == 2 and params["gate"]["min_accuracy"] == 0.85
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=cli_env(mnist_mirror),
+                            capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout, status.stdout
+    remote = project.parent / "dvc-remote"
+    assert any(p.is_file() for p in remote.rglob("*")), "dvc push put nothing in the remote"
+    summary = (project / "reports" / "run_summary.md").read_text()
+    assert data_version in summary and "gate.min_accuracy" in summary
+
+    # 3. Nothing changed: every stage is skipped and the model is not rewritten.
+    model_hash = sha256(project / "models" / "model.pt")
+    again = tuneline(project, mnist_mirror, "run")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stderr.count(": skipped") + again.stdout.count(": skipped") >= 5
+    assert sha256(project / "models" / "model.pt") == model_hash
+
+
+def test_dvc_repro_runs_the_stages_then_none(project: Path, mnist_mirror: Path):
+    params_path = project / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    for kv in [*SLICE, "gate.min_accuracy=0.8"]:
+        key, value = kv.split("=")
+        section, name = key.split(".")
+        params[section][name] = yaml.safe_load(value)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = str(BIN / "dvc")
+    first = subprocess.run([dvc, "repro"], cwd=project, env=cli_env(mnist_mirror), capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    for stage in ("fetch", "prepare", "train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (project / "models" / "model.onnx").is_file()
+    second = subprocess.run([dvc, "repro"], cwd=project, env=cli_env(mnist_mirror), capture_output=True, text=True)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Running stage" not in second.stdout
+    assert "didn't change, skipping" in second.stdout
+    push = subprocess.run([dvc, "push"], cwd=project, env=cli_env(mnist_mirror), capture_output=True, text=True)
+    assert push.returncode == 0, push.stdout + push.stderr
+    assert any(p.is_file() for p in (project.parent / "dvc-remote").rglob("*"))
