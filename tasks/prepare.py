@@ -51,7 +51,7 @@ def stratified_take(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarr
     return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
 
 
-def _load_raw(raw_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+def _load_raw(raw_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str], str]:
     classes_path = raw_dir / "classes.json"
     if not classes_path.is_file():
         raise DataError(f"{classes_path}: missing: run `tuneline stage fetch` (or `dvc repro`) first")
@@ -64,14 +64,16 @@ def _load_raw(raw_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], 
             images, labels = read_idx(images_path, IMAGES_MAGIC), read_idx(labels_path, LABELS_MAGIC)
             check_pair(images, labels, images_path, labels_path, n_classes=len(classes))
             sets[split] = (images, labels)
+    source = "mnist"
     if "all" in sets:  # an image folder: carve the test set out first, with its own seed stream
         images, labels = sets.pop("all")
         test_idx, train_idx = stratified_take(labels, round(labels.size * TEST_FRACTION_WITHOUT_TEST_SET), seed=1)
         sets = {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
+        source = "imagefolder"
     if set(sets) != {"train", "test"}:
         raise DataError(f"{raw_dir}: expected MNIST's four IDX files or an image-folder conversion; "
                         "run `tuneline stage fetch` again")
-    return sets, classes
+    return sets, classes, source
 
 
 def _limit(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +86,7 @@ def _limit(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int)
 def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareResult:
     """Validate `raw_dir`, split it and write `prepared_dir` atomically (temp dir, then rename)."""
     raw_dir, prepared_dir = Path(raw_dir), Path(prepared_dir)
-    sets, classes = _load_raw(raw_dir)
+    sets, classes, source = _load_raw(raw_dir)
     train_images, train_labels = _limit(*sets["train"], cfg.limit_train, cfg.seed)
     test_images, test_labels = _limit(*sets["test"], cfg.limit_test, cfg.seed)
     val_idx, train_idx = stratified_take(train_labels, max(len(classes), round(train_labels.size * cfg.val_fraction)), cfg.seed)
@@ -95,7 +97,8 @@ def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareRe
     }
     train_pixels = splits["train"][0].astype(np.float64) / 255.0
     manifest = {
-        "source": str(raw_dir),
+        # No absolute paths in here: the output (and so its DVC hash) must not depend on where the project lives.
+        "source": source,
         "classes": classes,
         "image_shape": [1, *splits["train"][0].shape[1:]],
         "normalization": {"mean": round(float(train_pixels.mean()), 6), "std": round(float(train_pixels.std()), 6)},
@@ -110,12 +113,13 @@ def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareRe
     with staged_dir(prepared_dir) as staging:
         for split in SPLITS:
             images, labels = splits[split]
-            path = staging / f"{split}.pt"
-            torch.save({"images": torch.from_numpy(images.copy()),
-                        "labels": torch.from_numpy(labels.astype(np.int64))}, path)
+            # .npy, not torch.save: byte-identical for identical data (torch.save embeds a random id),
+            # so DVC sees an unchanged output when nothing changed.
+            for path, array in ((staging / f"{split}-images.npy", images), (staging / f"{split}-labels.npy", labels.astype(np.int64))):
+                np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+                manifest["files"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
             manifest["counts"][split] = int(labels.size)
             manifest["counts_per_class"][split] = {classes[c]: int(n) for c, n in enumerate(np.bincount(labels, minlength=len(classes)))}
-            manifest["files"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("prepare: %s -> %s %s", raw_dir, prepared_dir, manifest["counts"])
     return PrepareResult(prepared_dir=prepared_dir, counts=manifest["counts"], manifest=manifest)
@@ -123,11 +127,13 @@ def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareRe
 
 def load_split(prepared_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images [N, H, W], int64 labels [N]) of one prepared split."""
-    path = Path(prepared_dir) / f"{split}.pt"
-    if not path.is_file():
-        raise DataError(f"{path}: missing: run `tuneline stage prepare` (or `dvc repro`) first")
-    data = torch.load(path, weights_only=True)
-    return data["images"], data["labels"]
+    arrays = []
+    for kind in ("images", "labels"):
+        path = Path(prepared_dir) / f"{split}-{kind}.npy"
+        if not path.is_file():
+            raise DataError(f"{path}: missing: run `tuneline stage prepare` (or `dvc repro`) first")
+        arrays.append(torch.from_numpy(np.load(path, allow_pickle=False)))
+    return arrays[0], arrays[1]
 
 
 def load_manifest(prepared_dir: Path) -> dict:

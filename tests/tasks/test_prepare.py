@@ -22,7 +22,7 @@ from tasks.prepare import (
     stratified_take,
 )
 
-SPLIT_FILES = ["manifest.json", "test.pt", "train.pt", "val.pt"]
+SPLIT_FILES = ["manifest.json", "test-images.npy", "test-labels.npy", "train-images.npy", "train-labels.npy", "val-images.npy", "val-labels.npy"]
 DIGITS = [str(d) for d in range(10)]
 
 
@@ -103,7 +103,7 @@ def test_full_prepare_manifest(prepared_full, raw_dir):
     prepared_dir = prepared_full.prepared_dir
     manifest = load_manifest(prepared_dir)
     assert manifest == json.loads((prepared_dir / "manifest.json").read_text()) == prepared_full.manifest
-    assert manifest["source"] == str(raw_dir)
+    assert manifest["source"] == "mnist"
     assert manifest["classes"] == DIGITS
     assert manifest["image_shape"] == [1, 28, 28]
     assert manifest["seed"] == 0
@@ -125,7 +125,7 @@ def test_full_prepare_manifest(prepared_full, raw_dir):
     train_pixels = splits["train"][0].numpy().astype(np.float64) / 255.0
     assert norm == {"mean": round(float(train_pixels.mean()), 6), "std": round(float(train_pixels.std()), 6)}
     # Every written tensor file is listed with its sha256.
-    assert sorted(manifest["files"]) == ["test.pt", "train.pt", "val.pt"]
+    assert sorted(manifest["files"]) == SPLIT_FILES[1:]
     for name, digest in manifest["files"].items():
         assert sha256(prepared_dir / name) == digest
 
@@ -172,9 +172,10 @@ def test_same_seed_gives_identical_tensors(prepared_limited, raw_dir, tmp_path):
     for split in ("train", "val", "test"):
         assert torch.equal(first[split][0], second[split][0]), split
         assert torch.equal(first[split][1], second[split][1]), split
-    # Everything in the manifest but the tensor files' own hashes (torch.save embeds a random serialization id).
-    strip = lambda m: {k: v for k, v in m.items() if k != "files"}  # noqa: E731
-    assert strip(again.manifest) == strip(prepared_limited.manifest)
+    # Byte-identical files (so DVC sees an unchanged output) and an identical manifest.
+    assert again.manifest == prepared_limited.manifest
+    for name in SPLIT_FILES:
+        assert sha256(again.prepared_dir / name) == sha256(prepared_limited.prepared_dir / name), name
 
 
 def test_different_seed_gives_a_different_split(prepared_limited, raw_dir, tmp_path):
@@ -221,7 +222,7 @@ def test_prepare_from_image_folder_carves_a_test_split(make_image_folder, tmp_pa
     assert n_test == 6
     assert result.counts == {"train": 33, "val": 3, "test": 6}  # val: max(3 classes, round(36 * 0.083) = 3)
     manifest = load_manifest(result.prepared_dir)
-    assert manifest["classes"] == ["ant", "bee", "cat"]
+    assert manifest["classes"] == ["ant", "bee", "cat"] and manifest["source"] == "imagefolder"
     assert manifest["counts_per_class"] == {
         "train": {"ant": 11, "bee": 11, "cat": 11},
         "val": {"ant": 1, "bee": 1, "cat": 1},
@@ -326,7 +327,7 @@ def test_successful_prepare_replaces_previous_prepared_dir_whole(raw_arrays, tmp
 
 
 def test_load_split_and_manifest_missing_say_run_prepare(tmp_path):
-    with pytest.raises(DataError, match=at(tmp_path / "train.pt", r"missing: run `tuneline stage prepare`")):
+    with pytest.raises(DataError, match=at(tmp_path / "train-images.npy", r"missing: run `tuneline stage prepare`")):
         load_split(tmp_path, "train")
     with pytest.raises(DataError, match=at(tmp_path / "manifest.json", r"missing: run `tuneline stage prepare`")):
         load_manifest(tmp_path)
