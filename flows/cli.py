@@ -23,6 +23,7 @@ def _default_environment(root: Path) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")  # stage logs reach the Prefect UI too
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("DVC_SITE_CACHE_DIR", str(root / ".dvc" / "tmp" / "site-cache"))
 
@@ -49,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import ConfigError, load_params, parse_override
     from tasks.idx import DataError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if args.command == "stage":  # under `run`, Prefect's own logging set-up prints and ships the logs
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for chatty in ("onnxscript", "onnx_ir", "httpx"):  # per-pass exporter notes and per-request lines
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         overrides = dict(parse_override(text) for text in args.overrides)
         params = load_params(root / "params.yaml", overrides)  # validate before importing heavy machinery
