@@ -33,6 +33,10 @@ class PathsConfig(_Section):
     confusion: str = "metrics/confusion.csv"
     onnx: str = "models/model.onnx"
     summary: str = "reports/run_summary.md"
+    confusion_png: str = "metrics/confusion.png"
+    variants: str = "models/variants"
+    export_metrics: str = "metrics/export.json"
+    registry: str = "registry"   # model registry: versions/<id>/ + aliases/ (the server reads it)
 
 
 class DataConfig(_Section):
@@ -46,32 +50,86 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["seed_cnn", "seed_mlp"] = "seed_cnn"
+    arch: Literal["seed_cnn", "seed_mlp", "bn_cnn"] = "seed_cnn"
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
 
 
 class TrainConfig(_Section):
+    # Flat keys on purpose: every knob is one `-S train.key=value` away, as DVC spells overrides.
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=1)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    scheduler: Literal["step", "exponential", "none"] = "step"
-    step_size: int = Field(1, ge=1)
-    gamma: float = Field(0.5, gt=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)      # sgd and rmsprop
+    nesterov: bool = False                            # sgd only
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)         # adam / adamw
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)          # L2 (decoupled for adamw)
+    l1: float = Field(0.0, ge=0.0)                    # L1 penalty on weights (not biases / norm layers)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float = Field(0.0, ge=0.0)             # max global grad norm; 0 = off
+    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle", "plateau"] = "step"
+    step_size: int = Field(1, ge=1)                   # step: epochs between decays
+    gamma: float = Field(0.5, gt=0.0, le=1.0)         # step / exponential: lr multiplier per decay (per epoch)
+    warmup_epochs: float = Field(0.0, ge=0.0)         # linear warm-up from ~0 to lr; fractions of an epoch allowed
+    onecycle_pct_start: float = Field(0.25, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(1, ge=0)            # plateau: epochs without val improvement before decaying
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    augment_rotate_deg: float = Field(0.0, ge=0.0, le=180.0)   # random rotation in ±degrees, per image, on device
+    augment_translate: float = Field(0.0, ge=0.0, le=0.5)      # random shift in ± fraction of the image side
+    augment_scale: float = Field(0.0, ge=0.0, lt=1.0)          # random zoom in 1 ± scale
+    early_stopping_patience: int = Field(0, ge=0)     # epochs without improvement before stopping; 0 = off
+    early_stopping_metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    divergence_factor: float = Field(100.0, gt=1.0)   # loss above this × ln(classes) (100× a uniform guess) = diverged
+    restore_best: bool = True                         # keep the best epoch's weights, not the last
     seed: int = 0
+    deterministic: bool = False                       # deterministic kernels: bit-identical reruns, a little slower
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False                             # torch.compile the model (pays a one-off compile time)
+    resume: bool = True                               # continue from the last epoch checkpoint of the same config
     eval_batch_size: int = Field(1000, ge=1)
 
 
 class GateConfig(_Section):
     min_accuracy: float = Field(0.99, ge=0.0, le=1.0)
+    min_class_recall: float = Field(0.97, ge=0.0, le=1.0)
+    max_ece: float = Field(0.03, ge=0.0, le=1.0)
+    max_latency_p99_ms: float = Field(50.0, gt=0.0)     # batch 1, ONNX Runtime, on serve.device with serve.threads
+    max_size_mb: float = Field(20.0, gt=0.0)            # the FP32 model.onnx, 1 MB = 10^6 bytes
+    max_regression: float = Field(0.005, ge=0.0, le=1.0)  # accuracy the challenger may lose vs the champion
+    min_improvement: float = Field(0.001, ge=0.0, le=1.0)  # accuracy it must gain to be promoted
 
 
 class ExportConfig(_Section):
     opset: int = Field(18, ge=17)
     parity_atol: float = Field(1e-4, gt=0.0)
+    fp16: bool = False                                  # also write model.fp16.onnx (gated on its accuracy drop)
+    int8: bool = True                                   # also write model.int8.onnx (static, calibrated on train images)
+    max_quant_drop: float = Field(0.005, ge=0.0, le=1.0)  # test accuracy a variant may lose vs the FP32 ONNX
+    calibration_images: int = Field(512, ge=1)          # training images that calibrate INT8 activation ranges
+    latency_runs: int = Field(200, ge=10)               # timed batch-1 runs behind p50/p99 (on serve.device)
+
+
+class ServeConfig(_Section):
+    """The inference server (serving/); env TUNELINE_SERVE_<KEY> and `tuneline serve` flags override these."""
+
+    host: str = "127.0.0.1"                             # loopback unless told otherwise
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"     # cuda: refuse to start unless CUDA is really active
+    model_file: str = "model.onnx"                      # which file of a registry version to serve
+    threads: int = Field(0, ge=0)                       # ONNX Runtime intra-op threads; 0 = one per core
+    batching: bool = True                               # merge concurrent requests into one session run
+    max_batch_size: int = Field(64, ge=1)               # rows per session run
+    max_queue_delay_us: int = Field(2000, ge=0)         # longest a request waits for others to join its batch
+    reload_poll_s: float = Field(2.0, ge=0.0)           # how often aliases/champion.json is checked; 0 = never
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)   # larger requests get 413
+    max_concurrency: int = Field(256, ge=1)             # inference requests in flight before 429
+    shutdown_timeout_s: float = Field(10.0, gt=0.0)     # drain time for in-flight requests on SIGTERM
+    access_log: bool = True                             # one JSON log line per request
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class Params(_Section):
@@ -81,10 +139,11 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
     export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
 
     def params_hash(self) -> str:
-        """Short sha256 of everything that shapes the model (paths excluded: moving files changes nothing)."""
-        payload = self.model_dump(mode="json", exclude={"paths"})
+        """Short sha256 of everything that shapes the model (paths and serving settings change nothing in it)."""
+        payload = self.model_dump(mode="json", exclude={"paths", "serve"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

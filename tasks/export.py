@@ -1,7 +1,10 @@
-"""Stage `export`: checkpoint -> one self-contained ONNX file with metadata, parity-checked against PyTorch.
+"""Stage `export`: checkpoint -> one self-contained ONNX file with metadata, parity-checked against PyTorch,
+measured on the serving device (latency, throughput, size: gated), plus optional FP16/INT8 variants.
 
 The graph takes raw pixels (float32, 0..255, [batch, 1, 28, 28]) because normalisation is part of the
-model; the file is only renamed into place after `onnx.checker` and the ONNX Runtime parity check pass.
+model; the file is only renamed into place after `onnx.checker`, the ONNX Runtime parity check and the
+serving gates pass. A variant whose test accuracy drops more than export.max_quant_drop is rejected
+(deleted, with its drop recorded) but does not fail the run: the FP32 model is still good.
 """
 
 from __future__ import annotations
@@ -9,22 +12,25 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import onnx
 import torch
 
-from tasks.atomic import staged_file
+from tasks.atomic import staged_dir, staged_file, write_bytes_atomic
+from tasks.benchmark import INPUT_NAME, OUTPUT_NAME, measure_serving, onnx_accuracy
 from tasks.checkpoint import load_checkpoint
-from tasks.config import ExportConfig
+from tasks.config import ExportConfig, GateConfig
+from tasks.gate import GateFailed, GateVerdict, check_serving_gates, failed
 from tasks.prepare import load_split
+from tasks.quantize import VariantResult, build_variant, calibration_sample
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 PARITY_BATCHES = (1, 7, 256)
+VARIANTS_INDEX = "variants.json"  # inside the variants folder: every variant built, kept or not, with its drop
 
 
 class ParityError(RuntimeError):
@@ -36,6 +42,10 @@ class ExportResult:
     onnx_path: Path
     max_abs_diff: dict[int, float]
     metadata: dict[str, str]
+    onnx_accuracy: float = 0.0                  # the FP32 file's test accuracy through ONNX Runtime
+    serving: dict | None = None                 # tasks.benchmark.measure_serving on the FP32 file
+    variants: dict[str, VariantResult] | None = None
+    verdicts: list[GateVerdict] | None = None   # serving gates + each variant's export.max_quant_drop
 
 
 def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -72,10 +82,16 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor, 
     return diffs
 
 
-def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_path: Path, onnx_path: Path) -> ExportResult:
-    """Export, annotate, check and atomically place the ONNX model."""
+def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_path: Path, onnx_path: Path, *,
+               variants_dir: Path | None = None, report_path: Path | None = None,
+               gate_cfg: GateConfig | None = None, device: str = "cpu", threads: int = 0) -> ExportResult:
+    """Export, annotate, check, measure and atomically place the ONNX model (+ variants when `variants_dir`).
+
+    `device` and `threads` are the server's (serve.device, serve.threads): latency is measured as it will be served.
+    With `gate_cfg`, a serving gate that fails raises GateFailed after writing `report_path`: nothing is placed.
+    """
     model, checkpoint = load_checkpoint(model_path, "cpu")
-    images, _ = load_split(prepared_dir, "test")
+    images, labels = load_split(prepared_dir, "test")
     if len(images) < max(PARITY_BATCHES):
         raise ValueError(f"export: parity needs {max(PARITY_BATCHES)} test images, {prepared_dir} has {len(images)}: "
                          "raise data.limit_test")
@@ -90,9 +106,10 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
         "data_version": checkpoint["lineage"]["data_version"],
         "params_hash": checkpoint["lineage"]["params_hash"],
         "git_commit": checkpoint["lineage"]["git_commit"],
-        "metrics": json.dumps({k: metrics[k] for k in ("accuracy", "loss", "n_test")}),
+        "metrics": json.dumps({k: metrics[k] for k in ("accuracy", "loss", "n_test", "macro_f1", "ece") if k in metrics}),
         "params": json.dumps(checkpoint.get("params", {})),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "variant": "fp32",
     }
     with staged_file(Path(onnx_path)) as tmp:
         _onnx_export(model, images[:2].unsqueeze(1).float(), tmp, cfg.opset)
@@ -103,6 +120,57 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
         diffs = check_parity(model, tmp, images, cfg.parity_atol)
-    log.info("export: %s (opset %d), parity max |diff| %s", onnx_path, cfg.opset,
-             ", ".join(f"batch {b}: {d:.1e}" for b, d in diffs.items()))
-    return ExportResult(onnx_path=Path(onnx_path), max_abs_diff=diffs, metadata=metadata)
+        log.info("export: %s (opset %d), parity max |diff| %s", onnx_path, cfg.opset,
+                 ", ".join(f"batch {b}: {d:.1e}" for b, d in diffs.items()))
+        accuracy = onnx_accuracy(tmp, images, labels, device)
+        serving = measure_serving(tmp, images, device, cfg.latency_runs, threads)
+        log.info("export: ONNX Runtime on %s: test accuracy %.4f, p50 %.3f ms / p99 %.3f ms at batch 1, "
+                 "%.0f images/s at batch %d, %.2f MB", serving["provider"], accuracy, serving["latency_p50_ms"],
+                 serving["latency_p99_ms"], serving["throughput_images_per_s"], serving["throughput_batch"],
+                 serving["size_bytes"] / 1e6)
+        verdicts = check_serving_gates(serving, gate_cfg) if gate_cfg is not None else []
+        report = {"opset": cfg.opset, "parity_max_abs_diff": {str(b): d for b, d in diffs.items()},
+                  "onnx_accuracy": round(accuracy, 6), "n_test": int(labels.numel()), "serving": serving,
+                  "variants": {}}
+        if failed(verdicts):
+            _write_report(report_path, report, verdicts)
+            raise GateFailed(verdicts)
+        variants: dict[str, VariantResult] = {}
+        if variants_dir is not None:
+            variants = _build_variants(cfg, tmp, Path(variants_dir), metadata, accuracy, prepared_dir, images, labels,
+                                       device, threads)
+            verdicts = verdicts + [v.verdict for v in variants.values()]
+            report["variants"] = {name: v.to_dict() for name, v in variants.items()}
+        _write_report(report_path, report, verdicts)
+    return ExportResult(onnx_path=Path(onnx_path), max_abs_diff=diffs, metadata=metadata, onnx_accuracy=accuracy,
+                        serving=serving, variants=variants, verdicts=verdicts)
+
+
+def _build_variants(cfg: ExportConfig, fp32_path: Path, variants_dir: Path, metadata: dict[str, str],
+                    accuracy: float, prepared_dir: Path, images, labels, device: str,
+                    threads: int) -> dict[str, VariantResult]:
+    """Each enabled variant, built and gated in a staged folder that replaces `variants_dir` whole."""
+    enabled = [name for name in ("fp16", "int8") if getattr(cfg, name)]
+    calibration = None
+    if "int8" in enabled:
+        train_images, _ = load_split(prepared_dir, "train")
+        calibration = calibration_sample(train_images, cfg.calibration_images)
+    results = {}
+    with staged_dir(variants_dir) as staging:
+        for name in enabled:
+            results[name] = build_variant(name, fp32_path, staging, metadata, accuracy, images, labels,
+                                          cfg.max_quant_drop, device, calibration)
+            if results[name].kept:  # its serving cost too, for choosing serve.model_file (not gated)
+                results[name] = replace(results[name], serving=measure_serving(
+                    staging / results[name].file, images, device, cfg.latency_runs, threads))
+        # Always written, so the folder exists (a DVC output) and says what was built even when nothing was kept.
+        index = {name: r.to_dict() for name, r in results.items()}
+        (staging / VARIANTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return results
+
+
+def _write_report(path: Path | None, report: dict, verdicts: list[GateVerdict]) -> None:
+    if path is None:
+        return
+    report = {**report, "gates": [v.to_dict() for v in verdicts], "gates_passed": not failed(verdicts)}
+    write_bytes_atomic(Path(path), (json.dumps(report, indent=2) + "\n").encode())

@@ -26,6 +26,7 @@ def git_commit(project_dir: Path) -> str:
         sha = git("rev-parse", "HEAD")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
-    # dvc.lock, params.yaml and metrics change with every run by design; they are not "code".
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock", ":!params.yaml", ":!metrics")
+    # dvc.lock, params.yaml, metrics and *.dvc (the registry's pointer) change with every run by design; not "code".
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock", ":!params.yaml", ":!metrics",
+                ":!*.dvc")
     return f"{sha}-dirty" if dirty else sha

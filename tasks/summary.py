@@ -9,6 +9,28 @@ from tasks.config import Params
 from tasks.gate import GateVerdict, markdown_table
 
 
+def _promotion_lines(summary: dict) -> list[str]:
+    if not summary.get("version"):
+        return []
+    return [f"- **registry** (`{summary.get('registry_path', '')}`): version `{summary['version']}`, champion "
+            f"`{summary.get('champion')}` — {summary.get('promotion', '')}"]
+
+
+def _evaluation_lines(summary: dict) -> list[str]:
+    lines = []
+    if summary.get("macro_f1") is not None:
+        lines.append(f"- **macro-F1** {summary['macro_f1']:.4f}, **ECE** {summary['ece']:.4f}")
+    serving = summary.get("serving")
+    if serving:
+        lines.append(f"- **ONNX Runtime** ({serving['provider']}): p50 {serving['latency_p50_ms']:.3f} ms, p99 "
+                     f"{serving['latency_p99_ms']:.3f} ms at batch 1; {serving['throughput_images_per_s']:.0f} images/s "
+                     f"at batch {serving['throughput_batch']}; model.onnx {serving['size_bytes'] / 1e6:.2f} MB")
+    for name, variant in (summary.get("variants") or {}).items():
+        lines.append(f"- **{name} variant**: test accuracy {variant['accuracy']:.4f}, drop {variant['drop']:+.4f} vs fp32, "
+                     f"{variant['size_bytes'] / 1e6:.2f} MB — {'kept' if variant['kept'] else 'REJECTED'}")
+    return lines
+
+
 def render_summary(params: Params, summary: dict, verdicts: list[GateVerdict], history_path: Path, pushed: str) -> str:
     """Markdown for the Prefect artifact and reports/run_summary.md."""
     history = list(csv.DictReader(open(history_path))) if Path(history_path).is_file() else []
@@ -21,6 +43,8 @@ def render_summary(params: Params, summary: dict, verdicts: list[GateVerdict], h
         f"- **ONNX model**: `{summary['onnx_path']}`",
         f"- **stages**: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()),
         f"- {pushed}",
+        *_promotion_lines(summary),
+        *_evaluation_lines(summary),
         "",
         "## Gates",
         "",

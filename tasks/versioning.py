@@ -65,6 +65,22 @@ def data_version(root: Path, raw_path: str) -> str:
         return stage.outs[0].get_hash().value
 
 
+def track_folder(root: Path, relative: str) -> str:
+    """`dvc add` a folder the pipeline accumulates (the model registry); returns a one-line account.
+
+    A registry is not a DVC stage output: its content is the history of every run and promotion, not a
+    function of one stage's deps, so it is tracked as data (`<folder>.dvc`) and pushed with everything else.
+    A folder outside the project cannot be tracked by this project's DVC and is reported, not an error.
+    """
+    root = Path(root).resolve()
+    folder = (root / relative).resolve()
+    if not folder.is_relative_to(root):
+        return f"{folder}: outside the project: not DVC-tracked here"
+    with open_repo(root) as repo:
+        repo.add(str(folder.relative_to(root)))
+    return f"{folder.relative_to(root)}: recorded in {folder.relative_to(root)}.dvc"
+
+
 def push(root: Path) -> str:
     """`dvc push` to the default remote; returns a one-line account of it."""
     from dvc.exceptions import DvcException

@@ -1,0 +1,124 @@
+"""Step `promote`: register the exported model as a registry version, then champion/challenger.
+
+The challenger (this run's model.onnx) and the current champion's model.onnx are both run through ONNX
+Runtime on *this run's* test split, so the comparison is on the same images whatever data the champion
+was once scored on. Outcomes:
+
+- worse than the champion by more than gate.max_regression: GateFailed, nothing registered or promoted;
+- better by at least gate.min_improvement (or no champion yet): registered and promoted to champion;
+- otherwise: registered and kept as the challenger, with the numbers that kept it from promotion.
+
+The comparison, the registration and the alias change happen under the registry lock, so the champion
+a run beat is still the champion when it takes its place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from tasks.benchmark import onnx_accuracy
+from tasks.config import GateConfig
+from tasks.gate import GateFailed, GateVerdict, check_champion_gates, failed
+from tasks.prepare import load_split
+from tasks.registry import MODEL_FILE, VARIANT_FILES, Registry, sha256_file
+
+log = logging.getLogger(__name__)
+
+CARD_METRICS = ("accuracy", "loss", "n_test", "macro_f1", "ece", "min_class_recall", "per_class")
+
+
+class PromoteError(RuntimeError):
+    """The model cannot be compared with the champion; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    version: str
+    registered: bool                 # False: this exact model.onnx already was a version; nothing changed
+    promoted: bool
+    reason: str                      # one line, with the numbers behind the decision
+    champion: str | None             # the champion after this step
+    verdicts: list[GateVerdict] = field(default_factory=list)   # the champion/challenger gates
+    comparison: dict | None = None
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def _kept_variants(variants_dir: Path | None) -> dict[str, Path]:
+    if variants_dir is None:
+        return {}
+    return {name: Path(variants_dir) / name for name in VARIANT_FILES if (Path(variants_dir) / name).is_file()}
+
+
+def _compare(registry: Registry, onnx_path: Path, challenger: float, images, labels, cfg: GateConfig,
+             device: str) -> tuple[dict | None, list[GateVerdict]]:
+    record = registry.alias("champion")
+    if record is None:
+        return None, []
+    champion_path = registry.model_path(record["version"])  # verified: sha256 of its card, valid ONNX
+    ours, theirs = _metadata(onnx_path).get("labels"), _metadata(champion_path).get("labels")
+    if ours != theirs:
+        raise PromoteError(f"promote: champion {record['version']} predicts labels {theirs} but this model predicts "
+                           f"{ours}: they cannot be compared on one test set; promote by hand "
+                           "(`tuneline models promote VERSION`) if you mean to replace it")
+    champion = onnx_accuracy(champion_path, images, labels, device)
+    comparison = {"champion": record["version"], "champion_accuracy": round(champion, 6),
+                  "challenger_accuracy": round(challenger, 6), "change": round(challenger - champion, 6),
+                  "n_test": int(labels.numel())}
+    return comparison, check_champion_gates(challenger, champion, cfg)
+
+
+def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_dir: Path, eval_metrics_path: Path,
+                export_metrics_path: Path, *, variants_dir: Path | None = None, name: str = "model",
+                run_id: str | None = None, device: str = "cpu") -> PromoteResult:
+    """Register `onnx_path` (+ kept variants) and promote it when it beats the champion; see the module docstring."""
+    registry = Registry(registry_dir)
+    onnx_path = Path(onnx_path)
+    existing = registry.find(sha256_file(onnx_path))
+    if existing is not None:
+        champion = (registry.alias("champion") or {}).get("version")
+        aliases = ", ".join(registry.aliases_of(existing)) or "no alias"
+        return PromoteResult(existing, registered=False, promoted=False, champion=champion,
+                             reason=f"{onnx_path.name} is already registered as {existing} ({aliases}): unchanged")
+    images, labels = load_split(prepared_dir, "test")
+    challenger = onnx_accuracy(onnx_path, images, labels, device)
+    evaluation = json.loads(Path(eval_metrics_path).read_text())
+    export = json.loads(Path(export_metrics_path).read_text())
+    metadata = _metadata(onnx_path)
+    lineage = {**evaluation.get("lineage", {}), "params": json.loads(metadata.get("params", "{}"))}
+    with registry.locked():
+        comparison, verdicts = _compare(registry, onnx_path, challenger, images, labels, cfg, device)
+        if failed(verdicts):
+            raise GateFailed(verdicts, consequence=f"nothing is registered or promoted; champion "
+                                                   f"{comparison['champion']} stays")
+        metrics = {**{k: evaluation[k] for k in CARD_METRICS if k in evaluation}, "onnx_accuracy": round(challenger, 6),
+                   "serving": export.get("serving"), "variants": export.get("variants", {}), "vs_champion": comparison}
+        gates = [*evaluation.get("gates", []), *export.get("gates", []), *(v.to_dict() for v in verdicts)]
+        version = registry.register({MODEL_FILE: onnx_path, **_kept_variants(variants_dir)}, name=name,
+                                    metrics=metrics, gates=gates, lineage=lineage, run_id=run_id)
+        if comparison is None:
+            promoted, reason = True, f"{version} promoted to champion: the first model (no champion yet), " \
+                                     f"test accuracy {challenger:.4f} on {labels.numel()} images"
+        else:
+            improvement = verdicts[1]  # gate.min_improvement
+            numbers = (f"test accuracy {challenger:.4f} vs champion {comparison['champion']} "
+                       f"{comparison['champion_accuracy']:.4f} on the same {comparison['n_test']} test images "
+                       f"(change {improvement.value:+.4f}")
+            promoted = improvement.passed
+            if promoted:
+                reason = f"{version} promoted to champion: {numbers} ≥ gate.min_improvement {cfg.min_improvement:.4f})"
+            else:
+                reason = (f"{version} kept as challenger, not promoted: {numbers} < gate.min_improvement "
+                          f"{cfg.min_improvement:.4f}); champion {comparison['champion']} stays")
+        registry.promote(version, "champion" if promoted else "challenger")
+    log.info("promote: %s", reason)
+    champion = (registry.alias("champion") or {}).get("version")
+    return PromoteResult(version, registered=True, promoted=promoted, reason=reason, champion=champion,
+                         verdicts=verdicts, comparison=comparison)
