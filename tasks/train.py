@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "images_per_s")
 RESUME_FORMAT = "tuneline.resume/1"
+EpochCallback = Callable[[dict, Classifier], None]
 
 
 class DivergedError(RuntimeError):
@@ -146,16 +148,22 @@ def _l1_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def run_train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_path: Path,
               history_path: Path, lineage: Lineage, params: dict | None = None,
-              checkpoint_dir: Path | None = None, show_progress: bool | None = None) -> TrainResult:
-    """Train on the prepared train split, validate each epoch, write the checkpoint and history atomically."""
+              checkpoint_dir: Path | None = None, show_progress: bool | None = None,
+              on_epoch: EpochCallback | None = None) -> TrainResult:
+    """Train on the prepared train split, validate each epoch, write the checkpoint and history atomically.
+
+    `on_epoch(record, model)` is called after each epoch's validation (the tuner reports to Optuna there,
+    the benchmark measures test accuracy); an exception from it ends the run without a final model.
+    """
     with _determinism(cfg.deterministic):
         return _train(model_cfg, cfg, Path(prepared_dir), Path(model_path), Path(history_path), lineage,
                       params or {}, Path(checkpoint_dir) if checkpoint_dir else Path(model_path).parent / "checkpoints",
-                      sys.stderr.isatty() if show_progress is None else show_progress)
+                      sys.stderr.isatty() if show_progress is None else show_progress, on_epoch)
 
 
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_path: Path, history_path: Path,
-           lineage: Lineage, params: dict, checkpoint_dir: Path, show_progress: bool) -> TrainResult:
+           lineage: Lineage, params: dict, checkpoint_dir: Path, show_progress: bool,
+           on_epoch: EpochCallback | None) -> TrainResult:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     manifest = load_manifest(prepared_dir)
@@ -240,6 +248,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_p
             log.info("train: epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f lr %.3g %.1fs %.0f img/s",
                      epoch, cfg.epochs, train_loss, val_loss, val_accuracy, lr, seconds, n_train / seconds)
 
+            if on_epoch is not None:
+                on_epoch(history[-1], model)
             metric = val_accuracy if higher_is_better else val_loss
             improved = best_metric is None or (metric - best_metric if higher_is_better else best_metric - metric) > cfg.early_stopping_min_delta
             if improved:
