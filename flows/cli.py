@@ -2,6 +2,9 @@
 
     tuneline run [-S key=value …] [--force] [--no-push]   the whole pipeline as a Prefect flow run
     tuneline stage NAME [-S key=value …]                  one stage (what dvc.yaml calls)
+    tuneline models list|show|promote|rollback|register   the model registry (flows/models_cli.py)
+    tuneline serve [--host H] [--port P] [--device D] [-S serve.key=value …]   the inference server (serving/)
+    tuneline predict IMAGE… [--url URL]                  classify PNG/JPEG digits with a running server
 
 Run from the project folder (the one holding params.yaml), or pass --project.
 """
@@ -14,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-STAGE_NAMES = ("fetch", "prepare", "train", "evaluate", "export")
+STAGE_NAMES = ("fetch", "prepare", "tune", "train", "evaluate", "export")
 
 
 def _default_environment(root: Path) -> None:
@@ -35,11 +38,19 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", choices=STAGE_NAMES)
-    for p in (run, stage):
+    tune = sub.add_parser("tune", help="run or continue the hyperparameter study (tune stage) with N workers")
+    tune.add_argument("--workers", type=int, default=1, help="worker processes sharing one study (default 1)")
+    for p in (run, stage, tune):
         p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a params.yaml key, e.g. -S train.lr=0.01 (repeatable)")
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC reports it unchanged")
     run.add_argument("--no-push", action="store_true", help="skip the final `dvc push`")
+    from flows.models_cli import add_models_parser
+
+    add_models_parser(sub)
+    from serving.cli import add_commands
+
+    add_commands(sub)  # serve, predict
     return parser
 
 
@@ -47,10 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     root = args.project.resolve()
     _default_environment(root)
+    if args.command in ("serve", "predict"):  # their own settings (env + flags) and logging (JSON lines)
+        from serving.cli import run_command
+
+        return run_command(args, root)
     from tasks.config import ConfigError, load_params, parse_override
     from tasks.idx import DataError
 
-    if args.command == "stage":  # under `run`, Prefect's own logging set-up prints and ships the logs
+    if args.command in ("stage", "tune"):  # under `run`, Prefect's own logging set-up prints and ships the logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for chatty in ("onnxscript", "onnx_ir", "httpx"):  # per-pass exporter notes and per-request lines
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -62,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_stage(args.name, params, root)
             return 0
+        if args.command == "tune":
+            return _run_tune(params, root, args.workers)
+        if args.command == "models":
+            from flows.models_cli import run_models
+
+            return run_models(args, params, root)
         return _run_pipeline(root, overrides, force=args.force, push_data=not args.no_push)
     except (ConfigError, DataError) as exc:
         print(f"tuneline: error: {exc}", file=sys.stderr)
@@ -76,6 +97,22 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _run_tune(params, root: Path, workers: int) -> int:
+    from flows.stages import tune
+
+    if workers < 1:
+        print("tuneline: error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    result = tune(params, root, workers=workers)
+    if not params.tune.enabled:
+        print("tune: disabled (tune.enabled=false)")
+        return 0
+    print(f"study {result.study_name}: trials {result.states}; best val_accuracy {result.best_value:.4f}")
+    print(f"  best params: {result.best_params}")
+    print(f"  written: {result.best_params_path}, {result.trials_csv}")
+    return 0
+
+
 def _run_pipeline(root: Path, overrides: dict, force: bool, push_data: bool) -> int:
     from flows.pipeline import pipeline
 
@@ -87,6 +124,7 @@ def _run_pipeline(root: Path, overrides: dict, force: bool, push_data: bool) -> 
     summary = state.result()
     print(f"\nTuneline run completed: test accuracy {summary['accuracy']:.4f}")
     print(f"  ONNX model:   {summary['onnx_path']}")
+    print(f"  registry:     {summary['registry_path']}: {summary['promotion']}")
     print(f"  run summary:  {summary['summary_path']}")
     print(f"  data version: {summary['data_version']}")
     return 0

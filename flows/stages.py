@@ -15,10 +15,12 @@ from tasks.export import ExportResult, run_export
 from tasks.fetch import FetchResult, resolve_mirror, run_fetch
 from tasks.lineage import Lineage, git_commit
 from tasks.prepare import PrepareResult, run_prepare
+from tasks.promote import PromoteResult, run_promote
 from tasks.train import TrainResult, run_train
+from tasks.tune import TuneResult, apply_best_params, run_tune
 from tasks.versioning import data_version
 
-STAGES = ("fetch", "prepare", "train", "evaluate", "export")
+STAGES = ("fetch", "prepare", "tune", "train", "evaluate", "export")
 
 
 def project_path(root: Path, relative: str) -> Path:
@@ -39,7 +41,15 @@ def lineage(params: Params, root: Path) -> Lineage:
                    git_commit=git_commit(root))
 
 
+def tune(params: Params, root: Path, workers: int = 1) -> TuneResult:
+    p = params.paths
+    return run_tune(params, project_path(root, p.prepared), project_path(root, p.tuning),
+                    data_version(root, p.raw), workers=workers)
+
+
 def train(params: Params, root: Path) -> TrainResult:
+    """Train with params.yaml + the tune stage's best params (the model records the effective values)."""
+    params = apply_best_params(params, project_path(root, params.paths.tuning) / "best_params.json")
     p = params.paths
     return run_train(params.model, params.train, project_path(root, p.prepared), project_path(root, p.model),
                      project_path(root, p.history), lineage(params, root), params=params.model_dump(mode="json"))
@@ -48,18 +58,37 @@ def train(params: Params, root: Path) -> TrainResult:
 def evaluate(params: Params, root: Path, enforce: bool = True) -> EvaluateResult:
     p = params.paths
     return run_evaluate(project_path(root, p.model), project_path(root, p.prepared), project_path(root, p.metrics),
-                        project_path(root, p.confusion), params.gate, params.train, enforce=enforce)
+                        project_path(root, p.confusion), params.gate, params.train, enforce=enforce,
+                        confusion_png=project_path(root, p.confusion_png))
 
 
 def export(params: Params, root: Path) -> ExportResult:
     p = params.paths
     return run_export(params.export, project_path(root, p.model), project_path(root, p.prepared),
-                      project_path(root, p.metrics), project_path(root, p.onnx))
+                      project_path(root, p.metrics), project_path(root, p.onnx),
+                      variants_dir=project_path(root, p.variants), report_path=project_path(root, p.export_metrics),
+                      gate_cfg=params.gate, device=params.serve.device, threads=params.serve.threads)
+
+
+def model_name(params: Params) -> str:
+    """The registry card's model name: the data set it classifies."""
+    if params.data.source == "imagefolder" and params.data.image_folder:
+        return Path(params.data.image_folder).name
+    return params.data.source
+
+
+def promote(params: Params, root: Path, run_id: str | None = None) -> PromoteResult:
+    """Register the exported model and promote it if it beats the champion (not a DVC stage: see README)."""
+    p = params.paths
+    return run_promote(params.gate, project_path(root, p.registry), project_path(root, p.onnx),
+                       project_path(root, p.prepared), project_path(root, p.metrics), project_path(root, p.export_metrics),
+                       variants_dir=project_path(root, p.variants), name=model_name(params), run_id=run_id,
+                       device=params.serve.device)
 
 
 def run_stage(name: str, params: Params, root: Path):
     """Run one stage by name (what `tuneline stage NAME` and dvc.yaml call)."""
-    runners = {"fetch": fetch, "prepare": prepare, "train": train, "evaluate": evaluate, "export": export}
+    runners = {"fetch": fetch, "prepare": prepare, "tune": tune, "train": train, "evaluate": evaluate, "export": export}
     if name not in runners:
         raise ValueError(f"unknown stage {name!r}: choose one of {', '.join(STAGES)}")
     return runners[name](params, root)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -36,6 +36,7 @@ class PathsConfig(_Section):
     confusion_png: str = "metrics/confusion.png"
     variants: str = "models/variants"
     export_metrics: str = "metrics/export.json"
+    tuning: str = "tuning"       # tune stage: best_params.json, trials.csv, plots; study.db (the default RDB)
     registry: str = "registry"   # model registry: versions/<id>/ + aliases/ (the server reads it)
 
 
@@ -93,6 +94,61 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(1000, ge=1)
 
 
+class SpaceDim(_Section):
+    """One dimension of the search space: a float/int range (optionally log-uniform) or a list of choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SpaceDim":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical dimension needs a non-empty `choices` list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical dimension takes `choices`, not low/high")
+            return self
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} dimension needs low < high (got low={self.low}, high={self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-uniform dimension needs low > 0 (got {self.low})")
+        if self.log and self.step:
+            raise ValueError("`log` and `step` cannot be combined")
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} dimension takes low/high, not `choices`")
+        return self
+
+
+def _default_space() -> dict[str, SpaceDim]:
+    return {
+        "train.lr": SpaceDim(type="float", low=3e-4, high=3e-3, log=True),
+        "train.optimizer": SpaceDim(type="categorical", choices=["adam", "adamw"]),
+        "train.batch_size": SpaceDim(type="categorical", choices=[64, 128, 256]),
+        "model.dropout": SpaceDim(type="float", low=0.2, high=0.6),
+        "train.label_smoothing": SpaceDim(type="float", low=0.0, high=0.1),
+    }
+
+
+class TuneConfig(_Section):
+    enabled: bool = True
+    n_trials: int = Field(6, ge=1)                    # finished trials (complete, pruned or failed) the study holds
+    timeout_s: float | None = Field(None, gt=0)       # wall-clock budget per `tune` call, on top of n_trials
+    epochs: int = Field(2, ge=1)                      # epochs per trial (the pruner's max resource)
+    limit_train: int | None = Field(6000, gt=0)       # trial data: a stratified slice of the train split
+    limit_val: int | None = Field(2000, gt=0)         #   and of the val split (None: all)
+    sampler_seed: int = 0                             # TPE seed
+    pruner: Literal["asha", "hyperband", "median", "none"] = "asha"
+    min_resource: int = Field(1, ge=1)                # epochs a trial runs before it can be pruned
+    reduction_factor: int = Field(3, ge=2)
+    storage: str | None = None                        # RDB URL; default sqlite:///<paths.tuning>/study.db
+    study_name: str | None = None                     # default: derived from data version + space + settings
+    space: dict[str, SpaceDim] = Field(default_factory=_default_space)
+
+
 class GateConfig(_Section):
     min_accuracy: float = Field(0.99, ge=0.0, le=1.0)
     min_class_recall: float = Field(0.97, ge=0.0, le=1.0)
@@ -137,6 +193,7 @@ class Params(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
     gate: GateConfig = GateConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()

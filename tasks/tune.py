@@ -1,0 +1,306 @@
+"""Stage `tune`: an Optuna study over the search space in params.yaml -> best params + every trial.
+
+The seed article's loop — train, evaluate, adjust, repeat — made automatic: TPE proposes a config,
+the training engine reports validation accuracy after every epoch, and a pruner (successive halving by
+default) stops trials that are behind, so most of the budget goes to promising configs. A trial that
+diverges or runs out of GPU memory is recorded as failed with its reason, and the study goes on.
+
+The study lives in an RDB (SQLite by default, PostgreSQL for many machines) under a name derived from
+the data version, search space and trial settings: rerunning continues the same study, and with its
+`n_trials` already spent it runs no new trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.atomic import staged_file, write_bytes_atomic
+from tasks.config import ConfigError, Params, SpaceDim, TuneConfig, build_params
+from tasks.lineage import Lineage
+from tasks.prepare import SPLITS, load_manifest, stratified_take
+
+log = logging.getLogger(__name__)
+
+TUNABLE_SECTIONS = ("model", "train")
+BEST_FORMAT = "tuneline.best_params/1"
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    study_name: str
+    best_params: dict[str, Any]
+    best_value: float | None
+    states: dict[str, int]
+    best_params_path: Path
+    trials_csv: Path
+    top_trials: list[dict]
+
+
+def validate_space(base: Params, space: dict[str, SpaceDim]) -> None:
+    """Every dimension names a tunable key and every value it can take is valid there — before any trial."""
+    for key, dim in space.items():
+        if key.split(".")[0] not in TUNABLE_SECTIONS:
+            raise ConfigError(f"tune.space: {key!r} is not tunable: search over model.* or train.* keys")
+        probes = dim.choices if dim.type == "categorical" else [dim.low, dim.high]
+        for value in probes:
+            try:
+                build_params(base.model_dump(mode="json"), {key: value}, source="tune.space")
+            except ConfigError as exc:
+                raise ConfigError(f"tune.space.{key}: value {value!r} is not valid: {exc}") from None
+
+
+def study_name(cfg: TuneConfig, data_version: str) -> str:
+    """Same data, space and trial settings -> same study (continued, not restarted)."""
+    if cfg.study_name:
+        return cfg.study_name
+    payload = {"data": data_version, "tune": cfg.model_dump(mode="json", exclude={"n_trials", "timeout_s", "storage", "enabled"})}
+    return "tuneline-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def storage_url(cfg: TuneConfig, tuning_dir: Path) -> str:
+    return cfg.storage or f"sqlite:///{Path(tuning_dir).resolve() / 'study.db'}"
+
+
+def _storage(url: str):
+    import optuna
+
+    # A heartbeat lets a rerun mark trials of a killed worker as failed (and retry them once) instead
+    # of leaving them RUNNING forever; SQLite's busy timeout covers several local workers writing at once.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
+                                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+
+
+def _pruner(cfg: TuneConfig):
+    import optuna
+
+    if cfg.pruner == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, max_resource=cfg.epochs,
+                                              reduction_factor=cfg.reduction_factor)
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_warmup_steps=cfg.min_resource)
+    return optuna.pruners.NopPruner()
+
+
+def create_study(cfg: TuneConfig, name: str, url: str):
+    """Create (or load) the study; done once before workers start, which avoids a race on a new SQLite file."""
+    import optuna
+
+    return optuna.create_study(study_name=name, storage=_storage(url), direction="maximize", load_if_exists=True,
+                               sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed), pruner=_pruner(cfg))
+
+
+def _suggest(trial, key: str, dim: SpaceDim) -> Any:
+    if dim.type == "float":
+        return trial.suggest_float(key, dim.low, dim.high, log=dim.log, step=dim.step)
+    if dim.type == "int":
+        return trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
+    return trial.suggest_categorical(key, dim.choices)
+
+
+def subset_prepared(prepared_dir: Path, dest: Path, limit_train: int | None, limit_val: int | None, seed: int) -> Path:
+    """A stratified slice of the prepared splits for cheap trials (same manifest, smaller arrays)."""
+    manifest = load_manifest(prepared_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    limits = {"train": limit_train, "val": limit_val, "test": None}
+    for split in SPLITS:
+        images = np.load(prepared_dir / f"{split}-images.npy")
+        labels = np.load(prepared_dir / f"{split}-labels.npy")
+        limit = limits[split]
+        if limit is not None and limit < labels.size:
+            keep, _ = stratified_take(labels, limit, seed)
+            images, labels = images[keep], labels[keep]
+        np.save(dest / f"{split}-images.npy", images)
+        np.save(dest / f"{split}-labels.npy", labels)
+    # The trial data's "files" identify the slice, so resume checkpoints never cross slices.
+    (dest / "manifest.json").write_text(json.dumps({**manifest, "files": {"slice": [limit_train, limit_val, manifest["files"]]}}))
+    return dest
+
+
+def _objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path):
+    import optuna
+    import torch
+
+    from tasks.train import DivergedError, run_train
+
+    def objective(trial: optuna.Trial) -> float:
+        sampled = {key: _suggest(trial, key, dim) for key, dim in cfg.space.items()}
+        params = build_params(base.model_dump(mode="json"), {**sampled, "train.epochs": cfg.epochs}, source="trial")
+        trial_dir = workdir / f"trial-{trial.number}"
+        best = {"value": 0.0}
+
+        def report(record: dict, _model) -> None:
+            best["value"] = max(best["value"], record["val_accuracy"])
+            trial.report(record["val_accuracy"], record["epoch"])
+            trial.set_user_attr("epochs_run", record["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {record['epoch']}: val_accuracy {record['val_accuracy']:.4f} behind the other trials")
+
+        try:
+            run_train(params.model, params.train.model_copy(update={"resume": False}), prepared,
+                      trial_dir / "model.pt", trial_dir / "history.csv", Lineage("trial", "trial", "trial"),
+                      checkpoint_dir=trial_dir / "ckpt", show_progress=False, on_epoch=report)
+        except DivergedError as exc:
+            trial.set_user_attr("reason", f"diverged: {exc}")
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            trial.set_user_attr("reason", f"out of GPU memory: {str(exc).splitlines()[0]}")
+            raise
+        finally:
+            shutil.rmtree(trial_dir, ignore_errors=True)
+        return best["value"]
+
+    return objective
+
+
+def _optimize(base: Params, cfg: TuneConfig, prepared: Path, name: str, url: str, workdir: Path) -> None:
+    """One worker: run trials until the study holds n_trials finished ones (or the timeout passes)."""
+    import optuna
+    import torch
+
+    from tasks.train import DivergedError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = create_study(cfg, name, url)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    done = len(study.get_trials(deepcopy=False, states=states))
+    if done >= cfg.n_trials:
+        return
+    study.optimize(_objective(base, cfg, prepared, workdir), timeout=cfg.timeout_s,
+                   callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=states)],
+                   catch=(DivergedError, torch.cuda.OutOfMemoryError), gc_after_trial=False)
+
+
+def _worker(base_json: dict, cfg_json: dict, prepared: str, name: str, url: str, workdir: str, gpu: str | None) -> None:
+    if gpu is not None:  # pin this worker to one GPU before CUDA initialises
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    logging.basicConfig(level=logging.WARNING)
+    _optimize(Params.model_validate(base_json), TuneConfig.model_validate(cfg_json), Path(prepared), name, url, Path(workdir))
+
+
+def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version: str, workers: int = 1) -> TuneResult:
+    """Run (or continue) the study with `workers` processes; write best params, trials CSV and plots."""
+    import optuna
+
+    cfg = params.tune
+    tuning_dir = Path(tuning_dir)
+    tuning_dir.mkdir(parents=True, exist_ok=True)
+    best_path = tuning_dir / "best_params.json"
+    if not cfg.enabled:
+        write_bytes_atomic(best_path, (json.dumps({"format": BEST_FORMAT, "enabled": False, "params": {}}, indent=2) + "\n").encode())
+        _write_trials_csv(tuning_dir / "trials.csv", [], [])
+        log.info("tune: disabled (tune.enabled=false): training uses params.yaml as given")
+        return TuneResult("", {}, None, {}, best_path, tuning_dir / "trials.csv", [])
+    validate_space(params, cfg.space)
+    name, url = study_name(cfg, data_version), storage_url(cfg, tuning_dir)
+    create_study(cfg, name, url)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
+        prepared = subset_prepared(Path(prepared_dir), Path(tmp) / "data", cfg.limit_train, cfg.limit_val, params.data.seed)
+        if workers <= 1:
+            _optimize(params, cfg, prepared, name, url, Path(tmp))
+        else:
+            gpus = _visible_gpus()
+            ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked CUDA/threads
+            procs = [ctx.Process(target=_worker, args=(params.model_dump(mode="json"), cfg.model_dump(mode="json"),
+                                                         str(prepared), name, url, tmp,
+                                                         gpus[i % len(gpus)] if len(gpus) > 1 else None))
+                     for i in range(workers)]
+            for proc in procs:
+                proc.start()
+            for proc in procs:
+                proc.join()
+            failed = [p.exitcode for p in procs if p.exitcode != 0]
+            if failed:
+                raise RuntimeError(f"tune: {len(failed)} of {workers} workers failed (exit codes {failed}); "
+                                   "the study keeps every finished trial: rerun to continue")
+    study = optuna.load_study(study_name=name, storage=_storage(url))
+    return _write_results(study, cfg, tuning_dir, time.perf_counter() - started)
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _trial_rows(study) -> tuple[list[dict], list[str]]:
+    keys = sorted({k for t in study.trials for k in t.params})
+    rows = []
+    for t in study.trials:
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+                     "duration_s": round(duration, 2) if duration is not None else None,
+                     "epochs_run": t.user_attrs.get("epochs_run", len(t.intermediate_values)),
+                     "reason": t.user_attrs.get("reason", ""), **{k: t.params.get(k) for k in keys}})
+    return rows, keys
+
+
+def _write_trials_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
+    fields = ["number", "state", "value", "duration_s", "epochs_run", "reason", *keys]
+    with staged_file(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_results(study, cfg: TuneConfig, tuning_dir: Path, seconds: float) -> TuneResult:
+    import optuna
+
+    rows, keys = _trial_rows(study)
+    _write_trials_csv(tuning_dir / "trials.csv", rows, keys)
+    states: dict[str, int] = {}
+    for row in rows:
+        states[row["state"]] = states.get(row["state"], 0) + 1
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError(f"tune: no trial of study {study.study_name} completed ({states}); see "
+                           f"{tuning_dir / 'trials.csv'} for each trial's reason, then widen or fix tune.space")
+    best = study.best_trial
+    top = sorted((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: -r["value"])[:5]
+    payload = {"format": BEST_FORMAT, "enabled": True, "study": study.study_name, "best_trial": best.number,
+               "value": best.value, "params": best.params, "states": states, "seconds": round(seconds, 1)}
+    write_bytes_atomic(tuning_dir / "best_params.json", (json.dumps(payload, indent=2) + "\n").encode())
+    _write_plots(study, tuning_dir, len(complete))
+    log.info("tune: study %s: best val_accuracy %.4f (trial %d) %s; trials %s", study.study_name, best.value,
+             best.number, best.params, states)
+    return TuneResult(study.study_name, best.params, best.value, states, tuning_dir / "best_params.json",
+                      tuning_dir / "trials.csv", top)
+
+
+def _write_plots(study, tuning_dir: Path, n_complete: int) -> None:
+    """Optuna's own optimization history and parameter importances, as standalone HTML (plotly)."""
+    from optuna import visualization
+
+    figures = {"history.html": visualization.plot_optimization_history(study)}
+    if n_complete >= 2 and len(study.best_trial.params) >= 2:  # importances need variation to explain
+        figures["importance.html"] = visualization.plot_param_importances(study)
+    for name, figure in figures.items():
+        with staged_file(tuning_dir / name) as tmp:
+            figure.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+
+
+def apply_best_params(params: Params, best_params_path: Path) -> Params:
+    """Params with the tuned values on top (as if given with -S); unchanged when tuning is off."""
+    path = Path(best_params_path)
+    if not params.tune.enabled or not path.is_file():
+        return params
+    best = json.loads(path.read_text())
+    if not best.get("params"):
+        return params
+    return build_params(params.model_dump(mode="json"), best["params"], source=str(path))

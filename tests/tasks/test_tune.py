@@ -1,0 +1,98 @@
+"""The tune stage: a real Optuna study (SQLite) over real MNIST slices, pruning, failures, workers, reruns."""
+
+import csv
+import json
+
+import pytest
+
+from tasks.config import ConfigError, build_params
+from tasks.tune import apply_best_params, run_tune, validate_space
+
+FAST = {"model.arch": "seed_mlp", "train.scheduler": "none", "train.device": "cpu", "tune.epochs": 2,
+        "tune.limit_train": 1000, "tune.limit_val": 250}
+
+
+def params_with(**overrides):
+    return build_params({}, {**FAST, **{k.replace("__", "."): v for k, v in overrides.items()}})
+
+
+def read_trials(path):
+    return list(csv.DictReader(open(path)))
+
+
+@pytest.mark.parametrize("space, match", [
+    ({"train.lr": {"type": "float", "low": 0.1, "high": 0.01}}, r"needs low < high"),
+    ({"train.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, r"log-uniform dimension needs low > 0"),
+    ({"train.optimizer": {"type": "categorical", "choices": []}}, r"non-empty `choices`"),
+])
+def test_bad_dimension_is_a_config_error(space, match):
+    with pytest.raises(ConfigError, match=match):
+        build_params({}, {"tune.space": space})
+
+
+def test_unknown_choice_or_untunable_key_fails_before_any_trial():
+    params = build_params({}, {"tune.space": {"train.optimizer": {"type": "categorical", "choices": ["adam", "lion"]}}})
+    with pytest.raises(ConfigError, match=r"tune.space.train.optimizer: value 'lion' is not valid: .*'sgd', 'adam'"):
+        validate_space(params, params.tune.space)
+    params = build_params({}, {"tune.space": {"gate.min_accuracy": {"type": "float", "low": 0.1, "high": 0.2}}})
+    with pytest.raises(ConfigError, match=r"'gate.min_accuracy' is not tunable"):
+        validate_space(params, params.tune.space)
+
+
+def test_study_survives_diverging_trials_prunes_and_is_not_rerun(tmp_path, small_prepared_dir):
+    # Half the lr range diverges (SGD, lr 10..1000): those trials fail with their reason; the study goes on.
+    space = {"train.lr": {"type": "float", "low": 0.01, "high": 1000.0, "log": True},
+             "train.batch_size": {"type": "categorical", "choices": [64, 128]}}
+    params = params_with(**{"tune.space": space, "train.optimizer": "sgd", "tune.n_trials": 6, "tune.epochs": 3})
+    result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir")
+    rows = read_trials(result.trials_csv)
+    assert len(rows) == 6 == sum(result.states.values())
+    failed = [r for r in rows if r["state"] == "FAIL"]
+    assert failed and all(r["reason"].startswith("diverged: train: loss diverged") for r in failed)
+    assert all(float(r["train.lr"]) > 1.0 for r in failed)
+    assert result.states.get("COMPLETE", 0) >= 1
+    best = json.loads(result.best_params_path.read_text())
+    assert best["params"] == result.best_params and best["value"] == result.best_value > 0.6
+    assert (tmp_path / "history.html").stat().st_size > 10_000
+    # Same data, space and budget: the study is continued, and with its trials spent runs none.
+    again = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir")
+    assert again.study_name == result.study_name and len(read_trials(again.trials_csv)) == 6
+    # A larger budget continues the same study instead of starting over.
+    more = run_tune(params_with(**{"tune.space": space, "train.optimizer": "sgd", "tune.n_trials": 7, "tune.epochs": 3}),
+                    small_prepared_dir, tmp_path, data_version="abc.dir")
+    assert more.study_name == result.study_name and len(read_trials(more.trials_csv)) == 7
+
+
+def test_pruner_stops_trials_that_fall_behind(tmp_path, small_prepared_dir):
+    space = {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True}}
+    params = params_with(**{"tune.space": space, "tune.n_trials": 8, "tune.epochs": 3, "tune.pruner": "median",
+                            "tune.min_resource": 1})
+    result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir")
+    rows = read_trials(result.trials_csv)
+    pruned = [r for r in rows if r["state"] == "PRUNED"]
+    assert pruned and all(int(r["epochs_run"]) < 3 for r in pruned)
+    assert (tmp_path / "importance.html").exists() is False  # one dimension: nothing to rank
+
+
+def test_two_workers_share_one_study_without_loss_or_duplicates(tmp_path, small_prepared_dir):
+    params = params_with(**{"tune.n_trials": 4, "tune.epochs": 1, "tune.pruner": "none"})
+    result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir", workers=2)
+    rows = read_trials(result.trials_csv)
+    numbers = [int(r["number"]) for r in rows]
+    assert sorted(numbers) == list(range(len(rows))) and 4 <= len(rows) <= 5  # a racing worker may add one
+    assert all(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
+    assert (tmp_path / "importance.html").exists()
+
+
+def test_disabled_tuning_writes_an_empty_best_and_train_keeps_params(tmp_path, small_prepared_dir):
+    params = params_with(**{"tune.enabled": False})
+    result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir")
+    assert json.loads(result.best_params_path.read_text())["params"] == {}
+    assert apply_best_params(params, result.best_params_path) == params
+
+
+def test_best_params_are_applied_on_top_of_params(tmp_path):
+    path = tmp_path / "best_params.json"
+    path.write_text(json.dumps({"params": {"train.lr": 0.0042, "model.dropout": 0.3}}))
+    tuned = apply_best_params(params_with(), path)
+    assert tuned.train.lr == 0.0042 and tuned.model.dropout == 0.3 and tuned.model.arch == "seed_mlp"
