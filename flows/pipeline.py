@@ -1,8 +1,12 @@
-"""The Tuneline pipeline as a Prefect flow: fetch → prepare → train → evaluate/gate → export → dvc push.
+"""The Tuneline pipeline as a Prefect flow: fetch → prepare → train → evaluate/gate → export → promote → dvc push.
 
 Each stage is one task around the same function `tuneline stage NAME` (and so dvc.yaml) runs. After a
 stage runs, the flow `dvc commit`s it, so dvc.lock always describes the workspace; a stage DVC reports
 unchanged is skipped, so a re-run with nothing changed trains nothing (pass `force=True` to rerun all).
+Then `promote` registers the exported model in the registry and moves the champion alias only if it beats
+the champion on this run's test set; the registry folder is `dvc add`-ed and pushed with the rest.
+A failed gate (quality, serving cost or champion regression) fails the run with the gate table in its
+message and in the run's markdown artifact; nothing is promoted.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -20,10 +24,13 @@ from flows import stages
 from flows.params_file import write_overrides
 from tasks.atomic import write_bytes_atomic
 from tasks.config import Params, load_params
-from tasks.gate import GateVerdict
+from tasks.gate import GateFailed, GateVerdict
 from tasks.lineage import git_commit
+from tasks.promote import PromoteResult
+from tasks.registry import Registry
 from tasks.summary import render_summary
-from tasks.versioning import commit_stage, data_version, push, stage_changed
+from tasks.tune import apply_best_params, tuning_summary
+from tasks.versioning import commit_stage, data_version, push, stage_changed, track_folder
 
 # Tasks are thin: no logic beyond calling the stage. Stage results are not cached by Prefect here;
 # DVC decides what is unchanged (see module docstring).
@@ -41,6 +48,22 @@ def dvc_stage(name: str, params: Params, root: Path, force: bool) -> str:
     commit_stage(root, name)
     logger.info("%s: done, recorded in dvc.lock: %s", name, _describe(result))
     return "ran"
+
+
+@task(name="promote", **_task_options)
+def promote_model(params: Params, root: Path) -> PromoteResult:
+    """Register the exported model; promote it if it beats the champion by gate.min_improvement."""
+    result = stages.promote(params, root, run_id=str(flow_run.id) if flow_run.id else None)
+    get_run_logger().info("promote: %s", result.reason)
+    return result
+
+
+@task(name="dvc-track-registry", **_task_options)
+def track_registry(params: Params, root: Path) -> str:
+    """`dvc add` the registry, holding its lock so the recorded state is one a reader could have seen."""
+    registry = Registry(stages.project_path(root, params.paths.registry))
+    with registry.locked():
+        return track_folder(root, params.paths.registry)
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=[2, 10], **_task_options)
@@ -73,29 +96,54 @@ def pipeline(overrides: dict[str, Any] | None = None, project_dir: str = ".", fo
         write_overrides(params_path, overrides)
         logger.info("params.yaml updated with %s", overrides)
     ran = {}
-    for name in stages.STAGES:
-        ran[name] = dvc_stage(name, params, root, force)
+    try:
+        for name in stages.STAGES:
+            ran[name] = dvc_stage(name, params, root, force)
+        promotion = promote_model(params, root)
+    except GateFailed as exc:
+        # The table goes to the UI as well as into the failed run's message.
+        create_markdown_artifact(markdown=f"# Tuneline run FAILED at a gate\n\n{exc}\n", key="tuneline-run-summary",
+                                 description="Tuneline run: failed gate")
+        raise
+    logger.info(track_registry(params, root))
     pushed = dvc_push(root) if push_data else "dvc push: skipped (push_data=False)"
     logger.info(pushed)
-    summary = _summarise(params, root, ran, pushed)
+    summary = _summarise(params, root, ran, pushed, promotion)
     return summary
 
 
-def _summarise(params: Params, root: Path, ran: dict[str, str], pushed: str) -> dict:
+def _summarise(params: Params, root: Path, ran: dict[str, str], pushed: str, promotion: PromoteResult) -> dict:
     p = params.paths
     metrics = json.loads((root / p.metrics).read_text())
-    verdicts = [GateVerdict(**{k: v for k, v in g.items() if k != "margin"}) for g in metrics["gates"]]
+    exported = json.loads((root / p.export_metrics).read_text())
+    verdicts = [GateVerdict.from_dict(g) for g in [*metrics["gates"], *exported.get("gates", [])]]
+    verdicts += promotion.verdicts
+    tuning = tuning_summary(root / p.tuning)
+    params = apply_best_params(params, root / p.tuning / "best_params.json")  # what the model was trained with
     summary = {
         "data_version": data_version(root, p.raw),
         "params_hash": params.params_hash(),
         "git_commit": git_commit(root),
         "accuracy": metrics["accuracy"],
-        "gates_passed": metrics["gates_passed"],
+        "macro_f1": metrics.get("macro_f1"),
+        "ece": metrics.get("ece"),
+        "serving": exported.get("serving"),
+        "variants": exported.get("variants", {}),
+        "gates_passed": metrics["gates_passed"] and exported.get("gates_passed", True),
         "onnx_path": str(root / p.onnx),
         "summary_path": str(root / p.summary),
         "stages": ran,
+        "version": promotion.version,
+        "promoted": promotion.promoted,
+        "champion": promotion.champion,
+        "promotion": promotion.reason,
+        "registry_path": str(root / p.registry),
+        "tuning": tuning,
     }
     markdown = render_summary(params, summary, verdicts, history_path=root / p.history, pushed=pushed)
     write_bytes_atomic(root / p.summary, markdown.encode())
     create_markdown_artifact(markdown=markdown, key="tuneline-run-summary", description="Tuneline run summary")
+    if tuning.get("top_trials"):
+        create_table_artifact(table=tuning["top_trials"], key="tuneline-top-trials",
+                              description=f"Top trials of study {tuning['study']} (val accuracy)")
     return summary

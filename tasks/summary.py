@@ -31,6 +31,21 @@ def _evaluation_lines(summary: dict) -> list[str]:
     return lines
 
 
+def _tuning_lines(tuning: dict) -> list[str]:
+    if not tuning.get("enabled"):
+        return ["## Tuning", "", "Off (`tune.enabled=false`): trained with params.yaml as given.", ""]
+    lines = ["## Tuning", "",
+             f"Study `{tuning['study']}`: trials {tuning['states']}; best val accuracy {tuning['best_value']:.4f} "
+             f"with `{tuning['best_params']}`.", ""]
+    top = tuning.get("top_trials") or []
+    if top:
+        keys = [k for k in top[0] if k not in ("state", "reason")]
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in top]
+        lines.append("")
+    return lines
+
+
 def render_summary(params: Params, summary: dict, verdicts: list[GateVerdict], history_path: Path, pushed: str) -> str:
     """Markdown for the Prefect artifact and reports/run_summary.md."""
     history = list(csv.DictReader(open(history_path))) if Path(history_path).is_file() else []
@@ -50,7 +65,8 @@ def render_summary(params: Params, summary: dict, verdicts: list[GateVerdict], h
         "",
         markdown_table(verdicts),
         "",
-        "## Parameters",
+        *_tuning_lines(summary.get("tuning") or {}),
+        "## Parameters (effective: params.yaml + tuned values)",
         "",
         f"`model`: {params.model.model_dump()}",
         "",

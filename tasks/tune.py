@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,11 @@ def _storage(url: str):
     # A heartbeat lets a rerun mark trials of a killed worker as failed (and retry them once) instead
     # of leaving them RUNNING forever; SQLite's busy timeout covers several local workers writing at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
-                                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable in practice since 2.x
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
+            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
 
 
 def _pruner(cfg: TuneConfig):
@@ -304,3 +308,15 @@ def apply_best_params(params: Params, best_params_path: Path) -> Params:
     if not best.get("params"):
         return params
     return build_params(params.model_dump(mode="json"), best["params"], source=str(path))
+
+
+def tuning_summary(tuning_dir: Path, top: int = 5) -> dict:
+    """What the last tune stage found: best params/value, trial states and the top trials (for reports)."""
+    best_path, trials_path = Path(tuning_dir) / "best_params.json", Path(tuning_dir) / "trials.csv"
+    if not best_path.is_file():
+        return {"enabled": False}
+    best = json.loads(best_path.read_text())
+    rows = list(csv.DictReader(open(trials_path))) if trials_path.is_file() else []
+    complete = sorted((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: -float(r["value"]))
+    return {"enabled": best.get("enabled", False), "study": best.get("study"), "best_value": best.get("value"),
+            "best_params": best.get("params", {}), "states": best.get("states", {}), "top_trials": complete[:top]}

@@ -22,7 +22,10 @@ from tests.conftest import cli_env
 
 pytestmark = pytest.mark.slow
 
-SLICE = ["data.limit_train=3000", "data.limit_test=600", "train.epochs=2", "train.batch_size=64"]
+SLICE = ["data.limit_train=3000", "data.limit_test=600", "train.epochs=2", "train.batch_size=64",
+         # a real but small study: 3 one-epoch trials on 1,000 images, searching the lr only
+         "tune.n_trials=3", "tune.epochs=1", "tune.limit_train=1000", "tune.limit_val=250",
+         "tune.space={train.lr: {type: float, low: 0.0005, high: 0.002, log: true}}"]
 BIN = Path(sys.executable).parent
 
 
@@ -90,11 +93,17 @@ def test_flow_gates_exports_records_lineage_and_skips_unchanged(project: Path, m
     summary = (project / "reports" / "run_summary.md").read_text()
     assert data_version in summary and "gate.min_accuracy" in summary
 
+    # Tuning ran a real study; the final model was trained with the best trial's lr, and the summary shows it.
+    best = json.loads((project / "tuning" / "best_params.json").read_text())
+    assert len((project / "tuning" / "trials.csv").read_text().strip().splitlines()) == 1 + 3
+    assert checkpoint["params"]["train"]["lr"] == best["params"]["train.lr"] != 0.001
+    assert "## Tuning" in summary and f"Study `{best['study']}`" in summary
+
     # 3. Nothing changed: every stage is skipped and the model is not rewritten.
     model_hash = sha256(project / "models" / "model.pt")
     again = tuneline(project, mnist_mirror, "run")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stderr.count(": skipped") + again.stdout.count(": skipped") >= 5
+    assert again.stderr.count(": skipped") + again.stdout.count(": skipped") >= 6
     assert sha256(project / "models" / "model.pt") == model_hash
 
 
@@ -102,14 +111,14 @@ def test_dvc_repro_runs_the_stages_then_none(project: Path, mnist_mirror: Path):
     params_path = project / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
     for kv in [*SLICE, "gate.min_accuracy=0.8"]:
-        key, value = kv.split("=")
+        key, value = kv.split("=", 1)
         section, name = key.split(".")
         params[section][name] = yaml.safe_load(value)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     dvc = str(BIN / "dvc")
     first = subprocess.run([dvc, "repro"], cwd=project, env=cli_env(mnist_mirror), capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("fetch", "prepare", "train", "evaluate", "export"):
+    for stage in ("fetch", "prepare", "tune", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (project / "models" / "model.onnx").is_file()
     second = subprocess.run([dvc, "repro"], cwd=project, env=cli_env(mnist_mirror), capture_output=True, text=True)
