@@ -1,0 +1,130 @@
+"""Operating Tuneline through a real Prefect server: work pool, `prefect deploy --all` from prefect.yaml,
+a process worker, `prefect deployment run 'tuneline/adhoc'` with an override, on a slice of real MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import cli_env
+from tests.flows.test_pipeline import SLICE
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "prefect server exited during start-up"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"prefect server at {url} not healthy within {timeout} s")
+
+
+def api_post(url: str, body: dict) -> list | dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def scheduled_runs(api: str, deployment: str) -> list[dict]:
+    """The server's SCHEDULED flow runs of one deployment of the tuneline flow."""
+    (found,) = [d for d in api_post(f"{api}/deployments/filter", {}) if d["name"] == deployment]
+    runs = api_post(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                                                 "deployments": {"id": {"any_": [found["id"]]}}})
+    return runs
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT the process group (a worker ignores SIGTERM from scripts), then make sure it is gone."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: Path, tmp_path: Path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = cli_env(mnist_mirror)
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+               TUNELINE_PROJECT_DIR=str(project),
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # schedule nightly's runs within seconds
+    prefect = str(BIN / "prefect")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    started: list[subprocess.Popen] = []
+    try:
+        server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                  stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(server)
+        wait_healthy(api, server)
+
+        def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+            result = subprocess.run([prefect, "--no-prompt", *args], cwd=project, env=env, capture_output=True,
+                                    text=True, timeout=timeout)
+            assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+            return result
+
+        cli("work-pool", "create", "tuneline-process", "--type", "process")
+        deployed = cli("deploy", "--all")
+        assert "tuneline/nightly" in deployed.stdout and "tuneline/adhoc" in deployed.stdout
+
+        # The nightly deployment carries its cron schedule, and the server schedules its next runs.
+        nightly = cli("deployment", "inspect", "tuneline/nightly").stdout
+        assert "0 2 * * *" in nightly
+        deadline = time.monotonic() + 60
+        while not (scheduled := scheduled_runs(api, "nightly")):
+            assert time.monotonic() < deadline, "no scheduled run of tuneline/nightly within 60 s"
+            time.sleep(1)
+        assert all(run["expected_start_time"][11:16] == "02:00" for run in scheduled)
+
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "tuneline-process"], cwd=project, env=env,
+                                  stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(worker)
+        overrides = dict(kv.split("=", 1) for kv in [*SLICE, "gate.min_accuracy=0.8"])
+        overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
+        run = cli("deployment", "run", "tuneline/adhoc", "--params", json.dumps({"overrides": overrides}),
+                  "--watch", "--watch-timeout", "900", timeout=960)
+        assert "Completed" in run.stdout, run.stdout + (logs / "worker.log").read_text()[-3000:]
+
+        (flow_run,) = [r for r in api_post(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})]
+        artifacts = {a["key"]: a for a in api_post(f"{api}/artifacts/filter",
+                                                   {"artifacts": {"flow_run_id": {"any_": [str(flow_run["id"])]}}})}
+        assert {"tuneline-run-summary", "tuneline-top-trials"} <= set(artifacts)
+        assert "gate.min_accuracy" in artifacts["tuneline-run-summary"]["data"]
+        assert flow_run["parameters"]["overrides"]["gate.min_accuracy"] == 0.8
+        assert (project / "models" / "model.onnx").is_file()
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        assert params["train"]["epochs"] == 2 and params["gate"]["min_accuracy"] == 0.8  # the override took
+        summary = (project / "reports" / "run_summary.md").read_text()
+        assert "gates passed" in summary
+    finally:
+        for proc in reversed(started):
+            stop(proc)
+    assert all(proc.poll() is not None for proc in started)
