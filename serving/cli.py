@@ -1,0 +1,97 @@
+"""`tuneline serve` and `tuneline predict IMAGE…` (argparse wiring lives in flows/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tasks.config import ConfigError, parse_override
+
+
+def add_commands(sub) -> None:
+    """Add the serve and predict sub-commands to the `tuneline` parser."""
+    serve = sub.add_parser("serve", help="serve the registry's champion over the Open Inference Protocol")
+    serve.add_argument("--host", help="bind address (serve.host; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (serve.port)")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), help="serve.device")
+    serve.add_argument("--registry", type=Path, help="registry folder (paths.registry, env TUNELINE_SERVE_REGISTRY)")
+    serve.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a params.yaml key, e.g. -S serve.max_batch_size=32 (repeatable)")
+    predict = sub.add_parser("predict", help="classify PNG/JPEG digit images with a running server")
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--url", help="server URL (default http://<serve.host>:<serve.port>)")
+    predict.add_argument("--version", help="a loaded model version instead of the champion")
+    predict.add_argument("--json", action="store_true", help="one JSON object per image")
+
+
+def run_command(args: argparse.Namespace, root: Path) -> int:
+    from serving.errors import DeviceError
+
+    try:
+        return serve(args, root) if args.command == "serve" else predict(args, root)
+    except (ConfigError, DeviceError) as exc:
+        print(f"tuneline: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _settings(args: argparse.Namespace, root: Path):
+    from serving.settings import build_settings, env_overrides
+    from tasks.config import load_params
+
+    flags = {f"serve.{k}": getattr(args, k) for k in ("host", "port", "device") if getattr(args, k, None) is not None}
+    cli = dict(parse_override(text) for text in getattr(args, "overrides", []))
+    # Precedence: params.yaml < environment < -S < explicit flags.
+    params = load_params(root / "params.yaml", {**env_overrides(os.environ), **cli, **flags})
+    return build_settings(params, root, os.environ, registry=getattr(args, "registry", None))
+
+
+def serve(args: argparse.Namespace, root: Path) -> int:
+    """Start the server; returns when it has shut down (SIGINT/SIGTERM drain in-flight requests first)."""
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.logs import configure_logging
+    from serving.runtime import resolve_providers
+
+    settings = _settings(args, root)
+    providers = resolve_providers(settings.device)  # DeviceError: refuse to start (one line, exit 2)
+    configure_logging(settings.log_level)
+    logging.getLogger("serving").info("device", extra={"event": "device", "requested": settings.device,
+                                                       "providers": providers})
+    app = create_app(settings, providers)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s, server_header=False,
+                            log_level=settings.log_level)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def predict(args: argparse.Namespace, root: Path) -> int:
+    """Classify each image with the server; one line per image; exit 1 if any failed."""
+    import httpx
+
+    from serving.client import InferenceClient, ServerError
+    from serving.settings import TOKEN_ENV
+
+    settings = _settings(args, root)
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    failed = 0
+    with InferenceClient(url, token=os.environ.get(TOKEN_ENV)) as client:
+        for path in args.images:
+            try:
+                result = client.classify(path, version=args.version)
+            except (OSError, ServerError, httpx.HTTPError) as exc:
+                failed += 1
+                print(f"{path}: error: {exc}", file=sys.stderr)
+                continue
+            if args.json:
+                print(json.dumps({"image": str(path), **result}))
+            else:
+                print(f"{path}: {result['label']} (p={result['probability']:.3f}; "
+                      f"{result['model_name']} {result['model_version']})")
+    return 1 if failed else 0

@@ -1,0 +1,174 @@
+"""A small Python client for the server (and any Open Inference Protocol server): JSON or binary tensors.
+
+    with InferenceClient("http://127.0.0.1:8000") as client:
+        result = client.infer(images)                 # uint8 or float32 [N, 28, 28] / [N, 1, 28, 28] / [N, 784]
+        result.outputs["class"], result.model_version
+        client.classify("digit.png")                  # {"class": 7, "label": "7", "probability": 0.998, ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import httpx
+import numpy as np
+import orjson
+
+from serving.binary import (
+    DTYPES,
+    HEADER_LENGTH,
+    OCTET_STREAM,
+    datatype_of,
+    encode_body,
+    split_body,
+    tensor_bytes,
+    tensor_from_bytes,
+)
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error status; `status` and the server's message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model_name: str
+    model_version: str
+    id: str | None
+    outputs: dict[str, np.ndarray]
+
+
+class InferenceClient:
+    def __init__(self, url: str = "http://127.0.0.1:8000", model: str | None = None, token: str | None = None,
+                 timeout: float = 30.0, transport: httpx.BaseTransport | None = None):
+        """`model` defaults to the one the server serves (asked once); `token` is the bearer token, if any."""
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self._model, self._metadata = model, None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    # --- health and metadata -------------------------------------------------------------------------------
+    def live(self) -> bool:
+        return self.http.get("/v2/health/live").status_code == 200
+
+    def ready(self) -> bool:
+        return self.http.get("/v2/health/ready").status_code == 200
+
+    def server_metadata(self) -> dict:
+        return self._checked(self.http.get("/v2")).json()
+
+    def model_metadata(self, version: str | None = None) -> dict:
+        return self._checked(self.http.get(self._model_path(version))).json()
+
+    @property
+    def model(self) -> str:
+        if self._model is None:
+            # The index names the served model without needing to know it first.
+            entries = self._checked(self.http.post("/v2/repository/index")).json()
+            names = {e["name"] for e in entries if e.get("state") == "READY"}
+            if len(names) != 1:
+                raise ServerError(503, f"cannot tell which model the server serves (index: {entries})")
+            self._model = names.pop()
+        return self._model
+
+    # --- inference -----------------------------------------------------------------------------------------
+    def infer(self, pixels: np.ndarray, version: str | None = None,
+              outputs: tuple[str, ...] = ("class", "probabilities"), binary: bool = True,
+              request_id: str | None = None) -> InferResult:
+        """Raw pixels 0..255 (uint8 sent as UINT8, anything else as FP32), one image per leading row."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8:
+            pixels = pixels.astype(np.float32)
+        shape = self._input_shape(pixels)
+        tensor = {"name": self._input_name(), "shape": shape, "datatype": datatype_of(pixels)}
+        buffers = []
+        if binary:
+            data = tensor_bytes(pixels)
+            tensor["parameters"] = {"binary_data_size": len(data)}
+            buffers.append(data)
+        else:
+            tensor["data"] = pixels.ravel()
+        request = {"inputs": [tensor], "outputs": [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]}
+        if request_id is not None:
+            request["id"] = request_id
+        body, json_length = encode_body(request, buffers)
+        headers = {"content-type": OCTET_STREAM if json_length is not None else "application/json"}
+        if json_length is not None:
+            headers[HEADER_LENGTH] = str(json_length)
+        response = self._checked(self.http.post(self._model_path(version) + "/infer", content=body, headers=headers))
+        return parse_infer_response(response.content, response.headers.get(HEADER_LENGTH))
+
+    def classify(self, image: Path | str | bytes, version: str | None = None) -> dict:
+        """Upload one PNG/JPEG digit; the server's class, label and probabilities."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        name = "image" if isinstance(image, bytes) else Path(image).name
+        params = {"version": version} if version else None
+        return self._checked(self.http.post("/classify", files={"file": (name, data)}, params=params)).json()
+
+    # --- repository ----------------------------------------------------------------------------------------
+    def load(self, version: str | None = None) -> dict:
+        """Reload the champion alias, or load one version by id."""
+        body = {"parameters": {"version": version}} if version else {}
+        return self._checked(self.http.post(f"/v2/repository/models/{self.model}/load", json=body)).json()
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def _model_path(self, version: str | None) -> str:
+        return f"/v2/models/{self.model}" + (f"/versions/{version}" if version else "")
+
+    def _metadata_once(self) -> dict:
+        if self._metadata is None:
+            self._metadata = self.model_metadata()
+        return self._metadata
+
+    def _input_name(self) -> str:
+        return self._metadata_once()["inputs"][0]["name"]
+
+    def _input_shape(self, pixels: np.ndarray) -> list[int]:
+        """[N, *row] or [N, flat] as given; anything else holding whole images (e.g. [N, 28, 28]) as [N, *row]."""
+        row = self._metadata_once()["inputs"][0]["shape"][1:]
+        count = int(np.prod(row))
+        if pixels.ndim >= 2 and list(pixels.shape[1:]) in (row, [count]):
+            return list(pixels.shape)
+        if pixels.size == 0 or pixels.size % count:
+            raise ValueError(f"pixels of shape {pixels.shape} do not split into images of shape {row}")
+        return [pixels.size // count, *row]
+
+    @staticmethod
+    def _checked(response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error", response.text)
+            except ValueError:
+                message = response.text
+            raise ServerError(response.status_code, message)
+        return response
+
+
+def parse_infer_response(body: bytes, header_length: str | None) -> InferResult:
+    """A V2 inference response (JSON, or JSON + binary outputs) as numpy arrays."""
+    head, binary = split_body(body, header_length)
+    doc = orjson.loads(head)
+    outputs, offset = {}, 0
+    for out in doc["outputs"]:
+        shape, datatype = out["shape"], out["datatype"]
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            outputs[out["name"]] = tensor_from_bytes(binary[offset:offset + size], datatype, shape)
+            offset += size
+        else:
+            outputs[out["name"]] = np.asarray(out["data"], dtype=DTYPES[datatype]).reshape(shape)
+    return InferResult(doc["model_name"], doc.get("model_version", ""), doc.get("id"), outputs)

@@ -1,0 +1,128 @@
+"""One ASGI middleware in front of every route: bearer auth, body size limit, concurrency limit (429),
+request metrics and the access log.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware, which costs a task and a stream per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+import orjson
+
+from serving.errors import Busy, PayloadTooLarge, ServingError, Unauthorized
+from serving.metrics import ServingMetrics
+from serving.settings import ServeSettings
+
+log = logging.getLogger("serving.access")
+
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # probes work without the token
+
+
+class InFlight:
+    """Inference requests being handled right now (read by the batcher and the 429 check)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count
+
+
+def is_inference(method: str, path: str) -> bool:
+    return method == "POST" and (path.endswith("/infer") or path == "/classify")
+
+
+class Gatekeeper:
+    def __init__(self, app, settings: ServeSettings, metrics: ServingMetrics, in_flight: InFlight):
+        self.app, self.settings, self.metrics, self.in_flight = app, settings, metrics, in_flight
+        self.token = settings.token.get_secret_value().encode() if settings.token else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        status = 500  # what the metrics record if the app dies before answering
+
+        async def send_recording(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        inference = is_inference(method, path)
+        counted = False
+        try:
+            refusal = self._refusal(scope, path, inference)
+            if refusal is not None:
+                self.metrics.rejected.labels(str(refusal.status)).inc()
+                await _reply(send_recording, refusal)
+                return
+            if inference:
+                self.in_flight.count += 1
+                self.metrics.in_flight.inc()
+                counted = True
+            await self.app(scope, self._limited(receive), send_recording)
+        finally:
+            if counted:
+                self.in_flight.count -= 1
+                self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "(unmatched)"
+            self.metrics.requests.labels(method, endpoint, str(status)).inc()
+            self.metrics.latency.labels(method, endpoint, str(status)).observe(elapsed)
+            if self.settings.access_log:
+                log.info("request", extra={"event": "request", "method": method, "path": path, "status": status,
+                                           "ms": round(elapsed * 1e3, 2), "client": (scope.get("client") or ("?",))[0]})
+
+    def _refusal(self, scope, path: str, inference: bool) -> ServingError | None:
+        headers = dict(scope["headers"])
+        if self.token is not None and path not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not given.startswith(b"Bearer ") or not hmac.compare_digest(given[7:].strip(), self.token):
+                return Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return PayloadTooLarge(f"request body of {int(length)} bytes exceeds serve.max_body_bytes "
+                                   f"({self.settings.max_body_bytes}): send fewer images per request")
+        if inference and self.in_flight.count >= self.settings.max_concurrency:
+            return Busy(f"server busy: {self.in_flight.count} inference requests in flight "
+                        f"(serve.max_concurrency); retry shortly")
+        return None
+
+    def _limited(self, receive):
+        """receive() that refuses a body growing past the limit (chunked uploads carry no Content-Length)."""
+        limit, seen = self.settings.max_body_bytes, 0
+
+        async def receive_limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"request body exceeds serve.max_body_bytes ({limit})")
+            return message
+
+        return receive_limited
+
+
+def error_headers(exc: ServingError) -> dict[str, str]:
+    if isinstance(exc, Unauthorized):
+        return {"www-authenticate": "Bearer"}
+    if isinstance(exc, Busy):
+        return {"retry-after": "1"}
+    return {}
+
+
+async def _reply(send, exc: ServingError) -> None:
+    body = orjson.dumps({"error": str(exc)})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in error_headers(exc).items()]
+    if isinstance(exc, PayloadTooLarge):
+        headers.append((b"connection", b"close"))  # the unread body would otherwise be parsed as a next request
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,52 @@
+"""Server settings: params.yaml `serve:` < env TUNELINE_SERVE_<KEY> < command line, validated once.
+
+The bearer token only comes from the environment (TUNELINE_SERVE_TOKEN): a token on the command line
+would show in `ps` and in shell history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import SecretStr
+
+from tasks.config import ConfigError, Params, ServeConfig
+
+ENV_PREFIX = "TUNELINE_SERVE_"
+TOKEN_ENV = ENV_PREFIX + "TOKEN"
+REGISTRY_ENV = ENV_PREFIX + "REGISTRY"
+
+
+class ServeSettings(ServeConfig):
+    registry: Path
+    token: SecretStr | None = None
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """TUNELINE_SERVE_PORT=9000 -> {"serve.port": 9000} (values read as YAML, like -S); unknown names are errors."""
+    overrides: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in (TOKEN_ENV, REGISTRY_ENV):
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in ServeConfig.model_fields:
+            valid = ", ".join(ENV_PREFIX + k.upper() for k in [*ServeConfig.model_fields, "token", "registry"])
+            raise ConfigError(f"environment: unknown variable {name}: valid ones are {valid}")
+        try:
+            overrides[f"serve.{key}"] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"environment: {name}={raw!r} is not a valid value") from None
+    return overrides
+
+
+def build_settings(params: Params, root: Path, environ: Mapping[str, str],
+                   registry: Path | None = None) -> ServeSettings:
+    """Settings from validated params (whose serve section already holds env + CLI overrides) and the env."""
+    if registry is None:
+        registry = Path(environ.get(REGISTRY_ENV) or params.paths.registry)
+    token = environ.get(TOKEN_ENV) or None
+    return ServeSettings(**params.serve.model_dump(), registry=(Path(root) / registry).resolve(),
+                         token=SecretStr(token) if token else None)

@@ -1,0 +1,145 @@
+"""Fixtures for the server tests: a real exported ONNX model, real MNIST test digits, real servers.
+
+Servers are real uvicorn servers on a free loopback port, in a thread of the test process; nothing about
+ONNX Runtime or HTTP is mocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.serving.registry_helper import make_registry
+
+
+@pytest.fixture(scope="session")
+def onnx_model(request, tmp_path_factory, small_checkpoint: Path, small_prepared_dir: Path) -> Path:
+    """The 2-epoch seed CNN exported by tasks.export.run_export, as the pipeline's export stage writes it."""
+    try:  # the export tests' session fixture, when present, saves a second export
+        return Path(request.getfixturevalue("exported_model").onnx_path)
+    except pytest.FixtureLookupError:
+        pass
+    from tasks.config import ExportConfig, GateConfig, TrainConfig
+    from tasks.evaluate import run_evaluate
+    from tasks.export import run_export
+
+    out = tmp_path_factory.mktemp("serving-model")
+    run_evaluate(small_checkpoint, small_prepared_dir, out / "eval.json", out / "confusion.csv",
+                 GateConfig(min_accuracy=0.5), TrainConfig(device="cpu"), enforce=False)
+    result = run_export(ExportConfig(), small_checkpoint, small_prepared_dir, out / "eval.json", out / "model.onnx")
+    return result.onnx_path
+
+
+@dataclass(frozen=True)
+class Digits:
+    images: np.ndarray  # uint8 [N, 28, 28], real MNIST test digits
+    labels: np.ndarray
+    logits: np.ndarray  # what ONNX Runtime gives for them, run directly on the file (the reference)
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+
+@pytest.fixture(scope="session")
+def digits(onnx_model: Path, small_prepared_dir: Path) -> Digits:
+    import onnxruntime as ort
+
+    from tasks.prepare import load_split
+
+    images, labels = (t.numpy() for t in load_split(small_prepared_dir, "test"))
+    images, labels = images[:256], labels[:256]
+    session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"pixels": images[:, None].astype(np.float32)})
+    return Digits(images, labels, logits)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    port: int
+    app: object
+    server: object
+    thread: threading.Thread
+
+    @property
+    def holder(self):
+        return self.app.state.holder
+
+    def metric(self, text: str) -> float:
+        """Sum of the /metrics samples whose line starts with `text` (a name plus, optionally, labels)."""
+        body = httpx.get(self.url + "/metrics", headers=self._auth()).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(text))
+
+    def _auth(self) -> dict:
+        token = self.app.state.settings.token
+        return {"authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@contextlib.contextmanager
+def run_server(registry: Path, wait_ready: bool = True, **settings) -> Iterator[RunningServer]:
+    """A real server on a free loopback port for `registry`; `settings` override ServeSettings fields."""
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.runtime import resolve_providers
+    from serving.settings import ServeSettings
+
+    port = free_port()
+    config = ServeSettings(registry=registry, port=port, **{"access_log": False, "reload_poll_s": 0.05, **settings})
+    app = create_app(config, resolve_providers(config.device))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           timeout_graceful_shutdown=config.shutdown_timeout_s))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    running = RunningServer(f"http://127.0.0.1:{port}", port, app, server, thread)
+    try:
+        wait_until(lambda: server.started, what="server start")
+        if wait_ready:
+            wait_until(lambda: httpx.get(running.url + "/v2/health/ready").status_code == 200, what="ready")
+        yield running
+    finally:
+        running.stop()
+
+
+def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, onnx_model: Path) -> Path:
+    """Two versions of the model; v0002 is champion, v0001 is in the registry but not loaded."""
+    return make_registry(tmp_path_factory.mktemp("registry"), onnx_model, versions=2)
+
+
+@pytest.fixture(scope="module")
+def server(registry: Path) -> Iterator[RunningServer]:
+    with run_server(registry) as running:
+        yield running

@@ -1,0 +1,65 @@
+"""Write a registry in the layout tasks/registry.py produces (the server only reads it), for tests.
+
+versions/<vNNNN>/{model.onnx, card.json} appear whole (staged folder, then rename); aliases are replaced
+with os.replace of a temp file, as the contract says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def register_version(registry: Path, onnx_path: Path, name: str = "mnist", model_bytes: bytes | None = None,
+                     card_sha256: str | None = None) -> str:
+    """Add the next version holding `onnx_path` (or `model_bytes`); `card_sha256` forces a wrong checksum."""
+    versions = registry / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[1:]) for p in versions.iterdir() if p.name.startswith("v") and p.name[1:].isdigit()]
+    version = f"v{max(numbers, default=0) + 1:04d}"
+    data = Path(onnx_path).read_bytes() if model_bytes is None else model_bytes
+    staging = versions / f".{version}.staging"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(data)
+    card = {"name": name, "version": version, "created": _now(),
+            "files": {"model.onnx": {"sha256": card_sha256 or hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+            "metrics": {"accuracy": 0.9}, "gates": [], "lineage": {"data_version": "test"}, "run_id": "test"}
+    (staging / "card.json").write_text(json.dumps(card, indent=2))
+    os.replace(staging, versions / version)
+    return version
+
+
+def set_alias(registry: Path, version: str, alias: str = "champion", text: str | None = None) -> None:
+    """Point `alias` at `version` atomically (or write `text` verbatim, e.g. to corrupt it)."""
+    folder = registry / "aliases"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{alias}.json"
+    previous: list[str] = []
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            previous = [old["version"], *old.get("previous", [])]
+        except (ValueError, KeyError):
+            pass
+    tmp = folder / f".{alias}.json.tmp"
+    alias_json = json.dumps({"version": version, "previous": previous, "updated": _now()})
+    tmp.write_text(text if text is not None else alias_json)
+    os.replace(tmp, path)
+
+
+def make_registry(root: Path, onnx_path: Path, versions: int = 1) -> Path:
+    """A registry with `versions` copies of the model, the last one champion."""
+    registry = root / "registry"
+    shutil.rmtree(registry, ignore_errors=True)
+    for _ in range(versions):
+        version = register_version(registry, onnx_path)
+    set_alias(registry, version)
+    return registry
