@@ -46,7 +46,7 @@ def test_unknown_key_lists_the_valid_keys_of_its_section():
 
 
 def test_unknown_section_lists_the_sections():
-    with pytest.raises(ConfigError, match="unknown key 'trian.lr': valid keys are data, export, gate, model, paths, train"):
+    with pytest.raises(ConfigError, match="unknown key 'trian.lr': valid keys are data, export, gate, model, paths, serve, train, tune"):
         build_params({}, {"trian.lr": 0.1})
 
 
@@ -60,8 +60,8 @@ def test_unknown_key_in_the_file_is_an_error_naming_it(tmp_path):
 @pytest.mark.parametrize("override, match", [
     ({"train.lr": "abc"}, r"override: train.lr: Input should be a valid number"),
     ({"train.epochs": 2.5}, r"train.epochs: Input should be a valid integer"),
-    ({"model.arch": "resnet"}, r"model.arch: Input should be 'seed_cnn' or 'seed_mlp' \(got 'resnet'\)"),
-    ({"train.optimizer": "lion"}, r"train.optimizer: Input should be 'adam' or 'sgd'"),
+    ({"model.arch": "resnet"}, r"model.arch: Input should be 'seed_cnn', 'seed_mlp' or 'bn_cnn' \(got 'resnet'\)"),
+    ({"train.optimizer": "lion"}, r"train.optimizer: Input should be 'sgd', 'adam', 'adamw' or 'rmsprop'"),
     ({"train.lr": -1}, r"train.lr: Input should be greater than 0"),
     ({"data.val_fraction": 1.5}, r"data.val_fraction: Input should be less than 1"),
 ])
