@@ -37,11 +37,13 @@ from tasks.models import SeedCNN  # noqa: E402
 from tasks.prepare import load_split, run_prepare  # noqa: E402
 from tasks.train import predict_logits, resolve_device, run_train  # noqa: E402
 
-# Tuneline's fastest default per device. CPU: batch norm lets one-cycle use a high lr, so one epoch
-# goes further; CUDA: large bf16 batches keep the GPU busy, compile fuses the small kernels.
+# Tuneline's fastest default per device. CPU: the same network and optimizer as the seed (measured
+# here: the seed recipe reaches 99.07% after one epoch, and bn_cnn's batch norm costs more CPU time per
+# image than it saves in epochs), so the gain is the data layout alone; CUDA: large bf16 batches keep the
+# GPU busy, batch norm + one-cycle converge in few epochs, compile fuses the small kernels.
 FAST = {
-    "cpu": dict(model=ModelConfig(arch="bn_cnn", dropout=0.1),
-                train=dict(batch_size=256, optimizer="adamw", lr=4e-3, scheduler="onecycle", weight_decay=5e-4)),
+    "cpu": dict(model=ModelConfig(arch="seed_cnn", dropout=0.5),
+                train=dict(batch_size=100, optimizer="adam", lr=1e-3, scheduler="step", step_size=1, gamma=0.5)),
     "cuda": dict(model=ModelConfig(arch="bn_cnn", dropout=0.1),
                  train=dict(batch_size=512, optimizer="adamw", lr=4e-3, scheduler="onecycle", weight_decay=5e-4,
                             augment_rotate_deg=8, augment_translate=0.08, augment_scale=0.08,
