@@ -11,10 +11,14 @@ message and in the run's markdown artifact; nothing is promoted.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -30,18 +34,29 @@ from tasks.promote import PromoteResult
 from tasks.registry import Registry
 from tasks.summary import render_summary
 from tasks.tune import apply_best_params, tuning_summary
-from tasks.versioning import commit_stage, data_version, push, stage_changed, track_folder
+from tasks.versioning import commit_stage, data_version, push, stage_changed, stage_fingerprint, track_folder
 
-# Tasks are thin: no logic beyond calling the stage. Stage results are not cached by Prefect here;
-# DVC decides what is unchanged (see module docstring).
+# Tasks are thin: no logic beyond calling the stage.
 _task_options = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
-@task(name="dvc-stage", **_task_options)
-def dvc_stage(name: str, params: Params, root: Path, force: bool) -> str:
+def _stage_cache_key(context, arguments: dict) -> str | None:
+    """A stage's Prefect cache key is DVC's view of its inputs: dep hashes (data and code) + params values.
+
+    The flow only lets a cached result stand when `dvc status` agrees the stage is unchanged (outs
+    included); otherwise it refreshes the cache, so a deleted or edited output is never "cached".
+    """
+    if arguments.get("force"):
+        return None
+    return f"tuneline-{arguments['name']}-{stage_fingerprint(arguments['root'], arguments['name'])}"
+
+
+# No retries on stages: a training failure should be loud, and the I/O inside (DVC) is local.
+@task(name="dvc-stage", task_run_name="{name}", cache_key_fn=_stage_cache_key, persist_result=True)
+def dvc_stage(name: str, params: Params, root: Path, force: bool, unchanged: bool) -> str:
     """Run one stage unless DVC says nothing it depends on changed; then record it in dvc.lock."""
     logger = get_run_logger()
-    if not force and not stage_changed(root, name):
+    if unchanged:
         logger.info("%s: unchanged since dvc.lock (deps, params and outs match): skipped", name)
         return "skipped"
     result = stages.run_stage(name, params, root)
@@ -64,6 +79,22 @@ def track_registry(params: Params, root: Path) -> str:
     registry = Registry(stages.project_path(root, params.paths.registry))
     with registry.locked():
         return track_folder(root, params.paths.registry)
+
+
+@task(name="notify-server", retries=3, retry_delay_seconds=[1, 5, 15], **_task_options)
+def notify_server(params: Params, promotion: PromoteResult) -> str:
+    """Ask the configured inference server to load the new champion (its repository load endpoint)."""
+    url = params.serve.notify_url
+    if not url:
+        return "no inference server configured (serve.notify_url): not notified"
+    name = stages.model_name(params)
+    request = urllib.request.Request(f"{url.rstrip('/')}/v2/repository/models/{name}/load", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    if token := os.environ.get("TUNELINE_SERVE_TOKEN"):
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read() or b"{}")
+    return f"inference server {url}: loaded {answer.get('name', name)} version {answer.get('version')} as {answer.get('role')}"
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=[2, 10], **_task_options)
@@ -95,16 +126,41 @@ def pipeline(overrides: dict[str, Any] | None = None, project_dir: str = ".", fo
     if overrides:
         write_overrides(params_path, overrides)
         logger.info("params.yaml updated with %s", overrides)
+    with _workspace_lock(root, logger):
+        return _run(params, root, force, push_data, logger)
+
+
+@contextlib.contextmanager
+def _workspace_lock(root: Path, logger):
+    """One pipeline run at a time per project: two would race on params.yaml, dvc.lock, outputs and registry."""
+    lock = FileLock(str(root / ".tuneline-run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("another pipeline run holds %s: waiting for it to finish", lock.lock_file)
+        lock.acquire()
+        logger.info("workspace lock acquired")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run(params: Params, root: Path, force: bool, push_data: bool, logger) -> dict:
     ran = {}
     try:
         for name in stages.STAGES:
-            ran[name] = dvc_stage(name, params, root, force)
+            unchanged = not force and not stage_changed(root, name)
+            state = dvc_stage.with_options(refresh_cache=not unchanged)(name, params, root, force, unchanged,
+                                                                       return_state=True)
+            ran[name] = "cached" if state.name == "Cached" else state.result()
         promotion = promote_model(params, root)
     except GateFailed as exc:
         # The table goes to the UI as well as into the failed run's message.
         create_markdown_artifact(markdown=f"# Tuneline run FAILED at a gate\n\n{exc}\n", key="tuneline-run-summary",
                                  description="Tuneline run: failed gate")
         raise
+    logger.info(notify_server(params, promotion) if promotion.promoted else "not promoted: no server to notify")
     logger.info(track_registry(params, root))
     pushed = dvc_push(root) if push_data else "dvc push: skipped (push_data=False)"
     logger.info(pushed)

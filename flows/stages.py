@@ -81,7 +81,8 @@ def promote(params: Params, root: Path, run_id: str | None = None) -> PromoteRes
     """Register the exported model and promote it if it beats the champion (not a DVC stage: see README)."""
     p = params.paths
     return run_promote(params.gate, project_path(root, p.registry), project_path(root, p.onnx),
-                       project_path(root, p.prepared), project_path(root, p.metrics), project_path(root, p.export_metrics),
+                       project_path(root, p.prepared), project_path(root, p.metrics),
+                       project_path(root, p.export_metrics),
                        variants_dir=project_path(root, p.variants), name=model_name(params), run_id=run_id,
                        device=params.serve.device)
 

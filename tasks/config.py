@@ -186,6 +186,7 @@ class ServeConfig(_Section):
     shutdown_timeout_s: float = Field(10.0, gt=0.0)     # drain time for in-flight requests on SIGTERM
     access_log: bool = True                             # one JSON log line per request
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    notify_url: str | None = None                       # pipeline: after a promotion, POST this server's load endpoint
 
 
 class Params(_Section):

@@ -39,7 +39,7 @@ class EvaluateResult:
 def run_evaluate(model_path: Path, prepared_dir: Path, metrics_path: Path, confusion_path: Path,
                  gate_cfg: GateConfig, train_cfg: TrainConfig, enforce: bool = True,
                  confusion_png: Path | None = None) -> EvaluateResult:
-    """Score the model on the test split, write metrics + confusion pairs (+ picture), then raise GateFailed on a failure."""
+    """Score the model on the test split, write metrics + confusion pairs (+ picture); GateFailed on a failed gate."""
     device = resolve_device(train_cfg.device)
     model, checkpoint = load_checkpoint(model_path, device)
     images, labels = (t.to(device) for t in load_split(prepared_dir, "test"))

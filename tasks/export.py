@@ -106,7 +106,8 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
         "data_version": checkpoint["lineage"]["data_version"],
         "params_hash": checkpoint["lineage"]["params_hash"],
         "git_commit": checkpoint["lineage"]["git_commit"],
-        "metrics": json.dumps({k: metrics[k] for k in ("accuracy", "loss", "n_test", "macro_f1", "ece") if k in metrics}),
+        "metrics": json.dumps({k: metrics[k] for k in ("accuracy", "loss", "n_test", "macro_f1", "ece")
+                               if k in metrics}),
         "params": json.dumps(checkpoint.get("params", {})),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "variant": "fp32",

@@ -37,7 +37,7 @@ class GateVerdict:
                 f"(margin {self.margin:+.4f})")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "margin": round(self.margin, 6)}
+        return {**asdict(self), "value": round(self.value, 6), "margin": round(self.margin, 6)}
 
     @classmethod
     def from_dict(cls, data: dict) -> GateVerdict:

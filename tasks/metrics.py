@@ -14,7 +14,8 @@ ECE_BINS = 15  # equal-width confidence bins, the usual choice (Guo et al. 2017,
 
 def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Counts [n, n]: rows are the actual class, columns the predicted one."""
-    return torch.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes).cpu()
+    counts = torch.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes).cpu()
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -56,7 +57,8 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
         "macro_f1": round(float(f1[present].mean()), 6),
         "ece": round(expected_calibration_error(logits.softmax(1), labels), 6),
         "min_class_recall": round(float(recall[present].min()), 6),
-        "per_class_accuracy": {c: round(float(r), 6) for c, r in zip(classes, recall)},  # = recall; kept for readers of v1
+        # = per-class recall; the key predates `per_class` and readers of eval.json use it
+        "per_class_accuracy": {c: round(float(r), 6) for c, r in zip(classes, recall)},
         "per_class": {c: {"precision": round(float(p), 6), "recall": round(float(r), 6), "f1": round(float(f), 6),
                           "support": int(s)} for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
     }

@@ -71,8 +71,9 @@ def make_fp16(src: Path, dst: Path) -> None:
 
 
 def make_int8(src: Path, dst: Path, calibration_images: torch.Tensor) -> None:
-    """Static INT8 (QDQ, per-channel weights) with MinMax activation ranges from `calibration_images` (uint8 [N,H,W])."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """Static INT8 (QDQ, per-channel weights), MinMax activation ranges from `calibration_images` (uint8 [N, H, W])."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -116,7 +117,8 @@ def build_variant(name: str, fp32_path: Path, out_dir: Path, metadata: dict[str,
         if calibration_images is None or not len(calibration_images):
             raise ValueError("quantize: INT8 needs calibration images (export.calibration_images training images)")
         make_int8(fp32_path, path, calibration_images)
-        extra = {"quantization": f"static int8 QDQ, per-channel weights, MinMax on {len(calibration_images)} train images"}
+        extra = {"quantization": f"static int8 QDQ, per-channel weights, MinMax on {len(calibration_images)} "
+                                 "train images"}
     else:
         make_fp16(fp32_path, path)
         extra = {"quantization": "fp16 weights and compute, float32 inputs/outputs"}

@@ -100,7 +100,8 @@ class Registry:
             record = json.loads(path.read_text())
             record["version"]
         except (ValueError, KeyError, TypeError):
-            raise RegistryError(f"{path}: not an alias record: restore it from DVC (`dvc checkout`) or promote again") from None
+            raise RegistryError(f"{path}: not an alias record: restore it from DVC (`dvc checkout`) or promote "
+                                "again") from None
         return record
 
     def aliases_of(self, version: str) -> list[str]:
@@ -130,7 +131,8 @@ class Registry:
         for name, entry in card["files"].items():
             path = folder / name
             if not path.is_file():
-                raise RegistryError(f"{path}: missing but listed in {version}/card.json: restore the registry (`dvc checkout`)")
+                raise RegistryError(f"{path}: missing but listed in {version}/card.json: restore the registry "
+                                    "(`dvc checkout`)")
             actual = sha256_file(path)
             if actual != entry["sha256"]:
                 raise RegistryError(f"{path}: sha256 {actual[:12]}… does not match its card ({entry['sha256'][:12]}…): "
@@ -157,7 +159,8 @@ class Registry:
                 yield
         except Timeout:
             raise RegistryError(f"{self.root / '.lock'}: another process held the registry lock for "
-                                f"{self._lock.timeout:.0f} s: wait for it to finish, or remove the lock if it died") from None
+                                f"{self._lock.timeout:.0f} s: wait for it to finish (a lock of a dead process is "
+                                "released by the OS)") from None
 
     def register(self, files: dict[str, Path], *, name: str, metrics: dict, gates: list[dict], lineage: dict,
                  run_id: str | None) -> str:
@@ -166,7 +169,8 @@ class Registry:
             raise RegistryError(f"register: {MODEL_FILE} is required (got {', '.join(files)})")
         unknown = set(files) - {MODEL_FILE, *VARIANT_FILES}
         if unknown:
-            raise RegistryError(f"register: unexpected file name(s) {sorted(unknown)}: use {MODEL_FILE}, {', '.join(VARIANT_FILES)}")
+            raise RegistryError(f"register: unexpected file name(s) {sorted(unknown)}: use {MODEL_FILE}, "
+                                f"{', '.join(VARIANT_FILES)}")
         for source in files.values():
             check_onnx(Path(source))  # refuse before copying anything
         self.versions_dir.mkdir(parents=True, exist_ok=True)

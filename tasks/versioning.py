@@ -42,6 +42,24 @@ def stage_changed(root: Path, stage: str) -> bool:
         return bool(repo.status(targets=[stage]))
 
 
+def stage_fingerprint(root: Path, stage: str) -> str:
+    """sha256 of what determines a stage's result, as DVC sees it: each dep's hash (data, code) and each
+    params dep's values. Equal fingerprints, equal results: the Prefect cache key of the stage's task."""
+    import hashlib
+    import json
+
+    with open_repo(root) as repo:
+        (found,) = repo.stage.collect(stage)
+        entries = []
+        for dep in found.deps:
+            if dep.exists:
+                dep.save()  # computes the hash (DVC's state DB makes unchanged files cheap)
+                entries.append([str(dep.def_path), dep.hash_info.to_dict()])
+            else:
+                entries.append([str(dep.def_path), None])
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def commit_stage(root: Path, stage: str) -> None:
     """Record the stage's current deps, params and outs in dvc.lock and its outs in the DVC cache."""
     with open_repo(root) as repo:

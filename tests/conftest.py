@@ -84,3 +84,20 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_prepared_di
     run_train(ModelConfig(), TrainConfig(epochs=2, batch_size=64, device="cpu"), small_prepared_dir,
               out / "model.pt", out / "history.csv", Lineage("abc123.dir", "p" * 16, "c" * 40))
     return out / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory: pytest.TempPathFactory, small_checkpoint: Path, small_prepared_dir: Path):
+    """small_checkpoint evaluated and exported as the pipeline does: model.onnx, FP16 + INT8 variants, eval.json,
+    export.json and the confusion picture, in one folder (an ExportResult; `.onnx_path.parent` is the folder)."""
+    from tasks.config import ExportConfig, GateConfig, TrainConfig
+    from tasks.evaluate import run_evaluate
+    from tasks.export import run_export
+
+    out = tmp_path_factory.mktemp("export")
+    # Bars a 2-epoch model on a slice meets; latency generous: these tests are about files, not a loaded CPU's p99.
+    gates = GateConfig(min_accuracy=0.5, min_class_recall=0.5, max_ece=0.2, max_latency_p99_ms=1000.0)
+    run_evaluate(small_checkpoint, small_prepared_dir, out / "eval.json", out / "confusion.csv", gates,
+                 TrainConfig(device="cpu"), confusion_png=out / "confusion.png")
+    return run_export(ExportConfig(fp16=True, int8=True), small_checkpoint, small_prepared_dir, out / "eval.json",
+                      out / "model.onnx", variants_dir=out / "variants", report_path=out / "export.json", gate_cfg=gates)

@@ -18,6 +18,7 @@ import yaml
 from tasks.checkpoint import load_checkpoint
 from tasks.export import ort_session
 from tasks.prepare import load_split
+from tasks.registry import Registry
 from tests.conftest import cli_env
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.slow
 SLICE = ["data.limit_train=3000", "data.limit_test=600", "train.epochs=2", "train.batch_size=64",
          # a real but small study: 3 one-epoch trials on 1,000 images, searching the lr only
          "tune.n_trials=3", "tune.epochs=1", "tune.limit_train=1000", "tune.limit_val=250",
-         "tune.space={train.lr: {type: float, low: 0.0005, high: 0.002, log: true}}"]
+         "tune.space={train.lr: {type: float, low: 0.0005, high: 0.002, log: true}}",
+         "gate.min_class_recall=0.8", "gate.max_ece=0.1"]  # quality bars a 2-epoch model on a slice can meet
 BIN = Path(sys.executable).parent
 
 
@@ -50,7 +52,9 @@ def test_flow_gates_exports_records_lineage_and_skips_unchanged(project: Path, m
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "gate gate.min_accuracy FAILED: test accuracy" in failed.stderr
     assert "threshold 0.9990" in failed.stderr
+    assert "| `gate.min_accuracy` | test accuracy |" in failed.stderr  # the whole table is in the run's message
     assert not (project / "models" / "model.onnx").exists()
+    assert not (project / "registry").exists()  # nothing registered, nothing promoted
     metrics = json.loads((project / "metrics" / "eval.json").read_text())
     assert metrics["gates_passed"] is False and metrics["gates"][0]["margin"] < 0
 
@@ -93,18 +97,56 @@ def test_flow_gates_exports_records_lineage_and_skips_unchanged(project: Path, m
     summary = (project / "reports" / "run_summary.md").read_text()
     assert data_version in summary and "gate.min_accuracy" in summary
 
+    # The first model that passes every gate becomes champion; its registry version is what was exported.
+    assert "v0001 promoted to champion: the first model (no champion yet)" in done.stdout
+    registry = Registry(project / "registry")
+    assert registry.alias("champion")["version"] == "v0001"
+    card = registry.verify("v0001")
+    assert card["files"]["model.onnx"]["sha256"] == sha256(onnx_path)
+    assert card["lineage"]["data_version"] == data_version
+    exported = json.loads((project / "metrics" / "export.json").read_text())
+    int8 = exported["variants"]["int8"]  # evaluated, and kept or rejected by export.max_quant_drop
+    assert int8["kept"] == ("model.int8.onnx" in card["files"]) == (int8["drop"] <= 0.005)
+    assert f"int8 variant**: test accuracy {int8['accuracy']:.4f}, drop {int8['drop']:+.4f}" in summary
+    assert "ONNX Runtime** (CPUExecutionProvider): p50" in summary and "gate.max_latency_p99_ms" in summary
+    assert (project / "registry.dvc").is_file()  # the registry is DVC data; `dvc status` above covered it
+
     # Tuning ran a real study; the final model was trained with the best trial's lr, and the summary shows it.
     best = json.loads((project / "tuning" / "best_params.json").read_text())
     assert len((project / "tuning" / "trials.csv").read_text().strip().splitlines()) == 1 + 3
     assert checkpoint["params"]["train"]["lr"] == best["params"]["train.lr"] != 0.001
     assert "## Tuning" in summary and f"Study `{best['study']}`" in summary
 
-    # 3. Nothing changed: every stage is skipped and the model is not rewritten.
+    # Run 1 failed at the gate after committing fetch..train: this run resumed after them (Prefect cache hits).
+    summary_text = (project / "reports" / "run_summary.md").read_text()
+    assert "fetch cached, prepare cached, tune cached, train cached, evaluate ran, export ran" in summary_text
+
+    # 3. Nothing changed: every stage is a Prefect cache hit and the model is not rewritten.
     model_hash = sha256(project / "models" / "model.pt")
     again = tuneline(project, mnist_mirror, "run")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stderr.count(": skipped") + again.stdout.count(": skipped") >= 6
+    assert ("fetch cached, prepare cached, tune cached, train cached, evaluate cached, export cached"
+            in (project / "reports" / "run_summary.md").read_text())
     assert sha256(project / "models" / "model.pt") == model_hash
+    assert "model.onnx is already registered as v0001 (champion): unchanged" in again.stdout
+
+    # 4. A new export of the same weights (no INT8 this time) is no better: kept as challenger, and the run says why.
+    same = tuneline(project, mnist_mirror, "run", "-S", "export.int8=false")
+    assert same.returncode == 0, same.stdout + same.stderr
+    accuracy = f"{metrics['accuracy']:.4f}"
+    assert (f"v0002 kept as challenger, not promoted: test accuracy {accuracy} vs champion v0001 {accuracy} on the "
+            "same 600 test images (change +0.0000 < gate.min_improvement 0.0010); champion v0001 stays") in same.stdout
+    assert registry.alias("champion")["version"] == "v0001" and registry.alias("challenger")["version"] == "v0002"
+
+    # 5. By hand: promote the challenger, then roll back; each change is recorded in registry.dvc.
+    promoted = tuneline(project, mnist_mirror, "models", "promote", "v0002")
+    assert promoted.returncode == 0 and "champion -> v0002 (previous: v0001)" in promoted.stdout, promoted.stderr
+    rolled = tuneline(project, mnist_mirror, "models", "rollback")
+    assert rolled.returncode == 0 and "champion rolled back -> v0001" in rolled.stdout, rolled.stderr
+    assert registry.alias("champion")["version"] == "v0001"
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=cli_env(mnist_mirror),
+                            capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout, status.stdout
 
 
 def test_dvc_repro_runs_the_stages_then_none(project: Path, mnist_mirror: Path):

@@ -6,7 +6,7 @@ import torch
 
 from tasks.config import GateConfig, TrainConfig
 from tasks.evaluate import compute_metrics, run_evaluate
-from tasks.gate import GateFailed, check_gates, markdown_table
+from tasks.gate import GateFailed, check_champion_gates, check_gates, markdown_table
 
 
 def test_compute_metrics_on_known_predictions():
@@ -19,16 +19,44 @@ def test_compute_metrics_on_known_predictions():
 
 
 def test_gate_verdict_carries_value_threshold_and_margin():
-    (verdict,) = check_gates({"accuracy": 0.97}, GateConfig(min_accuracy=0.99))
+    verdicts = check_gates({"accuracy": 0.97, "min_class_recall": 0.95, "ece": 0.05},
+                           GateConfig(min_accuracy=0.99, min_class_recall=0.9, max_ece=0.03))
+    verdict, recall, ece = verdicts
     assert not verdict.passed and verdict.margin == pytest.approx(-0.02)
     assert verdict.describe() == "gate gate.min_accuracy FAILED: test accuracy 0.9700 vs threshold 0.9900 (margin -0.0200)"
     assert "**FAIL**" in markdown_table([verdict])
+    assert recall.passed and recall.margin == pytest.approx(0.05)
+    # An upper bound: the margin is threshold - value, negative when the value is too high.
+    assert not ece.passed and ece.direction == "max" and ece.margin == pytest.approx(-0.02)
+    assert ece.describe() == ("gate gate.max_ece FAILED: expected calibration error 0.0500 vs threshold 0.0300 "
+                              "(margin -0.0200)")
+    assert "| ≤ 0.0300 | -0.0200 | **FAIL** |" in markdown_table(verdicts)
+
+
+def test_champion_gates_block_a_regression_and_decide_promotion():
+    cfg = GateConfig(max_regression=0.005, min_improvement=0.001)
+    regression, improvement = check_champion_gates(0.950, 0.958, cfg)
+    assert not regression.passed and regression.blocking and regression.margin == pytest.approx(-0.003)
+    assert not improvement.passed and not improvement.blocking  # a decision (not promoted), not a failed run
+    message = str(GateFailed([regression, improvement], consequence="nothing is promoted"))
+    assert message.startswith("gate gate.max_regression FAILED: accuracy change vs champion -0.0080 vs threshold "
+                              "-0.0050 (margin -0.0030): nothing is promoted\n\n| gate |")
+    row = "| `gate.min_improvement` | accuracy change vs champion | -0.0080 | ≥ 0.0010 | -0.0090 | not met |"
+    assert row in message
+    regression, improvement = check_champion_gates(0.962, 0.958, cfg)
+    assert regression.passed and improvement.passed
 
 
 def test_evaluate_writes_metrics_and_confusion_then_passes(tmp_path, small_checkpoint, small_prepared_dir):
     result = run_evaluate(small_checkpoint, small_prepared_dir, tmp_path / "eval.json", tmp_path / "confusion.csv",
-                          GateConfig(min_accuracy=0.8), TrainConfig(device="cpu"))
+                          GateConfig(min_accuracy=0.8, min_class_recall=0.5, max_ece=0.2), TrainConfig(device="cpu"),
+                          confusion_png=tmp_path / "confusion.png")
     assert result.passed and result.metrics["n_test"] == 600
+    assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = [g["name"] for g in result.metrics["gates"]]
+    assert names == ["gate.min_accuracy", "gate.min_class_recall", "gate.max_ece"]
+    assert 0 < result.metrics["macro_f1"] <= 1 and 0 <= result.metrics["ece"] < 0.2
+    assert result.metrics["min_class_recall"] == min(c["recall"] for c in result.metrics["per_class"].values())
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["accuracy"] == result.metrics["accuracy"] >= 0.8
     assert saved["lineage"]["data_version"] == "abc123.dir"

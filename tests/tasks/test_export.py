@@ -6,19 +6,16 @@ import pytest
 import torch
 
 from tasks.checkpoint import load_checkpoint
-from tasks.config import ExportConfig, GateConfig, TrainConfig
-from tasks.evaluate import run_evaluate
-from tasks.export import ParityError, check_parity, ort_session, run_export
+from tasks.config import ExportConfig, GateConfig
+from tasks.export import VARIANTS_INDEX, ParityError, check_parity, ort_session, run_export
+from tasks.gate import GateFailed
 from tasks.prepare import load_split
+from tasks.quantize import build_variant
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, small_checkpoint, small_prepared_dir):
-    out = tmp_path_factory.mktemp("export")
-    run_evaluate(small_checkpoint, small_prepared_dir, out / "eval.json", out / "c.csv", GateConfig(min_accuracy=0.5),
-                 TrainConfig(device="cpu"))
-    result = run_export(ExportConfig(), small_checkpoint, small_prepared_dir, out / "eval.json", out / "model.onnx")
-    return result
+def exported(exported_model):
+    return exported_model  # tests/conftest.py: evaluate + export with variants, as the pipeline runs them
 
 
 def test_export_is_one_checked_file_with_parity(exported):
@@ -74,3 +71,72 @@ def test_too_few_test_images_for_parity_is_a_clear_error(tmp_path, small_checkpo
     with pytest.raises(ValueError, match="parity needs 256 test images"):
         run_export(ExportConfig(), small_checkpoint, prepared, tmp_path / "e.json", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_report_has_serving_numbers_and_parity(exported):
+    report = json.loads((exported.onnx_path.parent / "export.json").read_text())
+    assert set(report["parity_max_abs_diff"]) == {"1", "7", "256"}
+    assert max(report["parity_max_abs_diff"].values()) <= 1e-4
+    serving = report["serving"]
+    assert serving["provider"] == "CPUExecutionProvider"  # no GPU here; the provider ORT really used
+    assert 0 < serving["latency_p50_ms"] <= serving["latency_p99_ms"] and serving["throughput_batch"] == 256
+    assert serving["throughput_images_per_s"] > 0 and serving["size_bytes"] == exported.onnx_path.stat().st_size
+    assert report["onnx_accuracy"] == pytest.approx(exported.onnx_accuracy) and report["n_test"] == 600
+    names = [g["name"] for g in report["gates"]]
+    assert names[:2] == ["gate.max_latency_p99_ms", "gate.max_size_mb"] and report["gates_passed"] is True
+    # Every export gate is an upper bound: margin = threshold - value.
+    assert all(g["margin"] == pytest.approx(g["threshold"] - g["value"], abs=1e-6) for g in report["gates"])
+
+
+def test_int8_and_fp16_variants_are_evaluated_and_gated_on_their_drop(exported, small_prepared_dir):
+    folder = exported.onnx_path.parent / "variants"
+    index = json.loads((folder / VARIANTS_INDEX).read_text())
+    assert set(index) == {"fp16", "int8"}
+    images, labels = load_split(small_prepared_dir, "test")
+    for name, entry in index.items():
+        assert entry["drop"] == pytest.approx(exported.onnx_accuracy - entry["accuracy"], abs=1e-6)
+        assert entry["gate"]["name"] == "export.max_quant_drop"
+        assert entry["gate"]["value"] == pytest.approx(entry["drop"], abs=1e-6)
+        assert entry["kept"] == (entry["drop"] <= ExportConfig().max_quant_drop) == (folder / entry["file"]).is_file()
+        if entry["kept"]:  # a kept file is a checked model with metadata, whose accuracy is what the index says
+            proto = onnx.load(str(folder / entry["file"]))
+            onnx.checker.check_model(proto, full_check=True)
+            meta = {p.key: p.value for p in proto.metadata_props}
+            assert meta["variant"] == name and json.loads(meta["labels"]) == [str(d) for d in range(10)]
+            pixels = images.unsqueeze(1).float().numpy()
+            (logits,) = ort_session(folder / entry["file"]).run(["logits"], {"pixels": pixels})
+            assert (logits.argmax(1) == labels.numpy()).mean() == pytest.approx(entry["accuracy"])
+            assert entry["serving"]["latency_p99_ms"] > 0
+    assert index["int8"]["size_bytes"] < exported.onnx_path.stat().st_size / 3  # int8 weights: ~4x smaller
+
+
+def test_badly_calibrated_int8_is_rejected_with_its_drop(exported, tmp_path, small_prepared_dir):
+    images, labels = load_split(small_prepared_dir, "test")
+    black = torch.zeros(32, 28, 28, dtype=torch.uint8)  # calibration that sees no ink: activation ranges collapse
+    result = build_variant("int8", exported.onnx_path, tmp_path, exported.metadata, exported.onnx_accuracy, images,
+                           labels, max_drop=0.005, device="cpu", calibration_images=black)
+    assert not result.kept and not (tmp_path / "model.int8.onnx").exists()
+    assert result.drop > 0.3 and result.drop == pytest.approx(exported.onnx_accuracy - result.accuracy)
+    assert result.verdict.describe().startswith(
+        "gate export.max_quant_drop not met: int8 test accuracy drop vs fp32 0.")
+    assert result.to_dict()["kept"] is False and result.to_dict()["drop"] > 0.3
+
+
+def test_failed_serving_gate_writes_the_report_and_exports_nothing(tmp_path, small_checkpoint, small_prepared_dir,
+                                                                   exported, monkeypatch):
+    import shutil
+
+    import tasks.export
+
+    # The exporter's output for this checkpoint is already on disk; reuse it (parity still runs for real) to save ~6 s.
+    monkeypatch.setattr(tasks.export, "_onnx_export", lambda model, example, path, opset: shutil.copyfile(
+        exported.onnx_path, path))
+    gates = GateConfig(max_size_mb=0.5)  # the seed CNN is ~4.5 MB
+    with pytest.raises(GateFailed, match=r"gate gate.max_size_mb FAILED: ONNX file size, MB 4\.\d{4} vs "
+                                         r"threshold 0\.5000"):
+        run_export(ExportConfig(), small_checkpoint, small_prepared_dir, exported.onnx_path.parent / "eval.json",
+                   tmp_path / "model.onnx", variants_dir=tmp_path / "variants", report_path=tmp_path / "export.json",
+                   gate_cfg=gates)
+    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "variants").exists()
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert report["gates_passed"] is False and report["gates"][1]["margin"] < 0

@@ -1,0 +1,100 @@
+"""`tuneline models`: the registry from the command line.
+
+    tuneline models list                          versions, their test metrics, files and aliases
+    tuneline models show VERSION|ALIAS            one model card, with its files verified
+    tuneline models promote VERSION [--alias A]   point an alias (default champion) at a version
+    tuneline models rollback [--alias A]          point it back at the version it named before
+    tuneline models register                      register models/model.onnx as `tuneline run` does after export
+
+Changes are recorded with `dvc add` (the registry's .dvc file); `dvc push` shares them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tasks.registry import ALIASES
+
+COMMANDS = ("list", "show", "promote", "rollback", "register")
+
+
+def add_models_parser(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="list, show, promote or roll back registry versions")
+    models.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml key for this command, e.g. -S paths.registry=/srv/registry")
+    commands = models.add_subparsers(dest="models_command", required=True)
+    commands.add_parser("list", help="versions with their metrics, files and aliases")
+    show = commands.add_parser("show", help="one version's model card, files verified")
+    show.add_argument("version", help="a version id (v0003) or an alias (champion)")
+    promote = commands.add_parser("promote", help="point an alias at a version (atomic, serialised)")
+    promote.add_argument("version", help="a version id (v0003) or an alias to copy (challenger)")
+    rollback = commands.add_parser("rollback", help="point an alias back at its previous version")
+    for p in (promote, rollback):
+        p.add_argument("--alias", choices=ALIASES, default="champion", help="the alias to move (default champion)")
+    commands.add_parser("register", help="register the exported model and promote it if it beats the champion")
+
+
+def _record(root: Path, params, registry) -> str:
+    """`dvc add` the registry after a change; a project without DVC, or DVC busy, is a note, not a failure."""
+    from tasks.versioning import VersioningError, track_folder
+
+    try:
+        with registry.locked():
+            return track_folder(root, params.paths.registry)
+    except VersioningError as exc:
+        return f"not recorded in DVC: {exc}"
+    except Exception as exc:  # DVC's own lock held by a running pipeline, for one
+        return f"not recorded in DVC ({type(exc).__name__}: {exc}): run `dvc add {params.paths.registry}` later"
+
+
+def _row(registry, version: str) -> list[str]:
+    card = registry.card(version)
+    metrics = card.get("metrics", {})
+    files = ", ".join("fp32" if name == "model.onnx" else name.split(".")[1] for name in card["files"])
+    size = card["files"].get("model.onnx", {}).get("bytes", 0) / 1e6
+    accuracy, f1 = metrics.get("accuracy"), metrics.get("macro_f1")
+    return [version, card.get("created", "")[:19], f"{accuracy:.4f}" if accuracy is not None else "-",
+            f"{f1:.4f}" if f1 is not None else "-", f"{size:.2f}", files,
+            ", ".join(registry.aliases_of(version))]
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def run_models(args: argparse.Namespace, params, root: Path) -> int:
+    from tasks.registry import Registry
+
+    registry = Registry((Path(root) / params.paths.registry).resolve())  # as flows.stages.project_path, minus torch
+    command = args.models_command
+    if command == "list":
+        versions = registry.versions()
+        if not versions:
+            print(f"registry {registry.root}: no versions yet (`tuneline run` registers one after export)")
+            return 0
+        _print_table([["version", "created", "accuracy", "macro_f1", "MB", "files", "aliases"],
+                      *(_row(registry, v) for v in versions)])
+        return 0
+    if command == "show":
+        version = registry.resolve(args.version)
+        card = registry.verify(version)
+        print(json.dumps({**card, "aliases": registry.aliases_of(version)}, indent=2))
+        print(f"files verified: {', '.join(card['files'])} match their sha256 and are valid ONNX")
+        return 0
+    if command == "register":
+        from flows import stages
+
+        result = stages.promote(params, root)
+        print(result.reason)
+    elif command == "promote":
+        record = registry.promote(args.version, args.alias)
+        print(f"{args.alias} -> {record['version']} (previous: {', '.join(record['previous']) or 'none'})")
+    else:  # rollback
+        record = registry.rollback(args.alias)
+        print(f"{args.alias} rolled back -> {record['version']} (previous: {', '.join(record['previous']) or 'none'})")
+    print(_record(root, params, registry))
+    return 0

@@ -1,0 +1,115 @@
+"""Champion/challenger on the same test set: a better model promotes itself, a worse one is kept (challenger)
+with the numbers that kept it back, a much worse one fails its gate, and nothing is registered twice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tasks.benchmark import onnx_accuracy
+from tasks.config import GateConfig
+from tasks.gate import GateFailed
+from tasks.prepare import load_split
+from tasks.promote import run_promote
+from tasks.registry import Registry
+
+
+def biased(src: Path, dst: Path, shift: float) -> Path:
+    """The same network with `shift` added to class 0's logit: a deliberately worse model (real ONNX, real scores)."""
+    proto = onnx.load(str(src))
+    last_gemm = [n for n in proto.graph.node if n.op_type == "Gemm"][-1]
+    for init in proto.graph.initializer:
+        if init.name == last_gemm.input[2]:
+            bias = numpy_helper.to_array(init).copy()
+            bias[0] += shift
+            init.CopyFrom(numpy_helper.from_array(bias.astype(np.float32), init.name))
+    onnx.save_model(proto, str(dst))
+    return dst
+
+
+@pytest.fixture
+def promote(exported_model, small_prepared_dir, tmp_path):
+    folder = exported_model.onnx_path.parent
+
+    def run(model: Path, cfg: GateConfig = GateConfig(), prepared: Path = small_prepared_dir, variants=None):
+        return run_promote(cfg, tmp_path / "registry", model, prepared, folder / "eval.json", folder / "export.json",
+                           variants_dir=variants, name="mnist", run_id="test-run")
+
+    return run
+
+
+def test_better_promotes_worse_is_kept_much_worse_fails(promote, exported_model, small_prepared_dir, tmp_path):
+    images, labels = load_split(small_prepared_dir, "test")
+    good = exported_model.onnx_path
+    worse = biased(good, tmp_path / "worse.onnx", 4.0)
+    slightly = biased(good, tmp_path / "slightly.onnx", 3.0)
+    awful = biased(good, tmp_path / "awful.onnx", 10.0)
+    acc = {p.stem: onnx_accuracy(p, images, labels) for p in (good, worse, slightly, awful)}
+    assert acc["model"] - acc["slightly"] >= 0.005 and acc["slightly"] > acc["awful"] + 0.05, acc  # preconditions
+
+    # 1. No champion yet: the first model becomes champion, with its variants.
+    first = promote(worse)
+    assert first.promoted and first.version == "v0001" and "the first model (no champion yet)" in first.reason
+
+    # 2. Beats the champion by more than gate.min_improvement: promoted; the old champion is `previous`.
+    better = promote(good, variants=good.parent / "variants")
+    assert better.promoted and better.version == "v0002" and better.champion == "v0002"
+    assert better.comparison == {"champion": "v0001", "champion_accuracy": round(acc["worse"], 6),
+                                 "challenger_accuracy": round(acc["model"], 6),
+                                 "change": round(acc["model"] - acc["worse"], 6), "n_test": 600}
+    assert f"v0002 promoted to champion: test accuracy {acc['model']:.4f} vs champion v0001 {acc['worse']:.4f} " \
+           f"on the same 600 test images (change +{acc['model'] - acc['worse']:.4f} ≥ gate.min_improvement 0.0010)" \
+           == better.reason
+    registry = Registry(tmp_path / "registry")
+    assert registry.alias("champion")["previous"] == ["v0001"]
+    card = registry.card("v0002")
+    variants = json.loads((good.parent / "export.json").read_text())["variants"].values()
+    assert set(card["files"]) == {"model.onnx"} | {v["file"] for v in variants if v["kept"]}
+    assert card["metrics"]["vs_champion"]["champion"] == "v0001" and card["metrics"]["serving"]["latency_p99_ms"] > 0
+    assert [g["name"] for g in card["gates"]][-2:] == ["gate.max_regression", "gate.min_improvement"]
+    assert card["lineage"]["data_version"] == "abc123.dir" and card["lineage"]["params"] is not None
+    assert card["run_id"] == "test-run" and card["name"] == "mnist"
+
+    # 3. Worse, within gate.max_regression: kept as a version and as challenger, not promoted; the reason has numbers.
+    kept = promote(slightly, GateConfig(max_regression=0.5))
+    change = acc["slightly"] - acc["model"]
+    assert not kept.promoted and kept.version == "v0003" and kept.champion == "v0002"
+    assert kept.reason == (f"v0003 kept as challenger, not promoted: test accuracy {acc['slightly']:.4f} vs champion "
+                           f"v0002 {acc['model']:.4f} on the same 600 test images (change {change:+.4f} < "
+                           "gate.min_improvement 0.0010); champion v0002 stays")
+    assert registry.alias("challenger")["version"] == "v0003" and registry.alias("champion")["version"] == "v0002"
+
+    # 4. Worse beyond gate.max_regression: the run fails with the table; nothing registered or promoted.
+    with pytest.raises(GateFailed, match=r"gate gate.max_regression FAILED: accuracy change vs champion -0\.\d{4} vs "
+                                         r"threshold -0\.0500 .*: nothing is registered or promoted; champion v0002 "
+                                         r"stays\n\n\| gate \|") as failure:
+        promote(awful, GateConfig(max_regression=0.05))
+    assert "| `gate.min_improvement` |" in str(failure.value)
+    assert registry.versions() == ["v0001", "v0002", "v0003"] and registry.alias("champion")["version"] == "v0002"
+
+    # 5. The same file again (a re-run with nothing changed): recognised, nothing new.
+    again = promote(good)
+    assert not again.registered and again.version == "v0002"
+    assert again.reason == "model.onnx is already registered as v0002 (champion): unchanged"
+
+
+def test_champion_is_rescored_on_this_runs_test_set(promote, exported_model, small_prepared_dir, tmp_path):
+    good = exported_model.onnx_path
+    promote(biased(good, tmp_path / "worse.onnx", 2.5))
+    # This run's test split is another 300 images: the champion is scored on those, not on its card's numbers.
+    prepared = tmp_path / "prepared"
+    shutil.copytree(small_prepared_dir, prepared)
+    for kind in ("images", "labels"):
+        path = prepared / f"test-{kind}.npy"
+        np.save(path, np.load(path)[300:])
+    images, labels = load_split(prepared, "test")
+    result = promote(good, GateConfig(max_regression=1.0), prepared=prepared)
+    assert result.comparison["n_test"] == 300
+    assert result.comparison["champion_accuracy"] == round(onnx_accuracy(tmp_path / "worse.onnx", images, labels), 6)
+    assert result.comparison["challenger_accuracy"] == round(onnx_accuracy(good, images, labels), 6)

@@ -1,0 +1,126 @@
+"""The file-based registry: layout, verification at registration and load, aliases, rollback, and ten
+processes registering and promoting at once."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+
+import pytest
+
+from tasks.registry import Registry, RegistryError, sha256_file
+from tests.tasks.registry_worker import register_then_promote, tiny_model
+
+
+def register(registry: Registry, model, **extra) -> str:
+    return registry.register({"model.onnx": model, **extra}, name="tiny", metrics={"accuracy": 0.9}, gates=[],
+                             lineage={"data_version": "d.dir", "params_hash": "p", "git_commit": "c"}, run_id="run-1")
+
+
+def test_layout_card_and_verified_load(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    model = tiny_model(tmp_path / "a.onnx", 1.0)
+    int8 = tiny_model(tmp_path / "b.onnx", 2.0)
+    assert register(registry, model, **{"model.int8.onnx": int8}) == "v0001"
+    assert register(registry, tiny_model(tmp_path / "c.onnx", 3.0)) == "v0002"
+    folder = tmp_path / "registry" / "versions" / "v0001"
+    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.int8.onnx", "model.onnx"]
+    card = json.loads((folder / "card.json").read_text())
+    assert card["name"] == "tiny" and card["version"] == "v0001" and card["run_id"] == "run-1"
+    assert card["files"]["model.onnx"] == {"sha256": sha256_file(model), "bytes": model.stat().st_size}
+    assert card["lineage"]["data_version"] == "d.dir" and "T" in card["created"]
+    assert registry.versions() == ["v0001", "v0002"] and registry.find(sha256_file(model)) == "v0001"
+    assert registry.model_path("v0001", "model.int8.onnx") == folder / "model.int8.onnx"
+    assert [p.name for p in (tmp_path / "registry" / "versions").iterdir() if p.name.startswith(".")] == []
+
+
+def test_invalid_onnx_is_refused_at_registration(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(RegistryError, match=r"bad.onnx: not a valid ONNX model \(.*\): re-export it"):
+        register(registry, bad)
+    assert registry.versions() == []
+    with pytest.raises(RegistryError, match="unexpected file name"):
+        register(registry, tiny_model(tmp_path / "a.onnx", 1.0), **{"weights.bin": bad})
+
+
+def test_altered_file_is_refused_at_load_and_promotion(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    version = register(registry, tiny_model(tmp_path / "a.onnx", 1.0))
+    registry.promote(version)
+    stored = tmp_path / "registry" / "versions" / version / "model.onnx"
+    tiny_model(stored, 9.0)  # still valid ONNX, but not the bytes the card vouches for
+    with pytest.raises(RegistryError, match=r"model.onnx: sha256 \w+… does not match its card"):
+        registry.model_path("champion")
+    other = register(registry, tiny_model(tmp_path / "b.onnx", 2.0))
+    registry.promote(other)
+    with pytest.raises(RegistryError, match="does not match its card"):
+        registry.rollback()  # never points an alias at a file that fails verification
+    assert registry.alias("champion")["version"] == other
+    stored.write_bytes(b"garbage")  # and a file that is no longer ONNX
+    with pytest.raises(RegistryError, match="does not match its card"):
+        registry.model_path(version)
+
+
+def test_promote_and_rollback_restore_the_previous_champion(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    v1, v2, v3 = (register(registry, tiny_model(tmp_path / f"{i}.onnx", float(i))) for i in range(3))
+    assert registry.alias("champion") is None
+    registry.promote(v1)
+    registry.promote(v2)
+    record = registry.promote(v3)
+    assert record["version"] == v3 and record["previous"] == [v2, v1]
+    assert registry.promote(v3) == record  # promoting the current champion changes nothing
+    saved = json.loads((tmp_path / "registry" / "aliases" / "champion.json").read_text())
+    assert saved == record and set(saved) == {"version", "previous", "updated"}
+    assert registry.rollback()["version"] == v2
+    assert registry.alias("champion")["version"] == v2 and registry.alias("champion")["previous"] == [v1]
+    assert registry.rollback()["version"] == v1
+    with pytest.raises(RegistryError, match=r"alias 'champion' has no previous version to roll back to \(now: v0001\)"):
+        registry.rollback()
+    registry.promote(v3, alias="challenger")
+    assert registry.aliases_of(v3) == ["challenger"] and registry.aliases_of(v1) == ["champion"]
+    with pytest.raises(RegistryError, match=r"no version 'v0042' \(versions: v0001, v0002, v0003\)"):
+        registry.promote("v0042")
+    assert sorted(p.name for p in (tmp_path / "registry" / "aliases").iterdir()) == ["challenger.json", "champion.json"]
+
+
+def test_ten_processes_registering_and_promoting_at_once_leave_it_consistent(tmp_path):
+    root = tmp_path / "registry"
+    models = [tiny_model(tmp_path / f"m{i}.onnx", float(i)) for i in range(10)]
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing shared but the file system
+    barrier, results = context.Barrier(10), context.Queue()
+    workers = [context.Process(target=register_then_promote, args=(str(root), str(m), i, barrier, results))
+               for i, m in enumerate(models)]
+    for w in workers:
+        w.start()
+    reader = Registry(root)
+    # While they run: whenever the alias exists it names a complete, verified version.
+    deadline = time.monotonic() + 120
+    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        record = reader.alias("champion") if (root / "aliases" / "champion.json").exists() else None
+        if record is not None:
+            reader.verify(record["version"])
+        time.sleep(0.01)
+    for w in workers:
+        w.join(timeout=max(deadline - time.monotonic(), 1))
+        if w.is_alive():
+            w.terminate()
+    assert [w.exitcode for w in workers] == [0] * 10
+    done = dict(results.get(timeout=5) for _ in workers)
+    registry = Registry(root)
+    assert registry.versions() == [f"v{i:04d}" for i in range(1, 11)]
+    assert sorted(done.values()) == registry.versions()  # every registration got its own id
+    for worker, version in done.items():  # ... holding exactly the bytes that worker registered
+        card = registry.verify(version)
+        assert card["run_id"] == f"worker-{worker}"
+        assert card["files"]["model.onnx"]["sha256"] == sha256_file(models[worker])
+    champion = registry.alias("champion")
+    # Serialised promotions: each one saw the previous one's result, so no version was lost or repeated.
+    assert sorted([champion["version"], *champion["previous"]]) == registry.versions()
+    assert len(champion["previous"]) == 9
+    leftovers = [p.name for p in (root / "aliases").iterdir() if p.name != "champion.json"]
+    leftovers += [p.name for p in (root / "versions").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
