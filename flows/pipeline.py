@@ -12,6 +12,7 @@ message and in the run's markdown artifact; nothing is promoted.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import urllib.request
@@ -20,7 +21,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -199,6 +200,10 @@ def _summarise(params: Params, root: Path, ran: dict[str, str], pushed: str, pro
     markdown = render_summary(params, summary, verdicts, history_path=root / p.history, pushed=pushed)
     write_bytes_atomic(root / p.summary, markdown.encode())
     create_markdown_artifact(markdown=markdown, key="tuneline-run-summary", description="Tuneline run summary")
+    if (root / p.history).is_file():
+        create_table_artifact(table=list(csv.DictReader(open(root / p.history))), key="tuneline-train-history",
+                              description="Per-epoch training metrics of the model this run shipped")
+    create_link_artifact(link=(root / p.onnx).as_uri(), link_text=f"ONNX model ({p.onnx})", key="tuneline-onnx-model")
     if tuning.get("top_trials"):
         create_table_artifact(table=tuning["top_trials"], key="tuneline-top-trials",
                               description=f"Top trials of study {tuning['study']} (val accuracy)")

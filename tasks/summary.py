@@ -13,7 +13,8 @@ def _promotion_lines(summary: dict) -> list[str]:
     if not summary.get("version"):
         return []
     return [f"- **registry** (`{summary.get('registry_path', '')}`): version `{summary['version']}`, champion "
-            f"`{summary.get('champion')}` — {summary.get('promotion', '')}"]
+            f"`{summary.get('champion')}` — {summary.get('promotion', '')}",
+            f"- **model card**: `{summary['registry_path']}/versions/{summary['version']}/card.json`"]
 
 
 def _evaluation_lines(summary: dict) -> list[str]:

@@ -116,7 +116,7 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
         (flow_run,) = [r for r in api_post(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})]
         artifacts = {a["key"]: a for a in api_post(f"{api}/artifacts/filter",
                                                    {"artifacts": {"flow_run_id": {"any_": [str(flow_run["id"])]}}})}
-        assert {"tuneline-run-summary", "tuneline-top-trials"} <= set(artifacts)
+        assert {"tuneline-run-summary", "tuneline-top-trials", "tuneline-train-history", "tuneline-onnx-model"} <= set(artifacts)
         assert "gate.min_accuracy" in artifacts["tuneline-run-summary"]["data"]
         assert flow_run["parameters"]["overrides"]["gate.min_accuracy"] == 0.8
         assert (project / "models" / "model.onnx").is_file()
