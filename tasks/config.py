@@ -129,7 +129,6 @@ def _default_space() -> dict[str, SpaceDim]:
         "train.optimizer": SpaceDim(type="categorical", choices=["adam", "adamw"]),
         "train.batch_size": SpaceDim(type="categorical", choices=[64, 128, 256]),
         "model.dropout": SpaceDim(type="float", low=0.2, high=0.6),
-        "train.label_smoothing": SpaceDim(type="float", low=0.0, high=0.1),
     }
 
 
