@@ -96,3 +96,50 @@ def test_best_params_are_applied_on_top_of_params(tmp_path):
     path.write_text(json.dumps({"params": {"train.lr": 0.0042, "model.dropout": 0.3}}))
     tuned = apply_best_params(params_with(), path)
     assert tuned.train.lr == 0.0042 and tuned.model.dropout == 0.3 and tuned.model.arch == "seed_mlp"
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from tasks.config import build_params
+from tasks.tune import run_tune
+params = build_params({{}}, {params})
+run_tune(params, Path(sys.argv[1]), Path(sys.argv[2]), data_version="abc.dir")
+"""
+
+
+def test_a_killed_study_continues_on_rerun_without_duplicates(tmp_path, small_prepared_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import optuna
+
+    overrides = {**FAST, "tune.n_trials": 6, "tune.epochs": 2, "tune.pruner": "none"}
+    repo = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(params=overrides), str(small_prepared_dir), str(tmp_path)],
+                             cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    params = build_params({}, overrides)
+    from tasks.tune import storage_url, study_name
+
+    url, name = storage_url(params.tune, tmp_path), study_name(params.tune, "abc.dir")
+    deadline = time.monotonic() + 120
+    finished = []
+    while len(finished) < 2:  # let it finish two trials, then kill it in the middle of the next
+        assert child.poll() is None and time.monotonic() < deadline, "the study ended or stalled before 2 trials"
+        time.sleep(0.2)
+        try:
+            finished = [t for t in optuna.load_study(study_name=name, storage=url).trials if t.state.is_finished()]
+        except KeyError:  # the study is not created yet
+            finished = []
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir")
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    done = [t for t in trials if t.state.is_finished()]
+    assert len(done) == 6 and result.states.get("COMPLETE", 0) >= 6 - result.states.get("FAIL", 0)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # nothing lost, nothing duplicated
+    assert len(trials) - len(done) <= 1  # at most the one trial the kill interrupted is left unfinished
