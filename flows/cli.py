@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in ("stage", "tune"):  # under `run`, Prefect's own logging set-up prints and ships the logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("tasks").setLevel(logging.INFO)  # stage progress lines, under Prefect's handlers too
     for chatty in ("onnxscript", "onnx_ir", "httpx"):  # per-pass exporter notes and per-request lines
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:

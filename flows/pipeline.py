@@ -105,7 +105,8 @@ def dvc_push(root: Path) -> str:
 
 def _describe(result: Any) -> str:
     fields = getattr(result, "__dataclass_fields__", {})
-    shown = {k: getattr(result, k) for k in fields if k in ("counts", "best_val_accuracy", "device", "max_abs_diff")}
+    shown = {k: getattr(result, k) for k in fields if k in ("counts", "best_val_accuracy", "device", "max_abs_diff",
+                                                                  "resumed_from_epoch")}
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or type(result).__name__
 
 

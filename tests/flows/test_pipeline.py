@@ -170,3 +170,31 @@ def test_dvc_repro_runs_the_stages_then_none(project: Path, mnist_mirror: Path):
     push = subprocess.run([dvc, "push"], cwd=project, env=cli_env(mnist_mirror), capture_output=True, text=True)
     assert push.returncode == 0, push.stdout + push.stderr
     assert any(p.is_file() for p in (project.parent / "dvc-remote").rglob("*"))
+
+
+def test_a_run_killed_mid_training_resumes_after_its_last_stage_and_checkpoint(project: Path, mnist_mirror: Path):
+    import os
+    import signal
+    import time
+
+    args = [arg for kv in [*SLICE, "train.epochs=8", "gate.min_accuracy=0.8", "gate.min_class_recall=0.5",
+                           "gate.max_ece=0.2", "export.int8=false"] for arg in ("-S", kv)]
+    child = subprocess.Popen([str(BIN / "tuneline"), "run", "--no-push", *args], cwd=project, env=cli_env(mnist_mirror),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    resume = project / "models" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not resume.exists():  # training has finished an epoch: kill the whole run (flow, server, all)
+        assert child.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch checkpoint"
+        time.sleep(0.1)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert not (project / "models" / "model.pt").exists()
+
+    again = tuneline(project, mnist_mirror, "run", "--no-push")  # params.yaml holds the first run's overrides
+    assert again.returncode == 0, again.stdout + again.stderr
+    summary = (project / "reports" / "run_summary.md").read_text()
+    assert "fetch cached, prepare cached, tune cached, train ran, evaluate ran, export ran" in summary
+    output = again.stdout + again.stderr
+    assert "train: resuming from" in output and "resumed_from_epoch=0" not in output
+    history = json.loads(json.dumps(torch.load(project / "models" / "model.pt", weights_only=True)["history"]))
+    assert [h["epoch"] for h in history] == list(range(1, 9))
