@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -71,21 +72,45 @@ def study_name(cfg: TuneConfig, data_version: str) -> str:
     return "tuneline-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+STORAGE_ENV = "TUNELINE_TUNE_STORAGE"  # wins over tune.storage: keeps a database password out of params.yaml
+
+
 def storage_url(cfg: TuneConfig, tuning_dir: Path) -> str:
-    return cfg.storage or f"sqlite:///{Path(tuning_dir).resolve() / 'study.db'}"
+    """The study's RDB URL: $TUNELINE_TUNE_STORAGE, else tune.storage, else SQLite under paths.tuning.
+
+    PostgreSQL (postgresql://user:pass@host/db) lets workers on many machines share one study.
+    """
+    return os.environ.get(STORAGE_ENV) or cfg.storage or f"sqlite:///{Path(tuning_dir).resolve() / 'study.db'}"
+
+
+def redact(url: str) -> str:
+    """The URL with its password masked, for logs and error messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: say nothing about it rather than leak it
+        return "<unparseable storage URL>"
 
 
 def _storage(url: str):
     import optuna
+    import sqlalchemy.exc
 
     # A heartbeat lets a rerun mark trials of a killed worker as failed (and retry them once) instead
-    # of leaving them RUNNING forever; SQLite's busy timeout covers several local workers writing at once.
+    # of leaving them RUNNING forever; SQLite's busy timeout covers several local workers writing at once,
+    # pre-ping drops server connections that died while a trial trained (PostgreSQL restarts, idle cuts).
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable in practice since 2.x
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable in practice since 2.x
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError, ModuleNotFoundError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"tune.storage: cannot open the study storage {redact(url)}: {reason}. Check that the "
+                          f"database server is up and the URL (or ${STORAGE_ENV}) is right") from None
 
 
 def _pruner(cfg: TuneConfig):
@@ -146,6 +171,7 @@ def _objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path):
         sampled = {key: _suggest(trial, key, dim) for key, dim in cfg.space.items()}
         params = build_params(base.model_dump(mode="json"), {**sampled, "train.epochs": cfg.epochs}, source="trial")
         trial_dir = workdir / f"trial-{trial.number}"
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine/process ran it
         best = {"value": 0.0}
 
         def report(record: dict, _model) -> None:
@@ -251,12 +277,13 @@ def _trial_rows(study) -> tuple[list[dict], list[str]]:
         rows.append({"number": t.number, "state": t.state.name, "value": t.value,
                      "duration_s": round(duration, 2) if duration is not None else None,
                      "epochs_run": t.user_attrs.get("epochs_run", len(t.intermediate_values)),
-                     "reason": t.user_attrs.get("reason", ""), **{k: t.params.get(k) for k in keys}})
+                     "reason": t.user_attrs.get("reason", ""), "worker": t.user_attrs.get("worker", ""),
+                     **{k: t.params.get(k) for k in keys}})
     return rows, keys
 
 
 def _write_trials_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
-    fields = ["number", "state", "value", "duration_s", "epochs_run", "reason", *keys]
+    fields = ["number", "state", "value", "duration_s", "epochs_run", "reason", "worker", *keys]
     with staged_file(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()

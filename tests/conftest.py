@@ -101,3 +101,33 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory, small_checkpoint: P
                  TrainConfig(device="cpu"), confusion_png=out / "confusion.png")
     return run_export(ExportConfig(fp16=True, int8=True), small_checkpoint, small_prepared_dir, out / "eval.json",
                       out / "model.onnx", variants_dir=out / "variants", report_path=out / "export.json", gate_cfg=gates)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback for the session (see tests/pg_server.py), stopped at the end."""
+    from tests import pg_server
+
+    bindir = pg_server.find_bindir()
+    if bindir is None:
+        reason = ("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's `postgresql` package "
+                  "(`apt-get install -y postgresql`; .ci/run does)")
+        if os.environ.get("TUNELINE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = pg_server.start(bindir)
+    try:
+        yield server
+    finally:
+        pg_server.stop(server)
+
+
+@pytest.fixture
+def postgres_db(postgres_server, request) -> str:
+    """A fresh database for one test on the session's server; returns its SQLAlchemy (psycopg 3) URL."""
+    import re
+
+    from tests import pg_server
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
+    return pg_server.create_database(postgres_server, name)

@@ -1,5 +1,5 @@
-"""Operating Tuneline through a real Prefect server: work pool, `prefect deploy --all` from prefect.yaml,
-a process worker, `prefect deployment run 'tuneline/adhoc'` with an override, on a slice of real MNIST."""
+"""Operating Tuneline through a real Prefect server backed by a real PostgreSQL: work pool, `prefect deploy
+--all` from prefect.yaml, a process worker, `prefect deployment run 'tuneline/adhoc'` with an override, on a slice of real MNIST."""
 
 from __future__ import annotations
 
@@ -67,12 +67,24 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: Path, tmp_path: Path):
+@pytest.fixture
+def prefect_database_url(request, tmp_path: Path) -> str:
+    """The production store, PostgreSQL (a real server, tests/pg_server.py); SQLite only where PostgreSQL
+    cannot be installed (the postgres fixture then says why, and CI's TUNELINE_REQUIRE_POSTGRES=1 fails)."""
+    try:
+        return request.getfixturevalue("postgres_db").replace("postgresql://", "postgresql+asyncpg://", 1)
+    except pytest.skip.Exception as skipped:
+        print(f"prefect server on SQLite: {skipped}")
+        return f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}"
+
+
+def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: Path, tmp_path: Path,
+                                                   prefect_database_url: str):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = cli_env(mnist_mirror)
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+               PREFECT_API_DATABASE_CONNECTION_URL=prefect_database_url,
                TUNELINE_PROJECT_DIR=str(project),
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # schedule nightly's runs within seconds
     prefect = str(BIN / "prefect")
@@ -124,6 +136,14 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
         assert params["train"]["epochs"] == 2 and params["gate"]["min_accuracy"] == 0.8  # the override took
         summary = (project / "reports" / "run_summary.md").read_text()
         assert "gates passed" in summary
+        if prefect_database_url.startswith("postgresql"):  # the runs really live in PostgreSQL
+            import psycopg
+
+            with psycopg.connect(prefect_database_url.replace("+asyncpg", "")) as conn:
+                states = dict(conn.execute("SELECT d.name, count(*) FROM flow_run r JOIN deployment d "
+                                           "ON r.deployment_id = d.id WHERE r.state_type = 'COMPLETED' "
+                                           "GROUP BY d.name").fetchall())
+            assert states == {"adhoc": 1}
     finally:
         for proc in reversed(started):
             stop(proc)
