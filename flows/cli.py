@@ -2,6 +2,7 @@
 
     tuneline run [-S key=value …] [--force] [--no-push]   the whole pipeline as a Prefect flow run
     tuneline stage NAME [-S key=value …]                  one stage (what dvc.yaml calls)
+    tuneline stage train --nproc-per-node N               train with N DistributedDataParallel processes (torchrun)
     tuneline models list|show|promote|rollback|register   the model registry (flows/models_cli.py)
     tuneline serve [--host H] [--port P] [--device D] [-S serve.key=value …]   the inference server (serving/)
     tuneline predict IMAGE… [--url URL]                  classify PNG/JPEG digits with a running server
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", choices=STAGE_NAMES)
+    stage.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                       help="train: N DistributedDataParallel processes on this node via torchrun, one per GPU "
+                            "(default $TUNELINE_NPROC_PER_NODE or 1)")
+    stage.add_argument("--params-file", type=Path, default=None, help=argparse.SUPPRESS)  # torchrun's children
     tune = sub.add_parser("tune", help="run or continue the hyperparameter study (tune stage) with N workers")
     tune.add_argument("--workers", type=int, default=1, help="worker processes sharing one study (default 1)")
     for p in (run, stage, tune):
@@ -74,8 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         overrides = dict(parse_override(text) for text in args.overrides)
         params = load_params(root / "params.yaml", overrides)  # validate before importing heavy machinery
         if args.command == "stage":
-            from flows.stages import run_stage
+            from flows.stages import run_stage, train
 
+            if getattr(args, "params_file", None):  # a torchrun child: exactly the launcher's params
+                from tasks.config import Params
+
+                params = Params.model_validate_json(args.params_file.read_text())
+            if args.nproc_per_node is not None:
+                if args.name != "train":
+                    print("tuneline: error: --nproc-per-node applies to the train stage only", file=sys.stderr)
+                    return 2
+                if args.nproc_per_node < 1:
+                    print("tuneline: error: --nproc-per-node must be at least 1", file=sys.stderr)
+                    return 2
+                train(params, root, nproc_per_node=args.nproc_per_node)
+                return 0
             run_stage(args.name, params, root)
             return 0
         if args.command == "tune":

@@ -6,10 +6,15 @@ what dvc.yaml runs. Paths come from params.yaml's `paths` section, relative to t
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 from tasks.config import Params
+from tasks.distributed import NPROC_ENV, DistributedTrainingFailed, context, torchrun_command
 from tasks.evaluate import EvaluateResult, run_evaluate
 from tasks.export import ExportResult, run_export
 from tasks.fetch import FetchResult, resolve_mirror, run_fetch
@@ -47,12 +52,42 @@ def tune(params: Params, root: Path, workers: int = 1) -> TuneResult:
                     data_version(root, p.raw), workers=workers)
 
 
-def train(params: Params, root: Path) -> TrainResult:
-    """Train with params.yaml + the tune stage's best params (the model records the effective values)."""
+def train(params: Params, root: Path, nproc_per_node: int | None = None) -> TrainResult:
+    """Train with params.yaml + the tune stage's best params (the model records the effective values).
+
+    With nproc_per_node > 1 (or $TUNELINE_NPROC_PER_NODE), the stage runs under torchrun as that many
+    DistributedDataParallel processes, one per GPU (CPU processes with gloo where there is none).
+    """
+    nproc = nproc_per_node if nproc_per_node is not None else int(os.environ.get(NPROC_ENV) or 1)
+    if nproc < 1:
+        raise ValueError(f"nproc_per_node must be at least 1, got {nproc}")
+    if nproc > 1 and not context().enabled:
+        return _train_with_torchrun(params, root, nproc)
     params = apply_best_params(params, project_path(root, params.paths.tuning) / "best_params.json")
     p = params.paths
     return run_train(params.model, params.train, project_path(root, p.prepared), project_path(root, p.model),
                      project_path(root, p.history), lineage(params, root), params=params.model_dump(mode="json"))
+
+
+def _train_with_torchrun(params: Params, root: Path, nproc: int) -> TrainResult:
+    """Launch `torchrun -m flows.cli stage train` on this node and read back what rank 0 wrote.
+
+    The children get these exact params (overrides included) as a file rather than re-reading params.yaml.
+    """
+    with tempfile.TemporaryDirectory(prefix="tuneline-ddp-") as tmp:
+        params_file = Path(tmp) / "params.json"
+        params_file.write_text(json.dumps(params.model_dump(mode="json")))
+        env = {**os.environ, NPROC_ENV: "1"}  # the children train; they must not launch torchrun again
+        cmd = torchrun_command(nproc, ["--project", str(root), "stage", "train", "--params-file", str(params_file)])
+        result = subprocess.run(cmd, cwd=root, env=env)
+    if result.returncode != 0:
+        raise DistributedTrainingFailed(f"train: torchrun with {nproc} processes exited with {result.returncode}; "
+                                        "the last completed epoch is checkpointed: rerun to resume")
+    p = params.paths
+    history = list(csv.DictReader(open(project_path(root, p.history))))
+    return TrainResult(model_path=project_path(root, p.model), history_path=project_path(root, p.history),
+                       history=history, best_val_accuracy=max(float(h["val_accuracy"]) for h in history),
+                       device=f"DistributedDataParallel x{nproc}")
 
 
 def evaluate(params: Params, root: Path, enforce: bool = True) -> EvaluateResult:

@@ -9,6 +9,9 @@ never waits for the host.
 Every epoch ends with an atomic resume checkpoint (model, optimizer, schedule, RNG states, best metric,
 history); a rerun of the same config after a crash continues from it, and in deterministic mode ends
 with exactly the metrics of an uninterrupted run.
+
+Under `torchrun` the same loop trains with DistributedDataParallel (tasks/distributed.py): each rank
+takes its share of every global batch, rank 0 writes; a checkpoint resumes at any world size.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tasks.atomic import staged_file
 from tasks.augment import augment_batch
 from tasks.checkpoint import save_checkpoint
 from tasks.config import ModelConfig, TrainConfig
+from tasks.distributed import DistContext, all_reduce_sum, barrier, context, device_for, process_group
 from tasks.lineage import Lineage
 from tasks.models import Classifier, ModelArgs, build_model
 from tasks.optim import LRSchedule, build_optimizer
@@ -155,16 +159,20 @@ def run_train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, mode
     `on_epoch(record, model)` is called after each epoch's validation (the tuner reports to Optuna there,
     the benchmark measures test accuracy); an exception from it ends the run without a final model.
     """
-    with _determinism(cfg.deterministic):
+    ctx = context()
+    device = device_for(ctx, resolve_device(cfg.device))
+    if not ctx.is_main:  # one voice: rank 0 logs the run, the others only warnings
+        log.setLevel(logging.WARNING)
+    show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+    with _determinism(cfg.deterministic), process_group(ctx, device):
         return _train(model_cfg, cfg, Path(prepared_dir), Path(model_path), Path(history_path), lineage,
                       params or {}, Path(checkpoint_dir) if checkpoint_dir else Path(model_path).parent / "checkpoints",
-                      sys.stderr.isatty() if show_progress is None else show_progress, on_epoch)
+                      show_progress and ctx.is_main, on_epoch, ctx, device)
 
 
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_path: Path, history_path: Path,
            lineage: Lineage, params: dict, checkpoint_dir: Path, show_progress: bool,
-           on_epoch: EpochCallback | None) -> TrainResult:
-    device = resolve_device(cfg.device)
+           on_epoch: EpochCallback | None, ctx: DistContext, device: torch.device) -> TrainResult:
     torch.manual_seed(cfg.seed)
     manifest = load_manifest(prepared_dir)
     train_x, train_y = (t.to(device) for t in load_split(prepared_dir, "train"))
@@ -173,13 +181,19 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_p
                      image_shape=tuple(manifest["image_shape"]), **manifest["normalization"])
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(args).to(device, memory_format=memory_format)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = _data_parallel(model, ctx, device)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
     n_train = len(train_y)
-    # Batches of one are skipped: batch norm cannot normalise a single sample.
-    starts = [s for s in range(0, n_train, cfg.batch_size) if min(cfg.batch_size, n_train - s) >= 2]
+    # Batches of one are skipped: batch norm cannot normalise a single sample (nor a rank's share of two).
+    starts = [s for s in range(0, n_train, cfg.batch_size) if min(cfg.batch_size, n_train - s) >= 2 * ctx.world_size]
     optimizer = build_optimizer(cfg, model)
     schedule = LRSchedule(cfg, optimizer, steps_per_epoch=len(starts))
+    # The batch order is the same on every rank (each takes its share of it); augmentation and dropout
+    # draw per rank, so two ranks never apply the same random transform to their different images.
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(cfg.seed + ctx.rank)
+    if ctx.rank:
+        torch.manual_seed(cfg.seed + ctx.rank)
     l1_weights = _l1_weights(model)
     higher_is_better = cfg.early_stopping_metric == "val_accuracy"
 
@@ -199,12 +213,16 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_p
             generator.set_state(state["rng"]["generator"])
             history, best_metric, bad_epochs, start_epoch = state["history"], state["best_metric"], state["bad_epochs"], state["epoch"]
             best_state = state["best_state"]
+            if ctx.rank:  # rank 0's saved streams, shifted per rank as at the start
+                torch.manual_seed(cfg.seed + ctx.rank + 1000 * start_epoch)
+                augment_generator.manual_seed(cfg.seed + ctx.rank + 1000 * start_epoch)
             log.info("train: resuming from %s after epoch %d", resume_path, start_epoch)
         else:
             log.info("train: ignoring %s: it belongs to a different config or data", resume_path)
 
-    log.info("train: %s on %s, %d train / %d val images, epochs %d..%d", args.arch, device, n_train, len(val_y),
-             start_epoch + 1, cfg.epochs)
+    log.info("train: %s on %s, %d train / %d val images, epochs %d..%d%s", args.arch, device, n_train, len(val_y),
+             start_epoch + 1, cfg.epochs,
+             f", DistributedDataParallel over {ctx.world_size} processes ({dist_backend()})" if ctx.enabled else "")
     stopped_early = False
     with _Progress(show_progress, len(starts)) as progress:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -215,9 +233,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_p
             order = torch.randperm(n_train, device=device, generator=generator)
             loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
             for start in starts:
-                idx = order[start:start + cfg.batch_size]
+                idx = order[start:start + cfg.batch_size][ctx.rank::ctx.world_size]  # this rank's share
                 x = train_x[idx].unsqueeze(1).float()
-                x = augment_batch(x, cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale, generator)
+                x = augment_batch(x, cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale, augment_generator)
                 x = x.contiguous(memory_format=memory_format)
                 with _autocast(cfg, device):
                     logits = step_model(x)
@@ -231,11 +249,13 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_p
                 schedule.after_step()
                 loss_sum += loss.detach() * len(idx)
                 progress.advance()
-            train_loss = float(loss_sum) / n_train
+            train_loss = float(all_reduce_sum(loss_sum, ctx)) / n_train
             # A finite but astronomically large loss is divergence too: far worse than guessing uniformly.
             if not math.isfinite(train_loss) or train_loss > cfg.divergence_factor * math.log(args.n_classes):
                 raise DivergedError(f"train: loss diverged to {train_loss:.3g} in epoch {epoch} (lr {lr:g}, optimizer "
                                     f"{cfg.optimizer}): lower train.lr or change the optimizer; no model was saved")
+            # Every rank validates the whole split (identical weights -> identical numbers), so early stopping
+            # and the plateau schedule decide the same on all ranks without another exchange.
             with _autocast(cfg, device):
                 val_logits = predict_logits(model, val_x, cfg.eval_batch_size)
             val_loss = float(F.cross_entropy(val_logits, val_y))
@@ -258,8 +278,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_p
             else:
                 bad_epochs += 1
             stopped_early = bool(cfg.early_stopping_patience) and bad_epochs >= cfg.early_stopping_patience
-            _save_resume(resume_path, key, epoch, model, optimizer, schedule, generator, device,
-                         history, best_metric, best_state, bad_epochs)
+            if ctx.is_main:
+                _save_resume(resume_path, key, epoch, model, optimizer, schedule, generator, device,
+                             history, best_metric, best_state, bad_epochs)
             if stopped_early:
                 log.info("train: early stop after epoch %d: %s did not improve for %d epoch(s) (best %.4f)",
                          epoch, cfg.early_stopping_metric, bad_epochs, best_metric)
@@ -267,13 +288,30 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_p
 
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
-    save_checkpoint(model_path, model, config={"model": model_cfg.model_dump(), "train": cfg.model_dump()},
-                    params=params, lineage=lineage.to_dict(), classes=manifest["classes"], history=history)
-    _write_history(history_path, history)
-    resume_path.unlink(missing_ok=True)  # finished: a rerun starts over rather than "resuming" a done run
+    if ctx.is_main:
+        save_checkpoint(model_path, model, config={"model": model_cfg.model_dump(), "train": cfg.model_dump()},
+                        params=params, lineage=lineage.to_dict(), classes=manifest["classes"], history=history)
+        _write_history(history_path, history)
+        resume_path.unlink(missing_ok=True)  # finished: a rerun starts over rather than "resuming" a done run
+    barrier(ctx)  # every rank returns once the model is on disk
     return TrainResult(model_path=model_path, history_path=history_path, history=history,
                        best_val_accuracy=max(h["val_accuracy"] for h in history), device=str(device),
                        stopped_early=stopped_early, resumed_from_epoch=start_epoch)
+
+
+def _data_parallel(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
+    """DDP around the model under torchrun (gradients averaged across ranks in the backward pass)."""
+    if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":  # batch statistics over the global batch, as a single process would see them
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def dist_backend() -> str:
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
 
 
 def _save_resume(path: Path, key: str, epoch: int, model, optimizer, schedule, generator, device,
