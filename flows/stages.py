@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.distributed import NPROC_ENV, DistributedTrainingFailed, context, torchrun_command
+from tasks.distributed import NPROC_ENV, DistributedTrainingFailed, context, nproc_from_env, torchrun_command
 from tasks.evaluate import EvaluateResult, run_evaluate
 from tasks.export import ExportResult, run_export
 from tasks.fetch import FetchResult, resolve_mirror, run_fetch
@@ -55,10 +55,11 @@ def tune(params: Params, root: Path, workers: int = 1) -> TuneResult:
 def train(params: Params, root: Path, nproc_per_node: int | None = None) -> TrainResult:
     """Train with params.yaml + the tune stage's best params (the model records the effective values).
 
-    With nproc_per_node > 1 (or $TUNELINE_NPROC_PER_NODE), the stage runs under torchrun as that many
-    DistributedDataParallel processes, one per GPU (CPU processes with gloo where there is none).
+    With nproc_per_node > 1 (or $TUNELINE_NPROC_PER_NODE: a number, or `auto` for every visible GPU), the
+    stage runs under torchrun as that many DistributedDataParallel processes, one per GPU (CPU processes
+    with gloo where there is none).
     """
-    nproc = nproc_per_node if nproc_per_node is not None else int(os.environ.get(NPROC_ENV) or 1)
+    nproc = nproc_per_node if nproc_per_node is not None else nproc_from_env(os.environ.get(NPROC_ENV))
     if nproc < 1:
         raise ValueError(f"nproc_per_node must be at least 1, got {nproc}")
     if nproc > 1 and not context().enabled:

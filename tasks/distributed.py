@@ -89,6 +89,18 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def nproc_from_env(value: str | None) -> int:
+    """$TUNELINE_NPROC_PER_NODE: empty -> 1; `auto` -> every visible GPU (1 without any); else a number."""
+    if not value:
+        return 1
+    if value.strip().lower() == "auto":
+        return max(1, torch.cuda.device_count())
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{NPROC_ENV}={value!r}: expected a number of processes or `auto`") from None
+
+
 def torchrun_command(nproc_per_node: int, cli_args: list[str]) -> list[str]:
     """`torchrun --standalone --nproc-per-node N -m flows.cli ARGS` with this interpreter (one node).
 

@@ -94,3 +94,12 @@ def test_nproc_applies_to_train_only_and_must_be_positive(tmp_path: Path, args, 
         monkeypatch.setenv(key, str(tmp_path / key.lower()))
     assert main(["--project", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_nproc_from_the_environment():
+    from tasks.distributed import nproc_from_env
+
+    assert nproc_from_env(None) == 1 and nproc_from_env("") == 1 and nproc_from_env("4") == 4
+    assert nproc_from_env("auto") == max(1, torch.cuda.device_count())  # every visible GPU, 1 on a CPU host
+    with pytest.raises(ValueError, match=r"TUNELINE_NPROC_PER_NODE='two': expected a number of processes or `auto`"):
+        nproc_from_env("two")
