@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -146,6 +146,18 @@ class TuneConfig(_Section):
     storage: str | None = None                        # RDB URL; default sqlite:///<paths.tuning>/study.db
     study_name: str | None = None                     # default: derived from data version + space + settings
     space: dict[str, SpaceDim] = Field(default_factory=_default_space)
+    # Trials trained together in one process and one set of kernels (tasks/packed.py): "auto" = up to 16 on
+    # CUDA, off on CPU; K >= 2 = packs of up to K (capped by device memory); null or 1 = one trial at a time.
+    packing: int | Literal["auto"] | None = "auto"
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing(cls, value: Any) -> Any:
+        integral = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        if not (value is None or value == "auto" or (integral and value >= 1)):
+            raise ValueError("tune.packing takes an integer K >= 2 (trials per pack), 'auto' (packs on CUDA, off on "
+                             "CPU), or null / 1 (off)")
+        return int(value) if integral else value
 
 
 class GateConfig(_Section):
