@@ -563,12 +563,13 @@ def pack_capacity(model_cfg: ModelConfig, train_cfg: TrainConfig, prepared_dir: 
     manifest = load_manifest(Path(prepared_dir))
     args = ModelArgs(arch=model_cfg.arch, dropout=model_cfg.dropout, n_classes=len(manifest["classes"]),
                      image_shape=tuple(manifest["image_shape"]), **manifest["normalization"])
-    per_model = _analytic_member_bytes(model_cfg, train_cfg, args, device)
-    how = "params, grads, optimizer state and saved activations at batch %d" % train_cfg.batch_size
-    if device.type == "cuda":
-        per_model = max(per_model, _measured_member_bytes(model_cfg, train_cfg, args, device))
-        how = (f"peak of a probe step with 2 models minus 1 (torch.cuda.max_memory_allocated), "
-               f"batch {train_cfg.batch_size}")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # probes leave the RNGs as found
+        per_model = _analytic_member_bytes(model_cfg, train_cfg, args, device)
+        how = f"params, grads, optimizer state and saved activations at batch {train_cfg.batch_size}"
+        if device.type == "cuda":
+            per_model = max(per_model, _measured_member_bytes(model_cfg, train_cfg, args, device))
+            how = (f"peak of a probe step with 2 models minus 1 (torch.cuda.max_memory_allocated), "
+                   f"batch {train_cfg.batch_size}")
     counts = manifest.get("counts", {})
     data_bytes = sum(int(counts.get(s, 0)) for s in ("train", "val")) * math.prod(args.image_shape) * 2
     free = _available_bytes(device) if available is None else available
