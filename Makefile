@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/tuneline run $(ARGS)
 
+# Two xdist workers: the suite is mostly end-to-end runs that wait on subprocesses and servers.
+PYTEST_ARGS ?= -n 2 --dist worksteal
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
