@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             from flows.stages import run_stage, train
 
-            if getattr(args, "params_file", None):  # a torchrun child: exactly the launcher's params
+            if args.params_file:  # a torchrun child: exactly the launcher's params
                 from tasks.config import Params
 
                 params = Params.model_validate_json(args.params_file.read_text())

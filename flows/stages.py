@@ -6,7 +6,6 @@ what dvc.yaml runs. Paths come from params.yaml's `paths` section, relative to t
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ from tasks.fetch import FetchResult, resolve_mirror, run_fetch
 from tasks.lineage import Lineage, git_commit
 from tasks.prepare import PrepareResult, run_prepare
 from tasks.promote import PromoteResult, run_promote
-from tasks.train import TrainResult, run_train
+from tasks.train import TrainResult, read_history, run_train
 from tasks.tune import TuneResult, apply_best_params, run_tune
 from tasks.versioning import data_version
 
@@ -66,8 +65,10 @@ def train(params: Params, root: Path, nproc_per_node: int | None = None) -> Trai
         return _train_with_torchrun(params, root, nproc)
     params = apply_best_params(params, project_path(root, params.paths.tuning) / "best_params.json")
     p = params.paths
+    # Only rank 0 writes the model that records the lineage: the other ranks skip DVC's hash of the data.
+    origin = lineage(params, root) if context().is_main else Lineage("-", "-", "-")
     return run_train(params.model, params.train, project_path(root, p.prepared), project_path(root, p.model),
-                     project_path(root, p.history), lineage(params, root), params=params.model_dump(mode="json"))
+                     project_path(root, p.history), origin, params=params.model_dump(mode="json"))
 
 
 def _train_with_torchrun(params: Params, root: Path, nproc: int) -> TrainResult:
@@ -85,9 +86,9 @@ def _train_with_torchrun(params: Params, root: Path, nproc: int) -> TrainResult:
         raise DistributedTrainingFailed(f"train: torchrun with {nproc} processes exited with {result.returncode}; "
                                         "the last completed epoch is checkpointed: rerun to resume")
     p = params.paths
-    history = list(csv.DictReader(open(project_path(root, p.history))))
+    history = read_history(project_path(root, p.history))
     return TrainResult(model_path=project_path(root, p.model), history_path=project_path(root, p.history),
-                       history=history, best_val_accuracy=max(float(h["val_accuracy"]) for h in history),
+                       history=history, best_val_accuracy=max(h["val_accuracy"] for h in history),
                        device=f"DistributedDataParallel x{nproc}")
 
 

@@ -95,6 +95,12 @@ def _write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def read_history(path: Path) -> list[dict]:
+    """The per-epoch records _write_history wrote, with their numbers as numbers again."""
+    with open(path, newline="") as handle:
+        return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
 def _resume_key(model_cfg: ModelConfig, cfg: TrainConfig, manifest: dict) -> str:
     """A checkpoint is only resumed by a run of the same model, training config and data."""
     payload = {"model": model_cfg.model_dump(), "train": cfg.model_dump(exclude={"resume"}), "data": manifest["files"]}

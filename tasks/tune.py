@@ -140,6 +140,11 @@ def _sqlite_write_ahead_log(engine) -> None:
     engine.dispose()  # connections pooled while Optuna created its tables reconnect with the pragmas
 
 
+def worker_id() -> str:
+    """host:pid of this process: which machine and worker ran a trial (trials.csv's `worker` column)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _pruner(cfg: TuneConfig):
     import optuna
 
@@ -198,7 +203,7 @@ def _objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path):
         sampled = {key: _suggest(trial, key, dim) for key, dim in cfg.space.items()}
         params = build_params(base.model_dump(mode="json"), {**sampled, "train.epochs": cfg.epochs}, source="trial")
         trial_dir = workdir / f"trial-{trial.number}"
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine/process ran it
+        trial.set_user_attr("worker", worker_id())
         best = {"value": 0.0}
 
         def report(record: dict, _model) -> None:
@@ -451,7 +456,7 @@ def _tell_pack(study, chunk: list, base: Params, prepared: Path, heartbeats: _He
 
     members = []
     for trial, params in chunk:
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("pack", numbers)  # the trials trained together with this one
         on_epoch, on_end = callbacks(trial)
         members.append(Member(params.model, params.train, on_epoch=on_epoch, on_end=on_end))
