@@ -2,7 +2,7 @@
 
 The same trial configurations (sampled once with a seeded random sampler, all with train.seed 0, so the
 packs' data seed is each trial's own seed) are enqueued into four fresh Optuna studies and run through
-`tasks.tune.run_tune`:
+`tasks.tune.study.run_tune`:
 
     pruner none: unpacked (one run_train per trial)  vs  packed (tune.packing=K)
     pruner asha: unpacked                            vs  packed
@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.config import DataConfig, ModelConfig, TrainConfig, build_params  # noqa: E402
-from tasks.fetch import run_fetch  # noqa: E402
+from tasks.data.fetch import run_fetch  # noqa: E402
 from tasks.lineage import Lineage  # noqa: E402
-from tasks.packed import Member, train_packed  # noqa: E402
-from tasks.prepare import run_prepare  # noqa: E402
-from tasks.train import run_train  # noqa: E402
-from tasks.tune import _suggest, create_study, run_tune, storage_url, subset_prepared  # noqa: E402
+from tasks.train.packed import Member, train_packed  # noqa: E402
+from tasks.data.prepare import run_prepare  # noqa: E402
+from tasks.train.loop import run_train  # noqa: E402
+from tasks.tune.study import _suggest, create_study, run_tune, storage_url, subset_prepared  # noqa: E402
 
 # Everything here varies inside a pack; architecture and batch size are fixed so all 32 share one group.
 SPACE = {

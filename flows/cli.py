@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_command(args, root)
     from tasks.config import ConfigError, load_params, parse_override
-    from tasks.idx import DataError
+    from tasks.data.idx import DataError
 
     if args.command in ("stage", "tune"):  # under `run`, Prefect's own logging set-up prints and ships the logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuneline: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a stage's own error (gate, divergence, parity): one line, non-zero exit
-        from tasks.gate import GateFailed
-        from tasks.train import DivergedError
+        from tasks.evaluate.gate import GateFailed
+        from tasks.train.loop import DivergedError
 
         if isinstance(exc, (GateFailed, DivergedError)) or type(exc).__module__.startswith("tasks."):
             print(f"tuneline: {args.command} failed: {exc}", file=sys.stderr)

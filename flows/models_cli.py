@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks.registry import ALIASES
+from tasks.ship.registry import ALIASES
 
 COMMANDS = ("list", "show", "promote", "rollback", "register")
 
@@ -67,7 +67,7 @@ def _print_table(rows: list[list[str]]) -> None:
 
 
 def run_models(args: argparse.Namespace, params, root: Path) -> int:
-    from tasks.registry import Registry
+    from tasks.ship.registry import Registry
 
     registry = Registry((Path(root) / params.paths.registry).resolve())  # as flows.stages.project_path, minus torch
     command = args.models_command

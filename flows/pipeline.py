@@ -29,12 +29,12 @@ from flows import stages
 from flows.params_file import write_overrides
 from tasks.atomic import write_bytes_atomic
 from tasks.config import Params, load_params
-from tasks.gate import GateFailed, GateVerdict
+from tasks.evaluate.gate import GateFailed, GateVerdict
 from tasks.lineage import git_commit
-from tasks.promote import PromoteResult
-from tasks.registry import Registry
+from tasks.ship.promote import PromoteResult
+from tasks.ship.registry import Registry
 from tasks.summary import render_summary
-from tasks.tune import apply_best_params, tuning_summary
+from tasks.tune.study import apply_best_params, tuning_summary
 from tasks.versioning import commit_stage, data_version, push, stage_changed, stage_fingerprint, track_folder
 
 # Tasks are thin: no logic beyond calling the stage.

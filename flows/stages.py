@@ -13,15 +13,15 @@ import tempfile
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.distributed import NPROC_ENV, DistributedTrainingFailed, context, nproc_from_env, torchrun_command
-from tasks.evaluate import EvaluateResult, run_evaluate
-from tasks.export import ExportResult, run_export
-from tasks.fetch import FetchResult, resolve_mirror, run_fetch
+from tasks.train.distributed import NPROC_ENV, DistributedTrainingFailed, context, nproc_from_env, torchrun_command
+from tasks.evaluate.evaluate import EvaluateResult, run_evaluate
+from tasks.ship.export import ExportResult, run_export
+from tasks.data.fetch import FetchResult, resolve_mirror, run_fetch
 from tasks.lineage import Lineage, git_commit
-from tasks.prepare import PrepareResult, run_prepare
-from tasks.promote import PromoteResult, run_promote
-from tasks.train import TrainResult, read_history, run_train
-from tasks.tune import TuneResult, apply_best_params, run_tune
+from tasks.data.prepare import PrepareResult, run_prepare
+from tasks.ship.promote import PromoteResult, run_promote
+from tasks.train.loop import TrainResult, read_history, run_train
+from tasks.tune.study import TuneResult, apply_best_params, run_tune
 from tasks.versioning import data_version
 
 STAGES = ("fetch", "prepare", "tune", "train", "evaluate", "export")

@@ -1,6 +1,6 @@
 """Read-only view of the model registry, with the server's own checksum verification.
 
-Layout (written by tasks/registry.py; this module never writes):
+Layout (written by tasks/ship/registry.py; this module never writes):
 
     <registry>/versions/<version>/model.onnx, card.json   version ids v0001, v0002, …; a folder appears whole
     <registry>/aliases/champion.json                       {"version": "v0003", "previous": [...], "updated": ...}

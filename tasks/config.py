@@ -146,7 +146,7 @@ class TuneConfig(_Section):
     storage: str | None = None                        # RDB URL; default sqlite:///<paths.tuning>/study.db
     study_name: str | None = None                     # default: derived from data version + space + settings
     space: dict[str, SpaceDim] = Field(default_factory=_default_space)
-    # Trials trained together in one process and one set of kernels (tasks/packed.py): "auto" = up to 16 on
+    # Trials trained together in one process and one set of kernels (tasks/train/packed.py): "auto" = up to 16 on
     # CUDA, off on CPU; K >= 2 = packs of up to K (capped by device memory); null or 1 = one trial at a time.
     packing: int | Literal["auto"] | None = "auto"
 

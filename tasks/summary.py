@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.gate import GateVerdict, markdown_table
+from tasks.evaluate.gate import GateVerdict, markdown_table
 
 
 def _promotion_lines(summary: dict) -> list[str]:

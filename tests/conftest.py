@@ -72,8 +72,8 @@ def project(tmp_path: Path) -> Path:
 def small_prepared_dir(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Path:
     """Real MNIST fetched once, then a stratified slice: 2,750 train / 250 val / 600 test images."""
     from tasks.config import DataConfig
-    from tasks.fetch import run_fetch
-    from tasks.prepare import run_prepare
+    from tasks.data.fetch import run_fetch
+    from tasks.data.prepare import run_prepare
 
     base = tmp_path_factory.mktemp("mnist")
     cfg = DataConfig(limit_train=3000, limit_test=600)
@@ -87,7 +87,7 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_prepared_di
     """A seed CNN trained for 2 epochs on the slice (≈93% test accuracy, ~10 s)."""
     from tasks.config import ModelConfig, TrainConfig
     from tasks.lineage import Lineage
-    from tasks.train import run_train
+    from tasks.train.loop import run_train
 
     out = tmp_path_factory.mktemp("model")
     run_train(ModelConfig(), TrainConfig(epochs=2, batch_size=64, device="cpu"), small_prepared_dir,
@@ -100,8 +100,8 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory, small_checkpoint: P
     """small_checkpoint evaluated and exported as the pipeline does: model.onnx, FP16 + INT8 variants, eval.json,
     export.json and the confusion picture, in one folder (an ExportResult; `.onnx_path.parent` is the folder)."""
     from tasks.config import ExportConfig, GateConfig, TrainConfig
-    from tasks.evaluate import run_evaluate
-    from tasks.export import run_export
+    from tasks.evaluate.evaluate import run_evaluate
+    from tasks.ship.export import run_export
 
     out = tmp_path_factory.mktemp("export")
     # Bars a 2-epoch model on a slice meets; latency generous: these tests are about files, not a loaded CPU's p99.

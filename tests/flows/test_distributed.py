@@ -16,7 +16,7 @@ import torch
 
 from tasks.config import load_params
 from tasks.lineage import Lineage
-from tasks.train import run_train
+from tasks.train.loop import run_train
 from tests.conftest import cli_env
 
 pytestmark = pytest.mark.slow
@@ -97,7 +97,7 @@ def test_nproc_applies_to_train_only_and_must_be_positive(tmp_path: Path, args, 
 
 
 def test_nproc_from_the_environment():
-    from tasks.distributed import nproc_from_env
+    from tasks.train.distributed import nproc_from_env
 
     assert nproc_from_env(None) == 1 and nproc_from_env("") == 1 and nproc_from_env("4") == 4
     assert nproc_from_env("auto") == max(1, torch.cuda.device_count())  # every visible GPU, 1 on a CPU host

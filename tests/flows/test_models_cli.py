@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tasks.registry import Registry
+from tasks.ship.registry import Registry
 from tests.tasks.registry_worker import tiny_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from tasks.checkpoint import load_checkpoint
-from tasks.export import ort_session
-from tasks.prepare import load_split
-from tasks.registry import Registry
+from tasks.model.checkpoint import load_checkpoint
+from tasks.ship.export import ort_session
+from tasks.data.prepare import load_split
+from tasks.ship.registry import Registry
 from tests.conftest import cli_env
 
 pytestmark = pytest.mark.slow

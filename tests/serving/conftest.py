@@ -23,14 +23,14 @@ from tests.serving.registry_helper import make_registry
 
 @pytest.fixture(scope="session")
 def onnx_model(request, tmp_path_factory, small_checkpoint: Path, small_prepared_dir: Path) -> Path:
-    """The 2-epoch seed CNN exported by tasks.export.run_export, as the pipeline's export stage writes it."""
+    """The 2-epoch seed CNN exported by tasks.ship.export.run_export, as the pipeline's export stage writes it."""
     try:  # the export tests' session fixture, when present, saves a second export
         return Path(request.getfixturevalue("exported_model").onnx_path)
     except pytest.FixtureLookupError:
         pass
     from tasks.config import ExportConfig, GateConfig, TrainConfig
-    from tasks.evaluate import run_evaluate
-    from tasks.export import run_export
+    from tasks.evaluate.evaluate import run_evaluate
+    from tasks.ship.export import run_export
 
     out = tmp_path_factory.mktemp("serving-model")
     run_evaluate(small_checkpoint, small_prepared_dir, out / "eval.json", out / "confusion.csv",
@@ -54,7 +54,7 @@ class Digits:
 def digits(onnx_model: Path, small_prepared_dir: Path) -> Digits:
     import onnxruntime as ort
 
-    from tasks.prepare import load_split
+    from tasks.data.prepare import load_split
 
     images, labels = (t.numpy() for t in load_split(small_prepared_dir, "test"))
     images, labels = images[:256], labels[:256]

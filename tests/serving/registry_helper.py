@@ -1,4 +1,4 @@
-"""Write a registry in the layout tasks/registry.py produces (the server only reads it), for tests.
+"""Write a registry in the layout tasks/ship/registry.py produces (the server only reads it), for tests.
 
 versions/<vNNNN>/{model.onnx, card.json} appear whole (staged folder, then rename); aliases are replaced
 with os.replace of a temp file, as the contract says.

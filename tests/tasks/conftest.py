@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from tasks.config import DataConfig
-from tasks.fetch import FetchResult, run_fetch
-from tasks.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
-from tasks.prepare import PrepareResult, run_prepare
+from tasks.data.fetch import FetchResult, run_fetch
+from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from tasks.data.prepare import PrepareResult, run_prepare
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_MIRROR = REPO.parent / "shared" / "data" / "MNIST" / "raw"

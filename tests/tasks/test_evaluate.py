@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tasks.config import GateConfig, TrainConfig
-from tasks.evaluate import compute_metrics, run_evaluate
-from tasks.gate import GateFailed, check_champion_gates, check_gates, markdown_table
+from tasks.evaluate.evaluate import compute_metrics, run_evaluate
+from tasks.evaluate.gate import GateFailed, check_champion_gates, check_gates, markdown_table
 
 
 def test_compute_metrics_on_known_predictions():

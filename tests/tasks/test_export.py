@@ -5,12 +5,12 @@ import onnx
 import pytest
 import torch
 
-from tasks.checkpoint import load_checkpoint
+from tasks.model.checkpoint import load_checkpoint
 from tasks.config import ExportConfig, GateConfig
-from tasks.export import VARIANTS_INDEX, ParityError, check_parity, ort_session, run_export
-from tasks.gate import GateFailed
-from tasks.prepare import load_split
-from tasks.quantize import build_variant
+from tasks.ship.export import VARIANTS_INDEX, ParityError, check_parity, ort_session, run_export
+from tasks.evaluate.gate import GateFailed
+from tasks.data.prepare import load_split
+from tasks.ship.quantize import build_variant
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +126,10 @@ def test_failed_serving_gate_writes_the_report_and_exports_nothing(tmp_path, sma
                                                                    exported, monkeypatch):
     import shutil
 
-    import tasks.export
+    import tasks.ship.export
 
     # The exporter's output for this checkpoint is already on disk; reuse it (parity still runs for real) to save ~6 s.
-    monkeypatch.setattr(tasks.export, "_onnx_export", lambda model, example, path, opset: shutil.copyfile(
+    monkeypatch.setattr(tasks.ship.export, "_onnx_export", lambda model, example, path, opset: shutil.copyfile(
         exported.onnx_path, path))
     gates = GateConfig(max_size_mb=0.5)  # the seed CNN is ~4.5 MB
     with pytest.raises(GateFailed, match=r"gate gate.max_size_mb FAILED: ONNX file size, MB 4\.\d{4} vs "

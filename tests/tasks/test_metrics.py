@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.metrics import compute_metrics, expected_calibration_error, per_class_scores
-from tasks.plots import render_confusion_png
+from tasks.evaluate.metrics import compute_metrics, expected_calibration_error, per_class_scores
+from tasks.evaluate.plots import render_confusion_png
 
 
 def test_precision_recall_f1_and_macro_f1_by_hand():

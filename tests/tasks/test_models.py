@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tasks.models import ModelArgs, SeedCNN, SeedMLP, build_model
+from tasks.model.architectures import ModelArgs, SeedCNN, SeedMLP, build_model
 
 
 def args(arch: str) -> ModelArgs:

@@ -1,4 +1,4 @@
-"""Packed trials (tasks/packed.py): K configs in one process on real MNIST slices, against run_train and Optuna.
+"""Packed trials (tasks/train/packed.py): K configs in one process on real MNIST slices, against run_train and Optuna.
 
 Tolerance of the twin test: a packed model runs batched kernels (grouped convolutions, batched matmuls)
 whose float32 sums are ordered differently from a single model's, so gradients differ by ~1e-7 relative.
@@ -16,11 +16,11 @@ import torch
 
 from tasks.config import ConfigError, ModelConfig, TrainConfig, build_params
 from tasks.lineage import Lineage
-from tasks.models import ModelArgs, build_model
-from tasks.packed import Member, group_key, pack_capacity, train_packed
-from tasks.prepare import load_manifest
-from tasks.train import run_train
-from tasks.tune import run_tune, study_name, subset_prepared
+from tasks.model.architectures import ModelArgs, build_model
+from tasks.train.packed import Member, group_key, pack_capacity, train_packed
+from tasks.data.prepare import load_manifest
+from tasks.train.loop import run_train
+from tasks.tune.study import run_tune, study_name, subset_prepared
 
 TIMING = ("seconds", "images_per_s")
 
@@ -173,7 +173,7 @@ def test_pruned_members_leave_and_packs_refuse_mixed_shapes(tiny_dir):
 def test_pack_size_is_capped_by_memory_with_a_message(tiny_dir, caplog):
     mlp, train = ModelConfig(arch="seed_mlp"), TrainConfig(batch_size=256, device="cpu")
     assert pack_capacity(mlp, train, tiny_dir, requested=4) == 4  # ~2 MiB per model: plenty of RAM here
-    with caplog.at_level(logging.WARNING, logger="tasks.packed"):
+    with caplog.at_level(logging.WARNING, logger="tasks.train.packed"):
         capped = pack_capacity(mlp, train, tiny_dir, requested=64, available=40 * 2**20)
     assert 1 <= capped < 64
     assert f"64 models per pack capped to {capped}: each seed_mlp model needs ~" in caplog.text

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from tasks.config import DataConfig
-from tasks.fetch import MNIST_SHA256, run_fetch
-from tasks.idx import DataError, encode_idx
-from tasks.prepare import (
+from tasks.data.fetch import MNIST_SHA256, run_fetch
+from tasks.data.idx import DataError, encode_idx
+from tasks.data.prepare import (
     TEST_FRACTION_WITHOUT_TEST_SET,
     load_manifest,
     load_split,

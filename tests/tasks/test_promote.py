@@ -12,12 +12,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tasks.benchmark import onnx_accuracy
+from tasks.ship.latency import onnx_accuracy
 from tasks.config import GateConfig
-from tasks.gate import GateFailed
-from tasks.prepare import load_split
-from tasks.promote import run_promote
-from tasks.registry import Registry
+from tasks.evaluate.gate import GateFailed
+from tasks.data.prepare import load_split
+from tasks.ship.promote import run_promote
+from tasks.ship.registry import Registry
 
 
 def biased(src: Path, dst: Path, shift: float) -> Path:

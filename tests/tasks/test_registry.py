@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tasks.registry import Registry, RegistryError, sha256_file
+from tasks.ship.registry import Registry, RegistryError, sha256_file
 from tests.tasks.registry_worker import register_then_promote, tiny_model
 
 

@@ -3,10 +3,10 @@ import csv
 import pytest
 import torch
 
-from tasks.checkpoint import load_checkpoint
+from tasks.model.checkpoint import load_checkpoint
 from tasks.config import ModelConfig, TrainConfig
 from tasks.lineage import Lineage
-from tasks.train import DivergedError, HISTORY_FIELDS, run_train
+from tasks.train.loop import DivergedError, HISTORY_FIELDS, run_train
 
 LINEAGE = Lineage("abc123.dir", "p" * 16, "c" * 40)
 

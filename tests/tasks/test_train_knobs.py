@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from tasks.augment import augment_batch
-from tasks.checkpoint import load_checkpoint
+from tasks.data.augment import augment_batch
+from tasks.model.checkpoint import load_checkpoint
 from tasks.config import ModelConfig, TrainConfig
 from tasks.lineage import Lineage
-from tasks.models import ModelArgs, build_model
-from tasks.optim import LRSchedule, build_optimizer
-from tasks.prepare import load_split
-from tasks.train import DivergedError, predict_logits, run_train
+from tasks.model.architectures import ModelArgs, build_model
+from tasks.train.optim import LRSchedule, build_optimizer
+from tasks.data.prepare import load_split
+from tasks.train.loop import DivergedError, predict_logits, run_train
 
 LINEAGE = Lineage("abc123.dir", "p" * 16, "c" * 40)
 MLP = ModelConfig(arch="seed_mlp", dropout=0.0)

@@ -12,7 +12,7 @@ import torch
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.lineage import Lineage
-from tasks.train import run_train
+from tasks.train.loop import run_train
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = dict(epochs=6, batch_size=32, device="cpu", deterministic=True, scheduler="step", gamma=0.7)
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from tasks.config import ModelConfig, TrainConfig
 from tasks.lineage import Lineage
-from tasks.train import run_train
+from tasks.train.loop import run_train
 prepared, out = Path(sys.argv[1]), Path(sys.argv[2])
 run_train(ModelConfig(**{model}), TrainConfig(**{config}), prepared, out / "model.pt", out / "history.csv",
           Lineage("abc123.dir", "p" * 16, "c" * 40))

@@ -1,7 +1,7 @@
 """Data-parallel training across processes, GPUs and nodes, launched by `torchrun`.
 
 torchrun (torch.distributed.run) starts one process per device and tells each its RANK, LOCAL_RANK and
-WORLD_SIZE through the environment; `tasks/train.py` reads them through `context()`. One process and no
+WORLD_SIZE through the environment; `tasks/train/loop.py` reads them through `context()`. One process and no
 torchrun is the same code path with world size 1.
 
 Semantics (what `train.batch_size` etc. mean under DDP): the batch size is the *global* batch. Every

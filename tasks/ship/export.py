@@ -20,12 +20,12 @@ import onnx
 import torch
 
 from tasks.atomic import staged_dir, staged_file, write_bytes_atomic
-from tasks.benchmark import INPUT_NAME, OUTPUT_NAME, measure_serving, onnx_accuracy
-from tasks.checkpoint import load_checkpoint
+from tasks.ship.latency import INPUT_NAME, OUTPUT_NAME, measure_serving, onnx_accuracy
+from tasks.model.checkpoint import load_checkpoint
 from tasks.config import ExportConfig, GateConfig
-from tasks.gate import GateFailed, GateVerdict, check_serving_gates, failed
-from tasks.prepare import load_split
-from tasks.quantize import VariantResult, build_variant, calibration_sample
+from tasks.evaluate.gate import GateFailed, GateVerdict, check_serving_gates, failed
+from tasks.data.prepare import load_split
+from tasks.ship.quantize import VariantResult, build_variant, calibration_sample
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ExportResult:
     max_abs_diff: dict[int, float]
     metadata: dict[str, str]
     onnx_accuracy: float = 0.0                  # the FP32 file's test accuracy through ONNX Runtime
-    serving: dict | None = None                 # tasks.benchmark.measure_serving on the FP32 file
+    serving: dict | None = None                 # tasks.ship.latency.measure_serving on the FP32 file
     variants: dict[str, VariantResult] | None = None
     verdicts: list[GateVerdict] | None = None   # serving gates + each variant's export.max_quant_drop
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from tasks.atomic import staged_dir
 from tasks.config import DataConfig
-from tasks.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, encode_idx, parse_idx, read_gzip
+from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, encode_idx, parse_idx, read_gzip
 
 log = logging.getLogger(__name__)
 

@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from tasks.augment import augment_batch
+from tasks.data.augment import augment_batch
 from tasks.config import ModelConfig, TrainConfig
-from tasks.models import ModelArgs, build_model
-from tasks.optim import LRSchedule
-from tasks.prepare import load_manifest, load_split
-from tasks.train import _autocast, _determinism, resolve_device
+from tasks.model.architectures import ModelArgs, build_model
+from tasks.train.optim import LRSchedule
+from tasks.data.prepare import load_manifest, load_split
+from tasks.train.loop import _autocast, _determinism, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def _check_pack(members: list[Member]) -> tuple:
         other = group_key(m.model, m.train)
         if other != key:
             raise ValueError(f"train_packed: these configs cannot share a pack ({_key_difference(key, other)}): "
-                             "group them with tasks.packed.group_key")
+                             "group them with tasks.train.packed.group_key")
     return key
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from tasks.atomic import staged_file, write_bytes_atomic
 from tasks.config import ConfigError, Params, SpaceDim, TuneConfig, build_params
 from tasks.lineage import Lineage
-from tasks.prepare import SPLITS, load_manifest, stratified_take
+from tasks.data.prepare import SPLITS, load_manifest, stratified_take
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def _objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path):
     import optuna
     import torch
 
-    from tasks.train import DivergedError, run_train
+    from tasks.train.loop import DivergedError, run_train
 
     def objective(trial: optuna.Trial) -> float:
         sampled = {key: _suggest(trial, key, dim) for key, dim in cfg.space.items()}
@@ -235,7 +235,7 @@ def _optimize(base: Params, cfg: TuneConfig, prepared: Path, name: str, url: str
     import optuna
     import torch
 
-    from tasks.train import DivergedError
+    from tasks.train.loop import DivergedError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_study(cfg, name, url)
@@ -262,7 +262,7 @@ PACKS_PER_ROUND = 2  # a round asks at most this many packs' worth of trials (se
 
 def packing_size(cfg: TuneConfig, base: Params) -> int | None:
     """tune.packing resolved to the largest pack (before the memory cap), or None: one trial at a time."""
-    from tasks.train import resolve_device
+    from tasks.train.loop import resolve_device
 
     if cfg.packing == "auto":
         if resolve_device(base.train.device).type != "cuda":
@@ -329,7 +329,7 @@ def _optimize_packed(study, base: Params, cfg: TuneConfig, prepared: Path, workd
     """One worker, packed: ask trials in rounds, group them, train each group as one pack, tell each trial.
 
     A round asks trials until one group (same architecture, optimizer family, batch size and other shared
-    settings: tasks.packed.group_key) holds a full pack, or PACKS_PER_ROUND packs' worth, or the budget is
+    settings: tasks.train.packed.group_key) holds a full pack, or PACKS_PER_ROUND packs' worth, or the budget is
     spent; then every group of the round trains, fullest first (a group of one trains alone, with run_train).
     Asking more than one pack's worth fills packs when the space has a categorical batch size or
     architecture; capping it keeps the sampler's feedback fresh. n_trials counts finished trials (complete,
@@ -338,7 +338,7 @@ def _optimize_packed(study, base: Params, cfg: TuneConfig, prepared: Path, workd
     """
     import optuna
 
-    from tasks.packed import group_key, pack_capacity
+    from tasks.train.packed import group_key, pack_capacity
 
     solo = _objective(base, cfg, prepared, workdir)
     started = time.monotonic()
@@ -403,7 +403,7 @@ def _tell_solo(study, objective, trial) -> None:
     import optuna
     import torch
 
-    from tasks.train import DivergedError
+    from tasks.train.loop import DivergedError
 
     try:
         value = objective(trial)
@@ -430,7 +430,7 @@ def _tell_pack(study, chunk: list, base: Params, prepared: Path, heartbeats: _He
     import optuna
     import torch
 
-    from tasks.packed import Member, train_packed
+    from tasks.train.packed import Member, train_packed
 
     told: set[int] = set()
     numbers = ",".join(str(trial.number) for trial, _ in chunk)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from tasks.atomic import staged_file
-from tasks.models import Classifier, ModelArgs, build_model
+from tasks.model.architectures import Classifier, ModelArgs, build_model
 
 FORMAT = "tuneline.checkpoint/1"
 

@@ -1,6 +1,6 @@
 """Stage `evaluate`: checkpoint + test split -> metrics, confusion matrix (DVC plot + PNG) and gate verdicts.
 
-Metrics (tasks.metrics: accuracy, macro-F1, per-class precision/recall, ECE) are written before the gates
+Metrics (tasks.evaluate.metrics: accuracy, macro-F1, per-class precision/recall, ECE) are written before the gates
 are enforced, so a failed run still shows what the model reached.
 """
 
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.atomic import staged_file, write_bytes_atomic
-from tasks.checkpoint import load_checkpoint
+from tasks.model.checkpoint import load_checkpoint
 from tasks.config import GateConfig, TrainConfig
-from tasks.gate import GateFailed, GateVerdict, check_gates
-from tasks.metrics import compute_metrics
-from tasks.plots import render_confusion_png
-from tasks.prepare import load_split
-from tasks.train import predict_logits, resolve_device
+from tasks.evaluate.gate import GateFailed, GateVerdict, check_gates
+from tasks.evaluate.metrics import compute_metrics
+from tasks.evaluate.plots import render_confusion_png
+from tasks.data.prepare import load_split
+from tasks.train.loop import predict_logits, resolve_device
 
 log = logging.getLogger(__name__)
 

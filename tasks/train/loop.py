@@ -10,7 +10,7 @@ Every epoch ends with an atomic resume checkpoint (model, optimizer, schedule, R
 history); a rerun of the same config after a crash continues from it, and in deterministic mode ends
 with exactly the metrics of an uninterrupted run.
 
-Under `torchrun` the same loop trains with DistributedDataParallel (tasks/distributed.py): each rank
+Under `torchrun` the same loop trains with DistributedDataParallel (tasks/train/distributed.py): each rank
 takes its share of every global batch, rank 0 writes; a checkpoint resumes at any world size.
 """
 
@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from tasks.atomic import staged_file
-from tasks.augment import augment_batch
-from tasks.checkpoint import save_checkpoint
+from tasks.data.augment import augment_batch
+from tasks.model.checkpoint import save_checkpoint
 from tasks.config import ModelConfig, TrainConfig
-from tasks.distributed import DistContext, all_reduce_sum, barrier, context, device_for, process_group
+from tasks.train.distributed import DistContext, all_reduce_sum, barrier, context, device_for, process_group
 from tasks.lineage import Lineage
-from tasks.models import Classifier, ModelArgs, build_model
-from tasks.optim import LRSchedule, build_optimizer
-from tasks.prepare import load_manifest, load_split
+from tasks.model.architectures import Classifier, ModelArgs, build_model
+from tasks.train.optim import LRSchedule, build_optimizer
+from tasks.data.prepare import load_manifest, load_split
 
 log = logging.getLogger(__name__)
 

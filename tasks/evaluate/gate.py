@@ -66,7 +66,7 @@ def failed(verdicts: list[GateVerdict]) -> bool:
 
 
 def check_gates(metrics: dict, cfg: GateConfig) -> list[GateVerdict]:
-    """The model-quality gates on the test metrics of tasks.metrics.compute_metrics (run before export)."""
+    """The model-quality gates on the test metrics of tasks.evaluate.metrics.compute_metrics (run before export)."""
     return [
         gate_min("gate.min_accuracy", "test accuracy", metrics["accuracy"], cfg.min_accuracy),
         gate_min("gate.min_class_recall", "lowest per-class recall", metrics["min_class_recall"], cfg.min_class_recall),

@@ -19,7 +19,7 @@ import torch
 
 from tasks.atomic import staged_dir
 from tasks.config import DataConfig
-from tasks.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, read_idx
+from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, read_idx
 
 log = logging.getLogger(__name__)
 

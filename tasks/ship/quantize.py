@@ -16,8 +16,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from tasks.benchmark import INPUT_NAME, onnx_accuracy, as_pixels
-from tasks.gate import GateVerdict, gate_max
+from tasks.ship.latency import INPUT_NAME, onnx_accuracy, as_pixels
+from tasks.evaluate.gate import GateVerdict, gate_max
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class VariantResult:
     drop: float            # FP32 ONNX test accuracy minus the variant's (positive: worse)
     size_bytes: int
     verdict: GateVerdict   # export.max_quant_drop on `drop`
-    serving: dict | None = None  # tasks.benchmark.measure_serving of a kept variant
+    serving: dict | None = None  # tasks.ship.latency.measure_serving of a kept variant
 
     @property
     def kept(self) -> bool:

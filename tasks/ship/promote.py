@@ -21,11 +21,11 @@ from pathlib import Path
 
 import onnx
 
-from tasks.benchmark import onnx_accuracy
+from tasks.ship.latency import onnx_accuracy
 from tasks.config import GateConfig
-from tasks.gate import GateFailed, GateVerdict, check_champion_gates, failed
-from tasks.prepare import load_split
-from tasks.registry import MODEL_FILE, VARIANT_FILES, Registry, sha256_file
+from tasks.evaluate.gate import GateFailed, GateVerdict, check_champion_gates, failed
+from tasks.data.prepare import load_split
+from tasks.ship.registry import MODEL_FILE, VARIANT_FILES, Registry, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Data stages: fetch the raw source, prepare validated tensors, augment batches."""

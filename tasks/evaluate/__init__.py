@@ -1,0 +1,1 @@
+"""The evaluate stage: test metrics, plots and the quality gates."""

@@ -1,0 +1,1 @@
+"""Model construction (architectures) and self-describing checkpoints."""

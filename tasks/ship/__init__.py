@@ -1,0 +1,1 @@
+"""Shipping: ONNX export, serving-cost measurement, quantization, the registry and promotion."""

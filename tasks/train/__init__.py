@@ -1,0 +1,1 @@
+"""The train stage: one training loop, its optimizers, DDP under torchrun, packed trials."""

@@ -1,0 +1,1 @@
+"""The tune stage: an Optuna study over the training knobs."""
