@@ -25,84 +25,84 @@ class _Section(BaseModel):
 
 
 class PathsConfig(_Section):
-    raw: str = "data/raw"
-    prepared: str = "data/prepared"
-    model: str = "models/model.pt"
-    history: str = "metrics/train_history.csv"
-    metrics: str = "metrics/eval.json"
-    confusion: str = "metrics/confusion.csv"
-    onnx: str = "models/model.onnx"
-    summary: str = "reports/run_summary.md"
-    confusion_png: str = "metrics/confusion.png"
-    variants: str = "models/variants"
-    export_metrics: str = "metrics/export.json"
-    tuning: str = "tuning"       # tune stage: best_params.json, trials.csv, plots; study.db (the default RDB)
-    registry: str = "registry"   # model registry: versions/<id>/ + aliases/ (the server reads it)
+    raw: str = Field("data/raw", description="fetched source data (IDX files or class folders), a DVC output")
+    prepared: str = Field("data/prepared", description="validated, split uint8 tensors + manifest.json")
+    model: str = Field("models/model.pt", description="self-describing checkpoint (model args, config, lineage)")
+    history: str = Field("metrics/train_history.csv", description="per-epoch training curve (DVC plot)")
+    metrics: str = Field("metrics/eval.json", description="test metrics + gate verdicts (DVC metrics)")
+    confusion: str = Field("metrics/confusion.csv", description="actual/predicted pairs (DVC confusion plot)")
+    onnx: str = Field("models/model.onnx", description="one self-contained ONNX file with metadata")
+    summary: str = Field("reports/run_summary.md", description="the run summary (markdown), also a Prefect artifact")
+    confusion_png: str = Field("metrics/confusion.png", description="the confusion matrix as a picture (DVC image plot)")
+    variants: str = Field("models/variants", description="kept FP16/INT8 variants + variants.json (each one's accuracy drop, kept or not)")
+    export_metrics: str = Field("metrics/export.json", description="parity, latency, throughput, size, variants, serving gates (DVC metrics)")
+    tuning: str = Field("tuning", description="tune stage: best_params.json, trials.csv, plots; study.db (the default RDB)")
+    registry: str = Field("registry", description="model registry: versions/<id>/ + aliases/ (the server reads it)")
 
 
 class DataConfig(_Section):
-    source: Literal["mnist", "imagefolder"] = "mnist"
-    mirror: str | None = None
-    image_folder: str | None = None
-    val_fraction: float = Field(0.083333, gt=0.0, lt=1.0)
-    seed: int = 0
-    limit_train: int | None = Field(None, gt=0)
-    limit_test: int | None = Field(None, gt=0)
+    source: Literal["mnist", "imagefolder"] = Field("mnist", description="mnist | imagefolder")
+    mirror: str | None = Field(None, description="folder or URL holding the four MNIST .gz files; env TUNELINE_DATA_MIRROR wins")
+    image_folder: str | None = Field(None, description="for source=imagefolder: a folder of class sub-folders of PNG/JPEG images")
+    val_fraction: float = Field(0.083333, gt=0.0, lt=1.0, description="share of the training set held out for validation (stratified; 5000 of 60000)")
+    seed: int = Field(0, description="split seed")
+    limit_train: int | None = Field(None, gt=0, description="keep only this many training images (stratified), for quick runs and tests")
+    limit_test: int | None = Field(None, gt=0, description="keep only this many test images (stratified)")
 
 
 class ModelConfig(_Section):
-    arch: Literal["seed_cnn", "seed_mlp", "bn_cnn"] = "seed_cnn"
-    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    arch: Literal["seed_cnn", "seed_mlp", "bn_cnn"] = Field("seed_cnn", description="seed_cnn | seed_mlp (the article's) | bn_cnn (small CNN with batch norm)")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout rate before the classifier (0 = off)")
 
 
 class TrainConfig(_Section):
     # Flat keys on purpose: every knob is one `-S train.key=value` away, as DVC spells overrides.
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
-    lr: float = Field(1e-3, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)      # sgd and rmsprop
-    nesterov: bool = False                            # sgd only
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)         # adam / adamw
-    beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)          # L2 (decoupled for adamw)
-    l1: float = Field(0.0, ge=0.0)                    # L1 penalty on weights (not biases / norm layers)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    grad_clip: float = Field(0.0, ge=0.0)             # max global grad norm; 0 = off
-    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle", "plateau"] = "step"
-    step_size: int = Field(1, ge=1)                   # step: epochs between decays
-    gamma: float = Field(0.5, gt=0.0, le=1.0)         # step / exponential: lr multiplier per decay (per epoch)
-    warmup_epochs: float = Field(0.0, ge=0.0)         # linear warm-up from ~0 to lr; fractions of an epoch allowed
-    onecycle_pct_start: float = Field(0.25, gt=0.0, lt=1.0)
-    plateau_patience: int = Field(1, ge=0)            # plateau: epochs without val improvement before decaying
-    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
-    augment_rotate_deg: float = Field(0.0, ge=0.0, le=180.0)   # random rotation in ±degrees, per image, on device
-    augment_translate: float = Field(0.0, ge=0.0, le=0.5)      # random shift in ± fraction of the image side
-    augment_scale: float = Field(0.0, ge=0.0, lt=1.0)          # random zoom in 1 ± scale
-    early_stopping_patience: int = Field(0, ge=0)     # epochs without improvement before stopping; 0 = off
-    early_stopping_metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    early_stopping_min_delta: float = Field(0.0, ge=0.0)
-    divergence_factor: float = Field(100.0, gt=1.0)   # loss above this × ln(classes) (100× a uniform guess) = diverged
-    restore_best: bool = True                         # keep the best epoch's weights, not the last
-    seed: int = 0
-    deterministic: bool = False                       # deterministic kernels: bit-identical reruns, a little slower
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    channels_last: bool = True
-    compile: bool = False                             # torch.compile the model (pays a one-off compile time)
-    resume: bool = True                               # continue from the last epoch checkpoint of the same config
-    eval_batch_size: int = Field(1000, ge=1)
+    epochs: int = Field(3, ge=1, description="passes over the training split")
+    batch_size: int = Field(128, ge=1, description="images per optimizer step (the global batch under DDP)")
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="sgd | adam | adamw | rmsprop")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd and rmsprop: momentum factor")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="adam / adamw: first-moment decay")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="adam / adamw: second-moment decay")
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 (decoupled for adamw)")
+    l1: float = Field(0.0, ge=0.0, description="L1 penalty on weights (not biases / norm layers)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing (0 = off)")
+    grad_clip: float = Field(0.0, ge=0.0, description="max global grad norm; 0 = off")
+    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle", "plateau"] = Field("step", description="none | step | exponential | cosine | onecycle | plateau")
+    step_size: int = Field(1, ge=1, description="step: epochs between decays")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="step / exponential: lr multiplier per decay (per epoch)")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up from ~0 to lr; fractions of an epoch allowed")
+    onecycle_pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: share of the steps spent warming up")
+    plateau_patience: int = Field(1, ge=0, description="plateau: epochs without val improvement before decaying")
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0, description="plateau: lr multiplier per decay")
+    augment_rotate_deg: float = Field(0.0, ge=0.0, le=180.0, description="random rotation in ±degrees, per image, on device")
+    augment_translate: float = Field(0.0, ge=0.0, le=0.5, description="random shift in ± fraction of the image side")
+    augment_scale: float = Field(0.0, ge=0.0, lt=1.0, description="random zoom in 1 ± scale")
+    early_stopping_patience: int = Field(0, ge=0, description="epochs without improvement before stopping; 0 = off")
+    early_stopping_metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="val_accuracy | val_loss")
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
+    divergence_factor: float = Field(100.0, gt=1.0, description="loss above this × ln(classes) (100× a uniform guess) = diverged")
+    restore_best: bool = Field(True, description="keep the best epoch's weights, not the last")
+    seed: int = Field(0, description="weight init, data order and augmentation seed")
+    deterministic: bool = Field(False, description="deterministic kernels: bit-identical reruns, a little slower")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool = Field(True, description="NHWC memory layout for convolutions (faster on GPUs)")
+    compile: bool = Field(False, description="torch.compile the model (pays a one-off compile time)")
+    resume: bool = Field(True, description="continue from the last epoch checkpoint of the same config")
+    eval_batch_size: int = Field(1000, ge=1, description="images per forward pass when validating and evaluating")
 
 
 class SpaceDim(_Section):
     """One dimension of the search space: a float/int range (optionally log-uniform) or a list of choices."""
 
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
+    type: Literal["float", "int", "categorical"] = Field(description="float | int | categorical")
+    low: float | None = Field(None, description="float/int: lower bound")
+    high: float | None = Field(None, description="float/int: upper bound")
+    log: bool = Field(False, description="float/int: sample log-uniformly")
+    step: float | None = Field(None, description="float/int: grid step")
+    choices: list[Any] | None = Field(None, description="categorical: the values to choose from")
 
     @model_validator(mode="after")
     def _check(self) -> "SpaceDim":
@@ -133,22 +133,22 @@ def _default_space() -> dict[str, SpaceDim]:
 
 
 class TuneConfig(_Section):
-    enabled: bool = True
-    n_trials: int = Field(6, ge=1)                    # finished trials (complete, pruned or failed) the study holds
-    timeout_s: float | None = Field(None, gt=0)       # wall-clock budget per `tune` call, on top of n_trials
-    epochs: int = Field(2, ge=1)                      # epochs per trial (the pruner's max resource)
-    limit_train: int | None = Field(6000, gt=0)       # trial data: a stratified slice of the train split
-    limit_val: int | None = Field(2000, gt=0)         #   and of the val split (None: all)
-    sampler_seed: int = 0                             # TPE seed
-    pruner: Literal["asha", "hyperband", "median", "none"] = "asha"
-    min_resource: int = Field(1, ge=1)                # epochs a trial runs before it can be pruned
-    reduction_factor: int = Field(3, ge=2)
-    storage: str | None = None                        # RDB URL; default sqlite:///<paths.tuning>/study.db
-    study_name: str | None = None                     # default: derived from data version + space + settings
-    space: dict[str, SpaceDim] = Field(default_factory=_default_space)
+    enabled: bool = Field(True, description="false: train with params.yaml as given")
+    n_trials: int = Field(6, ge=1, description="finished trials (complete, pruned or failed) the study holds")
+    timeout_s: float | None = Field(None, gt=0, description="wall-clock budget per `tune` call, on top of n_trials")
+    epochs: int = Field(2, ge=1, description="epochs per trial (the pruner's max resource)")
+    limit_train: int | None = Field(6000, gt=0, description="trial data: a stratified slice of the train split")
+    limit_val: int | None = Field(2000, gt=0, description="and of the val split (None: all)")
+    sampler_seed: int = Field(0, description="TPE seed")
+    pruner: Literal["asha", "hyperband", "median", "none"] = Field("asha", description="asha (successive halving) | hyperband | median | none")
+    min_resource: int = Field(1, ge=1, description="epochs a trial runs before it can be pruned")
+    reduction_factor: int = Field(3, ge=2, description="ASHA/Hyperband: keep 1 in this many trials per rung")
+    storage: str | None = Field(None, description="RDB URL; default sqlite:///<paths.tuning>/study.db")
+    study_name: str | None = Field(None, description="default: derived from data version + space + settings")
+    space: dict[str, SpaceDim] = Field(default_factory=_default_space, description="key: {type: float|int (low, high, log, step) | categorical (choices)}")
     # Trials trained together in one process and one set of kernels (tasks/train/packed.py): "auto" = up to 16 on
     # CUDA, off on CPU; K >= 2 = packs of up to K (capped by device memory); null or 1 = one trial at a time.
-    packing: int | Literal["auto"] | None = "auto"
+    packing: int | Literal["auto"] | None = Field("auto", description="trials trained together in one process: auto (16 on CUDA, off on CPU) | K | null")
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -161,43 +161,43 @@ class TuneConfig(_Section):
 
 
 class GateConfig(_Section):
-    min_accuracy: float = Field(0.99, ge=0.0, le=1.0)
-    min_class_recall: float = Field(0.97, ge=0.0, le=1.0)
-    max_ece: float = Field(0.03, ge=0.0, le=1.0)
-    max_latency_p99_ms: float = Field(50.0, gt=0.0)     # batch 1, ONNX Runtime, on serve.device with serve.threads
-    max_size_mb: float = Field(20.0, gt=0.0)            # the FP32 model.onnx, 1 MB = 10^6 bytes
-    max_regression: float = Field(0.005, ge=0.0, le=1.0)  # accuracy the challenger may lose vs the champion
-    min_improvement: float = Field(0.001, ge=0.0, le=1.0)  # accuracy it must gain to be promoted
+    min_accuracy: float = Field(0.99, ge=0.0, le=1.0, description="test accuracy a model must reach to be exported")
+    min_class_recall: float = Field(0.97, ge=0.0, le=1.0, description="every class's recall (the weakest class) must reach this")
+    max_ece: float = Field(0.03, ge=0.0, le=1.0, description="expected calibration error (15 bins) at most this")
+    max_latency_p99_ms: float = Field(50.0, gt=0.0, description="batch 1, ONNX Runtime, on serve.device with serve.threads")
+    max_size_mb: float = Field(20.0, gt=0.0, description="the FP32 model.onnx, 1 MB = 10^6 bytes")
+    max_regression: float = Field(0.005, ge=0.0, le=1.0, description="accuracy the challenger may lose vs the champion")
+    min_improvement: float = Field(0.001, ge=0.0, le=1.0, description="accuracy it must gain to be promoted")
 
 
 class ExportConfig(_Section):
-    opset: int = Field(18, ge=17)
-    parity_atol: float = Field(1e-4, gt=0.0)
-    fp16: bool = False                                  # also write model.fp16.onnx (gated on its accuracy drop)
-    int8: bool = True                                   # also write model.int8.onnx (static, calibrated on train images)
-    max_quant_drop: float = Field(0.005, ge=0.0, le=1.0)  # test accuracy a variant may lose vs the FP32 ONNX
-    calibration_images: int = Field(512, ge=1)          # training images that calibrate INT8 activation ranges
-    latency_runs: int = Field(200, ge=10)               # timed batch-1 runs behind p50/p99 (on serve.device)
+    opset: int = Field(18, ge=17, description="ONNX opset version")
+    parity_atol: float = Field(1e-4, gt=0.0, description="max |ONNX - PyTorch| logit difference accepted")
+    fp16: bool = Field(False, description="also write model.fp16.onnx (gated on its accuracy drop)")
+    int8: bool = Field(True, description="also write model.int8.onnx (static, calibrated on train images)")
+    max_quant_drop: float = Field(0.005, ge=0.0, le=1.0, description="test accuracy a variant may lose vs the FP32 ONNX")
+    calibration_images: int = Field(512, ge=1, description="training images that calibrate INT8 activation ranges")
+    latency_runs: int = Field(200, ge=10, description="timed batch-1 runs behind p50/p99 (on serve.device)")
 
 
 class ServeConfig(_Section):
     """The inference server (serving/); env TUNELINE_SERVE_<KEY> and `tuneline serve` flags override these."""
 
-    host: str = "127.0.0.1"                             # loopback unless told otherwise
-    port: int = Field(8000, ge=0, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"     # cuda: refuse to start unless CUDA is really active
-    model_file: str = "model.onnx"                      # which file of a registry version to serve
-    threads: int = Field(0, ge=0)                       # ONNX Runtime intra-op threads; 0 = one per core
-    batching: bool = True                               # merge concurrent requests into one session run
-    max_batch_size: int = Field(64, ge=1)               # rows per session run
-    max_queue_delay_us: int = Field(2000, ge=0)         # longest a request waits for others to join its batch
-    reload_poll_s: float = Field(2.0, ge=0.0)           # how often aliases/champion.json is checked; 0 = never
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)   # larger requests get 413
-    max_concurrency: int = Field(256, ge=1)             # inference requests in flight before 429
-    shutdown_timeout_s: float = Field(10.0, gt=0.0)     # drain time for in-flight requests on SIGTERM
-    access_log: bool = True                             # one JSON log line per request
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    notify_url: str | None = None                       # pipeline: after a promotion, POST this server's load endpoint
+    host: str = Field("127.0.0.1", description="loopback unless told otherwise")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda: refuse to start unless CUDA is really active")
+    model_file: str = Field("model.onnx", description="which file of a registry version to serve")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
+    batching: bool = Field(True, description="merge concurrent requests into one session run")
+    max_batch_size: int = Field(64, ge=1, description="rows per session run")
+    max_queue_delay_us: int = Field(2000, ge=0, description="longest a request waits for others to join its batch")
+    reload_poll_s: float = Field(2.0, ge=0.0, description="how often aliases/champion.json is checked; 0 = never")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger requests get 413")
+    max_concurrency: int = Field(256, ge=1, description="inference requests in flight before 429")
+    shutdown_timeout_s: float = Field(10.0, gt=0.0, description="drain time for in-flight requests on SIGTERM")
+    access_log: bool = Field(True, description="one JSON log line per request")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")
+    notify_url: str | None = Field(None, description="pipeline: after a promotion, POST this server's load endpoint")
 
 
 class Params(_Section):
