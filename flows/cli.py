@@ -4,6 +4,8 @@
     tuneline stage NAME [-S key=value …]                  one stage (what dvc.yaml calls)
     tuneline stage train --nproc-per-node N               train with N DistributedDataParallel processes (torchrun)
     tuneline models list|show|promote|rollback|register   the model registry (flows/models_cli.py)
+    tuneline dvc-yaml [--check]                           write (or check) dvc.yaml from the stage table
+    tuneline config-docs [--check]                        params.yaml comments + docs knob table from tasks/config.py
     tuneline serve [--host H] [--port P] [--device D] [-S serve.key=value …]   the inference server (serving/)
     tuneline predict IMAGE… [--url URL]                  classify PNG/JPEG digits with a running server
 
@@ -18,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-STAGE_NAMES = ("fetch", "prepare", "tune", "train", "evaluate", "export")
+from flows.dvc_yaml import STAGE_NAMES
 
 
 def _default_environment(root: Path) -> None:
@@ -49,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a params.yaml key, e.g. -S train.lr=0.01 (repeatable)")
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC reports it unchanged")
+    dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (code deps derived from imports)")
+    dvc_yaml.add_argument("--check", action="store_true", help="only compare: exit 1 with a diff when it is stale")
+    sub.add_parser("code-fingerprint", help="refresh .tuneline/code/<stage>.json (dvc.yaml's `code` stage, when "
+                                            "Tuneline's code lives outside the project)")
+    docs = sub.add_parser("config-docs", help="write params.yaml's comments and docs/configuration.md's knob table "
+                                              "from tasks/config.py")
+    docs.add_argument("--check", action="store_true", help="only compare: exit 1 when either is stale")
     run.add_argument("--no-push", action="store_true", help="skip the final `dvc push`")
     from flows.models_cli import add_models_parser
 
@@ -67,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from serving.cli import run_command
 
         return run_command(args, root)
-    from tasks.config import ConfigError, load_params, parse_override
-    from tasks.data.idx import DataError
+    if args.command in ("dvc-yaml", "code-fingerprint", "config-docs"):
+        return _run_generator(args.command, root, getattr(args, "check", False))
+    from tasks.config import load_params, parse_override
+    from tasks.errors import TunelineError
 
     if args.command in ("stage", "tune"):  # under `run`, Prefect's own logging set-up prints and ships the logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -103,17 +114,39 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_models(args, params, root)
         return _run_pipeline(root, overrides, force=args.force, push_data=not args.no_push)
-    except (ConfigError, DataError) as exc:
-        print(f"tuneline: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a stage's own error (gate, divergence, parity): one line, non-zero exit
-        from tasks.evaluate.gate import GateFailed
-        from tasks.train.loop import DivergedError
-
-        if isinstance(exc, (GateFailed, DivergedError)) or type(exc).__module__.startswith("tasks."):
+    except TunelineError as exc:  # one line and one exit-code rule for every command (tasks/errors.py)
+        print(f"tuneline: {args.command} failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # a stage's own error that predates TunelineError: one line, exit 1
+        if type(exc).__module__.startswith("tasks."):
             print(f"tuneline: {args.command} failed: {exc}", file=sys.stderr)
             return 1
         raise
+
+
+def _run_generator(command: str, root: Path, check: bool) -> int:
+    """dvc.yaml, the code fingerprints and the config docs: files derived from the code, written or checked."""
+    from flows import config_docs, dvc_yaml
+
+    if command == "code-fingerprint":
+        for path in dvc_yaml.write_fingerprints(root):
+            print(f"code fingerprint: {path}")
+        return 0
+    if command == "dvc-yaml":
+        diff = dvc_yaml.stale_diff(root)
+        if check:
+            print(diff or "dvc.yaml: up to date", file=sys.stderr if diff else sys.stdout)
+            return 1 if diff else 0
+        print(f"written: {dvc_yaml.write(root)}" if diff else "dvc.yaml: up to date")
+        return 0
+    stale = config_docs.stale_files(root)
+    if check:
+        for path in stale:
+            print(f"{path}: stale: run `tuneline config-docs`", file=sys.stderr)
+        return 1 if stale else 0
+    for path in config_docs.write(root):
+        print(f"written: {path}")
+    return 0
 
 
 def _run_tune(params, root: Path, workers: int) -> int:
@@ -138,8 +171,11 @@ def _run_pipeline(root: Path, overrides: dict, force: bool, push_data: bool) -> 
     state = pipeline(overrides=overrides, project_dir=str(root), force=force, push_data=push_data,
                      return_state=True)
     if not state.is_completed():
+        from tasks.errors import TunelineError
+
         print(f"tuneline: pipeline run {state.name}: {state.message}", file=sys.stderr)
-        return 1
+        error = state.result(raise_on_failure=False)
+        return error.exit_code if isinstance(error, TunelineError) else 1
     summary = state.result()
     print(f"\nTuneline run completed: test accuracy {summary['accuracy']:.4f}")
     print(f"  ONNX model:   {summary['onnx_path']}")

@@ -21,10 +21,13 @@ from tasks.lineage import Lineage, git_commit
 from tasks.data.prepare import PrepareResult, run_prepare
 from tasks.ship.promote import PromoteResult, run_promote
 from tasks.train.loop import TrainResult, read_history, run_train
-from tasks.tune.study import TuneResult, apply_best_params, run_tune
+from tasks.tune.results import TuneResult, apply_best_params
+from tasks.tune.stage import run_tune
 from tasks.versioning import data_version
 
-STAGES = ("fetch", "prepare", "tune", "train", "evaluate", "export")
+# The stage table is defined once, in flows/dvc_yaml.py (dvc.yaml is generated from it).
+from flows.dvc_yaml import STAGE_NAMES as STAGES
+from flows.dvc_yaml import check_running_code
 
 
 def project_path(root: Path, relative: str) -> Path:
@@ -129,4 +132,5 @@ def run_stage(name: str, params: Params, root: Path):
     runners = {"fetch": fetch, "prepare": prepare, "tune": tune, "train": train, "evaluate": evaluate, "export": export}
     if name not in runners:
         raise ValueError(f"unknown stage {name!r}: choose one of {', '.join(STAGES)}")
+    check_running_code(root, name)  # the code DVC hashes for this stage is the code about to run
     return runners[name](params, root)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A params file or an override is invalid; the message is one line that says what to fix."""
 
 
@@ -24,7 +27,44 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True)
+class ProjectPaths:
+    """Every path of a project, absolute. Most are one run's stage outputs; a few belong to the project.
+
+    Project-scoped paths (`PROJECT_SCOPED`) accumulate across runs and must be shared by every run of the
+    project, wherever a run's outputs are written: the model registry (and its lock), the Optuna study
+    storage (continued by every rerun) and the training checkpoints (a crashed run resumes from them).
+    """
+
+    raw: Path
+    prepared: Path
+    model: Path
+    history: Path
+    metrics: Path
+    confusion: Path
+    onnx: Path
+    summary: Path
+    confusion_png: Path
+    variants: Path
+    export_metrics: Path
+    tuning: Path
+    registry: Path
+    checkpoints: Path    # epoch checkpoints of the train stage (resume); next to the model by default
+    study_db: Path       # the default SQLite study storage (tune.storage / TUNELINE_TUNE_STORAGE win)
+
+    PROJECT_SCOPED: ClassVar[frozenset[str]] = frozenset({"registry", "checkpoints", "study_db"})
+
+    def run_outputs(self) -> dict[str, Path]:
+        """The paths one run writes as its stage outputs (everything not project-scoped)."""
+        return {k: v for k, v in vars(self).items() if k not in self.PROJECT_SCOPED}
+
+    def project_scoped(self) -> dict[str, Path]:
+        return {k: v for k, v in vars(self).items() if k in self.PROJECT_SCOPED}
+
+
 class PathsConfig(_Section):
+    """Where each stage writes, relative to the project folder (dvc.yaml templates its paths from these)."""
+
     raw: str = Field("data/raw", description="fetched source data (IDX files or class folders), a DVC output")
     prepared: str = Field("data/prepared", description="validated, split uint8 tensors + manifest.json")
     model: str = Field("models/model.pt", description="self-describing checkpoint (model args, config, lineage)")
@@ -39,8 +79,17 @@ class PathsConfig(_Section):
     tuning: str = Field("tuning", description="tune stage: best_params.json, trials.csv, plots; study.db (the default RDB)")
     registry: str = Field("registry", description="model registry: versions/<id>/ + aliases/ (the server reads it)")
 
+    def resolve(self, root: Path) -> ProjectPaths:
+        """Absolute paths under the project folder `root` (the one place they are joined)."""
+        root = Path(root)
+        absolute = {name: (root / value).resolve() for name, value in self.model_dump().items()}
+        return ProjectPaths(**absolute, checkpoints=absolute["model"].parent / "checkpoints",
+                            study_db=absolute["tuning"] / "study.db")
+
 
 class DataConfig(_Section):
+    """Where the data comes from and how prepare splits it (fetch and prepare stages)."""
+
     source: Literal["mnist", "imagefolder"] = Field("mnist", description="mnist | imagefolder")
     mirror: str | None = Field(None, description="folder or URL holding the four MNIST .gz files; env TUNELINE_DATA_MIRROR wins")
     image_folder: str | None = Field(None, description="for source=imagefolder: a folder of class sub-folders of PNG/JPEG images")
@@ -51,47 +100,51 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The network the train stage builds."""
+
     arch: Literal["seed_cnn", "seed_mlp", "bn_cnn"] = Field("seed_cnn", description="seed_cnn | seed_mlp (the article's) | bn_cnn (small CNN with batch norm)")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout rate before the classifier (0 = off)")
 
 
 class TrainConfig(_Section):
+    """How the train stage (and every tuning trial) trains: optimizer, schedule, regularisation, device."""
+
     # Flat keys on purpose: every knob is one `-S train.key=value` away, as DVC spells overrides.
-    epochs: int = Field(3, ge=1, description="passes over the training split")
-    batch_size: int = Field(128, ge=1, description="images per optimizer step (the global batch under DDP)")
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="sgd | adam | adamw | rmsprop")
-    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd and rmsprop: momentum factor")
-    nesterov: bool = Field(False, description="sgd: Nesterov momentum")
-    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="adam / adamw: first-moment decay")
-    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="adam / adamw: second-moment decay")
-    weight_decay: float = Field(0.0, ge=0.0, description="L2 (decoupled for adamw)")
-    l1: float = Field(0.0, ge=0.0, description="L1 penalty on weights (not biases / norm layers)")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing (0 = off)")
-    grad_clip: float = Field(0.0, ge=0.0, description="max global grad norm; 0 = off")
-    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle", "plateau"] = Field("step", description="none | step | exponential | cosine | onecycle | plateau")
-    step_size: int = Field(1, ge=1, description="step: epochs between decays")
-    gamma: float = Field(0.5, gt=0.0, le=1.0, description="step / exponential: lr multiplier per decay (per epoch)")
-    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up from ~0 to lr; fractions of an epoch allowed")
-    onecycle_pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: share of the steps spent warming up")
-    plateau_patience: int = Field(1, ge=0, description="plateau: epochs without val improvement before decaying")
-    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0, description="plateau: lr multiplier per decay")
-    augment_rotate_deg: float = Field(0.0, ge=0.0, le=180.0, description="random rotation in ±degrees, per image, on device")
-    augment_translate: float = Field(0.0, ge=0.0, le=0.5, description="random shift in ± fraction of the image side")
-    augment_scale: float = Field(0.0, ge=0.0, lt=1.0, description="random zoom in 1 ± scale")
-    early_stopping_patience: int = Field(0, ge=0, description="epochs without improvement before stopping; 0 = off")
-    early_stopping_metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="val_accuracy | val_loss")
-    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
-    divergence_factor: float = Field(100.0, gt=1.0, description="loss above this × ln(classes) (100× a uniform guess) = diverged")
-    restore_best: bool = Field(True, description="keep the best epoch's weights, not the last")
-    seed: int = Field(0, description="weight init, data order and augmentation seed")
-    deterministic: bool = Field(False, description="deterministic kernels: bit-identical reruns, a little slower")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
-    channels_last: bool = Field(True, description="NHWC memory layout for convolutions (faster on GPUs)")
-    compile: bool = Field(False, description="torch.compile the model (pays a one-off compile time)")
-    resume: bool = Field(True, description="continue from the last epoch checkpoint of the same config")
-    eval_batch_size: int = Field(1000, ge=1, description="images per forward pass when validating and evaluating")
+    epochs: int = Field(3, ge=1, description="passes over the training split", json_schema_extra={"packing": "per_model"})
+    batch_size: int = Field(128, ge=1, description="images per optimizer step (the global batch under DDP)", json_schema_extra={"packing": "shared"})
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="sgd | adam | adamw | rmsprop", json_schema_extra={"packing": "per_model"})
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate", json_schema_extra={"packing": "per_model"})
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd and rmsprop: momentum factor", json_schema_extra={"packing": "per_model"})
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum", json_schema_extra={"packing": "per_model"})
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="adam / adamw: first-moment decay", json_schema_extra={"packing": "per_model"})
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="adam / adamw: second-moment decay", json_schema_extra={"packing": "per_model"})
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 (decoupled for adamw)", json_schema_extra={"packing": "per_model"})
+    l1: float = Field(0.0, ge=0.0, description="L1 penalty on weights (not biases / norm layers)", json_schema_extra={"packing": "per_model"})
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing (0 = off)", json_schema_extra={"packing": "per_model"})
+    grad_clip: float = Field(0.0, ge=0.0, description="max global grad norm; 0 = off", json_schema_extra={"packing": "per_model"})
+    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle", "plateau"] = Field("step", description="none | step | exponential | cosine | onecycle | plateau", json_schema_extra={"packing": "per_model"})
+    step_size: int = Field(1, ge=1, description="step: epochs between decays", json_schema_extra={"packing": "per_model"})
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="step / exponential: lr multiplier per decay (per epoch)", json_schema_extra={"packing": "per_model"})
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up from ~0 to lr; fractions of an epoch allowed", json_schema_extra={"packing": "per_model"})
+    onecycle_pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: share of the steps spent warming up", json_schema_extra={"packing": "per_model"})
+    plateau_patience: int = Field(1, ge=0, description="plateau: epochs without val improvement before decaying", json_schema_extra={"packing": "per_model"})
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0, description="plateau: lr multiplier per decay", json_schema_extra={"packing": "per_model"})
+    augment_rotate_deg: float = Field(0.0, ge=0.0, le=180.0, description="random rotation in ±degrees, per image, on device", json_schema_extra={"packing": "shared"})
+    augment_translate: float = Field(0.0, ge=0.0, le=0.5, description="random shift in ± fraction of the image side", json_schema_extra={"packing": "shared"})
+    augment_scale: float = Field(0.0, ge=0.0, lt=1.0, description="random zoom in 1 ± scale", json_schema_extra={"packing": "shared"})
+    early_stopping_patience: int = Field(0, ge=0, description="epochs without improvement before stopping; 0 = off", json_schema_extra={"packing": "per_model"})
+    early_stopping_metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="val_accuracy | val_loss", json_schema_extra={"packing": "per_model"})
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement", json_schema_extra={"packing": "per_model"})
+    divergence_factor: float = Field(100.0, gt=1.0, description="loss above this × ln(classes) (100× a uniform guess) = diverged", json_schema_extra={"packing": "per_model"})
+    restore_best: bool = Field(True, description="keep the best epoch's weights, not the last", json_schema_extra={"packing": "per_model"})
+    seed: int = Field(0, description="weight init, data order and augmentation seed", json_schema_extra={"packing": "per_model"})
+    deterministic: bool = Field(False, description="deterministic kernels: bit-identical reruns, a little slower", json_schema_extra={"packing": "shared"})
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda", json_schema_extra={"packing": "shared"})
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU", json_schema_extra={"packing": "shared"})
+    channels_last: bool = Field(True, description="NHWC memory layout for convolutions (faster on GPUs)", json_schema_extra={"packing": "shared"})
+    compile: bool = Field(False, description="torch.compile the model (pays a one-off compile time)", json_schema_extra={"packing": "shared"})
+    resume: bool = Field(True, description="continue from the last epoch checkpoint of the same config", json_schema_extra={"packing": "shared"})
+    eval_batch_size: int = Field(1000, ge=1, description="images per forward pass when validating and evaluating", json_schema_extra={"packing": "shared"})
 
 
 class SpaceDim(_Section):
@@ -133,12 +186,17 @@ def _default_space() -> dict[str, SpaceDim]:
 
 
 class TuneConfig(_Section):
+    """The Optuna study over the training knobs (the tune stage); train then uses its best params.
+
+    The default space leaves out label smoothing: it lowers confidence on purpose, which gate.max_ece rejects.
+    """
+
     enabled: bool = Field(True, description="false: train with params.yaml as given")
     n_trials: int = Field(6, ge=1, description="finished trials (complete, pruned or failed) the study holds")
     timeout_s: float | None = Field(None, gt=0, description="wall-clock budget per `tune` call, on top of n_trials")
     epochs: int = Field(2, ge=1, description="epochs per trial (the pruner's max resource)")
-    limit_train: int | None = Field(6000, gt=0, description="trial data: a stratified slice of the train split")
-    limit_val: int | None = Field(2000, gt=0, description="and of the val split (None: all)")
+    limit_train: int | None = Field(6000, gt=0, description="trial data: a stratified slice of the train split (null: all)")
+    limit_val: int | None = Field(2000, gt=0, description="trial data: a stratified slice of the val split (null: all)")
     sampler_seed: int = Field(0, description="TPE seed")
     pruner: Literal["asha", "hyperband", "median", "none"] = Field("asha", description="asha (successive halving) | hyperband | median | none")
     min_resource: int = Field(1, ge=1, description="epochs a trial runs before it can be pruned")
@@ -161,6 +219,8 @@ class TuneConfig(_Section):
 
 
 class GateConfig(_Section):
+    """Bars a model must clear: quality (evaluate), serving cost (export), the champion (promote)."""
+
     min_accuracy: float = Field(0.99, ge=0.0, le=1.0, description="test accuracy a model must reach to be exported")
     min_class_recall: float = Field(0.97, ge=0.0, le=1.0, description="every class's recall (the weakest class) must reach this")
     max_ece: float = Field(0.03, ge=0.0, le=1.0, description="expected calibration error (15 bins) at most this")
@@ -171,6 +231,8 @@ class GateConfig(_Section):
 
 
 class ExportConfig(_Section):
+    """ONNX export, its parity check against PyTorch, and the FP16/INT8 variants."""
+
     opset: int = Field(18, ge=17, description="ONNX opset version")
     parity_atol: float = Field(1e-4, gt=0.0, description="max |ONNX - PyTorch| logit difference accepted")
     fp16: bool = Field(False, description="also write model.fp16.onnx (gated on its accuracy drop)")
@@ -185,7 +247,7 @@ class ServeConfig(_Section):
 
     host: str = Field("127.0.0.1", description="loopback unless told otherwise")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda: refuse to start unless CUDA is really active")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda (cuda: refuse to start unless CUDA is really active)")
     model_file: str = Field("model.onnx", description="which file of a registry version to serve")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
     batching: bool = Field(True, description="merge concurrent requests into one session run")

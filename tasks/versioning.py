@@ -14,10 +14,12 @@ from pathlib import Path
 
 import yaml
 
+from tasks.errors import StageFailed
+
 log = logging.getLogger(__name__)
 
 
-class VersioningError(RuntimeError):
+class VersioningError(StageFailed, RuntimeError):
     """DVC refused an operation; the message says which and why."""
 
 

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.errors import InputError
+
 IMAGES_MAGIC = 2051  # ubyte, 3 dimensions (count, rows, cols)
 LABELS_MAGIC = 2049  # ubyte, 1 dimension (count)
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Input data is unusable; the message names the file, the problem and what to do."""
 
 

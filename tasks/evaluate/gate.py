@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from tasks.config import GateConfig
+from tasks.errors import StageFailed
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def gate_max(name: str, metric: str, value: float, threshold: float, blocking: b
     return GateVerdict(name, metric, float(value), float(threshold), value <= threshold, "max", blocking)
 
 
-class GateFailed(RuntimeError):
+class GateFailed(StageFailed, RuntimeError):
     """At least one blocking gate failed; the message names each failure, then the whole table."""
 
     def __init__(self, verdicts: list[GateVerdict], consequence: str = "the model is not exported"):
