@@ -2,7 +2,7 @@
 
 The same trial configurations (sampled once with a seeded random sampler, all with train.seed 0, so the
 packs' data seed is each trial's own seed) are enqueued into four fresh Optuna studies and run through
-`tasks.tune.study.run_tune`:
+`tasks.tune.stage.run_tune`:
 
     pruner none: unpacked (one run_train per trial)  vs  packed (tune.packing=K)
     pruner asha: unpacked                            vs  packed
@@ -39,7 +39,10 @@ from tasks.lineage import Lineage  # noqa: E402
 from tasks.train.packed import Member, train_packed  # noqa: E402
 from tasks.data.prepare import run_prepare  # noqa: E402
 from tasks.train.loop import run_train  # noqa: E402
-from tasks.tune.study import _suggest, create_study, run_tune, storage_url, subset_prepared  # noqa: E402
+from tasks.tune.space import suggest  # noqa: E402
+from tasks.tune.stage import run_tune, subset_prepared  # noqa: E402
+from tasks.tune.storage import storage_url  # noqa: E402
+from tasks.tune.study import create_study  # noqa: E402
 
 # Everything here varies inside a pack; architecture and batch size are fixed so all 32 share one group.
 SPACE = {
@@ -63,7 +66,7 @@ def trial_configs(n: int, max_dropout: float = 0.5) -> list[dict]:
     configs = []
     for _ in range(n):
         trial = scratch.ask()
-        configs.append({key: _suggest(trial, key, SpaceDim(**dim)) for key, dim in SPACE.items()})
+        configs.append({key: suggest(trial, key, SpaceDim(**dim)) for key, dim in SPACE.items()})
         configs[-1]["model.dropout"] *= max_dropout / SPACE["model.dropout"]["high"]
         scratch.tell(trial, 0.0)
     return configs

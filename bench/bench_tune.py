@@ -1,6 +1,6 @@
 """Benchmark: the same study with and without pruning, in one process, same device, same seed and trials.
 
-Runs `tasks.tune.study.run_tune` twice over one search space — (a) successive halving (ASHA), (b) no pruning —
+Runs `tasks.tune.stage.run_tune` twice over one search space — (a) successive halving (ASHA), (b) no pruning —
 and prints for each the best validation accuracy, trials by state, total trial-epochs and device-seconds
 (the sum of trial durations), and the ratios (a)/(b).
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.config import DataConfig, build_params  # noqa: E402
 from tasks.data.fetch import run_fetch  # noqa: E402
 from tasks.data.prepare import run_prepare  # noqa: E402
-from tasks.tune.study import run_tune  # noqa: E402
+from tasks.tune.stage import run_tune  # noqa: E402
 
 SPACE = {
     "train.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},

@@ -34,7 +34,7 @@ from tasks.lineage import git_commit
 from tasks.ship.promote import PromoteResult
 from tasks.ship.registry import Registry
 from tasks.summary import render_summary
-from tasks.tune.study import apply_best_params, tuning_summary
+from tasks.tune.results import apply_best_params, tuning_summary
 from tasks.versioning import commit_stage, data_version, push, stage_changed, stage_fingerprint, track_folder
 
 # Tasks are thin: no logic beyond calling the stage.

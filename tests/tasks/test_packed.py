@@ -20,7 +20,8 @@ from tasks.model.architectures import ModelArgs, build_model
 from tasks.train.packed import Member, group_key, pack_capacity, train_packed
 from tasks.data.prepare import load_manifest
 from tasks.train.loop import run_train
-from tasks.tune.study import run_tune, study_name, subset_prepared
+from tasks.tune.stage import run_tune, subset_prepared
+from tasks.tune.study import study_name
 
 TIMING = ("seconds", "images_per_s")
 

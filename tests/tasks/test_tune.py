@@ -6,7 +6,9 @@ import json
 import pytest
 
 from tasks.config import ConfigError, build_params
-from tasks.tune.study import apply_best_params, run_tune, validate_space
+from tasks.tune.results import apply_best_params
+from tasks.tune.space import validate_space
+from tasks.tune.stage import run_tune
 
 FAST = {"model.arch": "seed_mlp", "train.scheduler": "none", "train.device": "cpu", "tune.epochs": 2,
         "tune.limit_train": 1000, "tune.limit_val": 250}
@@ -102,7 +104,7 @@ CHILD = """
 import sys
 from pathlib import Path
 from tasks.config import build_params
-from tasks.tune.study import run_tune
+from tasks.tune.stage import run_tune
 params = build_params({{}}, {params})
 run_tune(params, Path(sys.argv[1]), Path(sys.argv[2]), data_version="abc.dir")
 """
@@ -123,7 +125,8 @@ def test_a_killed_study_continues_on_rerun_without_duplicates(tmp_path, small_pr
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(params=overrides), str(small_prepared_dir), str(tmp_path)],
                              cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     params = build_params({}, overrides)
-    from tasks.tune.study import storage_url, study_name
+    from tasks.tune.storage import storage_url
+    from tasks.tune.study import study_name
 
     url, name = storage_url(params.tune, tmp_path), study_name(params.tune, "abc.dir")
     deadline = time.monotonic() + 120

@@ -7,7 +7,9 @@ import psycopg
 import pytest
 
 from tasks.config import ConfigError, build_params
-from tasks.tune.study import create_study, run_tune, storage_url
+from tasks.tune.stage import run_tune
+from tasks.tune.storage import storage_url
+from tasks.tune.study import create_study
 
 FAST = {"model.arch": "seed_mlp", "train.scheduler": "none", "train.device": "cpu", "tune.epochs": 1,
         "tune.limit_train": 1000, "tune.limit_val": 250, "tune.pruner": "none"}

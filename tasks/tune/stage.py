@@ -1,0 +1,69 @@
+"""Stage `tune`: an Optuna study over the search space in params.yaml -> best params + every trial.
+
+The seed article's loop — train, evaluate, adjust, repeat — made automatic: TPE proposes a config,
+the training engine reports validation accuracy after every epoch, and a pruner (successive halving by
+default) stops trials that are behind, so most of the budget goes to promising configs. A trial that
+diverges or runs out of GPU memory is recorded as failed with its reason, and the study goes on.
+
+The study lives in an RDB (SQLite by default, PostgreSQL for many machines) under a name derived from
+the data version, search space and trial settings: rerunning continues the same study, and with its
+`n_trials` already spent it runs no new trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import Params
+from tasks.data.prepare import SPLITS, load_manifest, stratified_take
+from tasks.tune.results import TuneResult, write_disabled, write_results
+from tasks.tune.space import validate_space
+from tasks.tune.storage import storage_url
+from tasks.tune.study import create_study, load_study, study_name
+from tasks.tune.workers import run_workers
+
+log = logging.getLogger(__name__)
+
+
+def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version: str, workers: int = 1) -> TuneResult:
+    """Run (or continue) the study with `workers` processes; write best params, trials CSV and plots."""
+    cfg = params.tune
+    tuning_dir = Path(tuning_dir)
+    tuning_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.enabled:
+        result = write_disabled(tuning_dir)
+        log.info("tune: disabled (tune.enabled=false): training uses params.yaml as given")
+        return result
+    validate_space(params, cfg.space)
+    name, url = study_name(cfg, data_version), storage_url(cfg, tuning_dir)
+    create_study(cfg, name, url)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
+        prepared = subset_prepared(Path(prepared_dir), Path(tmp) / "data", cfg.limit_train, cfg.limit_val, params.data.seed)
+        run_workers(params, prepared, name, url, Path(tmp), workers)
+    return write_results(load_study(name, url), cfg, tuning_dir, time.perf_counter() - started)
+
+
+def subset_prepared(prepared_dir: Path, dest: Path, limit_train: int | None, limit_val: int | None, seed: int) -> Path:
+    """A stratified slice of the prepared splits for cheap trials (same manifest, smaller arrays)."""
+    manifest = load_manifest(prepared_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    limits = {"train": limit_train, "val": limit_val, "test": None}
+    for split in SPLITS:
+        images = np.load(prepared_dir / f"{split}-images.npy")
+        labels = np.load(prepared_dir / f"{split}-labels.npy")
+        limit = limits[split]
+        if limit is not None and limit < labels.size:
+            keep, _ = stratified_take(labels, limit, seed)
+            images, labels = images[keep], labels[keep]
+        np.save(dest / f"{split}-images.npy", images)
+        np.save(dest / f"{split}-labels.npy", labels)
+    # The trial data's "files" identify the slice, so resume checkpoints never cross slices.
+    (dest / "manifest.json").write_text(json.dumps({**manifest, "files": {"slice": [limit_train, limit_val, manifest["files"]]}}))
+    return dest
