@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows import stages
+from flows.dvc_yaml import write_fingerprints as refresh_code_fingerprints
 from flows.params_file import write_overrides
 from tasks.atomic import write_bytes_atomic
 from tasks.config import Params, load_params
@@ -150,6 +151,7 @@ def _workspace_lock(root: Path, logger):
 
 def _run(params: Params, root: Path, force: bool, push_data: bool, logger) -> dict:
     ran = {}
+    refresh_code_fingerprints(root)  # code outside the project: its hashes are deps too (flows/dvc_yaml.py)
     try:
         for name in stages.STAGES:
             unchanged = not force and not stage_changed(root, name)
