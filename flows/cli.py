@@ -47,9 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--params-file", type=Path, default=None, help=argparse.SUPPRESS)  # torchrun's children
     tune = sub.add_parser("tune", help="run or continue the hyperparameter study (tune stage) with N workers")
     tune.add_argument("--workers", type=int, default=1, help="worker processes sharing one study (default 1)")
+    from tasks.config import add_override_option
+
     for p in (run, stage, tune):
-        p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a params.yaml key, e.g. -S train.lr=0.01 (repeatable)")
+        add_override_option(p)
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC reports it unchanged")
     dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (code deps derived from imports)")
     dvc_yaml.add_argument("--check", action="store_true", help="only compare: exit 1 with a diff when it is stale")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args, root)
     if args.command in ("dvc-yaml", "code-fingerprint", "config-docs"):
         return _run_generator(args.command, root, getattr(args, "check", False))
-    from tasks.config import load_params, parse_override
+    from tasks.config import load_params, parse_overrides
     from tasks.errors import TunelineError
 
     if args.command in ("stage", "tune"):  # under `run`, Prefect's own logging set-up prints and ships the logs
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("onnxscript", "onnx_ir", "httpx"):  # per-pass exporter notes and per-request lines
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        overrides = dict(parse_override(text) for text in args.overrides)
+        overrides = parse_overrides(args.overrides)
         params = load_params(root / "params.yaml", overrides)  # validate before importing heavy machinery
         if args.command == "stage":
             from flows.stages import run_stage, train

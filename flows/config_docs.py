@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from flows.environment import VARIABLES
 from tasks.atomic import write_bytes_atomic
 from tasks.config import Params, read_params_file
 
@@ -85,6 +86,9 @@ def render_knob_table() -> str:
         for key, sub in model.model_fields.items():
             description = (sub.description or "").replace("|", "\\|")
             out.append(f"| `{section}.{key}` | {_default(sub).replace('|', chr(92) + '|')} | {description} |")
+    out += ["", "### Environment variables", "", "Read once, at the entry points (flows/environment.py); stage code "
+            "never reads the environment.", "", "| variable | meaning |", "|---|---|"]
+    out += [f"| `{var.name}` | {var.meaning} |" for var in VARIABLES]
     return "\n".join(out) + "\n"
 
 

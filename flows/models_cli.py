@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tasks.config import add_override_option
 from tasks.ship.registry import ALIASES
 
 COMMANDS = ("list", "show", "promote", "rollback", "register")
@@ -22,8 +23,7 @@ COMMANDS = ("list", "show", "promote", "rollback", "register")
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="list, show, promote or roll back registry versions")
-    models.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml key for this command, e.g. -S paths.registry=/srv/registry")
+    add_override_option(models, "paths.registry=/srv/registry")
     commands = models.add_subparsers(dest="models_command", required=True)
     commands.add_parser("list", help="versions with their metrics, files and aliases")
     show = commands.add_parser("show", help="one version's model card, files verified")
@@ -69,7 +69,7 @@ def _print_table(rows: list[list[str]]) -> None:
 def run_models(args: argparse.Namespace, params, root: Path) -> int:
     from tasks.ship.registry import Registry
 
-    registry = Registry((Path(root) / params.paths.registry).resolve())  # as flows.stages.project_path, minus torch
+    registry = Registry(params.paths.resolve(root).registry)
     command = args.models_command
     if command == "list":
         versions = registry.versions()

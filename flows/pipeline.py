@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows import stages
+from flows.environment import Environment
 from flows.dvc_yaml import write_fingerprints as refresh_code_fingerprints
 from flows.params_file import write_overrides
 from tasks.atomic import write_bytes_atomic
@@ -78,7 +79,7 @@ def promote_model(params: Params, root: Path) -> PromoteResult:
 @task(name="dvc-track-registry", **_task_options)
 def track_registry(params: Params, root: Path) -> str:
     """`dvc add` the registry, holding its lock so the recorded state is one a reader could have seen."""
-    registry = Registry(stages.project_path(root, params.paths.registry))
+    registry = Registry(params.paths.resolve(root).registry)
     with registry.locked():
         return track_folder(root, params.paths.registry)
 
@@ -92,7 +93,7 @@ def notify_server(params: Params, promotion: PromoteResult) -> str:
     name = stages.model_name(params)
     request = urllib.request.Request(f"{url.rstrip('/')}/v2/repository/models/{name}/load", data=b"{}", method="POST",
                                      headers={"Content-Type": "application/json"})
-    if token := os.environ.get("TUNELINE_SERVE_TOKEN"):
+    if token := Environment.read().serve_token:
         request.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(request, timeout=60) as response:
         answer = json.loads(response.read() or b"{}")

@@ -1,7 +1,8 @@
 """The one place that turns `Params` + a project folder into stage calls.
 
 Both callers go through here: the Prefect flow (one task per stage) and `tuneline stage NAME`, which is
-what dvc.yaml runs. Paths come from params.yaml's `paths` section, relative to the project folder.
+what dvc.yaml runs. Paths come from params.yaml's `paths` section (`PathsConfig.resolve`), environment variables from
+flows/environment.py: stage functions get both as arguments.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from flows.environment import Environment
 from tasks.config import Params
 from tasks.train.distributed import NPROC_ENV, DistributedTrainingFailed, context, nproc_from_env, torchrun_command
 from tasks.evaluate.evaluate import EvaluateResult, run_evaluate
@@ -30,17 +32,14 @@ from flows.dvc_yaml import STAGE_NAMES as STAGES
 from flows.dvc_yaml import check_running_code
 
 
-def project_path(root: Path, relative: str) -> Path:
-    return (Path(root) / relative).resolve()
-
-
 def fetch(params: Params, root: Path) -> FetchResult:
-    mirror = resolve_mirror(params.data, os.environ.get("TUNELINE_DATA_MIRROR"))
-    return run_fetch(params.data, project_path(root, params.paths.raw), mirror=mirror)
+    mirror = resolve_mirror(params.data, Environment.read().data_mirror)
+    return run_fetch(params.data, params.paths.resolve(root).raw, mirror=mirror)
 
 
 def prepare(params: Params, root: Path) -> PrepareResult:
-    return run_prepare(params.data, project_path(root, params.paths.raw), project_path(root, params.paths.prepared))
+    paths = params.paths.resolve(root)
+    return run_prepare(params.data, paths.raw, paths.prepared)
 
 
 def lineage(params: Params, root: Path) -> Lineage:
@@ -49,9 +48,9 @@ def lineage(params: Params, root: Path) -> Lineage:
 
 
 def tune(params: Params, root: Path, workers: int = 1) -> TuneResult:
-    p = params.paths
-    return run_tune(params, project_path(root, p.prepared), project_path(root, p.tuning),
-                    data_version(root, p.raw), workers=workers)
+    paths = params.paths.resolve(root)
+    return run_tune(params, paths.prepared, paths.tuning,
+                    data_version(root, params.paths.raw), workers=workers, storage=Environment.read().tune_storage)
 
 
 def train(params: Params, root: Path, nproc_per_node: int | None = None) -> TrainResult:
@@ -61,17 +60,17 @@ def train(params: Params, root: Path, nproc_per_node: int | None = None) -> Trai
     stage runs under torchrun as that many DistributedDataParallel processes, one per GPU (CPU processes
     with gloo where there is none).
     """
-    nproc = nproc_per_node if nproc_per_node is not None else nproc_from_env(os.environ.get(NPROC_ENV))
+    nproc = nproc_per_node if nproc_per_node is not None else nproc_from_env(Environment.read().nproc_per_node)
     if nproc < 1:
         raise ValueError(f"nproc_per_node must be at least 1, got {nproc}")
     if nproc > 1 and not context().enabled:
         return _train_with_torchrun(params, root, nproc)
-    params = apply_best_params(params, project_path(root, params.paths.tuning) / "best_params.json")
-    p = params.paths
+    paths = params.paths.resolve(root)
+    params = apply_best_params(params, paths.tuning / "best_params.json")
     # Only rank 0 writes the model that records the lineage: the other ranks skip DVC's hash of the data.
     origin = lineage(params, root) if context().is_main else Lineage("-", "-", "-")
-    return run_train(params.model, params.train, project_path(root, p.prepared), project_path(root, p.model),
-                     project_path(root, p.history), origin, params=params.model_dump(mode="json"))
+    return run_train(params.model, params.train, paths.prepared, paths.model,
+                     paths.history, origin, params=params.model_dump(mode="json"))
 
 
 def _train_with_torchrun(params: Params, root: Path, nproc: int) -> TrainResult:
@@ -88,25 +87,25 @@ def _train_with_torchrun(params: Params, root: Path, nproc: int) -> TrainResult:
     if result.returncode != 0:
         raise DistributedTrainingFailed(f"train: torchrun with {nproc} processes exited with {result.returncode}; "
                                         "the last completed epoch is checkpointed: rerun to resume")
-    p = params.paths
-    history = read_history(project_path(root, p.history))
-    return TrainResult(model_path=project_path(root, p.model), history_path=project_path(root, p.history),
+    paths = params.paths.resolve(root)
+    history = read_history(paths.history)
+    return TrainResult(model_path=paths.model, history_path=paths.history,
                        history=history, best_val_accuracy=max(h["val_accuracy"] for h in history),
                        device=f"DistributedDataParallel x{nproc}")
 
 
 def evaluate(params: Params, root: Path, enforce: bool = True) -> EvaluateResult:
-    p = params.paths
-    return run_evaluate(project_path(root, p.model), project_path(root, p.prepared), project_path(root, p.metrics),
-                        project_path(root, p.confusion), params.gate, params.train, enforce=enforce,
-                        confusion_png=project_path(root, p.confusion_png))
+    paths = params.paths.resolve(root)
+    return run_evaluate(paths.model, paths.prepared, paths.metrics,
+                        paths.confusion, params.gate, params.train, enforce=enforce,
+                        confusion_png=paths.confusion_png)
 
 
 def export(params: Params, root: Path) -> ExportResult:
-    p = params.paths
-    return run_export(params.export, project_path(root, p.model), project_path(root, p.prepared),
-                      project_path(root, p.metrics), project_path(root, p.onnx),
-                      variants_dir=project_path(root, p.variants), report_path=project_path(root, p.export_metrics),
+    paths = params.paths.resolve(root)
+    return run_export(params.export, paths.model, paths.prepared,
+                      paths.metrics, paths.onnx,
+                      variants_dir=paths.variants, report_path=paths.export_metrics,
                       gate_cfg=params.gate, device=params.serve.device, threads=params.serve.threads)
 
 
@@ -119,11 +118,11 @@ def model_name(params: Params) -> str:
 
 def promote(params: Params, root: Path, run_id: str | None = None) -> PromoteResult:
     """Register the exported model and promote it if it beats the champion (not a DVC stage: see README)."""
-    p = params.paths
-    return run_promote(params.gate, project_path(root, p.registry), project_path(root, p.onnx),
-                       project_path(root, p.prepared), project_path(root, p.metrics),
-                       project_path(root, p.export_metrics),
-                       variants_dir=project_path(root, p.variants), name=model_name(params), run_id=run_id,
+    paths = params.paths.resolve(root)
+    return run_promote(params.gate, paths.registry, paths.onnx,
+                       paths.prepared, paths.metrics,
+                       paths.export_metrics,
+                       variants_dir=paths.variants, name=model_name(params), run_id=run_id,
                        device=params.serve.device)
 
 

@@ -302,6 +302,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def parse_overrides(texts: list[str]) -> dict[str, Any]:
+    """Every `-S key=value` of a command line, in order (a later one wins), as {key: value}."""
+    return dict(parse_override(text) for text in texts)
+
+
+def add_override_option(parser, example: str = "train.lr=0.01") -> None:
+    """The `-S/--set KEY=VALUE` option, the same on every command (tuneline run/stage/tune/models/serve)."""
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a params.yaml key, e.g. -S {example} (repeatable; the value is YAML)")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `raw` with each dotted key set; an unknown key is a ConfigError naming the valid ones."""
     merged = json.loads(json.dumps(raw))  # deep copy of plain YAML data

@@ -31,8 +31,12 @@ from tasks.tune.workers import run_workers
 log = logging.getLogger(__name__)
 
 
-def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version: str, workers: int = 1) -> TuneResult:
-    """Run (or continue) the study with `workers` processes; write best params, trials CSV and plots."""
+def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version: str, workers: int = 1,
+             storage: str | None = None) -> TuneResult:
+    """Run (or continue) the study with `workers` processes; write best params, trials CSV and plots.
+
+    `storage` is an RDB URL that wins over tune.storage (the CLI passes $TUNELINE_TUNE_STORAGE).
+    """
     cfg = params.tune
     tuning_dir = Path(tuning_dir)
     tuning_dir.mkdir(parents=True, exist_ok=True)
@@ -41,7 +45,7 @@ def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version:
         log.info("tune: disabled (tune.enabled=false): training uses params.yaml as given")
         return result
     validate_space(params, cfg.space)
-    name, url = study_name(cfg, data_version), storage_url(cfg, tuning_dir)
+    name, url = study_name(cfg, data_version), storage_url(cfg, tuning_dir, storage)
     create_study(cfg, name, url)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune-") as tmp:

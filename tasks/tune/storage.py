@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -11,12 +10,13 @@ from tasks.config import ConfigError, TuneConfig
 STORAGE_ENV = "TUNELINE_TUNE_STORAGE"  # wins over tune.storage: keeps a database password out of params.yaml
 
 
-def storage_url(cfg: TuneConfig, tuning_dir: Path) -> str:
-    """The study's RDB URL: $TUNELINE_TUNE_STORAGE, else tune.storage, else SQLite under paths.tuning.
+def storage_url(cfg: TuneConfig, tuning_dir: Path, override: str | None = None) -> str:
+    """The study's RDB URL: `override` ($TUNELINE_TUNE_STORAGE, read by the caller), else tune.storage, else
+    SQLite under paths.tuning.
 
     PostgreSQL (postgresql://user:pass@host/db) lets workers on many machines share one study.
     """
-    return os.environ.get(STORAGE_ENV) or cfg.storage or f"sqlite:///{Path(tuning_dir).resolve() / 'study.db'}"
+    return override or cfg.storage or f"sqlite:///{Path(tuning_dir).resolve() / 'study.db'}"
 
 
 def redact(url: str) -> str:

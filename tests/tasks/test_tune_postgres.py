@@ -7,6 +7,7 @@ import psycopg
 import pytest
 
 from tasks.config import ConfigError, build_params
+from flows.environment import Environment
 from tasks.tune.stage import run_tune
 from tasks.tune.storage import storage_url
 from tasks.tune.study import create_study
@@ -16,11 +17,12 @@ FAST = {"model.arch": "seed_mlp", "train.scheduler": "none", "train.device": "cp
 
 
 def test_two_worker_processes_finish_one_study_in_postgres(tmp_path, small_prepared_dir, postgres_db, monkeypatch):
-    # The URL comes from the environment, as on a cluster (no password in params.yaml).
+    # The URL comes from the environment, as on a cluster (no password in params.yaml), read at the entry point.
     monkeypatch.setenv("TUNELINE_TUNE_STORAGE", postgres_db)
+    storage = Environment.read().tune_storage
     params = build_params({}, {**FAST, "tune.n_trials": 4})
-    assert storage_url(params.tune, tmp_path) == postgres_db
-    result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir", workers=2)
+    assert storage_url(params.tune, tmp_path, storage) == postgres_db
+    result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir", workers=2, storage=storage)
 
     rows = list(csv.DictReader(open(result.trials_csv)))
     assert 4 <= len(rows) <= 5  # a racing worker may start one more before it sees the budget spent
@@ -39,7 +41,7 @@ def test_two_worker_processes_finish_one_study_in_postgres(tmp_path, small_prepa
     assert worker_pids == 2
 
     # A rerun (another machine joining late) finds the budget spent and adds nothing.
-    again = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir", workers=1)
+    again = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir", workers=1, storage=storage)
     assert len(list(csv.DictReader(open(again.trials_csv)))) == len(rows)
 
 
