@@ -31,7 +31,9 @@ from flows.dvc_yaml import write_fingerprints as refresh_code_fingerprints
 from flows.params_file import write_overrides
 from tasks.atomic import write_bytes_atomic
 from tasks.config import Params, load_params
-from tasks.evaluate.gate import GateFailed, GateVerdict
+from tasks.evaluate.gate import GateFailed
+from tasks.evaluate.report import EvalReport
+from tasks.ship.export_report import ExportReport
 from tasks.lineage import git_commit
 from tasks.ship.promote import PromoteResult
 from tasks.ship.registry import Registry
@@ -175,22 +177,21 @@ def _run(params: Params, root: Path, force: bool, push_data: bool, logger) -> di
 
 def _summarise(params: Params, root: Path, ran: dict[str, str], pushed: str, promotion: PromoteResult) -> dict:
     p = params.paths
-    metrics = json.loads((root / p.metrics).read_text())
-    exported = json.loads((root / p.export_metrics).read_text())
-    verdicts = [GateVerdict.from_dict(g) for g in [*metrics["gates"], *exported.get("gates", [])]]
-    verdicts += promotion.verdicts
+    evaluation = EvalReport.read(root / p.metrics)
+    exported = ExportReport.read(root / p.export_metrics)
+    verdicts = [*evaluation.gates, *exported.gates, *promotion.verdicts]
     tuning = tuning_summary(root / p.tuning)
     params = apply_best_params(params, root / p.tuning / "best_params.json")  # what the model was trained with
     summary = {
         "data_version": data_version(root, p.raw),
         "params_hash": params.params_hash(),
         "git_commit": git_commit(root),
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics.get("macro_f1"),
-        "ece": metrics.get("ece"),
-        "serving": exported.get("serving"),
-        "variants": exported.get("variants", {}),
-        "gates_passed": metrics["gates_passed"] and exported.get("gates_passed", True),
+        "accuracy": evaluation.accuracy,
+        "macro_f1": evaluation.macro_f1,
+        "ece": evaluation.ece,
+        "serving": exported.serving,
+        "variants": exported.variants,
+        "gates_passed": evaluation.gates_passed and exported.gates_passed,
         "onnx_path": str(root / p.onnx),
         "summary_path": str(root / p.summary),
         "stages": ran,

@@ -7,17 +7,17 @@ are enforced, so a failed run still shows what the model reached.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.atomic import staged_file, write_bytes_atomic
+from tasks.atomic import staged_file
 from tasks.model.checkpoint import load_checkpoint
 from tasks.config import GateConfig, TrainConfig
 from tasks.evaluate.gate import GateFailed, GateVerdict, check_gates
 from tasks.evaluate.metrics import compute_metrics
 from tasks.evaluate.plots import render_confusion_png
+from tasks.evaluate.report import EvalReport
 from tasks.data.prepare import load_split
 from tasks.train.loop import predict_logits, resolve_device
 
@@ -26,14 +26,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvaluateResult:
-    metrics: dict
-    verdicts: list[GateVerdict]
+    report: EvalReport   # what metrics_path holds
     metrics_path: Path
     confusion_path: Path
 
     @property
+    def metrics(self) -> dict:
+        return self.report.to_dict()
+
+    @property
+    def verdicts(self) -> list[GateVerdict]:
+        return self.report.gates
+
+    @property
     def passed(self) -> bool:
-        return all(v.passed for v in self.verdicts)
+        return self.report.gates_passed
 
 
 def run_evaluate(model_path: Path, prepared_dir: Path, metrics_path: Path, confusion_path: Path,
@@ -47,10 +54,8 @@ def run_evaluate(model_path: Path, prepared_dir: Path, metrics_path: Path, confu
     classes = checkpoint["classes"]
     metrics, confusion = compute_metrics(logits, labels, classes)
     verdicts = check_gates(metrics, gate_cfg)
-    metrics["gates"] = [v.to_dict() for v in verdicts]
-    metrics["gates_passed"] = all(v.passed for v in verdicts)
-    metrics["lineage"] = checkpoint["lineage"]
-    write_bytes_atomic(Path(metrics_path), (json.dumps(metrics, indent=2) + "\n").encode())
+    report = EvalReport.from_metrics(metrics, verdicts, checkpoint["lineage"])
+    report.write(Path(metrics_path))
     # One row per test image: the layout DVC's confusion-matrix template expects.
     predicted = logits.argmax(1).cpu().tolist()
     with staged_file(Path(confusion_path)) as tmp, open(tmp, "w", newline="") as handle:
@@ -63,7 +68,6 @@ def run_evaluate(model_path: Path, prepared_dir: Path, metrics_path: Path, confu
                                    "(rows: actual, columns: predicted)")
     log.info("evaluate: test accuracy %.4f, macro-F1 %.4f, ECE %.4f on %d images; %s", metrics["accuracy"],
              metrics["macro_f1"], metrics["ece"], metrics["n_test"], "; ".join(v.describe() for v in verdicts))
-    if enforce and not metrics["gates_passed"]:
+    if enforce and not report.gates_passed:
         raise GateFailed(verdicts)
-    return EvaluateResult(metrics=metrics, verdicts=verdicts, metrics_path=Path(metrics_path),
-                          confusion_path=Path(confusion_path))
+    return EvaluateResult(report=report, metrics_path=Path(metrics_path), confusion_path=Path(confusion_path))
