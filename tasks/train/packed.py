@@ -14,14 +14,24 @@ its own:
     coupled vs decoupled decay is per model), grad clip, label smoothing, dropout rate, seed (init),
     divergence threshold, early stopping and epochs.
 
-What a pack shares (`group_key`): the architecture, the optimizer family (sgd | adam/adamw | rmsprop),
-the batch size, augmentation, device/precision/determinism (train.compile and train.channels_last do not
-apply to packs), and the data order: one permutation per epoch and one augmentation draw per batch,
-driven by `data_seed` (default: the first member's train.seed; the tuner passes the base config's
-train.seed). A member whose seed equals the data seed therefore trains like `run_train` with that seed;
-with dropout > 0 the dropout masks are drawn for the whole pack (vmap randomness="different") from the
-global generator seeded by the data seed, so they differ from a solo run's draws (same distribution,
-different samples).
+Each TrainConfig field declares its packing role beside its default (json_schema_extra={"packing": ...}):
+
+    per_model  each member of a pack trains with its own value (tests/tasks/test_packing_roles.py trains
+               every one of them packed against its solo twin);
+    shared     one value for the whole pack; members that differ go to different packs (`group_key`):
+               batch size, augmentation, device/precision/determinism, eval batch size. train.compile,
+               train.channels_last and train.resume only choose kernels or what is on disk, not what is
+               trained: a pack runs its own stacked kernels and keeps no checkpoints;
+    solo       packed training does not implement it: a config that sets it away from its default trains
+               alone (`pack_capacity` is 1, so the tuner runs it with run_train) instead of being ignored.
+
+A field without a role fails `group_key` (and the test): a new knob cannot be silently dropped by packs.
+Besides the shared fields, a pack shares the architecture, the optimizer family (sgd | adam/adamw |
+rmsprop) and the data order: one permutation per epoch and one augmentation draw per batch, driven by
+`data_seed` (default: the first member's train.seed; the tuner passes the base config's train.seed). A
+member whose seed equals the data seed therefore trains like `run_train` with that seed; with dropout > 0
+the dropout masks are drawn for the whole pack (vmap randomness="different") from the global generator
+seeded by the data seed, so they differ from a solo run's draws (same distribution, different samples).
 
 Each model's loss is its own slice of the stacked outputs, so its gradients never touch another model's:
 a member whose epoch loss is NaN/inf or above its divergence threshold is marked diverged at the end of
@@ -56,22 +66,38 @@ from tasks.train.loop import _autocast, _determinism, resolve_device
 
 log = logging.getLogger(__name__)
 
-# Train settings each model of a pack may set for itself; every other setting is shared by the pack.
-PER_MODEL_TRAIN_KEYS = frozenset({
-    "epochs", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2", "weight_decay", "l1", "label_smoothing",
-    "grad_clip", "scheduler", "step_size", "gamma", "warmup_epochs", "onecycle_pct_start", "plateau_patience",
-    "plateau_factor", "early_stopping_patience", "early_stopping_metric", "early_stopping_min_delta",
-    "divergence_factor", "restore_best", "seed", "resume",
-})
+PACKING_ROLES = ("per_model", "shared", "solo")  # see the module docstring
 OPTIMIZER_FAMILY = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "rmsprop": 2}  # state tensors per parameter tensor
 ADAM_EPS, RMSPROP_ALPHA, RMSPROP_EPS = 1e-8, 0.99, 1e-8  # torch's defaults, as build_optimizer uses them
 SHARED_BUFFERS = ("scale", "shift")  # Classifier's input normalisation, from the manifest: equal in every model
 
 
+def packing_roles(config_cls: type[TrainConfig] = TrainConfig) -> dict[str, str | None]:
+    """Each train setting's declared packing role (None where a field declares none)."""
+    return {name: (field.json_schema_extra or {}).get("packing") for name, field in config_cls.model_fields.items()}
+
+
+def _roles(train_cfg: TrainConfig) -> dict[str, str]:
+    roles = packing_roles(type(train_cfg))
+    undeclared = [name for name, role in roles.items() if role not in PACKING_ROLES]
+    if undeclared:
+        raise TypeError(f"TrainConfig.{undeclared[0]} declares no packing role: add json_schema_extra="
+                        f"{{'packing': 'per_model' | 'shared' | 'solo'}} to its Field (see tasks/train/packed.py)")
+    return roles
+
+
+def solo_settings(train_cfg: TrainConfig) -> list[str]:
+    """The settings of `train_cfg` that packed training does not implement and that are away from their default."""
+    fields = type(train_cfg).model_fields
+    return [name for name, role in _roles(train_cfg).items()
+            if role == "solo" and getattr(train_cfg, name) != fields[name].get_default(call_default_factory=True)]
+
+
 def group_key(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple:
-    """Configs with equal keys can share a pack: architecture, optimizer family and every shared train setting."""
-    shared = sorted((k, v) for k, v in train_cfg.model_dump(mode="json").items() if k not in PER_MODEL_TRAIN_KEYS)
+    """Configs with equal keys can share a pack: architecture, optimizer family and every shared (and solo) setting."""
+    roles = _roles(train_cfg)
+    shared = sorted((k, v) for k, v in train_cfg.model_dump(mode="json").items() if roles[k] != "per_model")
     return (("arch", model_cfg.arch), ("optimizer_family", OPTIMIZER_FAMILY[train_cfg.optimizer]), *shared)
 
 
@@ -359,6 +385,11 @@ class _Schedules:
 def _check_pack(members: list[Member]) -> tuple:
     if not members:
         raise ValueError("train_packed: no members")
+    for m in members:
+        solo = solo_settings(m.train)
+        if solo:
+            raise ValueError(f"train_packed: train.{solo[0]}={getattr(m.train, solo[0])!r} runs solo (packed training "
+                             "does not implement it): train this config with run_train")
     key = group_key(members[0].model, members[0].train)
     for m in members[1:]:
         other = group_key(m.model, m.train)
@@ -558,7 +589,13 @@ def _measured_member_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, args:
 
 def pack_capacity(model_cfg: ModelConfig, train_cfg: TrainConfig, prepared_dir: Path, requested: int,
                   available: int | None = None) -> int:
-    """`requested` capped by a measured estimate of what fits in the device's memory (logged when capped)."""
+    """`requested` capped by a measured estimate of what fits in the device's memory (logged when capped); 1 for a
+    config with solo settings (it trains alone, with run_train)."""
+    solo = solo_settings(train_cfg)
+    if solo:
+        log.info("tune.packing: a config with train.%s=%r trains alone: packed training does not implement it",
+                 solo[0], getattr(train_cfg, solo[0]))
+        return 1
     device = resolve_device(train_cfg.device)
     manifest = load_manifest(Path(prepared_dir))
     args = ModelArgs(arch=model_cfg.arch, dropout=model_cfg.dropout, n_classes=len(manifest["classes"]),
