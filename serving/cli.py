@@ -29,11 +29,11 @@ def add_commands(sub) -> None:
 
 
 def run_command(args: argparse.Namespace, root: Path) -> int:
-    from serving.errors import DeviceError
+    from tasks.errors import InputError
 
     try:
         return serve(args, root) if args.command == "serve" else predict(args, root)
-    except (ConfigError, DeviceError) as exc:
+    except InputError as exc:  # ConfigError, or DeviceError: serve.device asks for what this machine lacks
         print(f"tuneline: error: {exc}", file=sys.stderr)
         return 2
 
@@ -55,7 +55,7 @@ def serve(args: argparse.Namespace, root: Path) -> int:
 
     from serving.app import create_app
     from serving.logs import configure_logging
-    from serving.runtime import resolve_providers
+    from tasks.ship.onnx_session import resolve_providers
 
     settings = _settings(args, root)
     providers = resolve_providers(settings.device)  # DeviceError: refuse to start (one line, exit 2)

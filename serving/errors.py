@@ -49,7 +49,3 @@ class LoadError(ServingError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
-
-
-class DeviceError(RuntimeError):
-    """serve.device asked for something ONNX Runtime cannot deliver here (e.g. cuda without an active CUDA EP)."""

@@ -21,6 +21,7 @@ import torch
 
 from tasks.atomic import staged_dir, staged_file, write_bytes_atomic
 from tasks.ship.latency import INPUT_NAME, OUTPUT_NAME, measure_serving, onnx_accuracy
+from tasks.ship.onnx_session import Device, open_session
 from tasks.model.checkpoint import load_checkpoint
 from tasks.config import ExportConfig, GateConfig
 from tasks.evaluate.gate import GateFailed, GateVerdict, check_serving_gates, failed
@@ -57,18 +58,9 @@ def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opse
                           dynamic_shapes={"pixels": {0: batch}}, verbose=False)
 
 
-def ort_session(path: Path, providers: list[str] | None = None):
-    """An ONNX Runtime session on the given providers (CPU by default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: the CUDA provider's absence is expected on CPU machines
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
-
-
 def check_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor, atol: float) -> dict[int, float]:
     """Max |ORT - PyTorch| logits at each batch size of PARITY_BATCHES, on real images; raises ParityError."""
-    session = ort_session(onnx_path)
+    session = open_session(onnx_path, "cpu")  # the reference: PyTorch runs on CPU too
     diffs = {}
     for batch in PARITY_BATCHES:
         pixels = images[:batch].unsqueeze(1).float()
@@ -84,7 +76,7 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor, 
 
 def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_path: Path, onnx_path: Path, *,
                variants_dir: Path | None = None, report_path: Path | None = None,
-               gate_cfg: GateConfig | None = None, device: str = "cpu", threads: int = 0) -> ExportResult:
+               gate_cfg: GateConfig | None = None, device: Device = "cpu", threads: int = 0) -> ExportResult:
     """Export, annotate, check, measure and atomically place the ONNX model (+ variants when `variants_dir`).
 
     `device` and `threads` are the server's (serve.device, serve.threads): latency is measured as it will be served.
@@ -148,7 +140,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
 
 
 def _build_variants(cfg: ExportConfig, fp32_path: Path, variants_dir: Path, metadata: dict[str, str],
-                    accuracy: float, prepared_dir: Path, images, labels, device: str,
+                    accuracy: float, prepared_dir: Path, images, labels, device: Device,
                     threads: int) -> dict[str, VariantResult]:
     """Each enabled variant, built and gated in a staged folder that replaces `variants_dir` whole."""
     enabled = [name for name in ("fp16", "int8") if getattr(cfg, name)]

@@ -25,7 +25,9 @@ from tasks.ship.latency import onnx_accuracy
 from tasks.config import GateConfig
 from tasks.evaluate.gate import GateFailed, GateVerdict, check_champion_gates, failed
 from tasks.data.prepare import load_split
-from tasks.ship.registry import MODEL_FILE, VARIANT_FILES, Registry, sha256_file
+from tasks.ship.onnx_session import Device
+from tasks.ship.registry import Registry, sha256_file
+from tasks.ship.registry_layout import MODEL_FILE, VARIANT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,11 @@ def _metadata(path: Path) -> dict[str, str]:
 def _kept_variants(variants_dir: Path | None) -> dict[str, Path]:
     if variants_dir is None:
         return {}
-    return {name: Path(variants_dir) / name for name in VARIANT_FILES if (Path(variants_dir) / name).is_file()}
+    return {name: Path(variants_dir) / name for name in VARIANT_FILES.values() if (Path(variants_dir) / name).is_file()}
 
 
 def _compare(registry: Registry, onnx_path: Path, challenger: float, images, labels, cfg: GateConfig,
-             device: str) -> tuple[dict | None, list[GateVerdict]]:
+             device: Device) -> tuple[dict | None, list[GateVerdict]]:
     record = registry.alias("champion")
     if record is None:
         return None, []
@@ -77,7 +79,7 @@ def _compare(registry: Registry, onnx_path: Path, challenger: float, images, lab
 
 def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_dir: Path, eval_metrics_path: Path,
                 export_metrics_path: Path, *, variants_dir: Path | None = None, name: str = "model",
-                run_id: str | None = None, device: str = "cpu") -> PromoteResult:
+                run_id: str | None = None, device: Device = "cpu") -> PromoteResult:
     """Register `onnx_path` (+ kept variants) and promote it when it beats the champion; see the module docstring."""
     registry = Registry(registry_dir)
     onnx_path = Path(onnx_path)

@@ -17,11 +17,12 @@ import onnx
 import torch
 
 from tasks.ship.latency import INPUT_NAME, onnx_accuracy, as_pixels
+from tasks.ship.onnx_session import Device
+from tasks.ship.registry_layout import VARIANT_FILES
 from tasks.evaluate.gate import GateVerdict, gate_max
 
 log = logging.getLogger(__name__)
 
-VARIANT_FILES = {"fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 CALIBRATION_BATCH = 64  # images per calibration run (memory only: the ranges are the same for any batch)
 
 
@@ -109,7 +110,7 @@ def calibration_sample(train_images: torch.Tensor, count: int, seed: int = 0) ->
 
 
 def build_variant(name: str, fp32_path: Path, out_dir: Path, metadata: dict[str, str], base_accuracy: float,
-                  test_images: torch.Tensor, test_labels: torch.Tensor, max_drop: float, device: str,
+                  test_images: torch.Tensor, test_labels: torch.Tensor, max_drop: float, device: Device,
                   calibration_images: torch.Tensor | None = None) -> VariantResult:
     """Make one variant in `out_dir`, score it on the test split, gate its drop; a rejected file is deleted."""
     path = Path(out_dir) / VARIANT_FILES[name]

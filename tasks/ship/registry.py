@@ -1,14 +1,9 @@
 """A file-based model registry: versions with model cards, and aliases (champion, challenger) that move atomically.
 
-    <registry>/
-      versions/<vNNNN>/     model.onnx (+ model.fp16.onnx, model.int8.onnx) and card.json; a version
-                            folder is staged under a temp name and renamed into place whole
-      aliases/<alias>.json  {"version": "v0003", "previous": ["v0002", ...], "updated": iso8601}, replaced
-                            with os.replace of a temp file
-      .lock                 file lock serialising registrations and alias changes between processes
-
-The layout is a contract (the server reads it directly). Versions are never modified or deleted, so an
-alias, which only ever names a version that verified under the lock, never points at a missing or
+The on-disk layout (folders, version ids, card and alias files) is tasks/ship/registry_layout.py, the
+contract the server's read-only reader shares. This module is the only writer: registrations and alias
+changes are serialised between processes by the registry's `.lock`. Versions are never modified or deleted,
+so an alias, which only ever names a version that verified under the lock, never points at a missing or
 partial model. Every file is checked (valid ONNX, sha256 of its card) when registered and when loaded.
 """
 
@@ -18,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,12 +22,9 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from tasks.atomic import staged_file
+from tasks.ship.registry_layout import (ALIASES, CARD_FILE, MODEL_FILE, MODEL_FILES, STAGING_PREFIX, LayoutError,
+                                        RegistryLayout)
 
-MODEL_FILE = "model.onnx"
-VARIANT_FILES = ("model.fp16.onnx", "model.int8.onnx")
-CARD_FILE = "card.json"
-ALIASES = ("champion", "challenger")
-VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 LOCK_TIMEOUT_S = 120.0  # registrations hold the lock for seconds (a copy and a rename), never minutes
 
 
@@ -69,40 +60,32 @@ class Registry:
 
     def __init__(self, root: Path, lock_timeout: float = LOCK_TIMEOUT_S):
         self.root = Path(root)
-        self.versions_dir = self.root / "versions"
-        self.aliases_dir = self.root / "aliases"
-        self._lock = FileLock(str(self.root / ".lock"), timeout=lock_timeout)  # re-entrant in this object
+        self.layout = RegistryLayout(self.root)
+        self._lock = FileLock(str(self.layout.lock_path), timeout=lock_timeout)  # re-entrant in this object
 
     # ----- reading -------------------------------------------------------------------------------------
 
     def versions(self) -> list[str]:
         """Version ids in registration order (staging folders and anything else are ignored)."""
-        if not self.versions_dir.is_dir():
-            return []
-        found = [p.name for p in self.versions_dir.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
-        return sorted(found, key=lambda name: int(name[1:]))
+        return self.layout.versions()
 
     def card(self, version: str) -> dict:
-        path = self.versions_dir / version / CARD_FILE
-        if not VERSION_PATTERN.match(version) or not path.is_file():
+        if not self.layout.has_version(version):
             known = ", ".join(self.versions()) or "none yet"
             raise RegistryError(f"registry {self.root}: no version {version!r} (versions: {known})")
-        return json.loads(path.read_text())
+        try:
+            return self.layout.read_card(version)
+        except LayoutError as exc:
+            raise RegistryError(f"{exc}: restore it from DVC (`dvc checkout`)") from None
 
     def alias(self, name: str) -> dict | None:
         """The alias record, or None when the alias was never set."""
         if name not in ALIASES:
             raise RegistryError(f"unknown alias {name!r}: choose one of {', '.join(ALIASES)}")
-        path = self.aliases_dir / f"{name}.json"
-        if not path.is_file():
-            return None
         try:
-            record = json.loads(path.read_text())
-            record["version"]
-        except (ValueError, KeyError, TypeError):
-            raise RegistryError(f"{path}: not an alias record: restore it from DVC (`dvc checkout`) or promote "
-                                "again") from None
-        return record
+            return self.layout.read_alias(name)
+        except LayoutError as exc:
+            raise RegistryError(f"{exc}: restore it from DVC (`dvc checkout`) or promote again") from None
 
     def aliases_of(self, version: str) -> list[str]:
         return [name for name in ALIASES if (self.alias(name) or {}).get("version") == version]
@@ -127,7 +110,7 @@ class Registry:
     def verify(self, version: str) -> dict:
         """Check every file of a version against its card (exists, sha256, valid ONNX); returns the card."""
         card = self.card(version)
-        folder = self.versions_dir / version
+        folder = self.layout.version_dir(version)
         for name, entry in card["files"].items():
             path = folder / name
             if not path.is_file():
@@ -146,7 +129,7 @@ class Registry:
         card = self.verify(version)
         if file not in card["files"]:
             raise RegistryError(f"registry {self.root}: {version} has no {file} (it has {', '.join(card['files'])})")
-        return self.versions_dir / version / file
+        return self.layout.version_dir(version) / file
 
     # ----- writing (under the lock) --------------------------------------------------------------------
 
@@ -167,33 +150,31 @@ class Registry:
         """Copy the files into a new version folder with its card; returns the new version id."""
         if MODEL_FILE not in files:
             raise RegistryError(f"register: {MODEL_FILE} is required (got {', '.join(files)})")
-        unknown = set(files) - {MODEL_FILE, *VARIANT_FILES}
+        unknown = set(files) - set(MODEL_FILES)
         if unknown:
-            raise RegistryError(f"register: unexpected file name(s) {sorted(unknown)}: use {MODEL_FILE}, "
-                                f"{', '.join(VARIANT_FILES)}")
+            raise RegistryError(f"register: unexpected file name(s) {sorted(unknown)}: use {', '.join(MODEL_FILES)}")
         for source in files.values():
             check_onnx(Path(source))  # refuse before copying anything
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
         # Staged beside the final folder (same file system, so the rename is atomic); the dot hides it from versions().
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.versions_dir))
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.layout.versions_dir))
         try:
             entries = {}
             for target, source in files.items():
                 shutil.copyfile(source, staging / target)
                 entries[target] = {"sha256": sha256_file(staging / target), "bytes": (staging / target).stat().st_size}
             with self.locked():
-                existing = self.versions()
-                version = f"v{(int(existing[-1][1:]) if existing else 0) + 1:04d}"
+                version = self.layout.next_version()
                 card = {"name": name, "version": version, "created": _now(), "files": entries, "metrics": metrics,
                         "gates": gates, "lineage": lineage, "run_id": run_id}
                 (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-                os.rename(staging, self.versions_dir / version)
+                os.rename(staging, self.layout.version_dir(version))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return version
 
     def _write_alias(self, alias: str, record: dict) -> None:
-        with staged_file(self.aliases_dir / f"{alias}.json") as tmp:
+        with staged_file(self.layout.alias_path(alias)) as tmp:
             tmp.write_text(json.dumps(record, indent=2) + "\n")
 
     def promote(self, ref: str, alias: str = "champion") -> dict:

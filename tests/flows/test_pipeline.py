@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from tasks.model.checkpoint import load_checkpoint
-from tasks.ship.export import ort_session
+from tasks.ship.onnx_session import open_session
 from tasks.data.prepare import load_split
 from tasks.ship.registry import Registry
 from tests.conftest import cli_env
@@ -74,7 +74,7 @@ def test_flow_gates_exports_records_lineage_and_skips_unchanged(project: Path, m
     pixels = images[:256].unsqueeze(1).float()
     with torch.no_grad():
         expected = model(pixels).numpy()
-    (actual,) = ort_session(onnx_path).run(["logits"], {"pixels": pixels.numpy()})
+    (actual,) = open_session(onnx_path).run(["logits"], {"pixels": pixels.numpy()})
     assert np.abs(actual - expected).max() <= 1e-4
 
     # Lineage: the data version in the checkpoint and the ONNX metadata is the DVC hash dvc.lock records.

@@ -159,7 +159,7 @@ def test_serving_image_leaves_out_only_what_the_server_never_imports():
              "from flows.cli import _parser; _parser()\n"
              "for m in pkgutil.iter_modules(serving.__path__): importlib.import_module('serving.' + m.name)\n"
              "import uvicorn, httpx, tasks.ship.registry\n"
-             "from serving.runtime import resolve_providers; resolve_providers('auto')\n"
+             "from tasks.ship.onnx_session import resolve_providers; resolve_providers('auto')\n"
              "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = set(subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                                 check=True, timeout=60).stdout.split())

@@ -101,8 +101,8 @@ def run_server(registry: Path, wait_ready: bool = True, **settings) -> Iterator[
     import uvicorn
 
     from serving.app import create_app
-    from serving.runtime import resolve_providers
     from serving.settings import ServeSettings
+    from tasks.ship.onnx_session import resolve_providers
 
     port = free_port()
     config = ServeSettings(registry=registry, port=port, **{"access_log": False, "reload_poll_s": 0.05, **settings})

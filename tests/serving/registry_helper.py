@@ -1,4 +1,5 @@
-"""Write a registry in the layout tasks/ship/registry.py produces (the server only reads it), for tests.
+"""Write a registry in the layout of tasks/ship/registry_layout.py (the server only reads it), for tests that
+need what the writer refuses to produce: wrong checksums, corrupt cards and aliases.
 
 versions/<vNNNN>/{model.onnx, card.json} appear whole (staged folder, then rename); aliases are replaced
 with os.replace of a temp file, as the contract says.
@@ -13,6 +14,8 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tasks.ship.registry_layout import CARD_FILE, MODEL_FILE, STAGING_PREFIX, RegistryLayout
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -21,27 +24,26 @@ def _now() -> str:
 def register_version(registry: Path, onnx_path: Path, name: str = "mnist", model_bytes: bytes | None = None,
                      card_sha256: str | None = None) -> str:
     """Add the next version holding `onnx_path` (or `model_bytes`); `card_sha256` forces a wrong checksum."""
-    versions = registry / "versions"
-    versions.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name[1:]) for p in versions.iterdir() if p.name.startswith("v") and p.name[1:].isdigit()]
-    version = f"v{max(numbers, default=0) + 1:04d}"
+    layout = RegistryLayout(registry)
+    layout.versions_dir.mkdir(parents=True, exist_ok=True)
+    version = layout.next_version()
     data = Path(onnx_path).read_bytes() if model_bytes is None else model_bytes
-    staging = versions / f".{version}.staging"
+    staging = layout.versions_dir / f"{STAGING_PREFIX}{version}"
     staging.mkdir()
-    (staging / "model.onnx").write_bytes(data)
+    (staging / MODEL_FILE).write_bytes(data)
     card = {"name": name, "version": version, "created": _now(),
-            "files": {"model.onnx": {"sha256": card_sha256 or hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+            "files": {MODEL_FILE: {"sha256": card_sha256 or hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
             "metrics": {"accuracy": 0.9}, "gates": [], "lineage": {"data_version": "test"}, "run_id": "test"}
-    (staging / "card.json").write_text(json.dumps(card, indent=2))
-    os.replace(staging, versions / version)
+    (staging / CARD_FILE).write_text(json.dumps(card, indent=2))
+    os.replace(staging, layout.version_dir(version))
     return version
 
 
 def set_alias(registry: Path, version: str, alias: str = "champion", text: str | None = None) -> None:
     """Point `alias` at `version` atomically (or write `text` verbatim, e.g. to corrupt it)."""
-    folder = registry / "aliases"
+    path = RegistryLayout(registry).alias_path(alias)
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{alias}.json"
     previous: list[str] = []
     if path.exists():
         try:

@@ -14,11 +14,11 @@ import pytest
 
 from serving.batcher import Batcher
 from serving.binary import encode_body, split_body, tensor_bytes, tensor_from_bytes
-from serving.errors import BadRequest, DeviceError, LoadError, NotFound
-from serving.repository import Registry
-from serving.runtime import CUDA, resolve_providers
+from serving.errors import BadRequest, LoadError, NotFound
+from serving.repository import RegistryReader
 from serving.settings import build_settings, env_overrides
 from tasks.config import ConfigError, Params, build_params
+from tasks.ship.onnx_session import CUDA, DeviceError, resolve_providers
 from tests.serving.registry_helper import make_registry, register_version, set_alias
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def test_cuda_is_the_active_provider_on_a_gpu_machine():
 def test_registry_reader_verifies_and_refuses(tmp_path, onnx_model):
     root = make_registry(tmp_path, onnx_model)
     (root / "versions" / ".v0007.tmp123").mkdir()  # a registration in progress is not a version
-    registry = Registry(root)
+    registry = RegistryReader(root)
     assert registry.versions() == ["v0001"] and registry.alias_version("champion") == "v0001"
     assert registry.read_verified("v0001", "model.onnx").data == onnx_model.read_bytes()
     for bad in ("../versions/v0001", "v0001/..", "latest", "v0009"):

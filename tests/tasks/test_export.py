@@ -7,7 +7,8 @@ import torch
 
 from tasks.model.checkpoint import load_checkpoint
 from tasks.config import ExportConfig, GateConfig
-from tasks.ship.export import VARIANTS_INDEX, ParityError, check_parity, ort_session, run_export
+from tasks.ship.export import VARIANTS_INDEX, ParityError, check_parity, run_export
+from tasks.ship.onnx_session import open_session
 from tasks.evaluate.gate import GateFailed
 from tasks.data.prepare import load_split
 from tasks.ship.quantize import build_variant
@@ -28,7 +29,7 @@ def test_export_is_one_checked_file_with_parity(exported):
 
 
 def test_batch_axis_is_dynamic_and_input_is_raw_pixels(exported, small_checkpoint, small_prepared_dir):
-    session = ort_session(exported.onnx_path)
+    session = open_session(exported.onnx_path)
     (inp,) = session.get_inputs()
     assert inp.name == "pixels" and inp.shape[1:] == [1, 28, 28] and not isinstance(inp.shape[0], int)
     model, _ = load_checkpoint(small_checkpoint)
@@ -104,7 +105,7 @@ def test_int8_and_fp16_variants_are_evaluated_and_gated_on_their_drop(exported, 
             meta = {p.key: p.value for p in proto.metadata_props}
             assert meta["variant"] == name and json.loads(meta["labels"]) == [str(d) for d in range(10)]
             pixels = images.unsqueeze(1).float().numpy()
-            (logits,) = ort_session(folder / entry["file"]).run(["logits"], {"pixels": pixels})
+            (logits,) = open_session(folder / entry["file"]).run(["logits"], {"pixels": pixels})
             assert (logits.argmax(1) == labels.numpy()).mean() == pytest.approx(entry["accuracy"])
             assert entry["serving"]["latency_p99_ms"] > 0
     assert index["int8"]["size_bytes"] < exported.onnx_path.stat().st_size / 3  # int8 weights: ~4x smaller

@@ -1,0 +1,135 @@
+"""The model registry on disk: the one contract between its writer (tasks/ship/registry.py) and the inference
+server's read-only reader (serving/repository.py). Both find folders, version ids, cards and aliases here.
+
+    <registry>/
+      versions/<vNNNN>/     model.onnx (+ model.fp16.onnx, model.int8.onnx) and card.json; a version folder
+                            is staged under a dot name and renamed into place whole
+      aliases/<alias>.json  {"version": "v0003", "previous": ["v0002", ...], "updated": iso8601}, replaced
+                            with os.replace of a temp file
+      .lock                 the writer's inter-process lock
+
+A version id is "v" and its number zero-padded to at least four digits (v0001, v0042, v12345), exactly as
+format_version writes it; anything else in versions/ (staging folders, "v1", "v00001", "V0001") is not a
+version. The id is also what keeps "..", "/" and other path tricks out of every path built from it.
+Nothing here imports PyTorch or ONNX: the serving image has neither of the first, and the reader needs no ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+VERSIONS_DIR = "versions"
+ALIASES_DIR = "aliases"
+LOCK_FILE = ".lock"
+STAGING_PREFIX = ".staging-"  # a version folder being written (the dot keeps it out of versions())
+CARD_FILE = "card.json"
+MODEL_FILE = "model.onnx"
+VARIANT_FILES = {"fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}  # quantized variant -> its file name
+MODEL_FILES = (MODEL_FILE, *VARIANT_FILES.values())  # every file a version may hold besides its card
+ALIASES = ("champion", "challenger")
+
+_VERSION_ID = re.compile(r"v(?:[0-9]{4}|[1-9][0-9]{4,})")  # fullmatch only: "$" would let "v0001\n" through
+
+
+class LayoutError(ValueError):
+    """A registry file is not what the layout says it is; the message names the file."""
+
+
+def is_version_id(text: object) -> bool:
+    """Whether `text` is a version id: what format_version writes, and nothing else."""
+    return isinstance(text, str) and _VERSION_ID.fullmatch(text) is not None
+
+
+def format_version(number: int) -> str:
+    """3 -> "v0003"."""
+    return f"v{number:04d}"
+
+
+def check_version_id(version: str) -> str:
+    """`version` itself; ValueError for anything that is not a version id."""
+    if not is_version_id(version):
+        raise ValueError(f"not a registry version id: {version!r} (expected v0001, v0002, ...)")
+    return version
+
+
+def version_number(version: str) -> int:
+    """"v0003" -> 3 (ValueError for anything that is not a version id)."""
+    return int(check_version_id(version)[1:])
+
+
+@dataclass(frozen=True)
+class RegistryLayout:
+    """Paths inside one registry folder, and the readers of its two JSON files (cards and aliases)."""
+
+    root: Path
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / VERSIONS_DIR
+
+    @property
+    def aliases_dir(self) -> Path:
+        return self.root / ALIASES_DIR
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def versions(self) -> list[str]:
+        """Version ids present, oldest first (staging folders and anything else are ignored)."""
+        if not self.versions_dir.is_dir():
+            return []
+        found = [p.name for p in self.versions_dir.iterdir() if is_version_id(p.name) and p.is_dir()]
+        return sorted(found, key=version_number)
+
+    def next_version(self) -> str:
+        """The id the next registration gets (call it under the writer's lock)."""
+        existing = self.versions()
+        return format_version(version_number(existing[-1]) + 1 if existing else 1)
+
+    def has_version(self, version: str) -> bool:
+        return is_version_id(version) and self.version_dir(version).is_dir()
+
+    def version_dir(self, version: str) -> Path:
+        """versions/<version>; ValueError for a string that is not a version id (no path is built from it)."""
+        return self.versions_dir / check_version_id(version)
+
+    def card_path(self, version: str) -> Path:
+        return self.version_dir(version) / CARD_FILE
+
+    def alias_path(self, alias: str) -> Path:
+        if alias not in ALIASES:
+            raise ValueError(f"unknown alias {alias!r}: choose one of {', '.join(ALIASES)}")
+        return self.aliases_dir / f"{alias}.json"
+
+    def read_card(self, version: str) -> dict:
+        """The version's card; LayoutError if it is unreadable or has no 'files' table."""
+        path = self.card_path(version)
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise LayoutError(f"{path}: unreadable model card ({exc})") from None
+        if not isinstance(card, dict) or not isinstance(card.get("files"), dict):
+            raise LayoutError(f"{path}: model card lacks a 'files' table")
+        return card
+
+    def read_alias(self, alias: str) -> dict | None:
+        """The alias record, None when the alias was never set; LayoutError if it does not name a version id."""
+        path = self.alias_path(alias)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LayoutError(f"{path}: unreadable alias file ({exc.strerror})") from None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not is_version_id(record.get("version")):
+            raise LayoutError(f"{path}: not an alias record: expected {{\"version\": \"v0001\", ...}}, "
+                              f"got {text[:80]!r}")
+        return record
