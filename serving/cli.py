@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.config import ConfigError, parse_override
+from tasks.config import add_override_option, parse_overrides
 
 
 def add_commands(sub) -> None:
@@ -19,8 +19,7 @@ def add_commands(sub) -> None:
     serve.add_argument("--port", type=int, help="port (serve.port)")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), help="serve.device")
     serve.add_argument("--registry", type=Path, help="registry folder (paths.registry, env TUNELINE_SERVE_REGISTRY)")
-    serve.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a params.yaml key, e.g. -S serve.max_batch_size=32 (repeatable)")
+    add_override_option(serve, "serve.max_batch_size=32")
     predict = sub.add_parser("predict", help="classify PNG/JPEG digit images with a running server")
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument("--url", help="server URL (default http://<serve.host>:<serve.port>)")
@@ -43,7 +42,7 @@ def _settings(args: argparse.Namespace, root: Path):
     from tasks.config import load_params
 
     flags = {f"serve.{k}": getattr(args, k) for k in ("host", "port", "device") if getattr(args, k, None) is not None}
-    cli = dict(parse_override(text) for text in getattr(args, "overrides", []))
+    cli = parse_overrides(getattr(args, "overrides", []))
     # Precedence: params.yaml < environment < -S < explicit flags.
     params = load_params(root / "params.yaml", {**env_overrides(os.environ), **cli, **flags})
     return build_settings(params, root, os.environ, registry=getattr(args, "registry", None))

@@ -19,13 +19,16 @@ from pathlib import Path
 import onnx
 import torch
 
-from tasks.atomic import staged_dir, staged_file, write_bytes_atomic
+from tasks.atomic import staged_dir, staged_file
 from tasks.ship.latency import INPUT_NAME, OUTPUT_NAME, measure_serving, onnx_accuracy
 from tasks.ship.onnx_session import Device, open_session
 from tasks.model.checkpoint import load_checkpoint
 from tasks.config import ExportConfig, GateConfig
 from tasks.evaluate.gate import GateFailed, GateVerdict, check_serving_gates, failed
 from tasks.data.prepare import load_split
+from tasks.errors import StageFailed
+from tasks.evaluate.report import EvalReport
+from tasks.ship.export_report import ExportReport
 from tasks.ship.quantize import VariantResult, build_variant, calibration_sample
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,7 @@ PARITY_BATCHES = (1, 7, 256)
 VARIANTS_INDEX = "variants.json"  # inside the variants folder: every variant built, kept or not, with its drop
 
 
-class ParityError(RuntimeError):
+class ParityError(StageFailed, RuntimeError):
     """ONNX Runtime's logits differ from PyTorch's by more than export.parity_atol."""
 
 
@@ -87,7 +90,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
     if len(images) < max(PARITY_BATCHES):
         raise ValueError(f"export: parity needs {max(PARITY_BATCHES)} test images, {prepared_dir} has {len(images)}: "
                          "raise data.limit_test")
-    metrics = json.loads(Path(metrics_path).read_text())
+    evaluation = EvalReport.read(Path(metrics_path))
     args = checkpoint["model_args"]
     metadata = {
         "labels": json.dumps(checkpoint["classes"]),
@@ -98,8 +101,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
         "data_version": checkpoint["lineage"]["data_version"],
         "params_hash": checkpoint["lineage"]["params_hash"],
         "git_commit": checkpoint["lineage"]["git_commit"],
-        "metrics": json.dumps({k: metrics[k] for k in ("accuracy", "loss", "n_test", "macro_f1", "ece")
-                               if k in metrics}),
+        "metrics": json.dumps(evaluation.headline()),
         "params": json.dumps(checkpoint.get("params", {})),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "variant": "fp32",
@@ -122,19 +124,18 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
                  serving["latency_p99_ms"], serving["throughput_images_per_s"], serving["throughput_batch"],
                  serving["size_bytes"] / 1e6)
         verdicts = check_serving_gates(serving, gate_cfg) if gate_cfg is not None else []
-        report = {"opset": cfg.opset, "parity_max_abs_diff": {str(b): d for b, d in diffs.items()},
-                  "onnx_accuracy": round(accuracy, 6), "n_test": int(labels.numel()), "serving": serving,
-                  "variants": {}}
+        report = ExportReport(opset=cfg.opset, parity_max_abs_diff={str(b): d for b, d in diffs.items()},
+                              onnx_accuracy=round(accuracy, 6), n_test=int(labels.numel()), serving=serving)
         if failed(verdicts):
-            _write_report(report_path, report, verdicts)
+            _write_report(report_path, replace(report, gates=verdicts))
             raise GateFailed(verdicts)
         variants: dict[str, VariantResult] = {}
         if variants_dir is not None:
             variants = _build_variants(cfg, tmp, Path(variants_dir), metadata, accuracy, prepared_dir, images, labels,
                                        device, threads)
             verdicts = verdicts + [v.verdict for v in variants.values()]
-            report["variants"] = {name: v.to_dict() for name, v in variants.items()}
-        _write_report(report_path, report, verdicts)
+            report = replace(report, variants={name: v.to_dict() for name, v in variants.items()})
+        _write_report(report_path, replace(report, gates=verdicts))
     return ExportResult(onnx_path=Path(onnx_path), max_abs_diff=diffs, metadata=metadata, onnx_accuracy=accuracy,
                         serving=serving, variants=variants, verdicts=verdicts)
 
@@ -162,8 +163,6 @@ def _build_variants(cfg: ExportConfig, fp32_path: Path, variants_dir: Path, meta
     return results
 
 
-def _write_report(path: Path | None, report: dict, verdicts: list[GateVerdict]) -> None:
-    if path is None:
-        return
-    report = {**report, "gates": [v.to_dict() for v in verdicts], "gates_passed": not failed(verdicts)}
-    write_bytes_atomic(Path(path), (json.dumps(report, indent=2) + "\n").encode())
+def _write_report(path: Path | None, report: ExportReport) -> None:
+    if path is not None:
+        report.write(Path(path))

@@ -25,6 +25,9 @@ from tasks.ship.latency import onnx_accuracy
 from tasks.config import GateConfig
 from tasks.evaluate.gate import GateFailed, GateVerdict, check_champion_gates, failed
 from tasks.data.prepare import load_split
+from tasks.errors import StageFailed
+from tasks.evaluate.report import EvalReport
+from tasks.ship.export_report import ExportReport
 from tasks.ship.onnx_session import Device
 from tasks.ship.registry import Registry, sha256_file
 from tasks.ship.registry_layout import MODEL_FILE, VARIANT_FILES
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 CARD_METRICS = ("accuracy", "loss", "n_test", "macro_f1", "ece", "min_class_recall", "per_class")
 
 
-class PromoteError(RuntimeError):
+class PromoteError(StageFailed, RuntimeError):
     """The model cannot be compared with the champion; the message says why and what to do."""
 
 
@@ -91,18 +94,20 @@ def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_d
                              reason=f"{onnx_path.name} is already registered as {existing} ({aliases}): unchanged")
     images, labels = load_split(prepared_dir, "test")
     challenger = onnx_accuracy(onnx_path, images, labels, device)
-    evaluation = json.loads(Path(eval_metrics_path).read_text())
-    export = json.loads(Path(export_metrics_path).read_text())
+    evaluation = EvalReport.read(Path(eval_metrics_path))
+    export = ExportReport.read(Path(export_metrics_path))
     metadata = _metadata(onnx_path)
-    lineage = {**evaluation.get("lineage", {}), "params": json.loads(metadata.get("params", "{}"))}
+    lineage = {**evaluation.lineage, "params": json.loads(metadata.get("params", "{}"))}
     with registry.locked():
         comparison, verdicts = _compare(registry, onnx_path, challenger, images, labels, cfg, device)
         if failed(verdicts):
             raise GateFailed(verdicts, consequence=f"nothing is registered or promoted; champion "
                                                    f"{comparison['champion']} stays")
-        metrics = {**{k: evaluation[k] for k in CARD_METRICS if k in evaluation}, "onnx_accuracy": round(challenger, 6),
-                   "serving": export.get("serving"), "variants": export.get("variants", {}), "vs_champion": comparison}
-        gates = [*evaluation.get("gates", []), *export.get("gates", []), *(v.to_dict() for v in verdicts)]
+        card_metrics = {**evaluation.headline(), **evaluation.details}
+        metrics = {**{k: card_metrics[k] for k in CARD_METRICS if k in card_metrics},
+                   "onnx_accuracy": round(challenger, 6), "serving": export.serving, "variants": export.variants,
+                   "vs_champion": comparison}
+        gates = [v.to_dict() for v in (*evaluation.gates, *export.gates, *verdicts)]
         version = registry.register({MODEL_FILE: onnx_path, **_kept_variants(variants_dir)}, name=name,
                                     metrics=metrics, gates=gates, lineage=lineage, run_id=run_id)
         if comparison is None:

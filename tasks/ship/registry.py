@@ -22,13 +22,14 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from tasks.atomic import staged_file
+from tasks.errors import StageFailed
 from tasks.ship.registry_layout import (ALIASES, CARD_FILE, MODEL_FILE, MODEL_FILES, STAGING_PREFIX, LayoutError,
                                         RegistryLayout)
 
 LOCK_TIMEOUT_S = 120.0  # registrations hold the lock for seconds (a copy and a rename), never minutes
 
 
-class RegistryError(RuntimeError):
+class RegistryError(StageFailed, RuntimeError):
     """The registry refused an operation; the message says which file or alias and what to do."""
 
 

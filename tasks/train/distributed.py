@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tasks.errors import StageFailed
+
 NPROC_ENV = "TUNELINE_NPROC_PER_NODE"  # the flow's train stage launches torchrun itself when this is > 1
 
 
-class DistributedTrainingFailed(RuntimeError):
+class DistributedTrainingFailed(StageFailed, RuntimeError):
     """A torchrun training job ended with a non-zero exit (its ranks' errors are in the log above it)."""
 
 
