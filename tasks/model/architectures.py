@@ -27,6 +27,12 @@ class ModelArgs:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_manifest(cls, arch: str, dropout: float, manifest: dict) -> "ModelArgs":
+        """The model for the prepared data `manifest` describes: its classes, image shape and normalisation."""
+        return cls(arch=arch, dropout=dropout, n_classes=len(manifest["classes"]),
+                   image_shape=tuple(manifest["image_shape"]), **manifest["normalization"])
+
 
 class SeedCNN(nn.Module):
     """The article's CNN: conv 1→32 5×5, pool 2, conv 32→64 5×5, pool 2, fc 1024→1024, dropout, fc →10."""

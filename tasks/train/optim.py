@@ -1,4 +1,9 @@
-"""Optimizers and learning-rate schedules from TrainConfig, with optional linear warm-up.
+"""Optimizers and learning-rate schedules from TrainConfig, for one model and for K stacked models.
+
+An optimizer knob lives here and only here: `build_optimizer` (+ `optimizer_step`) is torch.optim for one
+model; `StackedOptimizer` is the same update rules written as batched tensor ops with per-model [K]
+hyperparameters, for a pack of K models (tasks/train/packed.py); tests/tasks/test_packing_roles.py trains
+every per-model knob both ways and compares.
 
 Every schedule except plateau is one per-step multiplier of the base lr (a LambdaLR), so warm-up
 composes with it by multiplication and resuming only needs the step count. Step and exponential keep
@@ -15,6 +20,11 @@ from torch import nn
 
 from tasks.config import TrainConfig
 
+OPTIMIZER_FAMILY = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}  # one family per pack
+OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "rmsprop": 2}  # state tensors per parameter tensor
+RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch's defaults, as build_optimizer uses them
+ADAM_EPS = 1e-8
+
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = model.parameters()
@@ -28,6 +38,124 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"train.optimizer: unknown optimizer {cfg.optimizer!r}")
+
+
+def optimizer_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """One update of one model from its gradients: clip (train.grad_clip), then the optimizer's step."""
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+
+
+class StackedOptimizer:
+    """torch.optim's update rules for K stacked models at once, with per-model [K] hyperparameters.
+
+    The pack shares one optimizer family (`OPTIMIZER_FAMILY`); inside it each model has its own lr and
+    schedule (through `coefficients`), weight decay (adam and adamw mix: coupled vs decoupled is per model),
+    momentum / nesterov, betas and grad clip.
+    """
+
+    def __init__(self, train_cfgs: list[TrainConfig], params: dict[str, torch.Tensor], device: torch.device):
+        self.device, self.family = device, OPTIMIZER_FAMILY[train_cfgs[0].optimizer]
+        # Per-model hyperparameters: host copies (float64, for the per-step coefficient tables) and [K] tensors.
+        self.host = {"beta1": [c.beta1 for c in train_cfgs], "beta2": [c.beta2 for c in train_cfgs],
+                     "dwd": [c.weight_decay if c.optimizer == "adamw" else 0.0 for c in train_cfgs]}
+        self.hyper = {name: torch.tensor(values, dtype=torch.float32, device=device) for name, values in {
+            "l2": [0.0 if c.optimizer == "adamw" else c.weight_decay for c in train_cfgs],  # adamw: decoupled
+            "momentum": [c.momentum for c in train_cfgs],
+            "nesterov": [float(c.nesterov and c.momentum > 0) for c in train_cfgs],
+            "one_minus_beta1": [1.0 - c.beta1 for c in train_cfgs],
+            "one_minus_beta2": [1.0 - c.beta2 for c in train_cfgs],
+            "clip": [c.grad_clip for c in train_cfgs],
+        }.items()}
+        # Ops every model would skip are not run at all (a zero hyperparameter costs nothing).
+        self.uses = {"l2": any(self.hyper["l2"].tolist()), "dwd": any(self.host["dwd"]),
+                     "clip": any(c.grad_clip for c in train_cfgs), "momentum": any(c.momentum for c in train_cfgs),
+                     "nesterov": any(c.nesterov and c.momentum > 0 for c in train_cfgs),
+                     "all_nesterov": all(c.nesterov and c.momentum > 0 for c in train_cfgs)}
+        n_states = OPTIMIZER_STATES[self.family]
+        self.state = {n: [torch.zeros_like(p) for _ in range(n_states)] for n, p in params.items()}
+        self._views: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _hyper_view(self, name: str, dim: int) -> torch.Tensor:
+        """Hyperparameter `name` [K] shaped [K, 1, ...] against a `dim`-dimensional stacked tensor (cached)."""
+        view = self._views.get((name, dim))
+        if view is None:
+            view = self._views[(name, dim)] = self.hyper[name].view(-1, *([1] * (dim - 1)))
+        return view
+
+    def coefficients(self, lr: torch.Tensor, first_step: int) -> dict[str, torch.Tensor]:
+        """Per-step, per-model update coefficients [steps, K] for lrs `lr` (float64 [steps, K]), in float64 first.
+
+        Adam's bias corrections fold into two numbers per model and step: with c = sqrt(1 - beta2^t),
+        lr/(1 - beta1^t) * m / (sqrt(v)/c + eps) == (lr * c/(1 - beta1^t)) * m / (sqrt(v) + eps * c).
+        """
+        table = {"neg_lr": -lr}
+        if self.family == "adam":
+            t = torch.arange(first_step + 1, first_step + lr.shape[0] + 1, dtype=torch.float64).unsqueeze(1)
+            beta1 = torch.tensor(self.host["beta1"], dtype=torch.float64)
+            beta2 = torch.tensor(self.host["beta2"], dtype=torch.float64)
+            root = (1 - beta2 ** t).sqrt()
+            table = {"neg_scale": -lr * root / (1 - beta1 ** t), "eps": ADAM_EPS * root,
+                     "decay": 1 - lr * torch.tensor(self.host["dwd"], dtype=torch.float64)}
+        return {name: values.to(self.device, torch.float32) for name, values in table.items()}
+
+    @torch.no_grad()
+    def step(self, params: list[torch.Tensor], row: dict[str, torch.Tensor]) -> None:
+        """The optimizer step of every model at once; `row` is this step's row of `coefficients()` ({name: [K]}).
+
+        The gradients are this step's own (set to None before backward), so they double as scratch space:
+        the Adam and SGD paths allocate nothing.
+        """
+        uses, hv = self.uses, self._hyper_view
+        grads = [p.grad for p in params]
+        if uses["clip"]:  # per-model global norm, as clip_grad_norm_ over one model's parameters
+            norm = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+            clip = self.hyper["clip"]
+            coef = torch.where(clip > 0, (clip / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(norm))
+            for g in grads:
+                g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+        for p, g, state in zip(params, grads, self.state.values()):
+            dim = p.dim()
+            per_step = {name: values.view(-1, *([1] * (dim - 1))) for name, values in row.items()}
+            if uses["l2"]:  # L2 in the gradient: adam, sgd, rmsprop (adamw decays decoupled, below)
+                g.addcmul_(p, hv("l2", dim))
+            if self.family == "adam":
+                if uses["dwd"]:
+                    p.mul_(per_step["decay"])
+                exp_avg, exp_avg_sq = state
+                exp_avg.lerp_(g, hv("one_minus_beta1", dim))
+                exp_avg_sq.lerp_(g.mul_(g), hv("one_minus_beta2", dim))  # == beta2*v + (1-beta2)*g^2
+                denom = torch.sqrt(exp_avg_sq, out=g).add_(per_step["eps"])
+                p.addcmul_(torch.div(exp_avg, denom, out=g), per_step["neg_scale"])
+            elif self.family == "sgd":
+                update = g
+                if uses["momentum"]:
+                    (buf,) = state
+                    buf.mul_(hv("momentum", dim)).add_(g)  # torch starts the buffer at the first gradient: the same
+                    update = buf
+                    if uses["nesterov"]:
+                        nesterov = g.addcmul_(buf, hv("momentum", dim))
+                        update = (nesterov if uses["all_nesterov"]
+                                  else torch.where(hv("nesterov", dim) > 0, nesterov, buf))
+                p.addcmul_(update, per_step["neg_lr"])
+            else:  # rmsprop
+                square_avg, buf = state
+                square_avg.mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
+                g.div_(square_avg.sqrt().add_(RMSPROP_EPS))
+                if uses["momentum"]:
+                    buf.mul_(hv("momentum", dim)).add_(g)
+                    p.addcmul_(buf, per_step["neg_lr"])
+                else:
+                    p.addcmul_(g, per_step["neg_lr"])
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the models at `index` (a [k] long tensor of rows): optimizer state and hyperparameters."""
+        rows = index.tolist()
+        self.state = {n: [s.index_select(0, index) for s in states] for n, states in self.state.items()}
+        self.hyper = {n: t.index_select(0, index) for n, t in self.hyper.items()}
+        self.host = {n: [values[r] for r in rows] for n, values in self.host.items()}
+        self._views.clear()
 
 
 class LRSchedule:
@@ -85,3 +213,29 @@ class LRSchedule:
         self.per_step.load_state_dict(state["per_step"])
         if self.plateau is not None and state["plateau"] is not None:
             self.plateau.load_state_dict(state["plateau"])
+
+
+class StackedSchedules:
+    """Each stacked model's LRSchedule, driven through a one-parameter stand-in optimizer: exactly one model's lrs."""
+
+    def __init__(self, train_cfgs: list[TrainConfig], steps_per_epoch: int):
+        self.optimizers, self.schedules = [], []
+        for cfg in train_cfgs:
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+            self.schedules.append(LRSchedule(cfg, optimizer, steps_per_epoch))
+            optimizer.step()  # marks it stepped, so the scheduler does not warn about the order of calls
+            self.optimizers.append(optimizer)
+        self.steps_per_epoch = steps_per_epoch
+
+    def epoch_table(self, members: list[int]) -> list[list[float]]:
+        """The lr of each model in `members` at every step of the coming epoch ([steps][members]), advancing them."""
+        table = [[0.0] * len(members) for _ in range(self.steps_per_epoch)]
+        for j, i in enumerate(members):
+            group = self.optimizers[i].param_groups[0]
+            for s in range(self.steps_per_epoch):
+                table[s][j] = group["lr"]
+                self.schedules[i].after_step()
+        return table
+
+    def after_epoch(self, member: int, val_accuracy: float) -> None:
+        self.schedules[member].after_epoch(val_accuracy)
