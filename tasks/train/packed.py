@@ -8,13 +8,9 @@ wide convolution / matmul; later convolutions become grouped convolutions, linea
 over weights stored input-major so they are read in place). The pack is the stacked strategy of the one
 training loop (tasks/train/loop.py: data order, divergence checks, history, early stopping, model
 construction are run_train's); its optimizer step is tasks/train/optim.py's StackedOptimizer, batched
-tensor ops whose hyperparameters are per-model tensors of shape [K], so inside one pack each model has
-its own:
-
-    learning rate and schedule (scheduler, step_size, gamma, warm-up, one-cycle, plateau: a per-model
-    multiplier each step), weight decay, L1, momentum / nesterov, Adam betas (adam and adamw mix:
-    coupled vs decoupled decay is per model), grad clip, label smoothing, dropout rate, seed (init),
-    divergence threshold, early stopping and epochs.
+tensor ops whose hyperparameters are per-model tensors of shape [K]. Inside one pack each model has its
+own value of every `per_model` setting (learning rate and schedule, optimizer hyperparameters, L1, label
+smoothing, dropout rate, seed, divergence threshold, early stopping, epochs: the roles below).
 
 Each TrainConfig field declares its packing role beside its default (json_schema_extra={"packing": ...}):
 
