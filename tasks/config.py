@@ -118,6 +118,7 @@ class TrainConfig(_Section):
     nesterov: bool = Field(False, description="sgd: Nesterov momentum", json_schema_extra={"packing": "per_model"})
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="adam / adamw: first-moment decay", json_schema_extra={"packing": "per_model"})
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="adam / adamw: second-moment decay", json_schema_extra={"packing": "per_model"})
+    eps: float = Field(1e-8, gt=0.0, description="adam / adamw: added to the update's denominator for numerical stability", json_schema_extra={"packing": "per_model"})
     weight_decay: float = Field(0.0, ge=0.0, description="L2 (decoupled for adamw)", json_schema_extra={"packing": "per_model"})
     l1: float = Field(0.0, ge=0.0, description="L1 penalty on weights (not biases / norm layers)", json_schema_extra={"packing": "per_model"})
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing (0 = off)", json_schema_extra={"packing": "per_model"})

@@ -23,7 +23,6 @@ from tasks.config import TrainConfig
 OPTIMIZER_FAMILY = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}  # one family per pack
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "rmsprop": 2}  # state tensors per parameter tensor
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch's defaults, as build_optimizer uses them
-ADAM_EPS = 1e-8
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -32,9 +31,11 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"train.optimizer: unknown optimizer {cfg.optimizer!r}")
@@ -52,13 +53,14 @@ class StackedOptimizer:
 
     The pack shares one optimizer family (`OPTIMIZER_FAMILY`); inside it each model has its own lr and
     schedule (through `coefficients`), weight decay (adam and adamw mix: coupled vs decoupled is per model),
-    momentum / nesterov, betas and grad clip.
+    momentum / nesterov, betas, eps and grad clip.
     """
 
     def __init__(self, train_cfgs: list[TrainConfig], params: dict[str, torch.Tensor], device: torch.device):
         self.device, self.family = device, OPTIMIZER_FAMILY[train_cfgs[0].optimizer]
         # Per-model hyperparameters: host copies (float64, for the per-step coefficient tables) and [K] tensors.
         self.host = {"beta1": [c.beta1 for c in train_cfgs], "beta2": [c.beta2 for c in train_cfgs],
+                     "eps": [c.eps for c in train_cfgs],
                      "dwd": [c.weight_decay if c.optimizer == "adamw" else 0.0 for c in train_cfgs]}
         self.hyper = {name: torch.tensor(values, dtype=torch.float32, device=device) for name, values in {
             "l2": [0.0 if c.optimizer == "adamw" else c.weight_decay for c in train_cfgs],  # adamw: decoupled
@@ -96,7 +98,8 @@ class StackedOptimizer:
             beta1 = torch.tensor(self.host["beta1"], dtype=torch.float64)
             beta2 = torch.tensor(self.host["beta2"], dtype=torch.float64)
             root = (1 - beta2 ** t).sqrt()
-            table = {"neg_scale": -lr * root / (1 - beta1 ** t), "eps": ADAM_EPS * root,
+            eps = torch.tensor(self.host["eps"], dtype=torch.float64)
+            table = {"neg_scale": -lr * root / (1 - beta1 ** t), "eps": eps * root,
                      "decay": 1 - lr * torch.tensor(self.host["dwd"], dtype=torch.float64)}
         return {name: values.to(self.device, torch.float32) for name, values in table.items()}
 

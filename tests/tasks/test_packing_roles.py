@@ -37,6 +37,7 @@ PROBES = {
     "nesterov": ({"optimizer": "sgd", "lr": 0.05}, True),
     "beta1": ({}, 0.5),
     "beta2": ({}, 0.9),
+    "eps": ({}, 1e-2),
     "weight_decay": ({}, 0.5),
     "l1": ({}, 1e-3),
     "label_smoothing": ({}, 0.3),

@@ -7,12 +7,13 @@ import torch
 
 from tasks.data.augment import augment_batch
 from tasks.model.checkpoint import load_checkpoint
-from tasks.config import ModelConfig, TrainConfig
+from tasks.config import ModelConfig, TrainConfig, build_params
 from tasks.lineage import Lineage
 from tasks.model.architectures import ModelArgs, build_model
 from tasks.train.optim import LRSchedule, build_optimizer
 from tasks.data.prepare import load_split
 from tasks.train.loop import DivergedError, predict_logits, run_train
+from tasks.tune.space import validate_space
 
 LINEAGE = Lineage("abc123.dir", "p" * 16, "c" * 40)
 MLP = ModelConfig(arch="seed_mlp", dropout=0.0)
@@ -55,6 +56,19 @@ def test_each_optimizer_trains(tmp_path, small_prepared_dir, optimizer, lr, cls)
 def test_sgd_nesterov_and_momentum_are_passed():
     group = build_optimizer(TrainConfig(optimizer="sgd", momentum=0.8, nesterov=True), torch.nn.Linear(2, 2)).param_groups[0]
     assert group["nesterov"] is True and group["momentum"] == 0.8
+
+
+def test_adam_eps_reaches_the_optimizer_and_is_tunable(tmp_path, small_prepared_dir):
+    # Packed trials apply it too: tests/tasks/test_packing_roles.py trains eps packed against its solo twin.
+    for optimizer in ("adam", "adamw"):
+        group = build_optimizer(TrainConfig(optimizer=optimizer, eps=1e-3), torch.nn.Linear(2, 2)).param_groups[0]
+        assert group["eps"] == 1e-3
+    params = build_params({}, {"tune.space": {"train.eps": {"type": "float", "low": 1e-8, "high": 1e-2, "log": True}}})
+    validate_space(params, params.tune.space)
+    # eps far above sqrt(v) turns Adam's step lr * m / (sqrt(v) + eps) into about lr * m / eps: it barely learns.
+    default, _ = train(tmp_path, small_prepared_dir, "default")
+    large, _ = train(tmp_path, small_prepared_dir, "large", eps=1.0)
+    assert large.history[0]["val_accuracy"] < default.history[0]["val_accuracy"] - 0.2
 
 
 # --- schedules -----------------------------------------------------------------------------------------------
