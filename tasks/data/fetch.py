@@ -124,7 +124,8 @@ def _fetch_image_folder(folder: Path, staging: Path) -> dict[str, int]:
                 raise DataError(f"{path}: unreadable image ({exc}): fix or remove the file") from None
             labels.append(index)
     (staging / "images-idx3-ubyte").write_bytes(encode_idx(np.stack(images)))
-    (staging / "labels-idx1-ubyte").write_bytes(encode_idx(np.asarray(labels, dtype=np.uint8)))
+    # The file name keeps MNIST's; labels past 255 are written as 16- or 32-bit IDX integers (tasks/data/idx.py).
+    (staging / "labels-idx1-ubyte").write_bytes(encode_idx(np.asarray(labels, dtype=np.int64)))
     (staging / "classes.json").write_text(json.dumps(classes))
     return {"all": len(labels)}
 

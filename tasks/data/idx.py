@@ -11,8 +11,11 @@ import numpy as np
 
 from tasks.errors import InputError
 
-IMAGES_MAGIC = 2051  # ubyte, 3 dimensions (count, rows, cols)
-LABELS_MAGIC = 2049  # ubyte, 1 dimension (count)
+# An IDX magic number is 0x00 0x00 <element type> <number of dimensions>; the data is big-endian.
+IMAGES_MAGIC = 0x0803  # 2051: ubyte, 3 dimensions (count, rows, cols)
+LABELS_MAGIC = 0x0801  # 2049: ubyte, 1 dimension (count): MNIST's, and any label set of up to 256 classes
+# More classes than a byte holds: the same layout with wider elements (IDX types 0x0B short, 0x0C int).
+LABEL_DTYPES = {LABELS_MAGIC: np.dtype(np.uint8), 0x0B01: np.dtype(">i2"), 0x0C01: np.dtype(">i4")}
 
 
 class DataError(InputError, ValueError):
@@ -31,28 +34,35 @@ def read_gzip(path: Path) -> bytes:
 
 
 def parse_idx(data: bytes, path: Path, expected_magic: int) -> np.ndarray:
-    """IDX bytes -> uint8 array ([N, rows, cols] for images, [N] for labels), checking magic and size."""
+    """IDX bytes -> array ([N, rows, cols] uint8 images, or [N] labels), checking magic and size.
+
+    `expected_magic` names the kind (IMAGES_MAGIC or LABELS_MAGIC). Labels may be ubyte, short or int
+    (LABEL_DTYPES); they come back as uint8, int16 or int32 in native byte order.
+    """
     kind = "images" if expected_magic == IMAGES_MAGIC else "labels"
     header_size = 16 if expected_magic == IMAGES_MAGIC else 8
     if len(data) < header_size:
         raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, need {header_size}): re-fetch the file")
     (magic,) = struct.unpack(">i", data[:4])
-    if magic != expected_magic:
+    dtypes = {IMAGES_MAGIC: np.dtype(np.uint8)} if kind == "images" else LABEL_DTYPES
+    if magic not in dtypes:
         raise DataError(
             f"{path}: wrong magic number {magic} (expected {expected_magic} for IDX {kind}): "
             "is this the right file?"
         )
-    if expected_magic == IMAGES_MAGIC:
+    dtype = dtypes[magic]
+    if kind == "images":
         count, rows, cols = struct.unpack(">iii", data[4:16])
         shape: tuple[int, ...] = (count, rows, cols)
     else:
         (count,) = struct.unpack(">i", data[4:8])
         shape = (count,)
-    expected = header_size + int(np.prod(shape))
+    expected = header_size + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "has trailing bytes"
         raise DataError(f"{path}: {state} (expected {expected} bytes, got {len(data)}): re-fetch the file")
-    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
+    return array if dtype.itemsize == 1 else array.astype(dtype.newbyteorder("="))
 
 
 def read_idx(path: Path, expected_magic: int) -> np.ndarray:
@@ -64,16 +74,30 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     return parse_idx(data, path, expected_magic)
 
 
+def label_magic(labels: np.ndarray) -> int:
+    """The narrowest IDX label type that holds `labels`: ubyte up to 255 (MNIST's bytes), then short, then int."""
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    for magic, dtype in LABEL_DTYPES.items():
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return magic
+    raise ValueError(f"labels {low}..{high} do not fit in a 32-bit IDX label file")
+
+
 def encode_idx(array: np.ndarray) -> bytes:
-    """uint8 images [N, rows, cols] or labels [N] -> IDX bytes."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
+    """uint8 images [N, rows, cols] or integer labels [N] -> IDX bytes (labels in the narrowest type that fits)."""
+    array = np.asarray(array)
     if array.ndim == 3:
-        header = struct.pack(">iiii", IMAGES_MAGIC, *array.shape)
-    elif array.ndim == 1:
-        header = struct.pack(">ii", LABELS_MAGIC, array.shape[0])
-    else:
-        raise ValueError(f"IDX encoding supports 1-D labels or 3-D images, got shape {array.shape}")
-    return header + array.tobytes()
+        if array.dtype != np.uint8:
+            raise ValueError(f"IDX images must be uint8, got {array.dtype}")
+        return struct.pack(">iiii", IMAGES_MAGIC, *array.shape) + np.ascontiguousarray(array).tobytes()
+    if array.ndim == 1:
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"IDX labels must be integers, got {array.dtype}")
+        magic = label_magic(array)
+        body = np.ascontiguousarray(array, dtype=LABEL_DTYPES[magic]).tobytes()
+        return struct.pack(">ii", magic, array.shape[0]) + body
+    raise ValueError(f"IDX encoding supports 1-D labels or 3-D images, got shape {array.shape}")
 
 
 def check_pair(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_path: Path, n_classes: int) -> None:
@@ -83,8 +107,9 @@ def check_pair(images: np.ndarray, labels: np.ndarray, images_path: Path, labels
             f"{labels_path}: {labels.shape[0]} labels but {images_path.name} holds {images.shape[0]} images: "
             "the two files come from different sets; re-fetch both"
         )
-    if labels.size and int(labels.max()) >= n_classes:
-        bad = int(np.argmax(labels >= n_classes))
+    out_of_range = (labels < 0) | (labels >= n_classes)
+    if out_of_range.any():
+        bad = int(np.argmax(out_of_range))
         raise DataError(
             f"{labels_path}: label {int(labels[bad])} at index {bad} is out of range 0..{n_classes - 1}: "
             "the file is corrupt; re-fetch it"

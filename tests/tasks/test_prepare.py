@@ -13,7 +13,7 @@ import torch
 
 from tasks.config import DataConfig
 from tasks.data.fetch import MNIST_SHA256, run_fetch
-from tasks.data.idx import DataError, encode_idx
+from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, encode_idx, read_idx
 from tasks.data.prepare import (
     TEST_FRACTION_WITHOUT_TEST_SET,
     load_manifest,
@@ -21,6 +21,7 @@ from tasks.data.prepare import (
     run_prepare,
     stratified_take,
 )
+from tests.conftest import label_of, write_image_folder
 
 SPLIT_FILES = ["manifest.json", "test-images.npy", "test-labels.npy", "train-images.npy", "train-labels.npy", "val-images.npy", "val-labels.npy"]
 DIGITS = [str(d) for d in range(10)]
@@ -236,9 +237,36 @@ def test_prepare_from_image_folder_carves_a_test_split(make_image_folder, tmp_pa
     assert torch.equal(load_split(other.prepared_dir, "test")[0], splits["test"][0])
 
 
+
+@pytest.mark.fast
+def test_more_than_256_image_folder_classes_keep_their_labels(tmp_path):
+    """Labels past 255 do not fit MNIST's ubyte IDX labels: fetch writes them wider and prepare reads them back,
+    every image with its own label (synthetic_image writes the label into the pixels: PNG is lossless)."""
+    folder = write_image_folder(tmp_path / "images", n_classes=300, per_class=3)
+    raw = tmp_path / "raw"
+    assert run_fetch(DataConfig(source="imagefolder", image_folder=str(folder)), raw).counts == {"all": 900}
+    classes = json.loads((raw / "classes.json").read_text())
+    assert classes == [f"c{k:03d}" for k in range(300)]
+    raw_labels = read_idx(raw / "labels-idx1-ubyte", LABELS_MAGIC)
+    assert raw_labels.tolist() == [k for k in range(300) for _ in range(3)]
+    np.testing.assert_array_equal(label_of(read_idx(raw / "images-idx3-ubyte", IMAGES_MAGIC)), raw_labels)
+
+    result = run_prepare(DataConfig(), raw, tmp_path / "prepared")
+    assert result.manifest["classes"] == classes and sum(result.counts.values()) == 900
+    seen = []
+    for split, (images, labels) in splits_of(result.prepared_dir).items():
+        assert labels.dtype == torch.int64
+        np.testing.assert_array_equal(labels.numpy(), label_of(images.numpy()))
+        per_class = np.bincount(labels.numpy(), minlength=300)
+        assert result.manifest["counts_per_class"][split] == {classes[c]: int(n) for c, n in enumerate(per_class)}
+        seen += zip(labels.tolist(), images[:, 0, 2].tolist())  # (label, index within its class folder)
+    assert sorted(seen) == [(k, i) for k in range(300) for i in range(3)]  # each image once, none relabelled
+    assert max(label for label, _ in seen) == 299
+
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_missing_raw_dir_says_run_fetch(tmp_path):
     raw = tmp_path / "raw"
     with pytest.raises(DataError, match=at(raw / "classes.json", r"missing: run `tuneline stage fetch`")):
@@ -246,6 +274,7 @@ def test_missing_raw_dir_says_run_fetch(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fast
 def test_raw_dir_without_idx_files(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -326,6 +355,7 @@ def test_successful_prepare_replaces_previous_prepared_dir_whole(raw_arrays, tmp
     assert [p.name for p in prepared.parent.iterdir()] == ["prepared"]
 
 
+@pytest.mark.fast
 def test_load_split_and_manifest_missing_say_run_prepare(tmp_path):
     with pytest.raises(DataError, match=at(tmp_path / "train-images.npy", r"missing: run `tuneline stage prepare`")):
         load_split(tmp_path, "train")
@@ -348,6 +378,7 @@ def _labels(sizes: list[int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).permutation(labels)
 
 
+@pytest.mark.fast
 def test_stratified_take_exact_count_and_largest_remainder():
     labels = _labels([50, 30, 20])
     taken, rest = stratified_take(labels, 17, seed=0)
@@ -356,6 +387,7 @@ def test_stratified_take_exact_count_and_largest_remainder():
     assert np.bincount(labels[taken], minlength=3).tolist() == [9, 5, 3]
 
 
+@pytest.mark.fast
 def test_stratified_take_is_disjoint_covering_and_sorted():
     labels = _labels([50, 30, 20])
     taken, rest = stratified_take(labels, 17, seed=4)
@@ -365,6 +397,7 @@ def test_stratified_take_is_disjoint_covering_and_sorted():
     assert taken.dtype.kind == "i" and rest.dtype.kind == "i"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("seed", range(5))
 def test_stratified_take_proportions_on_random_labels(seed):
     rng = np.random.default_rng(100 + seed)
@@ -379,6 +412,7 @@ def test_stratified_take_proportions_on_random_labels(seed):
         np.testing.assert_array_equal(np.sort(np.concatenate([taken, rest])), np.arange(labels.size))
 
 
+@pytest.mark.fast
 def test_stratified_take_is_deterministic_per_seed():
     labels = _labels([40, 40, 40])
     a, b, c = (stratified_take(labels, 30, seed) for seed in (7, 7, 8))
@@ -395,6 +429,7 @@ def test_stratified_take_on_real_mnist_labels(raw_arrays):
     assert_proportional(np.bincount(labels[taken], minlength=10), np.bincount(labels, minlength=10), 5000)
 
 
+@pytest.mark.fast
 def test_stratified_take_ignores_label_values_and_order():
     """Class labels need not be 0..k-1 or sorted; the allocation follows the class sizes."""
     labels = np.array([9] * 30 + [3] * 10)
