@@ -13,6 +13,8 @@ from flows.cli import main
 from tasks.ship.registry import Registry
 from tests.tasks.registry_worker import tiny_model
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[2]
 
 

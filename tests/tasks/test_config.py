@@ -4,6 +4,8 @@ import pytest
 
 from tasks.config import ConfigError, Params, apply_overrides, build_params, load_params, parse_override, valid_keys
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[2]
 
 

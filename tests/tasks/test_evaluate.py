@@ -9,6 +9,7 @@ from tasks.evaluate.evaluate import compute_metrics, run_evaluate
 from tasks.evaluate.gate import GateFailed, check_champion_gates, check_gates, markdown_table
 
 
+@pytest.mark.fast
 def test_compute_metrics_on_known_predictions():
     labels = torch.tensor([0, 0, 1, 1, 2])
     logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1, 0]), 3).float() * 10
@@ -18,6 +19,7 @@ def test_compute_metrics_on_known_predictions():
     assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
 
 
+@pytest.mark.fast
 def test_gate_verdict_carries_value_threshold_and_margin():
     verdicts = check_gates({"accuracy": 0.97, "min_class_recall": 0.95, "ece": 0.05},
                            GateConfig(min_accuracy=0.99, min_class_recall=0.9, max_ece=0.03))
@@ -33,6 +35,7 @@ def test_gate_verdict_carries_value_threshold_and_margin():
     assert "| ≤ 0.0300 | -0.0200 | **FAIL** |" in markdown_table(verdicts)
 
 
+@pytest.mark.fast
 def test_champion_gates_block_a_regression_and_decide_promotion():
     cfg = GateConfig(max_regression=0.005, min_improvement=0.001)
     regression, improvement = check_champion_gates(0.950, 0.958, cfg)

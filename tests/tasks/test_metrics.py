@@ -7,6 +7,8 @@ from PIL import Image
 from tasks.evaluate.metrics import compute_metrics, expected_calibration_error, per_class_scores
 from tasks.evaluate.plots import render_confusion_png
 
+pytestmark = pytest.mark.fast
+
 
 def test_precision_recall_f1_and_macro_f1_by_hand():
     # actual:    0 0 0 1 1 2      predicted: 0 0 1 1 2 2

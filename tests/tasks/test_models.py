@@ -3,6 +3,8 @@ import torch
 
 from tasks.model.architectures import ModelArgs, SeedCNN, SeedMLP, build_model
 
+pytestmark = pytest.mark.fast
+
 
 def args(arch: str) -> ModelArgs:
     return ModelArgs(arch=arch, dropout=0.5, n_classes=10, image_shape=(1, 28, 28), mean=0.1307, std=0.3081)

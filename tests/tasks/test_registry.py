@@ -18,6 +18,7 @@ def register(registry: Registry, model, **extra) -> str:
                              lineage={"data_version": "d.dir", "params_hash": "p", "git_commit": "c"}, run_id="run-1")
 
 
+@pytest.mark.fast
 def test_layout_card_and_verified_load(tmp_path):
     registry = Registry(tmp_path / "registry")
     model = tiny_model(tmp_path / "a.onnx", 1.0)
@@ -35,6 +36,7 @@ def test_layout_card_and_verified_load(tmp_path):
     assert [p.name for p in (tmp_path / "registry" / "versions").iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.fast
 def test_invalid_onnx_is_refused_at_registration(tmp_path):
     registry = Registry(tmp_path / "registry")
     bad = tmp_path / "bad.onnx"
@@ -46,6 +48,7 @@ def test_invalid_onnx_is_refused_at_registration(tmp_path):
         register(registry, tiny_model(tmp_path / "a.onnx", 1.0), **{"weights.bin": bad})
 
 
+@pytest.mark.fast
 def test_altered_file_is_refused_at_load_and_promotion(tmp_path):
     registry = Registry(tmp_path / "registry")
     version = register(registry, tiny_model(tmp_path / "a.onnx", 1.0))
@@ -64,6 +67,7 @@ def test_altered_file_is_refused_at_load_and_promotion(tmp_path):
         registry.model_path(version)
 
 
+@pytest.mark.fast
 def test_promote_and_rollback_restore_the_previous_champion(tmp_path):
     registry = Registry(tmp_path / "registry")
     v1, v2, v3 = (register(registry, tiny_model(tmp_path / f"{i}.onnx", float(i))) for i in range(3))
