@@ -1,12 +1,19 @@
 """End to end, as a user runs it: `tuneline run` (Prefect, embedded API) and `dvc repro` in a project copy,
-on a small slice of the real MNIST, on CPU."""
+on a small slice of the real MNIST, on CPU.
+
+The five-run story (a gate fails; a reachable gate passes and promotes; nothing changed; same weights again;
+promote and roll back by hand) runs once per session in the `story` fixture, which keeps what each step
+printed and left behind; each test below checks one part of it, so that one failure hides no other.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +22,11 @@ import pytest
 import torch
 import yaml
 
+from tasks.data.prepare import load_split
 from tasks.model.checkpoint import load_checkpoint
 from tasks.ship.onnx_session import open_session
-from tasks.data.prepare import load_split
 from tasks.ship.registry import Registry
-from tests.conftest import cli_env
+from tests.conftest import cli_env, make_project, once_per_session
 
 pytestmark = pytest.mark.slow
 
@@ -44,109 +51,203 @@ def lock_md5(project: Path, stage: str) -> str:
     return yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]["outs"][0]["md5"]
 
 
-def test_flow_gates_exports_records_lineage_and_skips_unchanged(project: Path, mnist_mirror: Path):
-    overrides = [arg for kv in SLICE for arg in ("-S", kv)]
+# --- the five-run story ------------------------------------------------------------------------------------------
 
-    # 1. A gate above what the model reaches: the run fails with the gate's numbers, nothing is exported.
-    failed = tuneline(project, mnist_mirror, "run", *overrides, "-S", "gate.min_accuracy=0.999")
-    assert failed.returncode == 1, failed.stdout + failed.stderr
+# What a step keeps of the project (copied right after it): its outputs, the registry and the files DVC reads.
+KEPT = ("metrics", "models", "reports", "registry", "tuning", "params.yaml", "dvc.lock", "registry.dvc")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of the story: its exit code and output, and the project as it left it (`state`)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    dvc_status: str | None  # `dvc status` right after, where the story asks
+    state: Path
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def json(self, name: str) -> dict:
+        return json.loads((self.state / name).read_text())
+
+    def text(self, name: str) -> str:
+        return (self.state / name).read_text()
+
+
+def _run_story(folder: Path, mirror: Path) -> None:
+    """Run the story's commands in order in a project copy under `folder`, keeping each step (never asserting:
+    every step runs, whatever an earlier one did, and the tests judge)."""
+    project = make_project(folder)
+    overrides = [arg for kv in SLICE for arg in ("-S", kv)]
+    commands = {
+        "gate_fails": ["run", *overrides, "-S", "gate.min_accuracy=0.999"],
+        "gate_passes": ["run", *overrides, "-S", "gate.min_accuracy=0.85"],
+        "unchanged": ["run"],
+        "same_weights": ["run", "-S", "export.int8=false"],
+        "promote": ["models", "promote", "v0002"],
+        "rollback": ["models", "rollback"],
+    }
+    for name, args in commands.items():
+        done = tuneline(project, mirror, *args)
+        status = None
+        if name in ("gate_passes", "rollback"):
+            checked = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=cli_env(mirror),
+                                     capture_output=True, text=True)
+            status = checked.stdout + checked.stderr
+        state = folder / "steps" / name
+        state.mkdir(parents=True)
+        for kept in KEPT:
+            source = project / kept
+            if source.is_dir():
+                shutil.copytree(source, state / kept, ignore=shutil.ignore_patterns("checkpoints"))
+            elif source.is_file():
+                shutil.copy2(source, state / kept)
+        (state / "step.json").write_text(json.dumps({"returncode": done.returncode, "stdout": done.stdout,
+                                                     "stderr": done.stderr, "dvc_status": status}))
+
+
+@pytest.fixture(scope="module")
+def story_folder(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Path:
+    return once_per_session(tmp_path_factory, "pipeline-story", lambda folder: _run_story(folder, mnist_mirror))
+
+
+@pytest.fixture(scope="module")
+def story(story_folder: Path) -> dict[str, Step]:
+    """Each step of the story by name (the keys of `commands` in _run_story)."""
+    return {state.name: Step(**json.loads((state / "step.json").read_text()), state=state)
+            for state in (story_folder / "steps").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def story_project(story_folder: Path) -> Path:
+    """The story's project as the last step left it (its data/prepared is the same after every step)."""
+    return story_folder / "project"
+
+
+def test_a_gate_above_reach_fails_the_run_and_ships_nothing(story):
+    failed = story["gate_fails"]
+    assert failed.returncode == 1, failed.output
     assert "gate gate.min_accuracy FAILED: test accuracy" in failed.stderr
     assert "threshold 0.9990" in failed.stderr
     assert "| `gate.min_accuracy` | test accuracy |" in failed.stderr  # the whole table is in the run's message
-    assert not (project / "models" / "model.onnx").exists()
-    assert not (project / "registry").exists()  # nothing registered, nothing promoted
-    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert not (failed.state / "models" / "model.onnx").exists()
+    assert not (failed.state / "registry").exists()  # nothing registered, nothing promoted
+    metrics = failed.json("metrics/eval.json")
     assert metrics["gates_passed"] is False and metrics["gates"][0]["margin"] < 0
 
-    # 2. A reachable gate: the run completes and says where the model and summary are.
-    done = tuneline(project, mnist_mirror, "run", *overrides, "-S", "gate.min_accuracy=0.85")
-    assert done.returncode == 0, done.stdout + done.stderr
-    onnx_path = project / "models" / "model.onnx"
-    assert f"ONNX model:   {onnx_path}" in done.stdout
+
+def test_a_reachable_gate_completes_and_says_where_the_model_is(story, story_project):
+    done = story["gate_passes"]
+    assert done.returncode == 0, done.output
+    assert f"ONNX model:   {story_project / 'models' / 'model.onnx'}" in done.stdout
     assert "run summary:" in done.stdout
-    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    metrics = done.json("metrics/eval.json")
     assert metrics["gates_passed"] is True and metrics["accuracy"] >= 0.85
     assert metrics["n_test"] == 600
 
+
+def test_after_a_failed_gate_the_next_run_resumes_after_the_committed_stages(story):
+    # Run 1 failed at the gate after committing fetch..train: run 2 resumed after them (Prefect cache hits).
+    summary = story["gate_passes"].text("reports/run_summary.md")
+    assert "fetch cached, prepare cached, tune cached, train cached, evaluate ran, export ran" in summary
+
+
+def test_exported_onnx_matches_the_checkpoint(story, story_project):
     # Parity of the exported file with the PyTorch checkpoint, on real test images, at batch 256.
-    model, checkpoint = load_checkpoint(project / "models" / "model.pt")
-    images, _ = load_split(project / "data" / "prepared", "test")
+    done = story["gate_passes"]
+    model, _ = load_checkpoint(done.state / "models" / "model.pt")
+    images, _ = load_split(story_project / "data" / "prepared", "test")
     pixels = images[:256].unsqueeze(1).float()
     with torch.no_grad():
         expected = model(pixels).numpy()
-    (actual,) = open_session(onnx_path).run(["logits"], {"pixels": pixels.numpy()})
+    (actual,) = open_session(done.state / "models" / "model.onnx").run(["logits"], {"pixels": pixels.numpy()})
     assert np.abs(actual - expected).max() <= 1e-4
 
-    # Lineage: the data version in the checkpoint and the ONNX metadata is the DVC hash dvc.lock records.
-    data_version = lock_md5(project, "fetch")
+
+def test_lineage_is_the_data_version_dvc_lock_records(story):
+    # The data version in the checkpoint and the ONNX metadata is the DVC hash dvc.lock records.
+    done = story["gate_passes"]
+    data_version = lock_md5(done.state, "fetch")
     assert data_version.endswith(".dir")
+    _, checkpoint = load_checkpoint(done.state / "models" / "model.pt")
     assert checkpoint["lineage"]["data_version"] == data_version
-    metadata = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    metadata = {p.key: p.value for p in onnx.load(str(done.state / "models" / "model.onnx")).metadata_props}
     assert metadata["data_version"] == data_version
     assert json.loads(metadata["labels"]) == [str(d) for d in range(10)]
     assert metadata["git_commit"] == checkpoint["lineage"]["git_commit"] != "unknown"
-
-    # The overrides were written to params.yaml, so dvc.lock tells the truth: nothing to reproduce.
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["train"]["epochs"] == 2 and params["gate"]["min_accuracy"] == 0.85
-    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=cli_env(mnist_mirror),
-                            capture_output=True, text=True, check=True)
-    assert "up to date" in status.stdout, status.stdout
-    remote = project.parent / "dvc-remote"
-    assert any(p.is_file() for p in remote.rglob("*")), "dvc push put nothing in the remote"
-    summary = (project / "reports" / "run_summary.md").read_text()
+    summary = done.text("reports/run_summary.md")
     assert data_version in summary and "gate.min_accuracy" in summary
 
-    # The first model that passes every gate becomes champion; its registry version is what was exported.
+
+def test_overrides_are_written_to_params_so_dvc_is_up_to_date_and_pushed(story, story_project):
+    done = story["gate_passes"]
+    params = yaml.safe_load(done.text("params.yaml"))
+    assert params["train"]["epochs"] == 2 and params["gate"]["min_accuracy"] == 0.85
+    # dvc.lock tells the truth: nothing to reproduce (the registry is DVC data too: registry.dvc).
+    assert "up to date" in done.dvc_status, done.dvc_status
+    assert (done.state / "registry.dvc").is_file()
+    remote = story_project.parent / "dvc-remote"
+    assert any(p.is_file() for p in remote.rglob("*")), "dvc push put nothing in the remote"
+
+
+def test_the_first_model_past_every_gate_becomes_champion_with_its_variants(story):
+    done = story["gate_passes"]
     assert "v0001 promoted to champion: the first model (no champion yet)" in done.stdout
-    registry = Registry(project / "registry")
+    registry = Registry(done.state / "registry")
     assert registry.alias("champion")["version"] == "v0001"
     card = registry.verify("v0001")
-    assert card["files"]["model.onnx"]["sha256"] == sha256(onnx_path)
-    assert card["lineage"]["data_version"] == data_version
-    exported = json.loads((project / "metrics" / "export.json").read_text())
-    int8 = exported["variants"]["int8"]  # evaluated, and kept or rejected by export.max_quant_drop
+    assert card["files"]["model.onnx"]["sha256"] == sha256(done.state / "models" / "model.onnx")
+    assert card["lineage"]["data_version"] == lock_md5(done.state, "fetch")
+    int8 = done.json("metrics/export.json")["variants"]["int8"]  # evaluated; kept or rejected by max_quant_drop
     assert int8["kept"] == ("model.int8.onnx" in card["files"]) == (int8["drop"] <= 0.005)
+    summary = done.text("reports/run_summary.md")
     assert f"int8 variant**: test accuracy {int8['accuracy']:.4f}, drop {int8['drop']:+.4f}" in summary
     assert "ONNX Runtime** (CPUExecutionProvider): p50" in summary and "gate.max_latency_p99_ms" in summary
-    assert (project / "registry.dvc").is_file()  # the registry is DVC data; `dvc status` above covered it
 
-    # Tuning ran a real study; the final model was trained with the best trial's lr, and the summary shows it.
-    best = json.loads((project / "tuning" / "best_params.json").read_text())
-    assert len((project / "tuning" / "trials.csv").read_text().strip().splitlines()) == 1 + 3
+
+def test_tuning_ran_a_study_whose_best_lr_trained_the_model(story):
+    done = story["gate_passes"]
+    best = done.json("tuning/best_params.json")
+    assert len(done.text("tuning/trials.csv").strip().splitlines()) == 1 + 3
+    _, checkpoint = load_checkpoint(done.state / "models" / "model.pt")
     assert checkpoint["params"]["train"]["lr"] == best["params"]["train.lr"] != 0.001
+    summary = done.text("reports/run_summary.md")
     assert "## Tuning" in summary and f"Study `{best['study']}`" in summary
 
-    # Run 1 failed at the gate after committing fetch..train: this run resumed after them (Prefect cache hits).
-    summary_text = (project / "reports" / "run_summary.md").read_text()
-    assert "fetch cached, prepare cached, tune cached, train cached, evaluate ran, export ran" in summary_text
 
-    # 3. Nothing changed: every stage is a Prefect cache hit and the model is not rewritten.
-    model_hash = sha256(project / "models" / "model.pt")
-    again = tuneline(project, mnist_mirror, "run")
-    assert again.returncode == 0, again.stdout + again.stderr
+def test_an_unchanged_rerun_is_all_cache_hits_and_rewrites_nothing(story):
+    again = story["unchanged"]
+    assert again.returncode == 0, again.output
     assert ("fetch cached, prepare cached, tune cached, train cached, evaluate cached, export cached"
-            in (project / "reports" / "run_summary.md").read_text())
-    assert sha256(project / "models" / "model.pt") == model_hash
+            in again.text("reports/run_summary.md"))
+    assert sha256(again.state / "models" / "model.pt") == sha256(story["gate_passes"].state / "models" / "model.pt")
     assert "model.onnx is already registered as v0001 (champion): unchanged" in again.stdout
 
-    # 4. A new export of the same weights (no INT8 this time) is no better: kept as challenger, and the run says why.
-    same = tuneline(project, mnist_mirror, "run", "-S", "export.int8=false")
-    assert same.returncode == 0, same.stdout + same.stderr
-    accuracy = f"{metrics['accuracy']:.4f}"
+
+def test_a_new_export_of_the_same_weights_is_kept_as_challenger_and_says_why(story):
+    same = story["same_weights"]  # export.int8=false: a new file, no better
+    assert same.returncode == 0, same.output
+    accuracy = f"{story['gate_passes'].json('metrics/eval.json')['accuracy']:.4f}"
     assert (f"v0002 kept as challenger, not promoted: test accuracy {accuracy} vs champion v0001 {accuracy} on the "
             "same 600 test images (change +0.0000 < gate.min_improvement 0.0010); champion v0001 stays") in same.stdout
+    registry = Registry(same.state / "registry")
     assert registry.alias("champion")["version"] == "v0001" and registry.alias("challenger")["version"] == "v0002"
 
-    # 5. By hand: promote the challenger, then roll back; each change is recorded in registry.dvc.
-    promoted = tuneline(project, mnist_mirror, "models", "promote", "v0002")
-    assert promoted.returncode == 0 and "champion -> v0002 (previous: v0001)" in promoted.stdout, promoted.stderr
-    rolled = tuneline(project, mnist_mirror, "models", "rollback")
-    assert rolled.returncode == 0 and "champion rolled back -> v0001" in rolled.stdout, rolled.stderr
-    assert registry.alias("champion")["version"] == "v0001"
-    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=cli_env(mnist_mirror),
-                            capture_output=True, text=True, check=True)
-    assert "up to date" in status.stdout, status.stdout
+
+def test_promote_and_rollback_by_hand_are_recorded_in_registry_dvc(story):
+    promoted, rolled = story["promote"], story["rollback"]
+    assert promoted.returncode == 0 and "champion -> v0002 (previous: v0001)" in promoted.stdout, promoted.output
+    assert Registry(promoted.state / "registry").alias("champion")["version"] == "v0002"
+    assert rolled.returncode == 0 and "champion rolled back -> v0001" in rolled.stdout, rolled.output
+    assert Registry(rolled.state / "registry").alias("champion")["version"] == "v0001"
+    assert "up to date" in rolled.dvc_status, rolled.dvc_status
+
+
+# --- other end-to-end runs ---------------------------------------------------------------------------------------
 
 
 def test_dvc_repro_runs_the_stages_then_none(project: Path, mnist_mirror: Path):
