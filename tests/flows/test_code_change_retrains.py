@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.params_file import write_overrides
+from tasks.config import parse_overrides
 from tests.conftest import cli_env
 
 pytestmark = pytest.mark.slow
@@ -40,8 +42,8 @@ def add_import_marker(module: Path, marker: Path) -> None:
 
 def test_editing_code_train_imports_retrains_and_editing_serving_does_not(project: Path, mnist_mirror: Path,
                                                                        tmp_path: Path):
-    overrides = [arg for kv in TINY for arg in ("-S", kv)]
-    run(project, mnist_mirror, str(BIN / "tuneline"), "run", "--no-push", *overrides)
+    write_overrides(project / "params.yaml", parse_overrides(TINY))
+    run(project, mnist_mirror, str(BIN / "dvc"), "repro")
     assert status(project, mnist_mirror) == {}
     train_lock = lambda: yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]  # noqa: E731
 
