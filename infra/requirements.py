@@ -18,7 +18,8 @@ from pathlib import Path
 
 # Distributions only the pipeline (train, tune, export, orchestration) uses; import names are the same.
 # psycopg: the driver of a PostgreSQL Optuna study (TUNELINE_TUNE_STORAGE), a tuning concern only.
-TRAINING_ONLY = frozenset({"torch", "torchvision", "onnxscript", "prefect", "dvc", "optuna", "plotly", "psycopg"})
+TRAINING_ONLY = frozenset({"torch", "torchvision", "onnxscript", "prefect", "dvc", "optuna", "plotly", "psycopg",
+                           "sqlalchemy", "psutil"})
 
 
 def name_of(requirement: str) -> str:

@@ -13,8 +13,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from tasks.atomic import staged_file
 
-CELL = 44     # pixels per cell
-MARGIN = 70   # room for the axis titles and class names, in pixels
+CELL = 44             # pixels per cell
+MARGIN = 70           # room for the axis titles and class names, in pixels
+MAX_GRID = 1760       # pixels the cells may span (40 classes at full size): many classes get smaller cells
+LABELLED_CELL = 24    # below this cell size counts and class names would not fit: the picture is shading only
 
 
 def _shade(share: float, correct: bool) -> tuple[int, int, int]:
@@ -29,7 +31,9 @@ def render_confusion_png(confusion: torch.Tensor, classes: list[str], path: Path
     """Draw `confusion` (rows: actual, columns: predicted) to `path` atomically; returns the path."""
     n = len(classes)
     counts = confusion.tolist()
-    size = MARGIN + n * CELL + 10
+    cell = max(1, min(CELL, MAX_GRID // max(n, 1)))  # 300 classes: 5-pixel cells, not a 13,000-pixel picture
+    labelled = cell >= LABELLED_CELL
+    size = MARGIN + n * cell + 10
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
@@ -38,16 +42,19 @@ def render_confusion_png(confusion: torch.Tensor, classes: list[str], path: Path
     for i, row in enumerate(counts):
         total = max(sum(row), 1)
         for j, count in enumerate(row):
-            x, y = MARGIN + j * CELL, MARGIN + i * CELL
+            x, y = MARGIN + j * cell, MARGIN + i * cell
             fill = _shade(count / total, i == j)
-            draw.rectangle((x, y, x + CELL - 1, y + CELL - 1), fill=fill, outline=(200, 200, 200))
+            if not labelled:
+                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=fill)
+                continue
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=fill, outline=(200, 200, 200))
             dark = sum(fill) < 400
-            draw.text((x + CELL / 2, y + CELL / 2), str(count), fill="white" if dark else "black", font=small,
+            draw.text((x + cell / 2, y + cell / 2), str(count), fill="white" if dark else "black", font=small,
                       anchor="mm")
-    for k, name in enumerate(classes):
-        draw.text((MARGIN + k * CELL + CELL / 2, MARGIN - 6), name, fill="black", font=font, anchor="mb")
-        draw.text((MARGIN - 6, MARGIN + k * CELL + CELL / 2), name, fill="black", font=font, anchor="rm")
-    draw.text((MARGIN + n * CELL / 2, MARGIN - 24), "predicted", fill="black", font=font, anchor="mb")
+    for k, name in enumerate(classes if labelled else []):
+        draw.text((MARGIN + k * cell + cell / 2, MARGIN - 6), name, fill="black", font=font, anchor="mb")
+        draw.text((MARGIN - 6, MARGIN + k * cell + cell / 2), name, fill="black", font=font, anchor="rm")
+    draw.text((MARGIN + n * cell / 2, MARGIN - 24), "predicted", fill="black", font=font, anchor="mb")
     draw.text((6, MARGIN - 24), "actual", fill="black", font=font, anchor="lb")
     with staged_file(Path(path)) as tmp:
         image.save(tmp, format="PNG")

@@ -48,3 +48,11 @@ def test_confusion_picture(tmp_path):
     assert image.format == "PNG" and image.size[0] > 3 * 40
     assert len(set(image.convert("RGB").getdata())) > 10  # shaded cells and text, not a blank canvas
     assert [p.name for p in tmp_path.iterdir()] == ["confusion.png"]  # written atomically, no temp left
+
+
+def test_a_confusion_picture_of_300_classes_stays_small(tmp_path):
+    # A 44-pixel cell per class would be a 13,000-pixel square (≈0.5 GB in memory) for 300 classes.
+    confusion = torch.eye(300, dtype=torch.long) * 5
+    path = render_confusion_png(confusion, [f"class{i}" for i in range(300)], tmp_path / "confusion.png")
+    width, height = Image.open(path).size
+    assert width == height <= 2000
