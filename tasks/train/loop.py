@@ -13,9 +13,9 @@ with exactly the metrics of an uninterrupted run.
 Under `torchrun` the same loop trains with DistributedDataParallel (tasks/train/distributed.py): each rank
 takes its share of every global batch, rank 0 writes; a checkpoint resumes at any world size.
 
-One loop, two strategies: `train_epochs` runs the epochs (data order, augmentation, divergence checks,
-validation, history records, early stopping, best weights) for a strategy that holds either one model
-(`OneModel`, here: run_train) or K stacked models (`tasks/train/packed.py`: packed tuning trials). A
+One loop, two strategies: tasks/train/epochs.py runs the epochs (data order, augmentation, divergence
+checks, validation, history records, early stopping, best weights) for a strategy that holds one model
+(`OneModel`, here: run_train) or K stacked models (tasks/train/packed.py: packed tuning trials). A
 strategy only trains a batch, validates and hands out weights; the optimizer math of both is in
 tasks/train/optim.py.
 """
@@ -28,28 +28,23 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from tasks.atomic import staged_file
-from tasks.data.augment import augment_batch
 from tasks.model.checkpoint import save_checkpoint
 from tasks.config import ModelConfig, TrainConfig
-from tasks.train.distributed import (DistContext, all_reduce_sum, barrier, context, device_for,
-                                     process_group)
+from tasks.train.distributed import DistContext, barrier, context, device_for, process_group
+from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, train_epochs
 from tasks.lineage import Lineage
-from tasks.model.architectures import Classifier, ModelArgs, build_model
+from tasks.model.architectures import Classifier, ModelArgs
 from tasks.train.optim import LRSchedule, build_optimizer, optimizer_step
-from tasks.data.prepare import load_manifest, load_split
 
 log = logging.getLogger(__name__)
 
@@ -158,195 +153,6 @@ class _Progress:
         if self.bar:
             self.bar.stop()
 
-
-
-# --- The loop both strategies share -------------------------------------------------------------------------
-
-def build_member(model_cfg: ModelConfig, train_cfg: TrainConfig, args: ModelArgs) -> Classifier:
-    """The model a run starts from: seeded with train.seed, then built (same seed, same initial weights)."""
-    torch.manual_seed(train_cfg.seed)
-    return build_model(replace(args, dropout=model_cfg.dropout))
-
-
-def load_data(prepared_dir: Path, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
-    """The manifest and the train and val splits, on `device` (uint8 images, int64 labels)."""
-    manifest = load_manifest(prepared_dir)
-    train_x, train_y = (t.to(device) for t in load_split(prepared_dir, "train"))
-    val_x, val_y = (t.to(device) for t in load_split(prepared_dir, "val"))
-    return manifest, train_x, train_y, val_x, val_y
-
-
-def batch_starts(n_train: int, batch_size: int, world_size: int = 1) -> list[int]:
-    # Batches of one are skipped: batch norm cannot normalise a single sample (nor a rank's share of two).
-    return [s for s in range(0, n_train, batch_size) if min(batch_size, n_train - s) >= 2 * world_size]
-
-
-def diverged(train_loss: float, cfg: TrainConfig, n_classes: int, epoch: int, lr: float) -> str | None:
-    """Why the epoch's train loss means the model diverged, or None."""
-    # A finite but astronomically large loss is divergence too: far worse than guessing uniformly.
-    if math.isfinite(train_loss) and train_loss <= cfg.divergence_factor * math.log(n_classes):
-        return None
-    return (f"train: loss diverged to {train_loss:.3g} in epoch {epoch} (lr {lr:g}, optimizer {cfg.optimizer}): "
-            "lower train.lr or change the optimizer")
-
-
-@dataclass
-class Trainee:
-    """One model's way through the loop: its config, callbacks and everything the loop tracks for it."""
-
-    train: TrainConfig
-    on_epoch: Callable[[dict], bool | None] | None = None  # after each validation; a true result stops it (pruned)
-    on_end: Callable[["Trainee"], None] | None = None  # once, when it completes, is pruned or diverges
-    keep_state: bool = False  # hand out its final weights (its best epoch's under train.restore_best) as `state`
-    track_best: bool = True  # copy the best epoch's weights as they appear (train.restore_best needs them)
-    history: list[dict] = field(default_factory=list)  # HISTORY_FIELDS per epoch
-    best_metric: float | None = None
-    bad_epochs: int = 0
-    best_state: dict[str, torch.Tensor] | None = None
-    status: str = "running"  # running | complete | pruned | diverged
-    reason: str = ""  # why it diverged
-    stopped_early: bool = False
-    state: dict[str, torch.Tensor] | None = None
-
-    def improved(self, val_accuracy: float, val_loss: float) -> bool:
-        """Early-stopping bookkeeping for this epoch's metrics; true when they are the best so far."""
-        cfg = self.train
-        higher_is_better = cfg.early_stopping_metric == "val_accuracy"
-        metric = val_accuracy if higher_is_better else val_loss
-        best = self.best_metric
-        if best is None or (metric - best if higher_is_better else best - metric) > cfg.early_stopping_min_delta:
-            self.best_metric, self.bad_epochs = metric, 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def patience_spent(self) -> bool:
-        return bool(self.train.early_stopping_patience) and self.bad_epochs >= self.train.early_stopping_patience
-
-
-class Strategy(Protocol):
-    """How the loop's models are held and stepped: one model (OneModel) or K stacked (packed._Pack)."""
-
-    size: int  # models (rows) still training
-    diverged_note: str  # appended to a divergence reason: what happens next
-
-    def begin_epoch(self) -> list[float]: ...  # train mode; each row's lr at the epoch's start
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...  # one update; per-row data losses [K]
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[list, list]: ...
-    def after_epoch(self, row: int, val_accuracy: float) -> None: ...  # per-epoch schedules (plateau)
-    def weights(self, row: int) -> dict[str, torch.Tensor]: ...  # a copy of a row's state dict
-    def keep(self, rows: list[int]) -> None: ...  # drop every other row
-
-
-@dataclass
-class EpochData:
-    """The splits on the device and how each epoch walks them (shared by every model of the loop)."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    n_classes: int
-    cfg: TrainConfig  # batch size, augmentation, eval batch size: shared by every model
-    generator: torch.Generator  # the batch order (the same on every rank)
-    augment_generator: torch.Generator
-    ctx: DistContext = DistContext()
-
-    @property
-    def starts(self) -> list[int]:
-        return batch_starts(len(self.train_y), self.cfg.batch_size, self.ctx.world_size)
-
-
-def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, name: str, first_epoch: int = 1,
-                 progress: _Progress | None = None, after_epoch: Callable[[int], None] | None = None) -> None:
-    """Train every running trainee (row r of `strategy` is the r-th of them) until each completes, stops early,
-    is pruned or diverges; each ends with its status set and `on_end` called. `after_epoch(epoch)` runs after
-    each epoch's bookkeeping while any trainee is still in it (run_train writes its resume checkpoint there).
-    """
-    progress = progress or _Progress(False, 0)
-    live = [i for i, t in enumerate(trainees) if t.status == "running"]  # the trainee of each row
-    n_train, starts, cfg, ctx = len(data.train_y), data.starts, data.cfg, data.ctx
-    max_epochs = max(trainees[i].train.epochs for i in live) if live else 0
-
-    def finish(i: int, row: int, status: str, reason: str = "") -> None:
-        t = trainees[i]
-        t.status, t.reason, t.stopped_early = status, reason, status == "complete" and t.patience_spent
-        if t.keep_state and status != "diverged":
-            t.state = t.best_state if t.train.restore_best and t.best_state is not None else strategy.weights(row)
-        if t.on_end is not None:
-            t.on_end(t)
-
-    def compact(keep_rows: list[int], *row_lists: list) -> None:
-        if len(keep_rows) != len(live):
-            if keep_rows:
-                strategy.keep(keep_rows)
-            for values in (live, *row_lists):
-                values[:] = [values[r] for r in keep_rows]
-
-    for epoch in range(first_epoch, max_epochs + 1):
-        if not live:
-            break
-        started = time.perf_counter()
-        lrs = strategy.begin_epoch()
-        progress.epoch(epoch, max_epochs)
-        order = torch.randperm(n_train, device=data.train_x.device, generator=data.generator)
-        loss_sum = torch.zeros(len(live), device=data.train_x.device)  # summed on the device: no host sync per step
-        for start in starts:
-            idx = order[start:start + cfg.batch_size][ctx.rank::ctx.world_size]  # this rank's share
-            x = data.train_x[idx].unsqueeze(1).float()
-            x = augment_batch(x, cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale, data.augment_generator)
-            loss_sum += strategy.step(x, data.train_y[idx]) * len(idx)
-            progress.advance()
-        train_losses = [float(v) / n_train for v in all_reduce_sum(loss_sum, ctx).tolist()]
-
-        # Divergence is judged per model; a diverged model leaves before validation, the others go on.
-        keep_rows = []
-        for row, i in enumerate(list(live)):
-            reason = diverged(train_losses[row], trainees[i].train, data.n_classes, epoch, lrs[row])
-            if reason:
-                log.info("%s: %s", name, reason)
-                finish(i, row, "diverged", f"{reason}{strategy.diverged_note}")
-            else:
-                keep_rows.append(row)
-        compact(keep_rows, train_losses, lrs)
-        if not live:
-            break
-
-        # Every rank validates the whole split (identical weights -> identical numbers), so early stopping
-        # and the plateau schedule decide the same on all ranks without another exchange.
-        val_losses, val_accuracies = strategy.evaluate(data.val_x, data.val_y, cfg.eval_batch_size)
-        seconds = time.perf_counter() - started
-        keep_rows = []
-        for row, i in enumerate(list(live)):
-            t = trainees[i]
-            strategy.after_epoch(row, val_accuracies[row])
-            t.history.append({"epoch": epoch, "train_loss": round(train_losses[row], 6),
-                              "val_loss": round(val_losses[row], 6), "val_accuracy": round(val_accuracies[row], 6),
-                              "lr": lrs[row], "seconds": round(seconds, 3), "images_per_s": round(n_train / seconds, 1)})
-            stop = bool(t.on_epoch(t.history[-1])) if t.on_epoch is not None else False
-            if t.improved(val_accuracies[row], val_losses[row]) and t.track_best and t.train.restore_best:
-                t.best_state = strategy.weights(row)
-            if t.patience_spent:
-                log.info("%s: early stop after epoch %d: %s did not improve for %d epoch(s) (best %.4f)", name, epoch,
-                         t.train.early_stopping_metric, t.bad_epochs, t.best_metric)
-            if stop:
-                finish(i, row, "pruned")
-            elif t.patience_spent or epoch >= t.train.epochs:
-                finish(i, row, "complete")
-            else:
-                keep_rows.append(row)
-        if len(val_accuracies) == 1:
-            h = trainees[live[0]].history[-1]
-            log.info("%s: epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f lr %.3g %.1fs %.0f img/s", name, epoch,
-                     max_epochs, h["train_loss"], h["val_loss"], h["val_accuracy"], h["lr"], seconds, n_train / seconds)
-        else:
-            log.info("%s: epoch %d/%d, %d model(s), %.1fs, val_acc %s", name, epoch, max_epochs, len(live), seconds,
-                     " ".join(f"{a:.4f}" for a in val_accuracies))
-        if after_epoch is not None:
-            after_epoch(epoch)
-        compact(keep_rows)
 
 
 # --- One model: run_train ------------------------------------------------------------------------------------

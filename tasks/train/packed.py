@@ -56,8 +56,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.model.architectures import ModelArgs
-from tasks.train.loop import (EpochData, Trainee, _autocast, _determinism, batch_starts, build_member, load_data,
-                              resolve_device, train_epochs)
+from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, train_epochs
+from tasks.train.loop import _autocast, _determinism, resolve_device
 from tasks.train.optim import OPTIMIZER_FAMILY, OPTIMIZER_STATES, StackedOptimizer, StackedSchedules
 from tasks.data.prepare import load_manifest
 
