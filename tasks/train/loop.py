@@ -221,7 +221,7 @@ def run_train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, mode
     ctx = context()
     device = device_for(ctx, resolve_device(cfg.device))
     if not ctx.is_main:  # one voice: rank 0 logs the run, the others only warnings
-        log.setLevel(logging.WARNING)
+        logging.getLogger("tasks.train").setLevel(logging.WARNING)  # this module and the epoch loop
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
     with _determinism(cfg.deterministic), process_group(ctx, device):
         return _train(model_cfg, cfg, Path(prepared_dir), Path(model_path), Path(history_path), lineage,
