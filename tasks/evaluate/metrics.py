@@ -1,7 +1,7 @@
 """Classification metrics from logits: accuracy, loss, per-class precision/recall/F1, macro-F1, ECE, confusion.
 
 Plain tensor arithmetic, no sklearn: a test of each number against hand-computed values lives in
-tests/tasks/test_metrics.py.
+tests/tasks/evaluate/test_metrics.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 latency), quantization, promotion and the inference server.
 
 The latency gate only means something if it measures the set-up the server runs, so the providers and the
-SessionOptions are decided here and nowhere else; tests/tasks/test_onnx_session.py checks that the gate's
+SessionOptions are decided here and nowhere else; tests/tasks/ship/test_onnx_session.py checks that the gate's
 sessions and the server's are built identically.
 
 onnxruntime-gpu lists CUDAExecutionProvider as available even where CUDA cannot load, and then falls back

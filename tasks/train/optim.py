@@ -2,7 +2,7 @@
 
 An optimizer knob lives here and only here: `build_optimizer` (+ `optimizer_step`) is torch.optim for one
 model; `StackedOptimizer` is the same update rules written as batched tensor ops with per-model [K]
-hyperparameters, for a pack of K models (tasks/train/packed.py); tests/tasks/test_packing_roles.py trains
+hyperparameters, for a pack of K models (tasks/train/packed.py); tests/tasks/train/test_packing_roles.py trains
 every per-model knob both ways and compares.
 
 Every schedule except plateau is one per-step multiplier of the base lr (a LambdaLR), so warm-up

@@ -14,7 +14,7 @@ smoothing, dropout rate, seed, divergence threshold, early stopping, epochs: the
 
 Each TrainConfig field declares its packing role beside its default (json_schema_extra={"packing": ...}):
 
-    per_model  each member of a pack trains with its own value (tests/tasks/test_packing_roles.py trains
+    per_model  each member of a pack trains with its own value (tests/tasks/train/test_packing_roles.py trains
                every one of them packed against its solo twin);
     shared     one value for the whole pack; members that differ go to different packs (`group_key`):
                batch size, augmentation, device/precision/determinism, eval batch size. train.compile,

@@ -22,7 +22,8 @@ from tests.conftest import cli_env
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 TINY = ["data.limit_train=1500", "data.limit_test=300", "train.epochs=1", "train.batch_size=64", "tune.enabled=false",
-        "gate.min_accuracy=0.5", "gate.min_class_recall=0.3", "gate.max_ece=0.5", "export.int8=false"]
+        "gate.min_accuracy=0.5", "gate.min_class_recall=0.3", "gate.max_ece=0.5", "export.int8=false",
+        "export.latency_runs=10"]
 
 
 def run(project: Path, mirror: Path, *cmd: str) -> subprocess.CompletedProcess:

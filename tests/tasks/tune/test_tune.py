@@ -121,7 +121,7 @@ def test_a_killed_study_continues_on_rerun_without_duplicates(tmp_path, small_pr
     import optuna
 
     overrides = {**FAST, "tune.n_trials": 6, "tune.epochs": 2, "tune.pruner": "none"}
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(params=overrides), str(small_prepared_dir), str(tmp_path)],
                              cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     params = build_params({}, overrides)

@@ -14,7 +14,7 @@ from tasks.config import ModelConfig, TrainConfig
 from tasks.lineage import Lineage
 from tasks.train.loop import run_train
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CONFIG = dict(epochs=6, batch_size=32, device="cpu", deterministic=True, scheduler="step", gamma=0.7)
 MODEL = dict(arch="seed_mlp", dropout=0.5)  # dropout: the RNG state must resume too
 

@@ -59,7 +59,7 @@ def test_sgd_nesterov_and_momentum_are_passed():
 
 
 def test_adam_eps_reaches_the_optimizer_and_is_tunable(tmp_path, small_prepared_dir):
-    # Packed trials apply it too: tests/tasks/test_packing_roles.py trains eps packed against its solo twin.
+    # Packed trials apply it too: tests/tasks/train/test_packing_roles.py trains eps packed against its solo twin.
     for optimizer in ("adam", "adamw"):
         group = build_optimizer(TrainConfig(optimizer=optimizer, eps=1e-3), torch.nn.Linear(2, 2)).param_groups[0]
         assert group["eps"] == 1e-3
