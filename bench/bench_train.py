@@ -163,8 +163,8 @@ def main() -> None:
     ours = tuneline_fast(work / "prepared", device, args.epochs or default_epochs)
 
     print()
-    print(f"| recipe | epochs | to 99.0% | to 99.4% | final test acc | images/s | first epoch (warm-up) |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| recipe | epochs | to 99.0% | to 99.4% | final test acc | images/s | first epoch (warm-up) |")
+    print("|---|---|---|---|---|---|---|")
     for run in (seed, ours):
         print(f"| {run.name} | {len(run.epoch_seconds)} | {fmt(run.time_to(0.990))} | {fmt(run.time_to(0.994))} | "
               f"{run.test_accuracy[-1]:.4f} | {run.images_per_s:,.0f} | {run.epoch_seconds[0]:.1f} s |")

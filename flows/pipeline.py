@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import urllib.request
 from pathlib import Path
 from typing import Any

@@ -57,7 +57,7 @@ def render_summary(params: Params, summary: dict, verdicts: list[GateVerdict], h
         f"- **data version** (DVC md5 of `{params.paths.raw}`): `{summary['data_version']}`",
         f"- **params hash**: `{summary['params_hash']}` — **git commit**: `{summary['git_commit']}`",
         f"- **ONNX model**: `{summary['onnx_path']}`",
-        f"- **stages**: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()),
+        "- **stages**: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()),
         f"- {pushed}",
         *_promotion_lines(summary),
         *_evaluation_lines(summary),
