@@ -6,8 +6,9 @@ default) stops trials that are behind, so most of the budget goes to promising c
 diverges or runs out of GPU memory is recorded as failed with its reason, and the study goes on.
 
 The study lives in an RDB (SQLite by default, PostgreSQL for many machines) under a name derived from
-the data version, search space and trial settings: rerunning continues the same study, and with its
-`n_trials` already spent it runs no new trial.
+everything that changes what a trial sees (tasks/tune/study.py: data version, prepare settings, fixed
+params outside the space, trial settings, objective): rerunning continues the same study, and with its
+`n_trials` already spent it runs no new trial; a changed setting starts a new one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tasks.data.prepare import SPLITS, load_manifest, stratified_take
 from tasks.tune.results import TuneResult, write_disabled, write_results
 from tasks.tune.space import validate_space
 from tasks.tune.storage import storage_url
-from tasks.tune.study import create_study, load_study, study_name
+from tasks.tune.study import create_study, load_study, study_identity, study_name
 from tasks.tune.workers import run_workers
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version:
         log.info("tune: disabled (tune.enabled=false): training uses params.yaml as given")
         return result
     validate_space(params, cfg.space)
-    name, url = study_name(cfg, data_version), storage_url(cfg, tuning_dir, storage)
-    create_study(cfg, name, url)
+    name, url = study_name(params, data_version), storage_url(cfg, tuning_dir, storage)
+    # The identity travels with the study, so `optuna-dashboard` (or load_study) shows what it was run on.
+    create_study(cfg, name, url).set_user_attr("identity", study_identity(params, data_version))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
         prepared = subset_prepared(Path(prepared_dir), Path(tmp) / "data", cfg.limit_train, cfg.limit_val, params.data.seed)

@@ -1,22 +1,65 @@
-"""The Optuna study: its name (what makes two runs the same study), creation, sampler and pruner."""
+"""The Optuna study: its identity (what makes two runs the same study), creation, sampler and pruner."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from typing import Any
 
-from tasks.config import TuneConfig
+from tasks.config import Params, TuneConfig
 from tasks.tune.storage import open_storage
 
+# What a trial maximises: its best validation accuracy over its epochs (tasks/tune/objective.py). Part of the
+# identity, so a study is never continued under a different objective.
+OBJECTIVE = {"metric": "val_accuracy", "reduce": "max over epochs", "direction": "maximize"}
 
-def study_name(cfg: TuneConfig, data_version: str) -> str:
-    """Same data, space and trial settings -> same study (continued, not restarted)."""
-    if cfg.study_name:
-        return cfg.study_name
-    # How trials are executed (packing) is not part of the study's identity: packed and unpacked runs continue it.
-    settings = cfg.model_dump(mode="json", exclude={"n_trials", "timeout_s", "storage", "enabled", "packing"})
-    payload = {"data": data_version, "tune": settings}
-    return "tuneline-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+# data.* keys that change the train/val splits a trial trains and validates on. The raw data itself is the
+# data version; limit_test only shapes the test split, which no trial reads; mirror/image_folder say where
+# the raw data came from, which the data version already covers.
+TRIAL_DATA_KEYS = ("source", "val_fraction", "seed", "limit_train")
+
+# train.* keys that change how a trial runs, not what it learns: where (device), how fast (compile,
+# channels_last, precision — "auto" already differs by device), bit-for-bit repeatability (deterministic),
+# how evaluation is batched, and resume (trials never resume). train.epochs is replaced by tune.epochs.
+# A key not listed here counts, so a new train.* setting starts a new study until someone says otherwise.
+TRAIN_EXECUTION_KEYS = frozenset({"device", "precision", "channels_last", "compile", "deterministic",
+                                  "eval_batch_size", "resume", "epochs"})
+
+# tune.* keys that change the budget, the storage or how trials are scheduled, not what a trial sees:
+# a larger n_trials continues the study; packed and unpacked trials give the same results.
+TUNE_BUDGET_KEYS = frozenset({"enabled", "n_trials", "timeout_s", "storage", "study_name", "packing"})
+
+
+def study_identity(params: Params, data_version: str) -> dict[str, Any]:
+    """Everything that changes what a trial sees: data, prepare settings, fixed model/train params, trial settings, objective."""
+    space = params.tune.space
+    fixed = {section: {key: value for key, value in getattr(params, section).model_dump(mode="json").items()
+                       if f"{section}.{key}" not in space}
+             for section in ("model", "train")}
+    fixed["train"] = {k: v for k, v in fixed["train"].items() if k not in TRAIN_EXECUTION_KEYS}
+    return {
+        "data_version": data_version,
+        "prepare": {key: getattr(params.data, key) for key in TRIAL_DATA_KEYS},
+        "fixed": fixed,
+        "tune": params.tune.model_dump(mode="json", exclude=set(TUNE_BUDGET_KEYS)),
+        "objective": OBJECTIVE,
+    }
+
+
+def study_name(params: Params, data_version: str) -> str:
+    """Same identity -> same study (continued); any change -> a new one, e.g. `tuneline-mnist-3000-seed_cnn-1a2b3c4d5e6f`.
+
+    The readable part (source, training images, architecture) lets a person tell studies apart; the hash of
+    the whole identity keeps two studies that differ elsewhere apart. tune.study_name, when set, wins.
+    """
+    if params.tune.study_name:
+        return params.tune.study_name
+    identity = study_identity(params, data_version)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    images = params.data.limit_train or "full"
+    arch = "any" if "model.arch" in params.tune.space else params.model.arch
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"tuneline-{params.data.source}-{images}-{arch}-{digest}")
 
 
 def _pruner(cfg: TuneConfig):
@@ -36,8 +79,9 @@ def create_study(cfg: TuneConfig, name: str, url: str):
     """Create (or load) the study; done once before workers start, which avoids a race on a new SQLite file."""
     import optuna
 
-    return optuna.create_study(study_name=name, storage=open_storage(url), direction="maximize", load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed), pruner=_pruner(cfg))
+    return optuna.create_study(study_name=name, storage=open_storage(url), direction=OBJECTIVE["direction"],
+                               load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed),
+                               pruner=_pruner(cfg))
 
 
 def load_study(name: str, url: str):

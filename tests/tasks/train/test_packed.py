@@ -204,7 +204,7 @@ def test_a_packed_study_gives_the_outputs_of_an_unpacked_one(tmp_path, small_pre
                  "tune.n_trials": 12, "tune.epochs": 3, "tune.pruner": "asha", "tune.packing": 4}
     params = build_params({}, overrides)
     unpacked = build_params({}, {**overrides, "tune.packing": None})
-    assert study_name(params.tune, "abc.dir") == study_name(unpacked.tune, "abc.dir")  # packing is no part of it
+    assert study_name(params, "abc.dir") == study_name(unpacked, "abc.dir")  # packing is no part of it
     result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir")
     rows = list(csv.DictReader(open(result.trials_csv)))
     assert len(rows) == 12 == sum(result.states.values())

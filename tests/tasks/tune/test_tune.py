@@ -128,7 +128,7 @@ def test_a_killed_study_continues_on_rerun_without_duplicates(tmp_path, small_pr
     from tasks.tune.storage import storage_url
     from tasks.tune.study import study_name
 
-    url, name = storage_url(params.tune, tmp_path), study_name(params.tune, "abc.dir")
+    url, name = storage_url(params.tune, tmp_path), study_name(params, "abc.dir")
     deadline = time.monotonic() + 120
     finished = []
     while len(finished) < 2:  # let it finish two trials, then kill it in the middle of the next
