@@ -25,17 +25,62 @@ class VersioningError(StageFailed, RuntimeError):
 
 @contextlib.contextmanager
 def open_repo(root: Path) -> Iterator["dvc.repo.Repo"]:  # noqa: F821 (imported lazily: DVC is slow to import)
+    """The project's DVC repo, its log lines printed once and its `git add` hints collected (`git_hint`), not printed."""
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
+    _route_dvc_logs()
     try:
         repo = Repo(str(root))
     except NotDvcRepoError:
         raise VersioningError(f"{root}: not a DVC project: run `dvc init` there (or run from the project folder)") from None
+    _collect_git_files(repo)
     try:
         yield repo
     finally:
         repo.close()
+
+
+def _route_dvc_logs() -> None:
+    """Send DVC's log records through the application's handlers only.
+
+    DVC gives its loggers their own stdout/stderr handlers when it is imported, and the records still
+    propagate to the root logger: under Prefect (or any logging set-up) every DVC line, its hints included,
+    was printed twice. With no handler on the root logger DVC's own ones stay, so a bare script still sees them.
+    """
+    from dvc.logger import LoggerHandler
+
+    if not logging.getLogger().handlers:
+        return
+    for name in ("dvc", "dvc_objects", "dvc_data"):
+        dvc_logger = logging.getLogger(name)
+        for handler in [h for h in dvc_logger.handlers if isinstance(h, LoggerHandler)]:
+            dvc_logger.removeHandler(handler)
+
+
+def _collect_git_files(repo) -> None:
+    """Keep the files DVC asks the user to `git add` in `repo.git_files` instead of printing its hint.
+
+    After every `dvc add` DVC prints a multi-line "To track the changes with git, run: git add …" and "To
+    enable auto staging …"; callers put the one-line `git_hint` into the result they report once per run.
+    """
+    context = repo.scm_context
+    context.quiet = True
+    repo.git_files = set()
+    track_file = context.track_file
+
+    def track_and_remember(paths=None):
+        repo.git_files.update([paths] if isinstance(paths, str) else paths or [])
+        return track_file(paths)
+
+    context.track_file = track_and_remember
+
+
+def git_hint(repo) -> str:
+    """'; to record it in git: git add a.dvc .gitignore' for the files DVC changed, or '' (none, or core.autostage)."""
+    if not repo.git_files or repo.scm_context.autostage:
+        return ""
+    return "; to record it in git: git add " + " ".join(sorted(repo.git_files))
 
 
 def stage_changed(root: Path, stage: str) -> bool:
@@ -98,7 +143,8 @@ def track_folder(root: Path, relative: str) -> str:
         return f"{folder}: outside the project: not DVC-tracked here"
     with open_repo(root) as repo:
         repo.add(str(folder.relative_to(root)))
-    return f"{folder.relative_to(root)}: recorded in {folder.relative_to(root)}.dvc"
+        hint = git_hint(repo)
+    return f"{folder.relative_to(root)}: recorded in {folder.relative_to(root)}.dvc{hint}"
 
 
 def push(root: Path) -> str:
