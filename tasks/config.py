@@ -203,7 +203,7 @@ class TuneConfig(_Section):
     min_resource: int = Field(1, ge=1, description="epochs a trial runs before it can be pruned")
     reduction_factor: int = Field(3, ge=2, description="ASHA/Hyperband: keep 1 in this many trials per rung")
     storage: str | None = Field(None, description="RDB URL; default sqlite:///<paths.tuning>/study.db")
-    study_name: str | None = Field(None, description="default: derived from data version + space + settings")
+    study_name: str | None = Field(None, description="default: tuneline-<source>-<limit_train>-<arch>-<hash of everything a trial sees> (docs/tuning.md)")
     space: dict[str, SpaceDim] = Field(default_factory=_default_space, description="key: {type: float|int (low, high, log, step) | categorical (choices)}")
     # Trials trained together in one process and one set of kernels (tasks/train/packed.py): "auto" = up to 16 on
     # CUDA, off on CPU; K >= 2 = packs of up to K (capped by device memory); null or 1 = one trial at a time.

@@ -14,14 +14,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from tasks.atomic import staged_file
+from tasks.atomic import make_staging_dir, staged_file
 from tasks.errors import StageFailed
 from tasks.ship.registry_layout import (ALIASES, CARD_FILE, MODEL_FILE, MODEL_FILES, STAGING_PREFIX, LayoutError,
                                         RegistryLayout)
@@ -158,7 +157,7 @@ class Registry:
             check_onnx(Path(source))  # refuse before copying anything
         self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
         # Staged beside the final folder (same file system, so the rename is atomic); the dot hides it from versions().
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.layout.versions_dir))
+        staging = make_staging_dir(self.layout.versions_dir, STAGING_PREFIX)  # the mode mkdir gives, not 0700
         try:
             entries = {}
             for target, source in files.items():

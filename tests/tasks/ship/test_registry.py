@@ -4,6 +4,7 @@ processes registering and promoting at once."""
 from __future__ import annotations
 
 import json
+import os
 import multiprocessing
 import time
 
@@ -34,6 +35,17 @@ def test_layout_card_and_verified_load(tmp_path):
     assert registry.versions() == ["v0001", "v0002"] and registry.find(sha256_file(model)) == "v0001"
     assert registry.model_path("v0001", "model.int8.onnx") == folder / "model.int8.onnx"
     assert [p.name for p in (tmp_path / "registry" / "versions").iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.fast
+def test_a_version_folder_gets_the_mode_mkdir_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        register(Registry(tmp_path / "registry"), tiny_model(tmp_path / "a.onnx", 1.0))
+    finally:
+        os.umask(old)
+    folder = tmp_path / "registry" / "versions" / "v0001"
+    assert folder.stat().st_mode & 0o777 == 0o755  # readable by the serving user, as a plain mkdir would be
 
 
 @pytest.mark.fast
