@@ -9,7 +9,8 @@
     tuneline serve [--host H] [--port P] [--device D] [-S serve.key=value …]   the inference server (serving/)
     tuneline predict IMAGE… [--url URL]                  classify PNG/JPEG digits with a running server
 
-Run from the project folder (the one holding params.yaml), or pass --project.
+Run from the project folder (the one holding params.yaml), or pass --project. A command that fails prints
+one line (`tuneline: <command> failed: <reason>`), then the details (a gate table); --debug adds tracebacks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from flows.dvc_yaml import STAGE_NAMES
@@ -37,6 +39,8 @@ def _default_environment(root: Path) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneline", description="Tune, train, gate and ship a model.")
     parser.add_argument("--project", type=Path, default=Path("."), help="project folder holding params.yaml")
+    parser.add_argument("--debug", action="store_true",
+                        help="on a failure, show tracebacks (Prefect's task and flow failure lines included)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
@@ -51,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for p in (run, stage, tune):
         add_override_option(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # as global
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC reports it unchanged")
     dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (code deps derived from imports)")
     dvc_yaml.add_argument("--check", action="store_true", help="only compare: exit 1 with a diff when it is stale")
@@ -114,15 +119,36 @@ def main(argv: list[str] | None = None) -> int:
             from flows.models_cli import run_models
 
             return run_models(args, params, root)
-        return _run_pipeline(root, overrides, force=args.force, push_data=not args.no_push)
+        return _run_pipeline(root, overrides, force=args.force, push_data=not args.no_push, debug=args.debug)
     except TunelineError as exc:  # one line and one exit-code rule for every command (tasks/errors.py)
-        print(f"tuneline: {args.command} failed: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _report_failure(args.command, exc, args.debug)
     except Exception as exc:  # a stage's own error that predates TunelineError: one line, exit 1
         if type(exc).__module__.startswith("tasks."):
-            print(f"tuneline: {args.command} failed: {exc}", file=sys.stderr)
-            return 1
+            return _report_failure(args.command, exc, args.debug)
         raise
+
+
+def _report_failure(command: str, exc: BaseException, debug: bool) -> int:
+    """`tuneline: <command> failed: <one line>`, then the error's details (a gate table) once; the exit code."""
+    if debug:
+        traceback.print_exception(exc)
+    print(f"tuneline: {command} failed: {exc}", file=sys.stderr)
+    if details := getattr(exc, "details", ""):
+        print(f"\n{details}", file=sys.stderr)
+    return getattr(exc, "exit_code", 1)
+
+
+class _ExpectedFailureFilter(logging.Filter):
+    """Terminal only: drop Prefect's task/flow failure records that carry a TunelineError and its traceback.
+
+    The CLI reports such an error itself, once (`_report_failure`); the API handler, which Prefect's run loggers
+    call before the root logger's console handler, has already sent the records to the run's logs (the UI).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.errors import TunelineError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], TunelineError))
 
 
 def _run_generator(command: str, root: Path, check: bool) -> int:
@@ -166,17 +192,22 @@ def _run_tune(params, root: Path, workers: int) -> int:
     return 0
 
 
-def _run_pipeline(root: Path, overrides: dict, force: bool, push_data: bool) -> int:
-    from flows.pipeline import pipeline
+def _run_pipeline(root: Path, overrides: dict, force: bool, push_data: bool, debug: bool = False) -> int:
+    from flows.pipeline import pipeline  # imports Prefect, which sets up its logging
 
+    if not debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_ExpectedFailureFilter())
     state = pipeline(overrides=overrides, project_dir=str(root), force=force, push_data=push_data,
                      return_state=True)
     if not state.is_completed():
         from tasks.errors import TunelineError
 
-        print(f"tuneline: pipeline run {state.name}: {state.message}", file=sys.stderr)
         error = state.result(raise_on_failure=False)
-        return error.exit_code if isinstance(error, TunelineError) else 1
+        if isinstance(error, TunelineError):  # with --debug, Prefect's failure lines above carry the tracebacks
+            return _report_failure("run", error, debug=False)
+        print(f"tuneline: run {state.name}: {state.message}", file=sys.stderr)
+        return 1
     summary = state.result()
     print(f"\nTuneline run completed: test accuracy {summary['accuracy']:.4f}")
     print(f"  ONNX model:   {summary['onnx_path']}")

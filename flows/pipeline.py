@@ -5,8 +5,9 @@ stage runs, the flow `dvc commit`s it, so dvc.lock always describes the workspac
 unchanged is skipped, so a re-run with nothing changed trains nothing (pass `force=True` to rerun all).
 Then `promote` registers the exported model in the registry and moves the champion alias only if it beats
 the champion on this run's test set; the registry folder is `dvc add`-ed and pushed with the rest.
-A failed gate (quality, serving cost or champion regression) fails the run with the gate table in its
-message and in the run's markdown artifact; nothing is promoted.
+A failed gate (quality, serving cost or champion regression) fails the run with a one-line reason as its
+state message and the gate table in the run's markdown artifact; nothing is promoted. Stage code logs under
+`tasks`; `route_stage_logs` sends those lines to the flow run's logs (a worker's runs included).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
 from flows import stages
@@ -42,6 +46,23 @@ from tasks.versioning import commit_stage, data_version, push, stage_changed, st
 
 # Tasks are thin: no logic beyond calling the stage.
 _task_options = {"cache_policy": NO_CACHE, "persist_result": False}
+STAGE_LOGGER = "tasks"  # every stage module logs under it (tasks.train.epochs, tasks.evaluate.evaluate, ...)
+
+
+def route_stage_logs(*_hook_args) -> None:
+    """Send the stage code's INFO lines (epochs, metrics, gates) to this flow run's logs, however it was started.
+
+    Prefect gives the loggers named in PREFECT_LOGGING_EXTRA_LOGGERS its API handler but not a level, so in a
+    worker's flow-run process `tasks` stayed at the root logger's WARNING and not one stage line reached the
+    run's logs (the CLI happened to set INFO itself). The flow's on_running hook: CLI, worker, a plain call.
+    """
+    stage_logger = logging.getLogger(STAGE_LOGGER)
+    if stage_logger.getEffectiveLevel() > logging.INFO:
+        stage_logger.setLevel(logging.INFO)
+    if not any(isinstance(h, APILogHandler) for h in stage_logger.handlers):  # PREFECT_LOGGING_EXTRA_LOGGERS unset
+        handler = APILogHandler()
+        handler.addFilter(lambda _record: bool(FlowRunContext.get() or TaskRunContext.get()))  # no run: nowhere to send
+        stage_logger.addHandler(handler)
 
 
 def _stage_cache_key(context, arguments: dict) -> str | None:
@@ -119,7 +140,8 @@ def _run_name() -> str:
     return f"tuneline[{shown}]"
 
 
-@flow(name="tuneline", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
+@flow(name="tuneline", flow_run_name=_run_name, log_prints=True, validate_parameters=True,
+      on_running=[route_stage_logs])
 def pipeline(overrides: dict[str, Any] | None = None, project_dir: str = ".", force: bool = False,
              push_data: bool = True) -> dict:
     """Run the whole pipeline. `overrides` are params.yaml keys, e.g. {"train.lr": 0.01}; they are
@@ -162,8 +184,9 @@ def _run(params: Params, root: Path, force: bool, push_data: bool, logger) -> di
             ran[name] = "cached" if state.name == "Cached" else state.result()
         promotion = promote_model(params, root)
     except GateFailed as exc:
-        # The table goes to the UI as well as into the failed run's message.
-        create_markdown_artifact(markdown=f"# Tuneline run FAILED at a gate\n\n{exc}\n", key="tuneline-run-summary",
+        # The run's state message is the one-line reason; the table goes to the UI as an artifact.
+        create_markdown_artifact(markdown=f"# Tuneline run FAILED at a gate\n\n{exc}\n\n{exc.details}\n",
+                                 key="tuneline-run-summary",
                                  description="Tuneline run: failed gate")
         raise
     logger.info(notify_server(params, promotion) if promotion.promoted else "not promoted: no server to notify")

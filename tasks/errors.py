@@ -4,8 +4,10 @@
     exit 1  StageFailed: a stage or a gate failed on valid input (diverged, below a gate, DVC refused, ...)
 
 Every error Tuneline raises on purpose derives from `TunelineError`, whose message is one line that
-says what, where and what to do. The CLI prints `tuneline: <command> failed: <message>` and exits with
-`exit_code`; anything else is a bug and keeps its traceback.
+says what, where and what to do; anything longer (a gate table) goes in `details`, never in the message,
+so that the message can be a Prefect flow run's state message. The CLI prints
+`tuneline: <command> failed: <message>`, then the details, and exits with `exit_code`; anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ class TunelineError(Exception):
     """Base of every error Tuneline raises on purpose."""
 
     exit_code = 1
+    details = ""  # more lines to show after the one-line message (e.g. a gate table); empty: none
 
 
 class InputError(TunelineError):

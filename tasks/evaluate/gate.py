@@ -54,12 +54,16 @@ def gate_max(name: str, metric: str, value: float, threshold: float, blocking: b
 
 
 class GateFailed(StageFailed, RuntimeError):
-    """At least one blocking gate failed; the message names each failure, then the whole table."""
+    """At least one blocking gate failed; the message names each failure in one line, `details` is the whole table."""
 
     def __init__(self, verdicts: list[GateVerdict], consequence: str = "the model is not exported"):
-        self.verdicts = verdicts
+        self.verdicts, self.consequence = verdicts, consequence
+        self.details = markdown_table(verdicts)
         failed = [v.describe() for v in verdicts if not v.passed and v.blocking]
-        super().__init__("; ".join(failed) + f": {consequence}\n\n{markdown_table(verdicts)}")
+        super().__init__("; ".join(failed) + f": {consequence}")
+
+    def __reduce__(self):  # pickled with a failed task's result: rebuild from the verdicts, not the message
+        return type(self), (self.verdicts, self.consequence)
 
 
 def failed(verdicts: list[GateVerdict]) -> bool:

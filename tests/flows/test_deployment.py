@@ -1,5 +1,6 @@
 """Operating Tuneline through a real Prefect server backed by a real PostgreSQL: work pool, `prefect deploy
---all` from prefect.yaml, a process worker, `prefect deployment run 'tuneline/adhoc'` with an override, on a slice of real MNIST."""
+--all` from prefect.yaml, a process worker, `prefect deployment run 'tuneline/adhoc'` with an override, on a slice of real MNIST;
+the worker's flow-run logs carry the stage lines, and a run failed at a gate says which gate in its state message."""
 
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ def scheduled_runs(api: str, deployment: str) -> list[dict]:
     return runs
 
 
+def run_logs(api: str, flow_run_id: str, must_hold: list[str], timeout: float = 30) -> list[str]:
+    """The flow run's log messages, read through the API once each of `must_hold` is in one of them (the flow-run
+    process ships its logs in batches, and the last batch may land just after the run's final state)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages: list[str] = []
+        while batch := api_post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                        "sort": "TIMESTAMP_ASC", "offset": len(messages), "limit": 200}):
+            messages += [log["message"] for log in batch]
+        if all(any(text in m for m in messages) for text in must_hold) or time.monotonic() > deadline:
+            return messages
+        time.sleep(1)
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGINT the process group (a worker ignores SIGTERM from scripts), then make sure it is gone."""
     if proc.poll() is None:
@@ -86,7 +101,9 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
                PREFECT_API_DATABASE_CONNECTION_URL=prefect_database_url,
                TUNELINE_PROJECT_DIR=str(project),
-               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # schedule nightly's runs within seconds
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # schedule nightly's runs within seconds
+               # as docs/operations.md starts the server: it streams run logs to `--watch` (off by default)
+               PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true", PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true")
     prefect = str(BIN / "prefect")
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -136,6 +153,28 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
         assert params["train"]["epochs"] == 2 and params["gate"]["min_accuracy"] == 0.8  # the override took
         summary = (project / "reports" / "run_summary.md").read_text()
         assert "gates passed" in summary
+
+        # What ran is in the worker's flow-run logs, as in a terminal: each epoch, the metrics and gate verdicts.
+        stage_lines = ["train: epoch 1/2 train_loss", "train: epoch 2/2 train_loss",
+                       "evaluate: test accuracy", "gate gate.min_accuracy passed: test accuracy", "export: ONNX Runtime on",
+                       "promote: v0001 promoted to champion"]
+        messages = run_logs(api, flow_run["id"], stage_lines)
+        missing = [text for text in stage_lines if not any(text in m for m in messages)]
+        assert not missing, f"not in the flow run's logs: {missing}\n" + "\n".join(messages)
+
+        # A run that fails at a gate ends Failed with the reason, one line naming the gate, as its state message
+        # (fetch..train are unchanged: only evaluate reruns).
+        gate_above_reach = {"overrides": {**overrides, "gate.min_accuracy": 0.999}}
+        failing = subprocess.run([prefect, "--no-prompt", "deployment", "run", "tuneline/adhoc", "--params",
+                                  json.dumps(gate_above_reach), "--watch", "--watch-timeout", "600"],
+                                 cwd=project, env=env, capture_output=True, text=True, timeout=660, check=False)
+        assert failing.returncode == 1 and "Failed" in failing.stdout, failing.stdout + failing.stderr
+        (failed_run,) = api_post(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}}})
+        message = failed_run["state"]["message"]
+        assert "GateFailed: gate gate.min_accuracy FAILED: test accuracy" in message, message
+        assert "threshold 0.9990" in message and "\n" not in message, message
+        watched = " ".join(failing.stdout.split())  # rich wraps long lines at the terminal's width
+        assert "gate gate.min_accuracy FAILED" in watched, failing.stdout  # --watch shows the reason too
         if prefect_database_url.startswith("postgresql"):  # the runs really live in PostgreSQL
             import psycopg
 

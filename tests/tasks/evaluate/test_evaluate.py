@@ -1,5 +1,6 @@
 import csv
 import json
+import pickle
 
 import pytest
 import torch
@@ -41,11 +42,14 @@ def test_champion_gates_block_a_regression_and_decide_promotion():
     regression, improvement = check_champion_gates(0.950, 0.958, cfg)
     assert not regression.passed and regression.blocking and regression.margin == pytest.approx(-0.003)
     assert not improvement.passed and not improvement.blocking  # a decision (not promoted), not a failed run
-    message = str(GateFailed([regression, improvement], consequence="nothing is promoted"))
-    assert message.startswith("gate gate.max_regression FAILED: accuracy change vs champion -0.0080 vs threshold "
-                              "-0.0050 (margin -0.0030): nothing is promoted\n\n| gate |")
+    error = GateFailed([regression, improvement], consequence="nothing is promoted")
+    # One line (a flow run's state message); the table is the error's details, which the CLI prints after it.
+    assert str(error) == ("gate gate.max_regression FAILED: accuracy change vs champion -0.0080 vs threshold "
+                          "-0.0050 (margin -0.0030): nothing is promoted")
     row = "| `gate.min_improvement` | accuracy change vs champion | -0.0080 | ≥ 0.0010 | -0.0090 | not met |"
-    assert row in message
+    assert error.details.startswith("| gate |") and row in error.details
+    copy = pickle.loads(pickle.dumps(error))  # as Prefect persists a failed task's exception
+    assert str(copy) == str(error) and copy.details == error.details
     regression, improvement = check_champion_gates(0.962, 0.958, cfg)
     assert regression.passed and improvement.passed
 
