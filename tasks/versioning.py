@@ -36,7 +36,10 @@ def open_repo(root: Path) -> Iterator["dvc.repo.Repo"]:  # noqa: F821 (imported 
         raise VersioningError(f"{root}: not a DVC project: run `dvc init` there (or run from the project folder)") from None
     _collect_git_files(repo)
     try:
-        yield repo
+        # DVC resolves some output paths against the working directory, not the repo root: a run in a
+        # workspace of its own (flows/workspace.py) opens both its workspace and the project's repo.
+        with contextlib.chdir(root):
+            yield repo
     finally:
         repo.close()
 
