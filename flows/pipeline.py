@@ -36,7 +36,8 @@ from tasks.ship.promote import PromoteResult
 from tasks.ship.registry import Registry
 from tasks.summary import render_summary
 from tasks.tune.results import apply_best_params, tuning_summary
-from tasks.versioning import commit_stage, data_version, push, stage_changed, stage_fingerprint, track_folder
+from tasks.versioning import (commit_stage, data_version, push, restore_stage, stage_changed, stage_fingerprint,
+                              track_folder)
 
 # Tasks are thin: no logic beyond calling the stage.
 _task_options = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -61,6 +62,9 @@ def dvc_stage(name: str, params: Params, root: Path, project: Path, force: bool,
     if unchanged:
         logger.info("%s: unchanged since dvc.lock (deps, params and outs match): skipped", name)
         return "skipped"
+    if not force and restore_stage(root, name):
+        logger.info("%s: restored from DVC's run-cache (an earlier run had the same deps and params)", name)
+        return "restored"
     result = stages.run_stage(name, params, root, project)
     commit_stage(root, name)
     logger.info("%s: done, recorded in dvc.lock: %s", name, _describe(result))
@@ -167,6 +171,9 @@ def _summarise(params: Params, workspace: Workspace, ran: dict[str, str], pushed
     verdicts = [*evaluation.gates, *exported.gates, *promotion.verdicts]
     tuning = tuning_summary(root / p.tuning)
     params = apply_best_params(params, root / p.tuning / "best_params.json")  # what the model was trained with
+    # A path that outlives the run's workspace: the registered file when there is one.
+    registered = paths.registry / "versions" / str(promotion.version) / "model.onnx"
+    shipped = registered if workspace.isolated and promotion.version and registered.is_file() else root / p.onnx
     summary = {
         "data_version": data_version(root, p.raw),
         "params_hash": params.params_hash(),
@@ -177,7 +184,7 @@ def _summarise(params: Params, workspace: Workspace, ran: dict[str, str], pushed
         "serving": exported.serving,
         "variants": exported.variants,
         "gates_passed": evaluation.gates_passed and exported.gates_passed,
-        "onnx_path": str(root / p.onnx),
+        "onnx_path": str(shipped),
         "summary_path": str(root / p.summary),
         "experiment": workspace.experiment,
         "stages": ran,
@@ -194,11 +201,8 @@ def _summarise(params: Params, workspace: Workspace, ran: dict[str, str], pushed
     if (root / p.history).is_file():
         create_table_artifact(table=list(csv.DictReader(open(root / p.history))), key="tuneline-train-history",
                               description="Per-epoch training metrics of the model this run shipped")
-    # A link that outlives the run's workspace: the registered file when there is one.
-    registered = paths.registry / "versions" / promotion.version / "model.onnx" if promotion.version else None
-    shipped = registered if registered is not None and registered.is_file() else root / p.onnx
-    create_link_artifact(link=shipped.as_uri(), link_text=f"ONNX model ({shipped.name}, "
-                         f"{promotion.version or 'not registered'})", key="tuneline-onnx-model")
+    create_link_artifact(link=Path(summary["onnx_path"]).as_uri(), link_text=f"ONNX model ({summary['onnx_path']})",
+                         key="tuneline-onnx-model")
     if tuning.get("top_trials"):
         create_table_artifact(table=tuning["top_trials"], key="tuneline-top-trials",
                               description=f"Top trials of study {tuning['study']} (val accuracy)")

@@ -111,9 +111,28 @@ def stage_fingerprint(root: Path, stage: str) -> str:
 
 
 def commit_stage(root: Path, stage: str) -> None:
-    """Record the stage's current deps, params and outs in dvc.lock and its outs in the DVC cache."""
+    """Record the stage's current deps, params and outs in dvc.lock and its outs in the DVC cache, and the run
+    in DVC's run-cache, so that any later run with the same deps and params (another workspace included)
+    restores these outputs instead of recomputing them."""
     with open_repo(root) as repo:
         repo.commit(stage, force=True)
+        (found,) = repo.stage.collect(stage)
+        repo.stage_cache.save(found)
+
+
+def restore_stage(root: Path, stage: str) -> bool:
+    """Check out the stage's outputs from DVC's run-cache and record them in dvc.lock, when an earlier run with
+    exactly these deps and params made them (as `dvc repro` does); False when no such run is cached."""
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    with open_repo(root) as repo:
+        (found,) = repo.stage.collect(stage)
+        try:
+            repo.stage_cache.restore(found)
+        except RunCacheNotFoundError:
+            return False
+        repo.commit(stage, force=True)
+    return True
 
 
 def data_version(root: Path, raw_path: str) -> str:
