@@ -128,7 +128,8 @@ def restore_stage(root: Path, stage: str) -> bool:
     with open_repo(root) as repo:
         (found,) = repo.stage.collect(stage)
         try:
-            repo.stage_cache.restore(found)
+            with repo.lock:  # checking out outputs is a write: DVC wants its repo lock held
+                repo.stage_cache.restore(found)
         except RunCacheNotFoundError:
             return False
         repo.commit(stage, force=True)
