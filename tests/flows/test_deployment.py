@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.ship.registry import Registry
 from tests.conftest import cli_env
 from tests.flows.test_pipeline import SLICE
 
@@ -121,6 +122,7 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
         started.append(worker)
         overrides = dict(kv.split("=", 1) for kv in [*SLICE, "gate.min_accuracy=0.8"])
         overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
+        committed = (project / "params.yaml").read_bytes()
         run = cli("deployment", "run", "tuneline/adhoc", "--params", json.dumps({"overrides": overrides}),
                   "--watch", "--watch-timeout", "900", timeout=960)
         assert "Completed" in run.stdout, run.stdout + (logs / "worker.log").read_text()[-3000:]
@@ -131,11 +133,15 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
         assert {"tuneline-run-summary", "tuneline-top-trials", "tuneline-train-history", "tuneline-onnx-model"} <= set(artifacts)
         assert "gate.min_accuracy" in artifacts["tuneline-run-summary"]["data"]
         assert flow_run["parameters"]["overrides"]["gate.min_accuracy"] == 0.8
-        assert (project / "models" / "model.onnx").is_file()
-        params = yaml.safe_load((project / "params.yaml").read_text())
-        assert params["train"]["epochs"] == 2 and params["gate"]["min_accuracy"] == 0.8  # the override took
-        summary = (project / "reports" / "run_summary.md").read_text()
-        assert "gates passed" in summary
+        # The adhoc run was an experiment in a workspace of its own: the worker's checkout is as it was (the next
+        # nightly runs the committed params.yaml), its model went to the project's registry, its record to git.
+        assert (project / "params.yaml").read_bytes() == committed
+        assert not (project / "models" / "model.onnx").exists()
+        assert Registry(project / "registry").alias("champion")["version"] == "v0001"
+        assert "gates passed" in artifacts["tuneline-run-summary"]["data"]
+        experiments = subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=project, capture_output=True,
+                                     text=True, check=True).stdout
+        assert "run-" in experiments
         if prefect_database_url.startswith("postgresql"):  # the runs really live in PostgreSQL
             import psycopg
 
