@@ -52,6 +52,8 @@ def tune(params: Params, root: Path, project: Path | None = None, workers: int =
     """The study lives with the project (`project`, default `root`): runs in workspaces continue it."""
     paths = params.paths.resolve(root, project)
     storage = storage_url(params.tune, paths.study_db.parent, Environment.read().tune_storage)
+    if storage == f"sqlite:///{paths.study_db}":
+        paths.study_db.parent.mkdir(parents=True, exist_ok=True)  # the project's, which a workspace run may precede
     return run_tune(params, paths.prepared, paths.tuning, data_version(root, params.paths.raw), workers=workers,
                     storage=storage)
 
