@@ -127,11 +127,13 @@ def restore_stage(root: Path, stage: str) -> bool:
 
     with open_repo(root) as repo:
         (found,) = repo.stage.collect(stage)
-        try:
-            with repo.lock:  # checking out outputs is a write: DVC wants its repo lock held
-                repo.stage_cache.restore(found)
-        except RunCacheNotFoundError:
-            return False
+        with repo.lock:  # checking out outputs is a write: DVC wants its repo lock held
+            try:
+                repo.stage_cache.restore(found, dry=True)
+            except RunCacheNotFoundError:
+                return False
+            found.remove_outs(ignore_remove=False, force=True)  # the stage's old outputs, as `dvc repro` does
+            repo.stage_cache.restore(found)
         repo.commit(stage, force=True)
     return True
 
