@@ -129,6 +129,7 @@ def restore_stage(root: Path, stage: str) -> bool:
         (found,) = repo.stage.collect(stage)
         with repo.lock:  # checking out outputs is a write: DVC wants its repo lock held
             try:
+                found.save_deps()  # the deps' hashes are the run-cache key
                 repo.stage_cache.restore(found, dry=True)
             except RunCacheNotFoundError:
                 return False
