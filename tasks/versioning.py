@@ -122,19 +122,23 @@ def commit_stage(root: Path, stage: str) -> None:
 
 def restore_stage(root: Path, stage: str) -> bool:
     """Check out the stage's outputs from DVC's run-cache and record them in dvc.lock, when an earlier run with
-    exactly these deps and params made them (as `dvc repro` does); False when no such run is cached."""
-    from dvc.stage.cache import RunCacheNotFoundError
+    exactly these deps and params made them (as `dvc repro` does); False when no such run is cached.
 
+    The lookup is by the deps' and params' current values only (DVC's run-cache key), never by the outputs
+    dvc.lock records: a changed param (a gate, say) can only match a run made with that value.
+    """
     with open_repo(root) as repo:
         (found,) = repo.stage.collect(stage)
-        with repo.lock:  # checking out outputs is a write: DVC wants its repo lock held
-            try:
-                found.save_deps()  # the deps' hashes are the run-cache key
-                repo.stage_cache.restore(found, dry=True)
-            except RunCacheNotFoundError:
+        with repo.lock:  # hashing deps and checking out outputs write DVC's state: it wants its lock held
+            found.save_deps()
+            cache = repo.stage_cache._load(found)  # noqa: SLF001 (DVC's run-cache lookup; dvc pinned < 4)
+            if not cache:
+                return False
+            cached = repo.stage_cache._create_stage(cache, wdir=found.wdir)  # noqa: SLF001
+            if not cached.outs_cached():
                 return False
             found.remove_outs(ignore_remove=False, force=True)  # the stage's old outputs, as `dvc repro` does
-            repo.stage_cache.restore(found)
+            cached.checkout()
         repo.commit(stage, force=True)
     return True
 
