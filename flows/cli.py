@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="train: N DistributedDataParallel processes on this node via torchrun, one per GPU "
                             "(default $TUNELINE_NPROC_PER_NODE or 1)")
     stage.add_argument("--params-file", type=Path, default=None, help=argparse.SUPPRESS)  # torchrun's children
+    stage.add_argument("--shared-project", type=Path, default=None, help=argparse.SUPPRESS)  # ... in a run workspace
     tune = sub.add_parser("tune", help="run or continue the hyperparameter study (tune stage) with N workers")
     tune.add_argument("--workers", type=int, default=1, help="worker processes sharing one study (default 1)")
     from tasks.config import add_override_option
@@ -109,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.nproc_per_node < 1:
                     print("tuneline: error: --nproc-per-node must be at least 1", file=sys.stderr)
                     return 2
-                train(params, root, nproc_per_node=args.nproc_per_node)
+                train(params, root, args.shared_project, nproc_per_node=args.nproc_per_node)
                 return 0
-            run_stage(args.name, params, root)
+            run_stage(args.name, params, root, args.shared_project)
             return 0
         if args.command == "tune":
             return _run_tune(params, root, args.workers)
@@ -212,7 +213,11 @@ def _run_pipeline(root: Path, overrides: dict, force: bool, push_data: bool, deb
     print(f"\nTuneline run completed: test accuracy {summary['accuracy']:.4f}")
     print(f"  ONNX model:   {summary['onnx_path']}")
     print(f"  registry:     {summary['registry_path']}: {summary['promotion']}")
-    print(f"  run summary:  {summary['summary_path']}")
+    if summary.get("experiment"):  # a run with overrides: its own workspace, recorded as a DVC experiment
+        print(f"  experiment:   {summary['experiment']} (dvc exp show; `dvc exp apply {summary['experiment']}` "
+              "applies its params to the checkout)")
+    else:
+        print(f"  run summary:  {summary['summary_path']}")
     print(f"  data version: {summary['data_version']}")
     return 0
 

@@ -12,7 +12,6 @@ state message and the gate table in the run's markdown artifact; nothing is prom
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -20,7 +19,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -31,7 +29,7 @@ from prefect.runtime import flow_run
 from flows import stages
 from flows.environment import Environment
 from flows.dvc_yaml import write_fingerprints as refresh_code_fingerprints
-from flows.params_file import write_overrides
+from flows.workspace import Workspace, open_workspace, save_experiment
 from tasks.atomic import write_bytes_atomic
 from tasks.config import Params, load_params
 from tasks.evaluate.gate import GateFailed
@@ -42,7 +40,8 @@ from tasks.ship.promote import PromoteResult
 from tasks.ship.registry import Registry
 from tasks.summary import render_summary
 from tasks.tune.results import apply_best_params, tuning_summary
-from tasks.versioning import commit_stage, data_version, push, stage_changed, stage_fingerprint, track_folder
+from tasks.versioning import (commit_stage, data_version, push, restore_stage, stage_changed, stage_fingerprint,
+                              track_folder)
 
 # Tasks are thin: no logic beyond calling the stage.
 _task_options = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -78,32 +77,35 @@ def _stage_cache_key(context, arguments: dict) -> str | None:
 
 # No retries on stages: a training failure should be loud, and the I/O inside (DVC) is local.
 @task(name="dvc-stage", task_run_name="{name}", cache_key_fn=_stage_cache_key, persist_result=True)
-def dvc_stage(name: str, params: Params, root: Path, force: bool, unchanged: bool) -> str:
+def dvc_stage(name: str, params: Params, root: Path, project: Path, force: bool, unchanged: bool) -> str:
     """Run one stage unless DVC says nothing it depends on changed; then record it in dvc.lock."""
     logger = get_run_logger()
     if unchanged:
         logger.info("%s: unchanged since dvc.lock (deps, params and outs match): skipped", name)
         return "skipped"
-    result = stages.run_stage(name, params, root)
+    if not force and restore_stage(root, name):
+        logger.info("%s: restored from DVC's run-cache (an earlier run had the same deps and params)", name)
+        return "restored"
+    result = stages.run_stage(name, params, root, project)
     commit_stage(root, name)
     logger.info("%s: done, recorded in dvc.lock: %s", name, _describe(result))
     return "ran"
 
 
 @task(name="promote", **_task_options)
-def promote_model(params: Params, root: Path) -> PromoteResult:
-    """Register the exported model; promote it if it beats the champion by gate.min_improvement."""
-    result = stages.promote(params, root, run_id=str(flow_run.id) if flow_run.id else None)
+def promote_model(params: Params, root: Path, project: Path) -> PromoteResult:
+    """Register the exported model in the project's registry; promote it if it beats the champion."""
+    result = stages.promote(params, root, project, run_id=str(flow_run.id) if flow_run.id else None)
     get_run_logger().info("promote: %s", result.reason)
     return result
 
 
 @task(name="dvc-track-registry", **_task_options)
-def track_registry(params: Params, root: Path) -> str:
-    """`dvc add` the registry, holding its lock so the recorded state is one a reader could have seen."""
-    registry = Registry(params.paths.resolve(root).registry)
+def track_registry(params: Params, project: Path) -> str:
+    """`dvc add` the project's registry, holding its lock so the recorded state is one a reader could have seen."""
+    registry = Registry(params.paths.resolve(project).registry)
     with registry.locked():
-        return track_folder(root, params.paths.registry)
+        return track_folder(project, params.paths.registry)
 
 
 @task(name="notify-server", retries=3, retry_delay_seconds=[1, 5, 15], **_task_options)
@@ -144,45 +146,27 @@ def _run_name() -> str:
       on_running=[route_stage_logs])
 def pipeline(overrides: dict[str, Any] | None = None, project_dir: str = ".", force: bool = False,
              push_data: bool = True) -> dict:
-    """Run the whole pipeline. `overrides` are params.yaml keys, e.g. {"train.lr": 0.01}; they are
-    validated before any work and written to params.yaml (as `dvc exp run -S` does) so dvc.lock is true."""
+    """Run the whole pipeline. `overrides` are params.yaml keys, e.g. {"train.lr": 0.01}, validated before any
+    work. Without overrides the run is the checkout's own; with them it runs in a workspace of its own and is
+    saved as a DVC experiment: the checkout's params.yaml, dvc.lock and outputs are never modified."""
     logger = get_run_logger()
-    root = Path(project_dir).resolve()
-    params_path = root / "params.yaml"
-    params = load_params(params_path, overrides)  # fails fast on an unknown key or a bad value
-    if overrides:
-        write_overrides(params_path, overrides)
-        logger.info("params.yaml updated with %s", overrides)
-    with _workspace_lock(root, logger):
-        return _run(params, root, force, push_data, logger)
+    project = Path(project_dir).resolve()
+    params = load_params(project / "params.yaml", overrides)  # fails fast on an unknown key or a bad value
+    with open_workspace(project, overrides, logger) as workspace:
+        return _run(params, workspace, force, push_data, logger)
 
 
-@contextlib.contextmanager
-def _workspace_lock(root: Path, logger):
-    """One pipeline run at a time per project: two would race on params.yaml, dvc.lock, outputs and registry."""
-    lock = FileLock(str(root / ".tuneline-run.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        logger.info("another pipeline run holds %s: waiting for it to finish", lock.lock_file)
-        lock.acquire()
-        logger.info("workspace lock acquired")
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _run(params: Params, root: Path, force: bool, push_data: bool, logger) -> dict:
+def _run(params: Params, workspace: Workspace, force: bool, push_data: bool, logger) -> dict:
     ran = {}
+    root, project = workspace.root, workspace.project
     refresh_code_fingerprints(root)  # code outside the project: its hashes are deps too (flows/dvc_yaml.py)
     try:
         for name in stages.STAGES:
             unchanged = not force and not stage_changed(root, name)
-            state = dvc_stage.with_options(refresh_cache=not unchanged)(name, params, root, force, unchanged,
-                                                                       return_state=True)
+            state = dvc_stage.with_options(refresh_cache=not unchanged)(name, params, root, project, force,
+                                                                       unchanged, return_state=True)
             ran[name] = "cached" if state.name == "Cached" else state.result()
-        promotion = promote_model(params, root)
+        promotion = promote_model(params, root, project)
     except GateFailed as exc:
         # The run's state message is the one-line reason; the table goes to the UI as an artifact.
         create_markdown_artifact(markdown=f"# Tuneline run FAILED at a gate\n\n{exc}\n\n{exc.details}\n",
@@ -190,20 +174,29 @@ def _run(params: Params, root: Path, force: bool, push_data: bool, logger) -> di
                                  description="Tuneline run: failed gate")
         raise
     logger.info(notify_server(params, promotion) if promotion.promoted else "not promoted: no server to notify")
-    logger.info(track_registry(params, root))
+    logger.info(track_registry(params, project))
     pushed = dvc_push(root) if push_data else "dvc push: skipped (push_data=False)"
     logger.info(pushed)
-    summary = _summarise(params, root, ran, pushed, promotion)
+    summary = _summarise(params, workspace, ran, pushed, promotion)
+    if workspace.isolated:
+        p = params.paths
+        logger.info(save_experiment(workspace, [p.export_metrics, p.confusion_png, f"{p.tuning}/best_params.json",
+                                                f"{p.tuning}/trials.csv"]))
     return summary
 
 
-def _summarise(params: Params, root: Path, ran: dict[str, str], pushed: str, promotion: PromoteResult) -> dict:
+def _summarise(params: Params, workspace: Workspace, ran: dict[str, str], pushed: str,
+               promotion: PromoteResult) -> dict:
     p = params.paths
+    root, paths = workspace.root, params.paths.resolve(workspace.root, workspace.project)
     evaluation = EvalReport.read(root / p.metrics)
     exported = ExportReport.read(root / p.export_metrics)
     verdicts = [*evaluation.gates, *exported.gates, *promotion.verdicts]
     tuning = tuning_summary(root / p.tuning)
     params = apply_best_params(params, root / p.tuning / "best_params.json")  # what the model was trained with
+    # A path that outlives the run's workspace: the registered file when there is one.
+    registered = paths.registry / "versions" / str(promotion.version) / "model.onnx"
+    shipped = registered if workspace.isolated and promotion.version and registered.is_file() else root / p.onnx
     summary = {
         "data_version": data_version(root, p.raw),
         "params_hash": params.params_hash(),
@@ -214,14 +207,15 @@ def _summarise(params: Params, root: Path, ran: dict[str, str], pushed: str, pro
         "serving": exported.serving,
         "variants": exported.variants,
         "gates_passed": evaluation.gates_passed and exported.gates_passed,
-        "onnx_path": str(root / p.onnx),
+        "onnx_path": str(shipped),
         "summary_path": str(root / p.summary),
+        "experiment": workspace.experiment,
         "stages": ran,
         "version": promotion.version,
         "promoted": promotion.promoted,
         "champion": promotion.champion,
         "promotion": promotion.reason,
-        "registry_path": str(root / p.registry),
+        "registry_path": str(paths.registry),
         "tuning": tuning,
     }
     markdown = render_summary(params, summary, verdicts, history_path=root / p.history, pushed=pushed)
@@ -230,7 +224,8 @@ def _summarise(params: Params, root: Path, ran: dict[str, str], pushed: str, pro
     if (root / p.history).is_file():
         create_table_artifact(table=list(csv.DictReader(open(root / p.history))), key="tuneline-train-history",
                               description="Per-epoch training metrics of the model this run shipped")
-    create_link_artifact(link=(root / p.onnx).as_uri(), link_text=f"ONNX model ({p.onnx})", key="tuneline-onnx-model")
+    create_link_artifact(link=Path(summary["onnx_path"]).as_uri(), link_text=f"ONNX model ({summary['onnx_path']})",
+                         key="tuneline-onnx-model")
     if tuning.get("top_trials"):
         create_table_artifact(table=tuning["top_trials"], key="tuneline-top-trials",
                               description=f"Top trials of study {tuning['study']} (val accuracy)")

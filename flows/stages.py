@@ -25,6 +25,7 @@ from tasks.ship.promote import PromoteResult, run_promote
 from tasks.train.loop import TrainResult, read_history, run_train
 from tasks.tune.results import TuneResult, apply_best_params
 from tasks.tune.stage import run_tune
+from tasks.tune.storage import storage_url
 from tasks.versioning import data_version
 
 # The stage table is defined once, in flows/dvc_yaml.py (dvc.yaml is generated from it).
@@ -32,12 +33,12 @@ from flows.dvc_yaml import STAGE_NAMES as STAGES
 from flows.dvc_yaml import check_running_code
 
 
-def fetch(params: Params, root: Path) -> FetchResult:
+def fetch(params: Params, root: Path, project: Path | None = None) -> FetchResult:
     mirror = resolve_mirror(params.data, Environment.read().data_mirror)
     return run_fetch(params.data, params.paths.resolve(root).raw, mirror=mirror)
 
 
-def prepare(params: Params, root: Path) -> PrepareResult:
+def prepare(params: Params, root: Path, project: Path | None = None) -> PrepareResult:
     paths = params.paths.resolve(root)
     return run_prepare(params.data, paths.raw, paths.prepared)
 
@@ -47,13 +48,17 @@ def lineage(params: Params, root: Path) -> Lineage:
                    git_commit=git_commit(root))
 
 
-def tune(params: Params, root: Path, workers: int = 1) -> TuneResult:
-    paths = params.paths.resolve(root)
-    return run_tune(params, paths.prepared, paths.tuning,
-                    data_version(root, params.paths.raw), workers=workers, storage=Environment.read().tune_storage)
+def tune(params: Params, root: Path, project: Path | None = None, workers: int = 1) -> TuneResult:
+    """The study lives with the project (`project`, default `root`): runs in workspaces continue it."""
+    paths = params.paths.resolve(root, project)
+    storage = storage_url(params.tune, paths.study_db.parent, Environment.read().tune_storage)
+    if storage == f"sqlite:///{paths.study_db}":
+        paths.study_db.parent.mkdir(parents=True, exist_ok=True)  # the project's, which a workspace run may precede
+    return run_tune(params, paths.prepared, paths.tuning, data_version(root, params.paths.raw), workers=workers,
+                    storage=storage)
 
 
-def train(params: Params, root: Path, nproc_per_node: int | None = None) -> TrainResult:
+def train(params: Params, root: Path, project: Path | None = None, nproc_per_node: int | None = None) -> TrainResult:
     """Train with params.yaml + the tune stage's best params (the model records the effective values).
 
     With nproc_per_node > 1 (or $TUNELINE_NPROC_PER_NODE: a number, or `auto` for every visible GPU), the
@@ -64,16 +69,17 @@ def train(params: Params, root: Path, nproc_per_node: int | None = None) -> Trai
     if nproc < 1:
         raise ValueError(f"nproc_per_node must be at least 1, got {nproc}")
     if nproc > 1 and not context().enabled:
-        return _train_with_torchrun(params, root, nproc)
-    paths = params.paths.resolve(root)
+        return _train_with_torchrun(params, root, project, nproc)
+    paths = params.paths.resolve(root, project)
     params = apply_best_params(params, paths.tuning / "best_params.json")
     # Only rank 0 writes the model that records the lineage: the other ranks skip DVC's hash of the data.
     origin = lineage(params, root) if context().is_main else Lineage("-", "-", "-")
+    # Checkpoints belong to the project: a run in a workspace of its own resumes from them when rerun.
     return run_train(params.model, params.train, paths.prepared, paths.model,
-                     paths.history, origin, params=params.model_dump(mode="json"))
+                     paths.history, origin, params=params.model_dump(mode="json"), checkpoint_dir=paths.checkpoints)
 
 
-def _train_with_torchrun(params: Params, root: Path, nproc: int) -> TrainResult:
+def _train_with_torchrun(params: Params, root: Path, project: Path | None, nproc: int) -> TrainResult:
     """Launch `torchrun -m flows.cli stage train` on this node and read back what rank 0 wrote.
 
     The children get these exact params (overrides included) as a file rather than re-reading params.yaml.
@@ -82,7 +88,9 @@ def _train_with_torchrun(params: Params, root: Path, nproc: int) -> TrainResult:
         params_file = Path(tmp) / "params.json"
         params_file.write_text(json.dumps(params.model_dump(mode="json")))
         env = {**os.environ, NPROC_ENV: "1"}  # the children train; they must not launch torchrun again
-        cmd = torchrun_command(nproc, ["--project", str(root), "stage", "train", "--params-file", str(params_file)])
+        shared = ["--shared-project", str(project)] if project is not None else []
+        cmd = torchrun_command(nproc, ["--project", str(root), "stage", "train", "--params-file", str(params_file),
+                                       *shared])
         result = subprocess.run(cmd, cwd=root, env=env)
     if result.returncode != 0:
         raise DistributedTrainingFailed(f"train: torchrun with {nproc} processes exited with {result.returncode}; "
@@ -94,14 +102,14 @@ def _train_with_torchrun(params: Params, root: Path, nproc: int) -> TrainResult:
                        device=f"DistributedDataParallel x{nproc}")
 
 
-def evaluate(params: Params, root: Path, enforce: bool = True) -> EvaluateResult:
+def evaluate(params: Params, root: Path, project: Path | None = None, enforce: bool = True) -> EvaluateResult:
     paths = params.paths.resolve(root)
     return run_evaluate(paths.model, paths.prepared, paths.metrics,
                         paths.confusion, params.gate, params.train, enforce=enforce,
                         confusion_png=paths.confusion_png)
 
 
-def export(params: Params, root: Path) -> ExportResult:
+def export(params: Params, root: Path, project: Path | None = None) -> ExportResult:
     paths = params.paths.resolve(root)
     return run_export(params.export, paths.model, paths.prepared,
                       paths.metrics, paths.onnx,
@@ -116,9 +124,10 @@ def model_name(params: Params) -> str:
     return params.data.source
 
 
-def promote(params: Params, root: Path, run_id: str | None = None) -> PromoteResult:
-    """Register the exported model and promote it if it beats the champion (not a DVC stage: see README)."""
-    paths = params.paths.resolve(root)
+def promote(params: Params, root: Path, project: Path | None = None, run_id: str | None = None) -> PromoteResult:
+    """Register the exported model in the project's registry and promote it if it beats the champion (not a
+    DVC stage: see README)."""
+    paths = params.paths.resolve(root, project)
     return run_promote(params.gate, paths.registry, paths.onnx,
                        paths.prepared, paths.metrics,
                        paths.export_metrics,
@@ -126,10 +135,11 @@ def promote(params: Params, root: Path, run_id: str | None = None) -> PromoteRes
                        device=params.serve.device)
 
 
-def run_stage(name: str, params: Params, root: Path):
-    """Run one stage by name (what `tuneline stage NAME` and dvc.yaml call)."""
+def run_stage(name: str, params: Params, root: Path, project: Path | None = None):
+    """Run one stage by name (what `tuneline stage NAME` and dvc.yaml call); outputs under `root`, the
+    project-scoped paths (registry, study, checkpoints) under `project` (default `root`)."""
     runners = {"fetch": fetch, "prepare": prepare, "tune": tune, "train": train, "evaluate": evaluate, "export": export}
     if name not in runners:
         raise ValueError(f"unknown stage {name!r}: choose one of {', '.join(STAGES)}")
     check_running_code(root, name)  # the code DVC hashes for this stage is the code about to run
-    return runners[name](params, root)
+    return runners[name](params, root, project)

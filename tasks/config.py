@@ -79,12 +79,14 @@ class PathsConfig(_Section):
     tuning: str = Field("tuning", description="tune stage: best_params.json, trials.csv, plots; study.db (the default RDB)")
     registry: str = Field("registry", description="model registry: versions/<id>/ + aliases/ (the server reads it)")
 
-    def resolve(self, root: Path) -> ProjectPaths:
-        """Absolute paths under the project folder `root` (the one place they are joined)."""
-        root = Path(root)
+    def resolve(self, root: Path, project: Path | None = None) -> ProjectPaths:
+        """Absolute paths (the one place they are joined): a run's outputs under `root`, the project-scoped
+        ones under `project` (default `root`): a run in a workspace of its own shares them with the checkout."""
+        root, project = Path(root), Path(project if project is not None else root)
         absolute = {name: (root / value).resolve() for name, value in self.model_dump().items()}
-        return ProjectPaths(**absolute, checkpoints=absolute["model"].parent / "checkpoints",
-                            study_db=absolute["tuning"] / "study.db")
+        absolute["registry"] = (project / self.registry).resolve()
+        return ProjectPaths(**absolute, checkpoints=(project / self.model).resolve().parent / "checkpoints",
+                            study_db=(project / self.tuning).resolve() / "study.db")
 
 
 class DataConfig(_Section):

@@ -36,7 +36,10 @@ def open_repo(root: Path) -> Iterator["dvc.repo.Repo"]:  # noqa: F821 (imported 
         raise VersioningError(f"{root}: not a DVC project: run `dvc init` there (or run from the project folder)") from None
     _collect_git_files(repo)
     try:
-        yield repo
+        # DVC resolves some output paths against the working directory, not the repo root: a run in a
+        # workspace of its own (flows/workspace.py) opens both its workspace and the project's repo.
+        with contextlib.chdir(root):
+            yield repo
     finally:
         repo.close()
 
@@ -108,9 +111,36 @@ def stage_fingerprint(root: Path, stage: str) -> str:
 
 
 def commit_stage(root: Path, stage: str) -> None:
-    """Record the stage's current deps, params and outs in dvc.lock and its outs in the DVC cache."""
+    """Record the stage's current deps, params and outs in dvc.lock and its outs in the DVC cache, and the run
+    in DVC's run-cache, so that any later run with the same deps and params (another workspace included)
+    restores these outputs instead of recomputing them."""
     with open_repo(root) as repo:
         repo.commit(stage, force=True)
+        (found,) = repo.stage.collect(stage)
+        repo.stage_cache.save(found)
+
+
+def restore_stage(root: Path, stage: str) -> bool:
+    """Check out the stage's outputs from DVC's run-cache and record them in dvc.lock, when an earlier run with
+    exactly these deps and params made them (as `dvc repro` does); False when no such run is cached.
+
+    The lookup is by the deps' and params' current values only (DVC's run-cache key), never by the outputs
+    dvc.lock records: a changed param (a gate, say) can only match a run made with that value.
+    """
+    with open_repo(root) as repo:
+        (found,) = repo.stage.collect(stage)
+        with repo.lock:  # hashing deps and checking out outputs write DVC's state: it wants its lock held
+            found.save_deps()
+            cache = repo.stage_cache._load(found)  # noqa: SLF001 (DVC's run-cache lookup; dvc pinned < 4)
+            if not cache:
+                return False
+            cached = repo.stage_cache._create_stage(cache, wdir=found.wdir)  # noqa: SLF001
+            if not cached.outs_cached():
+                return False
+            found.remove_outs(ignore_remove=False, force=True)  # the stage's old outputs, as `dvc repro` does
+            cached.checkout()
+        repo.commit(stage, force=True)
+    return True
 
 
 def data_version(root: Path, raw_path: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.ship.registry import Registry
 from tests.conftest import cli_env
 from tests.flows.test_pipeline import SLICE
 
@@ -138,6 +139,7 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
         started.append(worker)
         overrides = dict(kv.split("=", 1) for kv in [*SLICE, "gate.min_accuracy=0.8"])
         overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
+        committed = (project / "params.yaml").read_bytes()
         run = cli("deployment", "run", "tuneline/adhoc", "--params", json.dumps({"overrides": overrides}),
                   "--watch", "--watch-timeout", "900", timeout=960)
         assert "Completed" in run.stdout, run.stdout + (logs / "worker.log").read_text()[-3000:]
@@ -148,11 +150,15 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
         assert {"tuneline-run-summary", "tuneline-top-trials", "tuneline-train-history", "tuneline-onnx-model"} <= set(artifacts)
         assert "gate.min_accuracy" in artifacts["tuneline-run-summary"]["data"]
         assert flow_run["parameters"]["overrides"]["gate.min_accuracy"] == 0.8
-        assert (project / "models" / "model.onnx").is_file()
-        params = yaml.safe_load((project / "params.yaml").read_text())
-        assert params["train"]["epochs"] == 2 and params["gate"]["min_accuracy"] == 0.8  # the override took
-        summary = (project / "reports" / "run_summary.md").read_text()
-        assert "gates passed" in summary
+        # The adhoc run was an experiment in a workspace of its own: the worker's checkout is as it was (the next
+        # nightly runs the committed params.yaml), its model went to the project's registry, its record to git.
+        assert (project / "params.yaml").read_bytes() == committed
+        assert not (project / "models" / "model.onnx").exists()
+        assert Registry(project / "registry").alias("champion")["version"] == "v0001"
+        assert "gates passed" in artifacts["tuneline-run-summary"]["data"]
+        experiments = subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=project, capture_output=True,
+                                     text=True, check=True).stdout
+        assert "run-" in experiments
 
         # What ran is in the worker's flow-run logs, as in a terminal: each epoch, the metrics and gate verdicts.
         stage_lines = ["train: epoch 1/2 train_loss", "train: epoch 2/2 train_loss",
@@ -163,7 +169,7 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
         assert not missing, f"not in the flow run's logs: {missing}\n" + "\n".join(messages)
 
         # A run that fails at a gate ends Failed with the reason, one line naming the gate, as its state message
-        # (fetch..train are unchanged: only evaluate reruns).
+        # (fetch..export come back from DVC's run-cache in its own workspace: only evaluate reruns).
         gate_above_reach = {"overrides": {**overrides, "gate.min_accuracy": 0.999}}
         failing = subprocess.run([prefect, "--no-prompt", "deployment", "run", "tuneline/adhoc", "--params",
                                   json.dumps(gate_above_reach), "--watch", "--watch-timeout", "600"],
@@ -175,6 +181,7 @@ def test_adhoc_deployment_runs_on_a_process_worker(project: Path, mnist_mirror: 
         assert "threshold 0.9990" in message and "\n" not in message, message
         watched = " ".join(failing.stdout.split())  # rich wraps long lines at the terminal's width
         assert "gate gate.min_accuracy FAILED" in watched, failing.stdout  # --watch shows the reason too
+        assert (project / "params.yaml").read_bytes() == committed  # a failed run with overrides leaves it too
         if prefect_database_url.startswith("postgresql"):  # the runs really live in PostgreSQL
             import psycopg
 

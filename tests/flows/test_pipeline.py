@@ -1,15 +1,18 @@
 """End to end, as a user runs it: `tuneline run` (Prefect, embedded API) and `dvc repro` in a project copy,
 on a small slice of the real MNIST, on CPU.
 
-The five-run story (a gate fails; a reachable gate passes and promotes; nothing changed; same weights again;
-promote and roll back by hand) runs once per session in the `story` fixture, which keeps what each step
-printed and left behind; each test below checks one part of it, so that one failure hides no other.
+The story (params.yaml set for a small slice; a run with an override gate above reach fails in its own
+workspace; the checkout's run passes and promotes; nothing changed; same weights again as an experiment; promote
+and roll back by hand; two runs with overrides at once, each judged by its own gate) runs once per session in
+the `story` fixture, which keeps what each step printed and left behind; each test below checks one part of
+it, so that one failure hides no other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +29,8 @@ from tasks.data.prepare import load_split
 from tasks.model.checkpoint import load_checkpoint
 from tasks.ship.onnx_session import open_session
 from tasks.ship.registry import Registry
+from flows.params_file import write_overrides
+from tasks.config import parse_overrides
 from tests.conftest import cli_env, make_project, once_per_session
 
 pytestmark = pytest.mark.slow
@@ -82,32 +87,53 @@ def _run_story(folder: Path, mirror: Path) -> None:
     """Run the story's commands in order in a project copy under `folder`, keeping each step (never asserting:
     every step runs, whatever an earlier one did, and the tests judge)."""
     project = make_project(folder)
-    overrides = [arg for kv in SLICE for arg in ("-S", kv)]
+    # The project's own choices for this story live in its params.yaml; overrides are per-run experiments.
+    write_overrides(project / "params.yaml", parse_overrides([*SLICE, "gate.min_accuracy=0.85"]))
+    _keep(project, folder / "steps" / "initial", {"returncode": 0, "stdout": "", "stderr": "", "dvc_status": None})
     commands = {
-        "gate_fails": ["run", *overrides, "-S", "gate.min_accuracy=0.999"],
-        "gate_passes": ["run", *overrides, "-S", "gate.min_accuracy=0.85"],
+        "gate_fails": ["run", "-S", "gate.min_accuracy=0.999"],
+        "gate_passes": ["run"],
         "unchanged": ["run"],
         "same_weights": ["run", "-S", "export.int8=false"],
         "promote": ["models", "promote", "v0002"],
         "rollback": ["models", "rollback"],
+        "concurrent": None,  # two runs with overrides at once (below)
     }
     for name, args in commands.items():
+        if args is None:
+            _run_concurrently(project, mirror, folder / "steps")
+            continue
         done = tuneline(project, mirror, *args)
         status = None
         if name in ("gate_passes", "rollback"):
             checked = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=cli_env(mirror),
                                      capture_output=True, text=True)
             status = checked.stdout + checked.stderr
-        state = folder / "steps" / name
-        state.mkdir(parents=True)
-        for kept in KEPT:
-            source = project / kept
-            if source.is_dir():
-                shutil.copytree(source, state / kept, ignore=shutil.ignore_patterns("checkpoints"))
-            elif source.is_file():
-                shutil.copy2(source, state / kept)
-        (state / "step.json").write_text(json.dumps({"returncode": done.returncode, "stdout": done.stdout,
-                                                     "stderr": done.stderr, "dvc_status": status}))
+        _keep(project, folder / "steps" / name, {"returncode": done.returncode, "stdout": done.stdout,
+                                                 "stderr": done.stderr, "dvc_status": status})
+
+
+def _keep(project: Path, state: Path, step: dict) -> None:
+    state.mkdir(parents=True)
+    for kept in KEPT:
+        source = project / kept
+        if source.is_dir():
+            shutil.copytree(source, state / kept, ignore=shutil.ignore_patterns("checkpoints"))
+        elif source.is_file():
+            shutil.copy2(source, state / kept)
+    (state / "step.json").write_text(json.dumps(step))
+
+
+def _run_concurrently(project: Path, mirror: Path, steps: Path) -> None:
+    """Two runs with different gates started together: each runs in its own workspace, judged by its own gate."""
+    gates = {"concurrent_low": "gate.min_accuracy=0.5", "concurrent_high": "gate.min_accuracy=0.999"}
+    children = {name: subprocess.Popen([str(BIN / "tuneline"), "run", "--no-push", "-S", gate], cwd=project,
+                                       env=cli_env(mirror), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for name, gate in gates.items()}
+    for name, child in children.items():
+        stdout, stderr = child.communicate(timeout=600)
+        _keep(project, steps / name, {"returncode": child.returncode, "stdout": stdout, "stderr": stderr,
+                                      "dvc_status": None})
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +162,46 @@ def test_a_gate_above_reach_fails_the_run_and_ships_nothing(story):
     assert "| `gate.min_accuracy` | test accuracy |" in failed.stderr  # the whole table is in the run's message
     assert not (failed.state / "models" / "model.onnx").exists()
     assert not (failed.state / "registry").exists()  # nothing registered, nothing promoted
-    metrics = failed.json("metrics/eval.json")
-    assert metrics["gates_passed"] is False and metrics["gates"][0]["margin"] < 0
+
+
+def test_a_run_with_overrides_leaves_the_checkout_as_it_was_whether_it_fails_or_passes(story, story_project):
+    # A run with an override that failed its gate left params.yaml and the checkout's outputs as they were ...
+    for name in ("params.yaml", "metrics/eval.json", "reports/run_summary.md"):
+        assert story["gate_fails"].text(name) == story["initial"].text(name), name
+    # ... and runs with overrides that passed (one registered a challenger) changed nothing the checkout's run wrote.
+    for name in ("params.yaml", "dvc.lock", "metrics/eval.json", "metrics/export.json", "reports/run_summary.md"):
+        assert story["same_weights"].text(name) == story["unchanged"].text(name), name
+    assert not list((story_project / ".tuneline" / "runs").glob("run-*"))  # every workspace was removed
+
+
+def test_a_run_with_overrides_is_a_dvc_experiment_with_its_params_and_metrics(story, story_project):
+    same = story["same_weights"]
+    (name,) = re.findall(r"experiment:\s+(run-[\w-]+)", same.stdout)
+    shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=story_project, capture_output=True,
+                           text=True, env=cli_env(Path(".")))
+    assert shown.returncode == 0, shown.stderr
+    assert name in shown.stdout
+    exported = subprocess.run(["git", "show", f"{_exp_ref(story_project, name)}:params.yaml"], cwd=story_project,
+                              capture_output=True, text=True, check=True).stdout
+    assert yaml.safe_load(exported)["export"]["int8"] is False  # the run's params, recorded; the checkout's unchanged
+    assert yaml.safe_load(same.text("params.yaml"))["export"]["int8"] is True
+
+
+def _exp_ref(project: Path, name: str) -> str:
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project,
+                          capture_output=True, text=True, check=True).stdout.split()
+    (ref,) = [r for r in refs if r.endswith("/" + name)]
+    return ref
+
+
+def test_two_runs_at_once_are_each_judged_by_their_own_gate(story):
+    low, high = story["concurrent_low"], story["concurrent_high"]
+    assert low.returncode == 0, low.output
+    assert high.returncode == 1 and "gate gate.min_accuracy FAILED" in high.stderr and "threshold 0.9990" in high.stderr
+    assert "threshold 0.9990" not in low.output
+    # Both started from what the checkout's run made (the shared DVC cache and run-cache): nothing retrained.
+    for run in (low, high):
+        assert "train: done" not in run.output and "tune: done" not in run.output
 
 
 def test_a_reachable_gate_completes_and_says_where_the_model_is(story, story_project):
@@ -150,10 +214,10 @@ def test_a_reachable_gate_completes_and_says_where_the_model_is(story, story_pro
     assert metrics["n_test"] == 600
 
 
-def test_after_a_failed_gate_the_next_run_resumes_after_the_committed_stages(story):
-    # Run 1 failed at the gate after committing fetch..train: run 2 resumed after them (Prefect cache hits).
+def test_after_a_failed_gate_the_next_run_restores_its_stages_from_the_run_cache(story):
+    # Run 1 failed at the gate in its own workspace after fetch..train: run 2 restored them (DVC's run-cache).
     summary = story["gate_passes"].text("reports/run_summary.md")
-    assert "fetch cached, prepare cached, tune cached, train cached, evaluate ran, export ran" in summary
+    assert "fetch restored, prepare restored, tune restored, train restored, evaluate ran, export ran" in summary
 
 
 def test_exported_onnx_matches_the_checkpoint(story, story_project):
@@ -183,7 +247,7 @@ def test_lineage_is_the_data_version_dvc_lock_records(story):
     assert data_version in summary and "gate.min_accuracy" in summary
 
 
-def test_overrides_are_written_to_params_so_dvc_is_up_to_date_and_pushed(story, story_project):
+def test_the_checkouts_run_is_recorded_in_dvc_lock_and_pushed(story, story_project):
     done = story["gate_passes"]
     params = yaml.safe_load(done.text("params.yaml"))
     assert params["train"]["epochs"] == 2 and params["gate"]["min_accuracy"] == 0.85
@@ -273,7 +337,9 @@ def test_dvc_repro_runs_the_stages_then_none(project: Path, mnist_mirror: Path):
     assert any(p.is_file() for p in (project.parent / "dvc-remote").rglob("*"))
 
 
-def test_a_run_killed_mid_training_resumes_after_its_last_stage_and_checkpoint(project: Path, mnist_mirror: Path):
+def test_a_run_with_overrides_killed_mid_training_resumes_from_its_checkpoint(project: Path, mnist_mirror: Path):
+    """SIGKILL a run with overrides mid-training, then rerun it with the same overrides: the stages it finished
+    come back from DVC's run-cache, training resumes from the project's checkpoint, the dead workspace goes."""
     import os
     import signal
     import time
@@ -282,20 +348,24 @@ def test_a_run_killed_mid_training_resumes_after_its_last_stage_and_checkpoint(p
                            "gate.max_ece=0.2", "export.int8=false"] for arg in ("-S", kv)]
     child = subprocess.Popen([str(BIN / "tuneline"), "run", "--no-push", *args], cwd=project, env=cli_env(mnist_mirror),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    resume = project / "models" / "checkpoints" / "last.pt"
+    resume = project / "models" / "checkpoints" / "last.pt"  # checkpoints belong to the project, not the workspace
     deadline = time.monotonic() + 300
     while not resume.exists():  # training has finished an epoch: kill the whole run (flow, server, all)
         assert child.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch checkpoint"
         time.sleep(0.1)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait(timeout=30)
-    assert not (project / "models" / "model.pt").exists()
+    (dead,) = [p for p in (project / ".tuneline" / "runs").glob("run-*") if p.is_dir()]  # left behind
 
-    again = tuneline(project, mnist_mirror, "run", "--no-push")  # params.yaml holds the first run's overrides
-    assert again.returncode == 0, again.stdout + again.stderr
-    summary = (project / "reports" / "run_summary.md").read_text()
-    assert "fetch cached, prepare cached, tune cached, train ran, evaluate ran, export ran" in summary
+    again = tuneline(project, mnist_mirror, "run", "--no-push", *args)
     output = again.stdout + again.stderr
+    assert again.returncode == 0, output
+    assert "removed the workspace of a run that did not finish" in output and not dead.exists()
+    for stage in ("fetch", "prepare", "tune"):
+        assert f"{stage}: restored from DVC's run-cache" in output
     assert "train: resuming from" in output and "resumed_from_epoch=0" not in output
-    history = json.loads(json.dumps(torch.load(project / "models" / "model.pt", weights_only=True)["history"]))
-    assert [h["epoch"] for h in history] == list(range(1, 9))
+    (name,) = re.findall(r"experiment:\s+(run-[\w-]+)", again.stdout)
+    history = subprocess.run(["git", "show", f"{_exp_ref(project, name)}:metrics/train_history.csv"], cwd=project,
+                             capture_output=True, text=True, check=True).stdout
+    assert [int(row.split(",")[0]) for row in history.strip().splitlines()[1:]] == list(range(1, 9))
+    assert not (project / "models" / "model.pt").exists()  # the checkout's outputs were never written
