@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,8 +73,8 @@ def _git(project: Path, *args: str) -> str:
 
 
 def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    dvc = shutil.which("dvc") or "dvc"
-    return subprocess.run([dvc, *args], cwd=root, capture_output=True, text=True,
+    # The DVC of this interpreter (whatever PATH holds), in a subprocess: its CLI commands open their own repo.
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
                           env={**os.environ, "DVC_NO_ANALYTICS": "1"})
 
 

@@ -58,6 +58,9 @@ def render_summary(params: Params, summary: dict, verdicts: list[GateVerdict], h
         f"- **params hash**: `{summary['params_hash']}` — **git commit**: `{summary['git_commit']}`",
         f"- **ONNX model**: `{summary['onnx_path']}`",
         "- **stages**: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()),
+        *([f"- **experiment**: `{summary['experiment']}` (a run with overrides, in its own workspace: `dvc exp "
+           f"show` lists it, `dvc exp apply {summary['experiment']}` applies it to the checkout)"]
+          if summary.get("experiment") else []),
         f"- {pushed}",
         *_promotion_lines(summary),
         *_evaluation_lines(summary),
