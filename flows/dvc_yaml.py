@@ -88,31 +88,40 @@ def _package_relative(path: Path) -> Path | None:
     return None
 
 
-def code_deps(root: Path, stage: str) -> tuple[list[str], list[Path]]:
-    """(files listed in dvc.yaml relative to the project, files outside it that a fingerprint covers)."""
+@dataclass(frozen=True)
+class CodeDeps:
+    """Where each source file a stage runs lies, seen from the project at `root`."""
+
+    inside: list[str]                  # listed in dvc.yaml, relative to the project
+    copies: list[tuple[Path, Path]]    # (the project's copy DVC hashes, the file that runs) when they differ in place
+    outside: list[Path]                # outside the project: covered by a fingerprint file
+
+
+def code_deps(root: Path, stage: str) -> CodeDeps:
     root = Path(root).resolve()
-    inside, outside = [], []
+    inside, copies, outside = set(), [], []
     for path in stage_code_files(stage):
         relative = _package_relative(path)
         if path.is_relative_to(root):
-            inside.append(path.relative_to(root).as_posix())
+            inside.add(path.relative_to(root).as_posix())
         elif relative is not None and (root / relative).is_file():
-            inside.append(relative.as_posix())  # the project holds this code too; check_running_code compares
+            inside.add(relative.as_posix())  # the project holds this code too: check_running_code compares them
+            copies.append((root / relative, path))
         else:
             outside.append(path)
-    return sorted(set(inside)), outside
+    return CodeDeps(sorted(inside), copies, outside)
 
 
 def _stage_dict(spec: StageSpec, root: Path) -> tuple[dict, bool]:
-    inside, outside = code_deps(root, spec.name)
-    deps = [*spec.deps, *inside, *([f"{FINGERPRINT_DIR}/{spec.name}.json"] if outside else [])]
+    code = code_deps(root, spec.name)
+    deps = [*spec.deps, *code.inside, *([f"{FINGERPRINT_DIR}/{spec.name}.json"] if code.outside else [])]
     entry: dict = {"cmd": f"tuneline stage {spec.name}"}
     for key, value in (("deps", deps), ("params", spec.params), ("outs", spec.outs), ("metrics", spec.metrics),
                        ("plots", spec.plots)):
         if value:
             entry[key] = list(value)
     entry.update(spec.extra)
-    return entry, bool(outside)
+    return entry, bool(code.outside)
 
 
 def render(root: Path) -> str:
@@ -153,7 +162,7 @@ def write_fingerprints(root: Path) -> list[Path]:
     """Refresh `.tuneline/code/<stage>.json` for stages whose code lives outside the project (rewritten only on change)."""
     written = []
     for spec in STAGES:
-        _, outside = code_deps(root, spec.name)
+        outside = code_deps(root, spec.name).outside
         if not outside:
             continue
         path = Path(root) / FINGERPRINT_DIR / f"{spec.name}.json"
@@ -176,18 +185,15 @@ def check_running_code(root: Path, stage: str) -> None:
 
     root = Path(root).resolve()
     listed = _listed_deps(root, stage)
-    inside, _ = code_deps(root, stage)
-    missing = [name for name in inside if name not in listed]
+    code = code_deps(root, stage)
+    missing = [name for name in code.inside if name not in listed]
     if missing and f"{FINGERPRINT_DIR}/{stage}.json" not in listed:
         raise ConfigError(f"dvc.yaml: stage {stage!r} runs {', '.join(missing)} but does not list it as a dep: "
                           "run `tuneline dvc-yaml` to regenerate dvc.yaml")
-    for path in stage_code_files(stage):
-        relative = _package_relative(path)
-        if path.is_relative_to(root) or relative is None or not (root / relative).is_file():
-            continue
-        if (root / relative).read_bytes() != path.read_bytes():
-            raise ConfigError(f"{root / relative}: differs from the code that runs ({path}); DVC would hash one and "
-                              f"run the other: put {root} first on PYTHONPATH, or install the project's copy")
+    for copy, running in code.copies:
+        if copy.read_bytes() != running.read_bytes():
+            raise ConfigError(f"{copy}: differs from the code that runs ({running}); DVC would hash one and run the "
+                              f"other: put {root} first on PYTHONPATH, or install the project's copy")
 
 
 def _listed_deps(root: Path, stage: str) -> set[str]:

@@ -119,7 +119,8 @@ def _remove(project: Path, workspace: Path) -> None:
 def _set_up(project: Path, workspace: Path, overrides: dict[str, Any]) -> None:
     _git(project, "worktree", "add", "--detach", "--quiet", str(workspace), "HEAD")
     deps = _code_deps(project)
-    untracked = [dep for dep in deps if (project / dep).is_file() and dep not in _tracked(project, deps)]
+    tracked = _tracked(project, deps)  # one `git ls-files` for all of them
+    untracked = [dep for dep in deps if (project / dep).is_file() and dep not in tracked]
     if untracked:
         raise ConfigError(f"{untracked[0]}: git does not track it, so a run with overrides (which runs in a git "
                           f"worktree of {project}) cannot see it: `git add` and commit it, or run without overrides")
@@ -143,7 +144,7 @@ def _share_dvc_cache_and_remotes(project: Path, workspace: Path) -> None:
     from tasks.versioning import open_repo
 
     with open_repo(project) as repo:
-        cache_dir = repo.cache.local_cache_dir if hasattr(repo.cache, "local_cache_dir") else repo.cache.local.path
+        cache_dir = repo.cache.local_cache_dir
         remotes = {name: conf.get("url", "") for name, conf in repo.config.get("remote", {}).items()}
     _dvc(workspace, "cache", "dir", "--local", str(cache_dir))
     for name, url in remotes.items():
