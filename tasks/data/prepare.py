@@ -19,6 +19,7 @@ import torch
 
 from tasks.atomic import staged_dir
 from tasks.config import DataConfig
+from tasks.data.spec import InputSpec
 from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, read_idx
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,33 @@ def _load_raw(raw_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], 
     return sets, classes, source
 
 
+def to_nchw(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W] (gray) or [N, H, W, C] (as images are decoded) -> [N, C, H, W], the one stored layout."""
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4:
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    raise DataError(f"prepare: images of shape {list(images.shape)}: expected [N, H, W] or [N, H, W, C]")
+
+
+def measure_spec(train_images: np.ndarray, classes: list[str]) -> InputSpec:
+    """The input spec of NCHW uint8 training images: shape, classes and per-channel mean/std of pixels / 255."""
+    _, channels, height, width = train_images.shape
+    means, stds = [], []
+    for c in range(channels):
+        # Exact integer moments per channel (no float copy of the whole split: CIFAR-10's would be 1.1 GB).
+        values = train_images[:, c]
+        count = values.size
+        total = int(values.sum(dtype=np.int64))
+        squares = int(np.einsum("nhw,nhw->", values, values, dtype=np.int64))
+        mean = total / count / 255.0
+        var = max(squares / count / 255.0**2 - mean**2, 0.0)
+        means.append(round(mean, 6))
+        stds.append(max(round(var**0.5, 6), 1e-6))  # a constant channel must not divide by zero
+    return InputSpec(channels=channels, height=height, width=width, class_names=tuple(classes),
+                     mean=tuple(means), std=tuple(stds))
+
+
 def _limit(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if limit is None or limit >= labels.size:
         return images, labels
@@ -95,13 +123,15 @@ def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareRe
         "val": (train_images[val_idx], train_labels[val_idx]),
         "test": (test_images, test_labels),
     }
-    train_pixels = splits["train"][0].astype(np.float64) / 255.0
+    splits = {name: (to_nchw(images), labels) for name, (images, labels) in splits.items()}
+    spec = measure_spec(splits["train"][0], classes)
     manifest = {
         # No absolute paths in here: the output (and so its DVC hash) must not depend on where the project lives.
         "source": source,
         "classes": classes,
-        "image_shape": [1, *splits["train"][0].shape[1:]],
-        "normalization": {"mean": round(float(train_pixels.mean()), 6), "std": round(float(train_pixels.std()), 6)},
+        "input_spec": spec.to_dict(),
+        "image_shape": list(spec.shape),
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "limits": {"train": cfg.limit_train, "test": cfg.limit_test},
@@ -126,14 +156,15 @@ def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareRe
 
 
 def load_split(prepared_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images [N, H, W], int64 labels [N]) of one prepared split."""
+    """(uint8 images [N, C, H, W], int64 labels [N]) of one prepared split."""
     arrays = []
     for kind in ("images", "labels"):
         path = Path(prepared_dir) / f"{split}-{kind}.npy"
         if not path.is_file():
             raise DataError(f"{path}: missing: run `tuneline stage prepare` (or `dvc repro`) first")
         arrays.append(torch.from_numpy(np.load(path, allow_pickle=False)))
-    return arrays[0], arrays[1]
+    images = arrays[0] if arrays[0].ndim == 4 else arrays[0].unsqueeze(1)  # prepared before specs: [N, H, W]
+    return images, arrays[1]
 
 
 def load_manifest(prepared_dir: Path) -> dict:
@@ -141,3 +172,8 @@ def load_manifest(prepared_dir: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: missing: run `tuneline stage prepare` (or `dvc repro`) first")
     return json.loads(path.read_text())
+
+
+def load_spec(prepared_dir: Path) -> InputSpec:
+    """The input spec prepare recorded for `prepared_dir`."""
+    return InputSpec.from_manifest(load_manifest(prepared_dir))

@@ -1,16 +1,20 @@
 """The networks of the seed article, with input normalisation inside the module.
 
-Every model takes raw pixels (float, 0..255, shape [N, 1, 28, 28]) and returns logits. Keeping the
+Every model takes raw pixels (float, 0..255, shape [N, C, H, W] from the data's input spec,
+tasks/data/spec.py) and returns logits. Keeping the
 normalisation in the module means training, the ONNX graph and the server all see the same numbers
 and a client never has to know them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+from tasks.data.spec import InputSpec
 
 
 @dataclass(frozen=True)
@@ -20,31 +24,66 @@ class ModelArgs:
     arch: str
     dropout: float
     n_classes: int
-    image_shape: tuple[int, int, int]
-    mean: float  # of pixels scaled to 0..1, measured on the training split
-    std: float
+    image_shape: tuple[int, int, int]          # (channels, height, width) of one input row
+    mean: float | tuple[float, ...]            # per channel, of pixels scaled to 0..1, measured on the training split
+    std: float | tuple[float, ...]
+    kwargs: dict = field(default_factory=dict)  # passed to the architecture's builder (model.kwargs)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_manifest(cls, arch: str, dropout: float, manifest: dict) -> "ModelArgs":
-        """The model for the prepared data `manifest` describes: its classes, image shape and normalisation."""
-        return cls(arch=arch, dropout=dropout, n_classes=len(manifest["classes"]),
-                   image_shape=tuple(manifest["image_shape"]), **manifest["normalization"])
+    def from_dict(cls, data: dict) -> "ModelArgs":
+        """The inverse of to_dict, also for checkpoints written before per-channel stats and kwargs."""
+        def channels(value):
+            return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else float(value)
+
+        return cls(arch=data["arch"], dropout=float(data["dropout"]), n_classes=int(data["n_classes"]),
+                   image_shape=tuple(int(d) for d in data["image_shape"]), mean=channels(data["mean"]),
+                   std=channels(data["std"]), kwargs=dict(data.get("kwargs") or {}))
+
+    @classmethod
+    def from_spec(cls, arch: str, dropout: float, spec: InputSpec, kwargs: dict | None = None) -> "ModelArgs":
+        """The model for data of input spec `spec`: its classes, image shape and normalisation."""
+        return cls(arch=arch, dropout=dropout, n_classes=spec.n_classes, image_shape=spec.shape,
+                   mean=spec.mean, std=spec.std, kwargs=dict(kwargs or {}))
+
+    @classmethod
+    def from_manifest(cls, arch: str, dropout: float, manifest: dict, kwargs: dict | None = None) -> "ModelArgs":
+        return cls.from_spec(arch, dropout, InputSpec.from_manifest(manifest), kwargs)
+
+    def per_channel(self, values: float | tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(values) if isinstance(values, (tuple, list)) else (float(values),) * self.image_shape[0]
+
+
+def _conv_padding(height: int, width: int) -> int:
+    """The article's valid 5×5 convolutions where the image is big enough; 'same' padding for small ones.
+
+    Two valid conv+pool steps need a side of at least 16 (16 -> 12 -> 6 -> 2 -> 1); MNIST's 28 and
+    CIFAR's 32 keep the article's layout (and MNIST its exact weights' shapes).
+    """
+    return 0 if min(height, width) >= 16 else 2
+
+
+def _features_after(side: int, padding: int) -> int:
+    side = (side + 2 * padding - 4) // 2       # conv 5×5, pool 2
+    return (side + 2 * padding - 4) // 2       # again
 
 
 class SeedCNN(nn.Module):
     """The article's CNN: conv 1→32 5×5, pool 2, conv 32→64 5×5, pool 2, fc 1024→1024, dropout, fc →10."""
 
-    def __init__(self, n_classes: int, dropout: float):
+    def __init__(self, n_classes: int, dropout: float, image_shape: tuple[int, int, int] = (1, 28, 28)):
         super().__init__()
+        channels, height, width = image_shape
+        pad = _conv_padding(height, width)
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 24 -> 12
-            nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2),  # 12 -> 8 -> 4: 64*4*4 = 1024 features
+            nn.Conv2d(channels, 32, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),   # MNIST: 28 -> 24 -> 12
+            nn.Conv2d(32, 64, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),         # 12 -> 8 -> 4: 64*4*4 = 1024
         )
+        features = 64 * _features_after(height, pad) * _features_after(width, pad)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(1024, 1024), nn.ReLU(), nn.Dropout(dropout), nn.Linear(1024, n_classes)
+            nn.Flatten(), nn.Linear(features, 1024), nn.ReLU(), nn.Dropout(dropout), nn.Linear(1024, n_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,12 +91,12 @@ class SeedCNN(nn.Module):
 
 
 class SeedMLP(nn.Module):
-    """The article's MLP: 784 → 256 → classes."""
+    """The article's MLP: pixels (784 for MNIST) → 256 → classes."""
 
-    def __init__(self, n_classes: int, dropout: float):
+    def __init__(self, n_classes: int, dropout: float, image_shape: tuple[int, int, int] = (1, 28, 28)):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, n_classes)
+            nn.Flatten(), nn.Linear(math.prod(image_shape), 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, n_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,14 +110,17 @@ class BNCNN(nn.Module):
     cuts the largest weight matrix 8× while keeping the article's conv stack.
     """
 
-    def __init__(self, n_classes: int, dropout: float):
+    def __init__(self, n_classes: int, dropout: float, image_shape: tuple[int, int, int] = (1, 28, 28)):
         super().__init__()
+        channels, height, width = image_shape
+        pad = _conv_padding(height, width)
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 5, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 24 -> 12
-            nn.Conv2d(32, 64, 5, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),  # 12 -> 8 -> 4
+            nn.Conv2d(channels, 32, 5, padding=pad, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=pad, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
         )
+        features = 64 * _features_after(height, pad) * _features_after(width, pad)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(1024, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(dropout),
+            nn.Flatten(), nn.Linear(features, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(128, n_classes),
         )
 
@@ -95,10 +137,18 @@ class Classifier(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        # Folded into one multiply-add: (x / 255 - mean) / std == x * scale + shift.
-        self.register_buffer("scale", torch.tensor(1.0 / (255.0 * args.std)))
-        self.register_buffer("shift", torch.tensor(-args.mean / args.std))
-        self.net = ARCHITECTURES[args.arch](args.n_classes, args.dropout)
+        # Folded into one multiply-add: (x / 255 - mean) / std == x * scale + shift. One channel keeps scalar
+        # buffers (the graph and the state dict of single-channel models are what they always were);
+        # several channels get one (scale, shift) per channel, broadcast over [C, 1, 1].
+        mean, std = args.per_channel(args.mean), args.per_channel(args.std)
+        if len(mean) == 1:
+            scale, shift = torch.tensor(1.0 / (255.0 * std[0])), torch.tensor(-mean[0] / std[0])
+        else:
+            scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
+            shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+        self.net = ARCHITECTURES[args.arch](args.n_classes, args.dropout, args.image_shape, **args.kwargs)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net(pixels * self.scale + self.shift)

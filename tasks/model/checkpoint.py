@@ -29,7 +29,6 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Cla
     checkpoint = torch.load(path, map_location=device, weights_only=True)
     if checkpoint.get("format") != FORMAT:
         raise ValueError(f"{path}: not a Tuneline checkpoint (format {checkpoint.get('format')!r}, expected {FORMAT!r})")
-    args = checkpoint["model_args"]
-    model = build_model(ModelArgs(**{**args, "image_shape": tuple(args["image_shape"])}))
+    model = build_model(ModelArgs.from_dict(checkpoint["model_args"]))
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint

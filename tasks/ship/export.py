@@ -66,7 +66,7 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor, 
     session = open_session(onnx_path, "cpu")  # the reference: PyTorch runs on CPU too
     diffs = {}
     for batch in PARITY_BATCHES:
-        pixels = images[:batch].unsqueeze(1).float()
+        pixels = images[:batch].float()
         with torch.no_grad():
             expected = model(pixels).numpy()
         (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})
@@ -107,7 +107,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
         "variant": "fp32",
     }
     with staged_file(Path(onnx_path)) as tmp:
-        _onnx_export(model, images[:2].unsqueeze(1).float(), tmp, cfg.opset)
+        _onnx_export(model, images[:2].float(), tmp, cfg.opset)
         proto = onnx.load(str(tmp))
         proto.producer_name = "tuneline"
         proto.doc_string = "Tuneline classifier: raw pixels (0..255) in, logits out; see metadata_props"

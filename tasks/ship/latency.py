@@ -22,8 +22,8 @@ THROUGHPUT_RUNS = 10     # timed batches of THROUGHPUT_BATCH images
 
 
 def as_pixels(images: torch.Tensor) -> np.ndarray:
-    """uint8 images [N, H, W] -> the model's input: float32 raw pixels [N, 1, H, W]."""
-    return images.unsqueeze(1).float().numpy()
+    """uint8 images [N, C, H, W] -> the model's input: float32 raw pixels [N, C, H, W]."""
+    return images.float().numpy()
 
 
 def onnx_logits(session, images: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
@@ -32,7 +32,7 @@ def onnx_logits(session, images: torch.Tensor, batch_size: int = 1000) -> np.nda
 
 
 def onnx_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor, device: Device = "cpu") -> float:
-    """Top-1 accuracy of the ONNX file on uint8 images [N, H, W] with integer labels [N]."""
+    """Top-1 accuracy of the ONNX file on uint8 images [N, C, H, W] with integer labels [N]."""
     session = open_session(path, device)
     predicted = onnx_logits(session, images).argmax(1)
     return float((predicted == labels.numpy()).mean())

@@ -169,7 +169,7 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
         loss_sum = torch.zeros(len(live), device=data.train_x.device)  # summed on the device: no host sync per step
         for start in starts:
             idx = order[start:start + cfg.batch_size][ctx.rank::ctx.world_size]  # this rank's share
-            x = data.train_x[idx].unsqueeze(1).float()
+            x = data.train_x[idx].float()
             x = augment_batch(x, cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale, data.augment_generator)
             loss_sum += strategy.step(x, data.train_y[idx]) * len(idx)
             progress.advance()

@@ -85,9 +85,9 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 @torch.no_grad()
 def predict_logits(model: Classifier, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """fp32 logits for uint8 images [N, H, W] (on the model's device), in eval mode, batch by batch."""
+    """fp32 logits for uint8 images [N, C, H, W] (on the model's device), in eval mode, batch by batch."""
     model.eval()
-    return torch.cat([model(images[i:i + batch_size].unsqueeze(1).float()).float()
+    return torch.cat([model(images[i:i + batch_size].float()).float()
                       for i in range(0, len(images), batch_size)])
 
 

@@ -242,7 +242,7 @@ class _Pack:
         """Per-model validation loss and accuracy, in eval mode, batch by batch (as predict_logits)."""
         self.base.eval()
         with self.autocast:
-            logits = torch.cat([self.forward(images[i:i + batch_size].unsqueeze(1).float()).float()
+            logits = torch.cat([self.forward(images[i:i + batch_size].float()).float()
                                 for i in range(0, len(images), batch_size)], dim=1)
         k = logits.shape[0]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat(k), reduction="none")

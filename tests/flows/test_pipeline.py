@@ -225,7 +225,7 @@ def test_exported_onnx_matches_the_checkpoint(story, story_project):
     done = story["gate_passes"]
     model, _ = load_checkpoint(done.state / "models" / "model.pt")
     images, _ = load_split(story_project / "data" / "prepared", "test")
-    pixels = images[:256].unsqueeze(1).float()
+    pixels = images[:256].float()
     with torch.no_grad():
         expected = model(pixels).numpy()
     (actual,) = open_session(done.state / "models" / "model.onnx").run(["logits"], {"pixels": pixels.numpy()})

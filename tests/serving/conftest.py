@@ -57,7 +57,7 @@ def digits(onnx_model: Path, small_prepared_dir: Path) -> Digits:
     from tasks.data.prepare import load_split
 
     images, labels = (t.numpy() for t in load_split(small_prepared_dir, "test"))
-    images, labels = images[:256], labels[:256]
+    images, labels = images[:256, 0], labels[:256]  # [N, 28, 28]: MNIST is one channel; tests add the axis as clients do
     session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"pixels": images[:, None].astype(np.float32)})
     return Digits(images, labels, logits)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tasks.data.spec import InputSpec
 import torch
 
 from tasks.config import DataConfig
@@ -70,7 +72,7 @@ def test_full_prepare_counts(prepared_full):
     assert [p.name for p in prepared_dir.parent.iterdir()] == ["prepared"]  # no staging folder left behind
     for split, (images, labels) in splits_of(prepared_dir).items():
         n = prepared_full.counts[split]
-        assert images.shape == (n, 28, 28) and images.dtype == torch.uint8
+        assert images.shape == (n, 1, 28, 28) and images.dtype == torch.uint8
         assert labels.shape == (n,) and labels.dtype == torch.int64
 
 
@@ -90,13 +92,13 @@ def test_full_prepare_train_and_val_partition_the_raw_training_set(prepared_full
     splits = splits_of(prepared_full.prepared_dir)
     for split, idx in (("train", train_idx), ("val", val_idx)):
         images, labels = splits[split]
-        np.testing.assert_array_equal(images.numpy(), raw_arrays["train_images"][idx])
+        np.testing.assert_array_equal(images.numpy()[:, 0], raw_arrays["train_images"][idx])
         np.testing.assert_array_equal(labels.numpy(), raw_arrays["train_labels"][idx])
 
 
 def test_full_prepare_leaves_the_test_set_untouched(prepared_full, raw_arrays):
     images, labels = load_split(prepared_full.prepared_dir, "test")
-    np.testing.assert_array_equal(images.numpy(), raw_arrays["test_images"])
+    np.testing.assert_array_equal(images.numpy()[:, 0], raw_arrays["test_images"])
     np.testing.assert_array_equal(labels.numpy(), raw_arrays["test_labels"])
 
 
@@ -121,10 +123,13 @@ def test_full_prepare_manifest(prepared_full, raw_dir):
         assert sum(per_class.values()) == manifest["counts"][split]
     # Normalisation: the training split's statistics, close to MNIST's well-known 0.1307 / 0.3081.
     norm = manifest["normalization"]
-    assert norm["mean"] == pytest.approx(0.1307, abs=1e-3)
-    assert norm["std"] == pytest.approx(0.3081, abs=1e-3)
+    assert norm["mean"][0] == pytest.approx(0.1307, abs=1e-3)
+    assert norm["std"][0] == pytest.approx(0.3081, abs=1e-3)
     train_pixels = splits["train"][0].numpy().astype(np.float64) / 255.0
-    assert norm == {"mean": round(float(train_pixels.mean()), 6), "std": round(float(train_pixels.std()), 6)}
+    # The exact integer moments give the float64 statistics (to the 6 decimals recorded).
+    assert norm == {"mean": [round(float(train_pixels.mean()), 6)], "std": [round(float(train_pixels.std()), 6)]}
+    spec = InputSpec.from_manifest(manifest)
+    assert spec.shape == (1, 28, 28) and spec.class_names == tuple(DIGITS) and spec.mean == tuple(norm["mean"])
     # Every written tensor file is listed with its sha256.
     assert sorted(manifest["files"]) == SPLIT_FILES[1:]
     for name, digest in manifest["files"].items():
@@ -147,7 +152,7 @@ def test_limited_prepare_counts(prepared_limited):
     assert manifest["counts"] == prepared_limited.counts
     assert manifest["limits"] == {"train": 3000, "test": 1000}
     for split, (images, labels) in splits_of(prepared_limited.prepared_dir).items():
-        assert images.shape == (prepared_limited.counts[split], 28, 28)
+        assert images.shape == (prepared_limited.counts[split], 1, 28, 28)
         assert labels.shape == (prepared_limited.counts[split],)
 
 
@@ -163,7 +168,7 @@ def test_limited_prepare_is_stratified(prepared_limited, raw_arrays):
 def test_limited_test_set_is_a_stratified_subset_of_t10k(prepared_limited, raw_arrays):
     keep, _ = stratified_take(raw_arrays["test_labels"], 1000, seed=0)
     images, labels = load_split(prepared_limited.prepared_dir, "test")
-    np.testing.assert_array_equal(images.numpy(), raw_arrays["test_images"][keep])
+    np.testing.assert_array_equal(images.numpy()[:, 0], raw_arrays["test_images"][keep])
     np.testing.assert_array_equal(labels.numpy(), raw_arrays["test_labels"][keep])
 
 
@@ -256,10 +261,10 @@ def test_more_than_256_image_folder_classes_keep_their_labels(tmp_path):
     seen = []
     for split, (images, labels) in splits_of(result.prepared_dir).items():
         assert labels.dtype == torch.int64
-        np.testing.assert_array_equal(labels.numpy(), label_of(images.numpy()))
+        np.testing.assert_array_equal(labels.numpy(), label_of(images.numpy()[:, 0]))
         per_class = np.bincount(labels.numpy(), minlength=300)
         assert result.manifest["counts_per_class"][split] == {classes[c]: int(n) for c, n in enumerate(per_class)}
-        seen += zip(labels.tolist(), images[:, 0, 2].tolist())  # (label, index within its class folder)
+        seen += zip(labels.tolist(), images[:, 0, 0, 2].tolist())  # (label, index within its class folder)
     assert sorted(seen) == [(k, i) for k in range(300) for i in range(3)]  # each image once, none relabelled
     assert max(label for label, _ in seen) == 299
 

@@ -35,11 +35,11 @@ def test_batch_axis_is_dynamic_and_input_is_raw_pixels(exported, small_checkpoin
     model, _ = load_checkpoint(small_checkpoint)
     images, labels = load_split(small_prepared_dir, "test")
     for batch in (3, 100):
-        pixels = images[:batch].unsqueeze(1).float()
+        pixels = images[:batch].float()
         (logits,) = session.run(["logits"], {"pixels": pixels.numpy()})
         with torch.no_grad():
             assert np.abs(logits - model(pixels).numpy()).max() <= 1e-4
-    (logits,) = session.run(["logits"], {"pixels": images.unsqueeze(1).float().numpy()})
+    (logits,) = session.run(["logits"], {"pixels": images.float().numpy()})
     assert (logits.argmax(1) == labels.numpy()).mean() > 0.8  # raw pixels in, no client-side normalisation
 
 
@@ -104,7 +104,7 @@ def test_int8_and_fp16_variants_are_evaluated_and_gated_on_their_drop(exported, 
             onnx.checker.check_model(proto, full_check=True)
             meta = {p.key: p.value for p in proto.metadata_props}
             assert meta["variant"] == name and json.loads(meta["labels"]) == [str(d) for d in range(10)]
-            pixels = images.unsqueeze(1).float().numpy()
+            pixels = images.float().numpy()
             (logits,) = open_session(folder / entry["file"]).run(["logits"], {"pixels": pixels})
             assert (logits.argmax(1) == labels.numpy()).mean() == pytest.approx(entry["accuracy"])
             assert entry["serving"]["latency_p99_ms"] > 0
@@ -113,7 +113,7 @@ def test_int8_and_fp16_variants_are_evaluated_and_gated_on_their_drop(exported, 
 
 def test_badly_calibrated_int8_is_rejected_with_its_drop(exported, tmp_path, small_prepared_dir):
     images, labels = load_split(small_prepared_dir, "test")
-    black = torch.zeros(32, 28, 28, dtype=torch.uint8)  # calibration that sees no ink: activation ranges collapse
+    black = torch.zeros(32, 1, 28, 28, dtype=torch.uint8)  # calibration that sees no ink: activation ranges collapse
     result = build_variant("int8", exported.onnx_path, tmp_path, exported.metadata, exported.onnx_accuracy, images,
                            labels, max_drop=0.005, device="cpu", calibration_images=black)
     assert not result.kept and not (tmp_path / "model.int8.onnx").exists()

@@ -92,7 +92,7 @@ def test_latency_gate_measures_the_session_the_server_serves(tmp_path, sessions,
     if device == "cuda" and resolve_providers("auto")[0] != CUDA:
         pytest.skip("no active CUDA provider here")
     model = digit_model(tmp_path / "model.onnx")
-    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
 
     measure_serving(model, images, device, latency_runs=10, threads=threads)  # export's gate.max_latency_p99_ms
     gate = [s for s in sessions if s.model == model.read_bytes()]

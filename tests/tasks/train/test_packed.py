@@ -131,7 +131,7 @@ def confidence(state, prepared):
     model = build_model(ModelArgs(arch="seed_mlp", dropout=0.0, n_classes=10, image_shape=(1, 28, 28),
                                   **load_manifest(prepared)["normalization"]))
     model.load_state_dict(state)
-    images = torch.from_numpy(np.load(prepared / "val-images.npy")).unsqueeze(1).float()
+    images = torch.from_numpy(np.load(prepared / "val-images.npy")).float()
     return model.eval()(images).softmax(1).max(1).values.mean().item()
 
 

@@ -156,7 +156,7 @@ def test_gradient_clipping_limits_the_update(tmp_path, small_prepared_dir):
 
 def test_augmentation_changes_images_but_keeps_them_recognisable(small_checkpoint, small_prepared_dir):
     images, labels = load_split(small_prepared_dir, "test")
-    pixels = images.unsqueeze(1).float()
+    pixels = images.float()
     generator = torch.Generator().manual_seed(0)
     assert torch.equal(augment_batch(pixels, 0, 0, 0, generator), pixels)  # all off: untouched
     augmented = augment_batch(pixels, rotate_deg=10, translate=0.08, scale=0.1, generator=generator)
