@@ -1,5 +1,6 @@
 """`tuneline`: the command line.
 
+    tuneline init DIR [--example mnist|cifar10] [--data PATH]   a new project of your own (git, DVC, Prefect set up)
     tuneline run [-S key=value …] [--force] [--no-push]   the whole pipeline as a Prefect flow run
     tuneline stage NAME [-S key=value …]                  one stage (what dvc.yaml calls)
     tuneline stage train --nproc-per-node N               train with N DistributedDataParallel processes (torchrun)
@@ -42,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="on a failure, show tracebacks (Prefect's task and flow failure lines included)")
     sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="create a project of your own: params.yaml, dvc.yaml, prefect.yaml, git + DVC")
+    init.add_argument("dir", type=Path, help="the project folder (new, or one holding only your own code and data)")
+    init.add_argument("--example", default="mnist", help="starting params: mnist (default) | cifar10")
+    init.add_argument("--data", default=None, metavar="PATH",
+                      help="the data: MNIST's folder of .gz files, or an image folder / .tar / .tar.gz / .zip of one")
+    init.add_argument("--remote", type=Path, default=None, metavar="DIR",
+                      help="the local DVC remote (default: DIR-dvc-remote beside the project)")
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", choices=STAGE_NAMES)
@@ -88,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import load_params, parse_overrides
     from tasks.errors import TunelineError
 
+    if args.command == "init":
+        return _run_init(args)
     if args.command in ("stage", "tune"):  # under `run`, Prefect's own logging set-up prints and ships the logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("tasks").setLevel(logging.INFO)  # stage progress lines, under Prefect's handlers too
     for chatty in ("onnxscript", "onnx_ir", "httpx"):  # per-pass exporter notes and per-request lines
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
+        from flows.shadowing import check_not_shadowed
+
+        check_not_shadowed(root)  # a project folder named like a Tuneline package would run the wrong code
         overrides = parse_overrides(args.overrides)
         params = load_params(root / "params.yaml", overrides)  # validate before importing heavy machinery
         if args.command == "stage":
@@ -174,6 +187,19 @@ def _run_generator(command: str, root: Path, check: bool) -> int:
         return 1 if stale else 0
     for path in config_docs.write(root):
         print(f"written: {path}")
+    return 0
+
+
+def _run_init(args) -> int:
+    from flows.init import init_project
+    from tasks.errors import TunelineError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        target = init_project(args.dir, args.example, args.data, args.remote)
+    except TunelineError as exc:
+        return _report_failure("init", exc, args.debug)
+    print(f"Tuneline project ready: {target} (example {args.example})\n  cd {target} && tuneline run")
     return 0
 
 

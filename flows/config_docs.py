@@ -58,7 +58,8 @@ def render_params(values: dict[str, Any]) -> str:
         out.append(f"{section}:")
         for key, sub in model.model_fields.items():
             value = data[section][key]
-            if isinstance(value, dict) and value:  # tune.space: one flow-style mapping per dimension
+            if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+                # tune.space: one flow-style mapping per dimension
                 out.append(_line("  ", key, "", sub.description or ""))
                 for name, dim in value.items():
                     shown = {k: v for k, v in dim.items() if v not in (None, False)}

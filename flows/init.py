@@ -1,0 +1,218 @@
+"""`tuneline init DIR`: a project of the user's own, outside this repository, ready to `tuneline run`.
+
+It writes params.yaml (an example's settings, with gates that suit it: MNIST's 0.99 accuracy gate would
+fail every CIFAR-10 run), dvc.yaml (generated for this project: Tuneline's installed code is outside it,
+so the `code` stage fingerprints it), prefect.yaml (with an entry point that exists in the folder), a
+.gitignore and a .dvcignore; then `git init`, `dvc init`, a local DVC remote and the first commit.
+
+Nothing is left half-made: if any step fails, every file and folder init created is removed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from flows.shadowing import check_not_shadowed, shadowing_folders
+from tasks.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Each example: the params it changes from the defaults. Paths to data are filled in from --data.
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "mnist": {
+        "project": {"name": "mnist"},
+        "data": {"source": "mnist"},
+    },
+    # CIFAR-10 on a CPU: the fast network, one-cycle, flips, label smoothing; tuning on a slice of the
+    # training split. The gates are CIFAR's: ~0.8 is what a few CPU minutes reach (docs/benchmarks.md).
+    "cifar10": {
+        "project": {"name": "cifar10"},
+        "data": {"source": "imagefolder", "val_fraction": 0.1},
+        "model": {"arch": "fast_cnn", "dropout": 0.0},
+        "train": {"epochs": 8, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True,
+                  "weight_decay": 5e-4, "scheduler": "onecycle", "label_smoothing": 0.1, "augment_flip": True,
+                  "augment_translate": 0.0625, "eval_batch_size": 1000},
+        "tune": {"enabled": True, "n_trials": 4, "epochs": 2, "limit_train": 5000, "limit_val": 2000,
+                 "space": {"train.lr": {"type": "float", "low": 0.05, "high": 0.4, "log": True},
+                           "train.weight_decay": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}}},
+        "gate": {"min_accuracy": 0.75, "min_class_recall": 0.5, "max_ece": 0.1, "max_regression": 0.01},
+    },
+}
+
+GITIGNORE = """\
+# Tuneline project: data and models are DVC's (dvc.lock, registry.dvc); git keeps code, params and metrics.
+__pycache__/
+.prefect/
+/.tuneline/
+/.tuneline-run.lock
+/data/raw
+/data/prepared
+/models
+/registry
+/tuning/study.db*
+/tuning/*.html
+dvc_plots/
+*.tmp
+"""
+
+DVCIGNORE = """\
+# Keep DVC's directory walks out of run workspaces (.tuneline/code holds stage deps: not ignored).
+/.tuneline/runs/
+/.prefect/
+"""
+
+FLOW_FILE = "tuneline_flow.py"
+FLOW_TEXT = '''\
+"""This project's Prefect entry point: Tuneline's pipeline flow (installed package), run in this folder.
+
+Prefect puts this folder first on sys.path when it loads the entry point, so a folder of this project
+named like one of Tuneline's packages (tasks, flows, serving) would shadow it: that is refused up front.
+"""
+
+from pathlib import Path
+
+from flows.shadowing import check_not_shadowed  # noqa: E402  (flows is Tuneline's: checked just below)
+
+check_not_shadowed(Path(__file__).parent)
+
+from flows.pipeline import pipeline  # noqa: E402,F401
+
+if __name__ == "__main__":
+    pipeline(project_dir=str(Path(__file__).parent))
+'''
+
+PREFECT_TEXT = """\
+# Prefect deployments of this project's Tuneline pipeline. Register with `prefect deploy --all`
+# (after `prefect work-pool create tuneline-process --type process`); a worker started in this folder
+# (or with TUNELINE_PROJECT_DIR set to it) runs them.
+name: {name}
+prefect-version: 3.1.0
+
+pull:
+  - prefect.deployments.steps.set_working_directory:
+      directory: "{{{{ $TUNELINE_PROJECT_DIR }}}}"
+
+definitions:
+  work_pool: &tuneline_pool
+    name: tuneline-process
+    job_variables:
+      env:
+        PREFECT_SERVER_ANALYTICS_ENABLED: "false"
+        DO_NOT_TRACK: "1"
+        DVC_NO_ANALYTICS: "1"
+        PREFECT_LOGGING_EXTRA_LOGGERS: tasks
+        TUNELINE_PROJECT_DIR: "{project}"
+
+deployments:
+  - name: nightly
+    description: Full pipeline every night on this project's params.yaml.
+    entrypoint: {flow_file}:pipeline
+    parameters:
+      project_dir: "."
+    work_pool: *tuneline_pool
+    schedules:
+      - cron: "0 2 * * *"
+        timezone: UTC
+        active: false
+  - name: adhoc
+    description: >-
+      Run on demand, e.g. prefect deployment run '{name}/adhoc' --params '{{"overrides": {{"train.epochs": 4}}}}'
+    entrypoint: {flow_file}:pipeline
+    parameters:
+      project_dir: "."
+    work_pool: *tuneline_pool
+"""
+
+
+def _params(example: str, data: str | None, target: Path) -> dict[str, Any]:
+    import copy
+
+    values = copy.deepcopy(EXAMPLES[example])
+    if data is not None:
+        path = Path(data).expanduser().resolve()
+        if not path.exists():
+            raise ConfigError(f"--data {data}: not found: give the data set's folder or archive")
+        shown = path.relative_to(target).as_posix() if path.is_relative_to(target) else str(path)
+        key = "mirror" if values["data"]["source"] == "mnist" else "image_folder"
+        values["data"][key] = shown
+    elif values["data"]["source"] != "mnist":
+        raise ConfigError(f"tuneline init --example {example}: needs --data PATH (the data set's folder, or a .tar, "
+                          ".tar.gz or .zip of it)")
+    return values
+
+
+def _git(cwd: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", "tuneline init"),
+           "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", "tuneline@localhost"),
+           "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", "tuneline init"),
+           "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", "tuneline@localhost")}
+    _check(subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True), "git", args)
+
+
+def _dvc(cwd: Path, *args: str) -> None:
+    dvc = Path(sys.executable).parent / "dvc"
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    _check(subprocess.run([str(dvc) if dvc.exists() else "dvc", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True), "dvc", args)
+
+
+def _check(result: subprocess.CompletedProcess, tool: str, args: tuple[str, ...]) -> None:
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(f"tuneline init: `{tool} {' '.join(args)}` failed: {detail[-1] if detail else result.returncode}")
+
+
+def init_project(target: Path, example: str = "mnist", data: str | None = None, remote: Path | None = None) -> Path:
+    """Create the project at `target` (new, or a folder of the user's code); returns its path.
+
+    Refuses a folder that already holds a project, or whose folders would shadow Tuneline's packages. On any
+    failure, everything init created is removed again (the user's own files are never touched).
+    """
+    from flows import dvc_yaml
+    from flows.config_docs import render_params
+
+    if example not in EXAMPLES:
+        raise ConfigError(f"--example {example}: unknown; choose one of {', '.join(EXAMPLES)}")
+    target = Path(target).expanduser().resolve()
+    ours = ["params.yaml", "dvc.yaml", "prefect.yaml", FLOW_FILE, ".gitignore", ".dvcignore", ".git", ".dvc"]
+    if target.exists():
+        if present := [name for name in ours if (target / name).exists()]:
+            raise ConfigError(f"{target}: already has {', '.join(present)}: init writes a new project; pick a new "
+                              "folder, or one with only your own code and data in it")
+        check_not_shadowed(target)
+    values = _params(example, data, target)
+    remote = Path(remote).expanduser().resolve() if remote else target.parent / f"{target.name}-dvc-remote"
+    created_target = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        (target / "params.yaml").write_text(render_params(values))
+        (target / FLOW_FILE).write_text(FLOW_TEXT)
+        (target / "prefect.yaml").write_text(PREFECT_TEXT.format(name=values["project"]["name"], project=target,
+                                                                 flow_file=FLOW_FILE))
+        (target / ".gitignore").write_text(GITIGNORE)
+        _git(target, "init", "-q")
+        _dvc(target, "init", "-q")
+        (target / ".dvcignore").write_text(DVCIGNORE)
+        _dvc(target, "config", "core.analytics", "false")
+        _dvc(target, "config", "core.autostage", "false")
+        remote.mkdir(parents=True, exist_ok=True)
+        _dvc(target, "remote", "add", "-d", "local", str(remote))
+        dvc_yaml.write(target)  # generated for this folder: Tuneline's code is outside it (fingerprinted)
+        _git(target, "add", "-A")
+        _git(target, "commit", "-q", "-m", f"tuneline init (example {example})")
+    except BaseException:
+        if created_target:
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            for name in ours:
+                path = target / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+    log.info("init: %s (example %s, DVC remote %s)", target, example, remote)
+    return target
