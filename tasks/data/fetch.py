@@ -3,8 +3,9 @@
 MNIST comes from a mirror (a folder or URL holding the four standard .gz files) or torchvision's list
 of official mirrors, and is checked against the content checksums below: the decompressed bytes are
 the same on every mirror, while the gzip bytes are not, so the DVC hash of `paths.raw` (the data
-version) does not depend on where the data came from. An image folder (class sub-folders of PNG/JPEG)
-is decoded, checked and written in the same IDX layout, so `prepare` has one code path.
+version) does not depend on where the data came from. An image folder (class sub-folders of PNG/JPEG, or an
+archive of them; tasks/data/imagefolder.py) and a user's `module:function` loader (tasks/data/loader.py)
+are decoded, checked and written in the same IDX layout (`write_raw`), so `prepare` has one code path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import numpy as np
 
 from tasks.atomic import staged_dir
 from tasks.config import DataConfig
+from tasks.data.archive import read_tree
 from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, encode_idx, parse_idx, read_gzip
+from tasks.data.imagefolder import load_image_folder
+from tasks.data.loader import run_loader
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +38,6 @@ MNIST_SHA256 = {
 }
 MNIST_PAIRS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-IMAGE_SIDE = 28  # pixels; image-folder inputs are converted to 28x28 grayscale like MNIST
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class FetchResult:
     raw_dir: Path
     source: str
     counts: dict[str, int]
+    notes: tuple[str, ...] = ()  # conversions and skipped files, one line each (also logged)
 
 
 def resolve_mirror(cfg: DataConfig, env_mirror: str | None) -> str | None:
@@ -102,46 +105,55 @@ def _fetch_mnist(mirror: str | None, staging: Path) -> dict[str, int]:
     return counts
 
 
-def _fetch_image_folder(folder: Path, staging: Path) -> dict[str, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found: set data.image_folder to a folder of class sub-folders")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise DataError(f"{folder}: found {len(classes)} class sub-folder(s), need at least 2 (one per class)")
-    images, labels = [], []
-    for index, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"{folder / name}: empty class folder (no .png/.jpg/.jpeg files): add images or remove it")
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    gray = img.convert("L").resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BILINEAR)
-                    images.append(np.asarray(gray, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise DataError(f"{path}: unreadable image ({exc}): fix or remove the file") from None
-            labels.append(index)
-    (staging / "images-idx3-ubyte").write_bytes(encode_idx(np.stack(images)))
-    # The file name keeps MNIST's; labels past 255 are written as 16- or 32-bit IDX integers (tasks/data/idx.py).
-    (staging / "labels-idx1-ubyte").write_bytes(encode_idx(np.asarray(labels, dtype=np.int64)))
+def write_raw(staging: Path, sets: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], source: str) -> None:
+    """The raw layout of every source but MNIST: per split (`all` when the source has no splits)
+    `<split>-images-idx{3,4}-ubyte` (gray [N, H, W] or colour [N, H, W, C]) and `<split>-labels-idx1-ubyte`,
+    `classes.json`, and `source.json` naming the kind of source (never a path: the raw data's DVC hash must
+    not depend on where the source lies, so a folder and its archive give the same bytes)."""
+    for split, (images, labels) in sets.items():
+        stem = "" if split == "all" else f"{split}-"
+        (staging / f"{stem}images-idx{images.ndim}-ubyte").write_bytes(encode_idx(images))
+        # Labels past 255 are written as 16- or 32-bit IDX integers (tasks/data/idx.py).
+        (staging / f"{stem}labels-idx1-ubyte").write_bytes(encode_idx(np.asarray(labels, dtype=np.int64)))
     (staging / "classes.json").write_text(json.dumps(classes))
-    return {"all": len(labels)}
+    (staging / "source.json").write_text(json.dumps({"source": source}) + "\n")
 
 
-def run_fetch(cfg: DataConfig, raw_dir: Path, mirror: str | None = None) -> FetchResult:
-    """Fetch and validate the source into `raw_dir`, replacing it only when everything checked out."""
+def _fetch_image_folder(cfg: DataConfig, folder: Path, staging: Path) -> tuple[dict[str, int], list[str]]:
+    decoded = load_image_folder(read_tree(folder), cfg, str(folder))
+    write_raw(staging, decoded.sets, decoded.classes, "imagefolder")
+    return {split: int(labels.size) for split, (_, labels) in decoded.sets.items()}, decoded.notes
+
+
+def _fetch_loader(cfg: DataConfig, project_dir: Path, staging: Path) -> dict[str, int]:
+    classes, sets = run_loader(cfg.source, cfg.options, project_dir)
+    write_raw(staging, sets, classes, cfg.source)
+    return {split: int(labels.size) for split, (_, labels) in sets.items()}
+
+
+def run_fetch(cfg: DataConfig, raw_dir: Path, mirror: str | None = None, project_dir: Path | None = None) -> FetchResult:
+    """Fetch and validate the source into `raw_dir`, replacing it only when everything checked out.
+
+    `project_dir` (default: the working directory, where DVC runs a stage) is where a relative
+    data.image_folder lies, as dvc.yaml's `${data.image_folder}` dep resolves it, and where a
+    `module:function` loader is imported from.
+    """
     raw_dir = Path(raw_dir)
+    project_dir = Path(project_dir) if project_dir is not None else Path.cwd()
+    notes: list[str] = []
     # A failure anywhere leaves the previous raw_dir untouched.
     with staged_dir(raw_dir) as staging:
         if cfg.source == "mnist":
             counts = _fetch_mnist(mirror, staging)
             source = f"mnist:{mirror or 'official mirrors'}"
+        elif cfg.loader:
+            counts = _fetch_loader(cfg, project_dir, staging)
+            source = cfg.loader
         else:
             if not cfg.image_folder:
-                raise DataError("data.image_folder: not set; data.source=imagefolder needs a folder of class sub-folders")
-            counts = _fetch_image_folder(Path(cfg.image_folder).expanduser(), staging)
+                raise DataError("data.image_folder: not set; data.source=imagefolder needs a folder of class sub-folders "
+                                "(or an archive of one)")
+            counts, notes = _fetch_image_folder(cfg, project_dir / Path(cfg.image_folder).expanduser(), staging)
             source = f"imagefolder:{cfg.image_folder}"
     log.info("fetch: %s -> %s %s", source, raw_dir, counts)
-    return FetchResult(raw_dir=raw_dir, source=source, counts=counts)
+    return FetchResult(raw_dir=raw_dir, source=source, counts=counts, notes=tuple(notes))

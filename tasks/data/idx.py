@@ -12,7 +12,9 @@ import numpy as np
 from tasks.errors import InputError
 
 # An IDX magic number is 0x00 0x00 <element type> <number of dimensions>; the data is big-endian.
-IMAGES_MAGIC = 0x0803  # 2051: ubyte, 3 dimensions (count, rows, cols)
+IMAGES_MAGIC = 0x0803  # 2051: ubyte, 3 dimensions (count, rows, cols): MNIST's, and any gray image set
+COLOR_IMAGES_MAGIC = 0x0804  # 2052: ubyte, 4 dimensions (count, rows, cols, channels): colour images as decoded
+IMAGE_MAGICS = (IMAGES_MAGIC, COLOR_IMAGES_MAGIC)
 LABELS_MAGIC = 0x0801  # 2049: ubyte, 1 dimension (count): MNIST's, and any label set of up to 256 classes
 # More classes than a byte holds: the same layout with wider elements (IDX types 0x0B short, 0x0C int).
 LABEL_DTYPES = {LABELS_MAGIC: np.dtype(np.uint8), 0x0B01: np.dtype(">i2"), 0x0C01: np.dtype(">i4")}
@@ -34,29 +36,30 @@ def read_gzip(path: Path) -> bytes:
 
 
 def parse_idx(data: bytes, path: Path, expected_magic: int) -> np.ndarray:
-    """IDX bytes -> array ([N, rows, cols] uint8 images, or [N] labels), checking magic and size.
+    """IDX bytes -> array ([N, rows, cols] or [N, rows, cols, channels] uint8 images, or [N] labels), checking
+    magic and size.
 
-    `expected_magic` names the kind (IMAGES_MAGIC or LABELS_MAGIC). Labels may be ubyte, short or int
-    (LABEL_DTYPES); they come back as uint8, int16 or int32 in native byte order.
+    `expected_magic` names the kind (IMAGES_MAGIC, which also accepts the 4-D COLOR_IMAGES_MAGIC, or
+    LABELS_MAGIC). Labels may be ubyte, short or int (LABEL_DTYPES); they come back as uint8, int16 or int32 in
+    native byte order.
     """
-    kind = "images" if expected_magic == IMAGES_MAGIC else "labels"
-    header_size = 16 if expected_magic == IMAGES_MAGIC else 8
-    if len(data) < header_size:
-        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, need {header_size}): re-fetch the file")
+    kind = "images" if expected_magic in IMAGE_MAGICS else "labels"
+    if len(data) < 8:
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, need {16 if kind == 'images' else 8}): "
+                        "re-fetch the file")
     (magic,) = struct.unpack(">i", data[:4])
-    dtypes = {IMAGES_MAGIC: np.dtype(np.uint8)} if kind == "images" else LABEL_DTYPES
+    dtypes = {m: np.dtype(np.uint8) for m in IMAGE_MAGICS} if kind == "images" else LABEL_DTYPES
     if magic not in dtypes:
         raise DataError(
             f"{path}: wrong magic number {magic} (expected {expected_magic} for IDX {kind}): "
             "is this the right file?"
         )
     dtype = dtypes[magic]
-    if kind == "images":
-        count, rows, cols = struct.unpack(">iii", data[4:16])
-        shape: tuple[int, ...] = (count, rows, cols)
-    else:
-        (count,) = struct.unpack(">i", data[4:8])
-        shape = (count,)
+    ndim = magic & 0xFF  # the magic's low byte is the number of dimensions, each a big-endian int32 after it
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size:
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, need {header_size}): re-fetch the file")
+    shape: tuple[int, ...] = struct.unpack(f">{ndim}i", data[4:header_size])
     expected = header_size + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "has trailing bytes"
@@ -85,19 +88,21 @@ def label_magic(labels: np.ndarray) -> int:
 
 
 def encode_idx(array: np.ndarray) -> bytes:
-    """uint8 images [N, rows, cols] or integer labels [N] -> IDX bytes (labels in the narrowest type that fits)."""
+    """uint8 images [N, rows, cols] (gray) or [N, rows, cols, channels] (colour), or integer labels [N] -> IDX
+    bytes (labels in the narrowest type that fits)."""
     array = np.asarray(array)
-    if array.ndim == 3:
+    if array.ndim in (3, 4):
         if array.dtype != np.uint8:
             raise ValueError(f"IDX images must be uint8, got {array.dtype}")
-        return struct.pack(">iiii", IMAGES_MAGIC, *array.shape) + np.ascontiguousarray(array).tobytes()
+        magic = IMAGES_MAGIC if array.ndim == 3 else COLOR_IMAGES_MAGIC
+        return struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + np.ascontiguousarray(array).tobytes()
     if array.ndim == 1:
         if array.size and not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"IDX labels must be integers, got {array.dtype}")
         magic = label_magic(array)
         body = np.ascontiguousarray(array, dtype=LABEL_DTYPES[magic]).tobytes()
         return struct.pack(">ii", magic, array.shape[0]) + body
-    raise ValueError(f"IDX encoding supports 1-D labels or 3-D images, got shape {array.shape}")
+    raise ValueError(f"IDX encoding supports 1-D labels or 3-D / 4-D images, got shape {array.shape}")
 
 
 def check_pair(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_path: Path, n_classes: int) -> None:

@@ -52,27 +52,52 @@ def stratified_take(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarr
     return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
 
 
+# split -> file-name stems fetch may have written it under (tasks/data/fetch.py): MNIST's train / t10k, the
+# split folders of an image folder or a loader's splits, or `all` (no splits: test and val are carved here).
+RAW_STEMS = {"train": ("train",), "val": ("val",), "test": ("t10k", "test"), "all": ("",)}
+
+
+def _read_raw_set(raw_dir: Path, stem: str, n_classes: int) -> tuple[np.ndarray, np.ndarray] | None:
+    prefix = f"{stem}-" if stem else ""
+    for ndim in (3, 4):  # gray [N, H, W] or colour [N, H, W, C]
+        images_path = raw_dir / f"{prefix}images-idx{ndim}-ubyte"
+        if images_path.is_file():
+            labels_path = raw_dir / f"{prefix}labels-idx1-ubyte"
+            images, labels = read_idx(images_path, IMAGES_MAGIC), read_idx(labels_path, LABELS_MAGIC)
+            check_pair(images, labels, images_path, labels_path, n_classes=n_classes)
+            return images, labels
+    return None
+
+
 def _load_raw(raw_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str], str]:
     classes_path = raw_dir / "classes.json"
     if not classes_path.is_file():
         raise DataError(f"{classes_path}: missing: run `tuneline stage fetch` (or `dvc repro`) first")
     classes = json.loads(classes_path.read_text())
     sets = {}
-    for split, stem in (("train", "train"), ("test", "t10k"), ("all", "")):
-        images_path = raw_dir / (f"{stem}-images-idx3-ubyte" if stem else "images-idx3-ubyte")
-        labels_path = raw_dir / (f"{stem}-labels-idx1-ubyte" if stem else "labels-idx1-ubyte")
-        if images_path.is_file():
-            images, labels = read_idx(images_path, IMAGES_MAGIC), read_idx(labels_path, LABELS_MAGIC)
-            check_pair(images, labels, images_path, labels_path, n_classes=len(classes))
-            sets[split] = (images, labels)
-    source = "mnist"
-    if "all" in sets:  # an image folder: carve the test set out first, with its own seed stream
-        images, labels = sets.pop("all")
-        test_idx, train_idx = stratified_take(labels, round(labels.size * TEST_FRACTION_WITHOUT_TEST_SET), seed=1)
-        sets = {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
-        source = "imagefolder"
-    if set(sets) != {"train", "test"}:
+    for split, stems in RAW_STEMS.items():
+        for stem in stems:
+            found = _read_raw_set(raw_dir, stem, len(classes))
+            if found is not None:
+                sets[split] = found
+                break
+    source_path = raw_dir / "source.json"
+    # MNIST's raw folder is exactly the four files and classes.json (its bytes are the data version).
+    source = json.loads(source_path.read_text())["source"] if source_path.is_file() else "mnist"
+    if "all" in sets and "train" not in sets:  # no splits in the source: all of it is train, test carved below
+        sets["train"] = sets.pop("all")
+    if "train" not in sets or "all" in sets:
         raise DataError(f"{raw_dir}: expected MNIST's four IDX files or an image-folder conversion; "
+                        "run `tuneline stage fetch` again")
+    if "test" not in sets:  # carve the test set out first, with its own seed stream: it depends only on the data
+        images, labels = sets["train"]
+        test_idx, train_idx = stratified_take(labels, round(labels.size * TEST_FRACTION_WITHOUT_TEST_SET), seed=1)
+        sets["train"], sets["test"] = (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx])
+        log.info("prepare: the source has no test split: %d images (1/7, stratified) carved from train",
+                 test_idx.size)
+    shapes = {split: images.shape[1:] for split, (images, _) in sets.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"{raw_dir}: splits differ in image shape ({ {k: list(v) for k, v in shapes.items()} }): "
                         "run `tuneline stage fetch` again")
     return sets, classes, source
 
@@ -117,12 +142,13 @@ def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareRe
     sets, classes, source = _load_raw(raw_dir)
     train_images, train_labels = _limit(*sets["train"], cfg.limit_train, cfg.seed)
     test_images, test_labels = _limit(*sets["test"], cfg.limit_test, cfg.seed)
-    val_idx, train_idx = stratified_take(train_labels, max(len(classes), round(train_labels.size * cfg.val_fraction)), cfg.seed)
-    splits = {
-        "train": (train_images[train_idx], train_labels[train_idx]),
-        "val": (train_images[val_idx], train_labels[val_idx]),
-        "test": (test_images, test_labels),
-    }
+    if "val" in sets:  # the source's own validation split is kept whole
+        splits = {"train": (train_images, train_labels), "val": sets["val"]}
+    else:
+        val_idx, train_idx = stratified_take(train_labels, max(len(classes), round(train_labels.size * cfg.val_fraction)), cfg.seed)
+        splits = {"train": (train_images[train_idx], train_labels[train_idx]),
+                  "val": (train_images[val_idx], train_labels[val_idx])}
+    splits["test"] = (test_images, test_labels)
     splits = {name: (to_nchw(images), labels) for name, (images, labels) in splits.items()}
     spec = measure_spec(splits["train"][0], classes)
     manifest = {

@@ -220,7 +220,7 @@ def test_successful_fetch_replaces_previous_raw_dir_whole(make_image_folder, tmp
     raw_dir.mkdir(parents=True)
     (raw_dir / "train-images-idx3-ubyte").write_bytes(b"stale")  # must not survive the replacement
     run_fetch(DataConfig(source="imagefolder", image_folder=str(folder)), raw_dir)
-    assert sorted(p.name for p in raw_dir.iterdir()) == ["classes.json", "images-idx3-ubyte", "labels-idx1-ubyte"]
+    assert sorted(p.name for p in raw_dir.iterdir()) == ["classes.json", "images-idx3-ubyte", "labels-idx1-ubyte", "source.json"]
     assert sorted(p.name for p in raw_dir.parent.iterdir()) == ["raw"]  # .raw.old removed too
 
 
@@ -240,7 +240,7 @@ def test_image_folder_is_converted_to_idx(make_image_folder, tmp_path):
 
     assert result.counts == {"all": 9}
     assert result.source == f"imagefolder:{folder}"
-    assert sorted(p.name for p in raw_dir.iterdir()) == ["classes.json", "images-idx3-ubyte", "labels-idx1-ubyte"]
+    assert sorted(p.name for p in raw_dir.iterdir()) == ["classes.json", "images-idx3-ubyte", "labels-idx1-ubyte", "source.json"]
     assert json.loads((raw_dir / "classes.json").read_text()) == ["one", "seven", "zero"]
     images = read_idx(raw_dir / "images-idx3-ubyte", IMAGES_MAGIC)
     labels = read_idx(raw_dir / "labels-idx1-ubyte", LABELS_MAGIC)
@@ -254,17 +254,33 @@ def test_image_folder_is_converted_to_idx(make_image_folder, tmp_path):
             assert np.abs(got.astype(int) - digit).mean() < 3, path  # JPEG at quality 95: close
 
 
-def test_image_folder_converts_colour_and_size(make_image_folder, raw_arrays, tmp_path):
+def test_image_folder_keeps_colour_and_size_and_says_what_it_converted(make_image_folder, tmp_path):
+    # Was: every image silently became 28x28 gray. Now a 56x56 RGB image among 28x28 gray ones is an error
+    # without data.image_size, and with it the set becomes RGB (auto) and the odd image is resized, both logged.
     folder, written = make_image_folder(tmp_path / "images", {"a": [".png"], "b": [".png"]})
     digit = written["b"][0][1]
     Image.fromarray(digit).resize((56, 56), Image.Resampling.NEAREST).convert("RGB").save(folder / "b" / "big.png")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder))}: 1 images are not 28x28 "
+                                        rf"\(e\.g\. {re.escape(str(folder / 'b' / 'big.png'))}: 56x56\); set data\.image_size"):
+        run_fetch(DataConfig(source="imagefolder", image_folder=str(folder)), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
     raw_dir = tmp_path / "raw"
-    result = run_fetch(DataConfig(source="imagefolder", image_folder=str(folder)), raw_dir)
+    result = run_fetch(DataConfig(source="imagefolder", image_folder=str(folder), image_size=28), raw_dir)
     assert result.counts == {"all": 3}
-    images = read_idx(raw_dir / "images-idx3-ubyte", IMAGES_MAGIC)
-    assert images.shape == (3, 28, 28)
+    assert result.notes == ("converted 2 of 3 images to RGB (data.channels=auto: the set has colour images)",
+                            "resized 1 of 3 images to 28x28 (data.image_size)")
+    images = read_idx(raw_dir / "images-idx4-ubyte", IMAGES_MAGIC)
+    assert images.shape == (3, 28, 28, 3)
     assert read_idx(raw_dir / "labels-idx1-ubyte", LABELS_MAGIC).tolist() == [0, 1, 1]
-    assert np.abs(images[2].astype(int) - digit).mean() < 10  # 56x56 RGB -> 28x28 grey, close to the digit
+    np.testing.assert_array_equal(images[0], np.repeat(written["a"][0][1][..., None], 3, axis=2))  # gray -> RGB exact
+    assert np.abs(images[2].astype(int) - digit[..., None]).mean() < 10  # 56x56 -> 28x28, close to the digit
+
+    gray = run_fetch(DataConfig(source="imagefolder", image_folder=str(folder), image_size=28, channels=1),
+                     tmp_path / "gray")
+    assert gray.notes == ("converted 1 of 3 images to gray (data.channels=1)",
+                          "resized 1 of 3 images to 28x28 (data.image_size)")
+    assert read_idx(tmp_path / "gray" / "images-idx3-ubyte", IMAGES_MAGIC).shape == (3, 28, 28)
 
 
 def test_image_folder_empty_class_folder_is_named(make_image_folder, tmp_path):

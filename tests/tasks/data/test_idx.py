@@ -46,3 +46,14 @@ def test_wide_types_are_labels_only():
 def test_negative_labels_are_out_of_range():
     with pytest.raises(DataError, match=r"label -1 at index 1 is out of range 0\.\.2"):
         check_pair(np.zeros((2, 1, 1), np.uint8), np.array([0, -1], np.int16), "images", "labels", n_classes=3)
+
+
+def test_colour_images_round_trip_as_4d_idx():
+    images = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
+    data = encode_idx(images)
+    assert struct.unpack(">iiiii", data[:20]) == (0x0804, 2, 3, 4, 3) and len(data) == 20 + images.size
+    np.testing.assert_array_equal(parse_idx(data, "images", IMAGES_MAGIC), images)
+    with pytest.raises(DataError, match=r"truncated \(expected 92 bytes, got 91\)"):
+        parse_idx(data[:-1], "images", IMAGES_MAGIC)
+    with pytest.raises(DataError, match=r"truncated IDX header \(12 bytes, need 20\)"):
+        parse_idx(data[:12], "images", IMAGES_MAGIC)
