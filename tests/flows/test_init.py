@@ -1,0 +1,117 @@
+"""`tuneline init`: a project of the user's own, outside this repository, runs and retrains on code changes.
+
+"Installed Tuneline" is a copy of this checkout's packages in a folder of its own (first on PYTHONPATH), as
+site-packages would hold them: it lies outside the init'd project, so dvc.yaml covers it with the `code`
+stage's fingerprints, and a test may edit it without touching the checkout other tests import.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, cli_env
+
+BIN = Path(sys.executable).parent
+TINY = {"data.limit_train": 1500, "data.limit_test": 300, "train.epochs": 1, "train.batch_size": 64,
+        "tune.enabled": False, "gate.min_accuracy": 0.5, "gate.min_class_recall": 0.3, "gate.max_ece": 0.5,
+        "export.int8": False, "export.latency_runs": 10}
+
+
+def installed_copy(dest: Path) -> Path:
+    site = dest / "site"
+    for package in ("tasks", "flows", "serving"):
+        shutil.copytree(REPO / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def tool(cwd: Path, env: dict, *cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture
+def site_env(tmp_path: Path, mnist_mirror: Path) -> tuple[Path, dict]:
+    site = installed_copy(tmp_path)
+    return site, {**cli_env(mnist_mirror), "PYTHONPATH": str(site)}
+
+
+def set_params(project: Path, values: dict) -> None:
+    from flows.params_file import write_overrides
+
+    write_overrides(project / "params.yaml", values)
+
+
+def test_init_writes_a_committed_project_that_generates_its_own_dvc_yaml(tmp_path: Path, site_env):
+    site, env = site_env
+    project = tmp_path / "proj"
+    out = tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project))
+    assert f"cd {project} && tuneline run" in out.stdout
+    for name in ("params.yaml", "dvc.yaml", "prefect.yaml", "tuneline_flow.py", ".gitignore", ".dvcignore"):
+        assert (project / name).is_file(), name
+    assert tool(project, env, "git", "status", "--porcelain").stdout == ""  # everything committed
+    assert (tmp_path / "proj-dvc-remote").is_dir()
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert stages["code"]["always_changed"] is True  # the installed code is outside: fingerprinted
+    assert ".tuneline/code/train.json" in stages["train"]["deps"]
+    assert not any(dep.startswith("tasks/") for stage in stages.values() for dep in stage.get("deps", []))
+    # prefect.yaml's entry point exists in the folder and names the pipeline flow
+    entry = yaml.safe_load((project / "prefect.yaml").read_text())["deployments"][0]["entrypoint"]
+    module, _, flow = entry.partition(":")
+    assert (project / module).is_file() and flow == "pipeline"
+    assert tool(project, env, str(BIN / "tuneline"), "dvc-yaml", "--check").returncode == 0
+
+
+def test_init_refuses_an_existing_project_a_shadowing_folder_and_missing_data(tmp_path: Path, site_env):
+    _, env = site_env
+    tuneline = str(BIN / "tuneline")
+    project = tmp_path / "proj"
+    tool(tmp_path, env, tuneline, "init", str(project))
+    again = tool(tmp_path, env, tuneline, "init", str(project), ok=False)
+    assert again.returncode == 2 and "already has params.yaml" in again.stderr
+
+    mine = tmp_path / "mine"
+    (mine / "tasks").mkdir(parents=True)
+    (mine / "tasks" / "__init__.py").write_text("")
+    (mine / "tasks" / "jobs.py").write_text("")
+    shadow = tool(tmp_path, env, tuneline, "init", str(mine), ok=False)
+    assert shadow.returncode == 2 and "tasks/ would shadow Tuneline's package" in shadow.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["tasks"]  # nothing written
+
+    cifar = tool(tmp_path, env, tuneline, "init", str(tmp_path / "c10"), "--example", "cifar10", ok=False)
+    assert cifar.returncode == 2 and "needs --data PATH" in cifar.stderr
+    assert not (tmp_path / "c10").exists()
+
+
+@pytest.mark.slow
+def test_editing_installed_tuneline_code_retrains_an_init_project_while_data_stays_cached(tmp_path: Path, site_env):
+    site, env = site_env
+    project = tmp_path / "proj"
+    tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project))
+    set_params(project, TINY)
+    first = tool(project, env, str(BIN / "dvc"), "repro")
+    for stage in ("fetch", "prepare", "train", "export"):
+        assert f"Running stage '{stage}'" in first.stdout
+
+    # An edit to a module training imports, in the installed code: train and what follows rerun ...
+    optim = site / "tasks" / "train" / "optim.py"
+    optim.write_text(optim.read_text() + "\n# an edit to the installed Tuneline\n")
+    again = tool(project, env, str(BIN / "dvc"), "repro")
+    for stage in ("train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in again.stdout, again.stdout
+    # ... while fetch and prepare stay cached.
+    for stage in ("fetch", "prepare"):
+        assert f"Running stage '{stage}'" not in again.stdout and f"'{stage}' didn't change" in again.stdout
+
+    # An edit to the server's code retrains nothing.
+    app = site / "serving" / "app.py"
+    app.write_text(app.read_text() + "\n# a server edit\n")
+    last = tool(project, env, str(BIN / "dvc"), "repro")
+    assert [line for line in last.stdout.splitlines() if line.startswith("Running stage")] == ["Running stage 'code':"]
