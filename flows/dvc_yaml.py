@@ -15,12 +15,13 @@ stage (`.tuneline/code/<stage>.json`: each file's sha256) and the stage depends 
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from flows.code_deps import code_fingerprint, fingerprint_text, stage_code_files
+from flows.code_deps import code_fingerprint, fingerprint_text, module_file, stage_code_files
 from tasks.atomic import write_bytes_atomic
 
 FINGERPRINT_DIR = ".tuneline/code"
@@ -45,7 +46,9 @@ def _uncached(path: str, **options) -> dict:
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("fetch", params=("data.source", "data.image_folder"), outs=("${paths.raw}",)),
+    StageSpec("fetch", params=("data.source", "data.image_folder", "data.channels", "data.image_size", "data.options"),
+              outs=("${paths.raw}",),
+              comment="Deps follow data.source: an image folder or archive, a loader's module (source_deps, user_modules)."),
     StageSpec("prepare", deps=("${paths.raw}",),
               params=("data.val_fraction", "data.seed", "data.limit_train", "data.limit_test"),
               outs=("${paths.prepared}",)),
@@ -97,10 +100,45 @@ class CodeDeps:
     outside: list[Path]                # outside the project: covered by a fingerprint file
 
 
+def _data_params(root: Path) -> dict:
+    """params.yaml's `data` section as written (defaults where absent): which source files fetch reads."""
+    path = Path(root) / "params.yaml"
+    raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return raw.get("data") or {}
+
+
+def source_deps(root: Path, stage: str) -> list[str]:
+    """Data deps that exist only for some sources: fetch of an image folder depends on the folder or archive
+    itself (templated, so dvc.yaml changes only when the kind of source does; DVC hashes a path outside the
+    project too), so deleting images from it makes `dvc status` list fetch."""
+    data = _data_params(root)
+    if stage == "fetch" and data.get("source") == "imagefolder" and data.get("image_folder"):
+        return ["${data.image_folder}"]
+    return []
+
+
+def user_modules(root: Path, stage: str) -> list[str]:
+    """The user's modules a stage imports, named in params: fetch runs a `module:function` loader."""
+    source = str(_data_params(root).get("source") or "")
+    return [source.split(":", 1)[0]] if stage == "fetch" and ":" in source else []
+
+
 def code_deps(root: Path, stage: str) -> CodeDeps:
     root = Path(root).resolve()
     inside, copies, outside = set(), [], []
-    for path in stage_code_files(stage):
+    modules = user_modules(root, stage)
+    sys.path.insert(0, str(root))  # the user's modules are imported from the project folder (tasks/data/loader.py)
+    try:
+        files = stage_code_files(stage, user_modules=modules)
+    finally:
+        sys.path.remove(str(root))
+    missing = [name for name in modules if module_file(name) is None]
+    if missing:
+        from tasks.config import ConfigError
+
+        raise ConfigError(f"params.yaml: data.source names module {missing[0]!r}, which is not in {root} or installed: "
+                          "create it or fix data.source")
+    for path in files:
         relative = _package_relative(path)
         if path.is_relative_to(root):
             inside.add(path.relative_to(root).as_posix())
@@ -114,7 +152,8 @@ def code_deps(root: Path, stage: str) -> CodeDeps:
 
 def _stage_dict(spec: StageSpec, root: Path) -> tuple[dict, bool]:
     code = code_deps(root, spec.name)
-    deps = [*spec.deps, *code.inside, *([f"{FINGERPRINT_DIR}/{spec.name}.json"] if code.outside else [])]
+    deps = [*spec.deps, *source_deps(root, spec.name), *code.inside,
+            *([f"{FINGERPRINT_DIR}/{spec.name}.json"] if code.outside else [])]
     entry: dict = {"cmd": f"tuneline stage {spec.name}"}
     for key, value in (("deps", deps), ("params", spec.params), ("outs", spec.outs), ("metrics", spec.metrics),
                        ("plots", spec.plots)):
@@ -186,7 +225,7 @@ def check_running_code(root: Path, stage: str) -> None:
     root = Path(root).resolve()
     listed = _listed_deps(root, stage)
     code = code_deps(root, stage)
-    missing = [name for name in code.inside if name not in listed]
+    missing = [name for name in [*source_deps(root, stage), *code.inside] if name not in listed]
     if missing and f"{FINGERPRINT_DIR}/{stage}.json" not in listed:
         raise ConfigError(f"dvc.yaml: stage {stage!r} runs {', '.join(missing)} but does not list it as a dep: "
                           "run `tuneline dvc-yaml` to regenerate dvc.yaml")
