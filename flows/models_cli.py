@@ -1,10 +1,12 @@
 """`tuneline models`: the registry from the command line.
 
-    tuneline models list                          versions, their test metrics, files and aliases
+    tuneline models list [--name N]               every model's versions (or one model's), metrics, files, aliases
     tuneline models show VERSION|ALIAS            one model card, with its files verified
     tuneline models promote VERSION [--alias A]   point an alias (default champion) at a version
     tuneline models rollback [--alias A]          point it back at the version it named before
     tuneline models register                      register models/model.onnx as `tuneline run` does after export
+
+show, promote and rollback act on the model named by --name (default: the project's name, project.name).
 
 Changes are recorded with `dvc add` (the registry's .dvc file); `dvc push` shares them.
 """
@@ -25,7 +27,8 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="list, show, promote or roll back registry versions")
     add_override_option(models, "paths.registry=/srv/registry")
     commands = models.add_subparsers(dest="models_command", required=True)
-    commands.add_parser("list", help="versions with their metrics, files and aliases")
+    listing = commands.add_parser("list", help="versions with their metrics, files and aliases")
+    listing.add_argument("--name", help="one model's versions (default: every model in the registry)")
     show = commands.add_parser("show", help="one version's model card, files verified")
     show.add_argument("version", help="a version id (v0003) or an alias (champion)")
     promote = commands.add_parser("promote", help="point an alias at a version (atomic, serialised)")
@@ -33,6 +36,8 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     rollback = commands.add_parser("rollback", help="point an alias back at its previous version")
     for p in (promote, rollback):
         p.add_argument("--alias", choices=ALIASES, default="champion", help="the alias to move (default champion)")
+    for p in (show, promote, rollback):
+        p.add_argument("--name", help="the model name (default: the project's, project.name)")
     commands.add_parser("register", help="register the exported model and promote it if it beats the champion")
 
 
@@ -51,11 +56,12 @@ def _record(root: Path, params, registry) -> str:
 
 def _row(registry, version: str) -> list[str]:
     card = registry.card(version)
+    name = registry.name
     metrics = card.get("metrics", {})
     files = ", ".join("fp32" if name == "model.onnx" else name.split(".")[1] for name in card["files"])
     size = card["files"].get("model.onnx", {}).get("bytes", 0) / 1e6
     accuracy, f1 = metrics.get("accuracy"), metrics.get("macro_f1")
-    return [version, card.get("created", "")[:19], f"{accuracy:.4f}" if accuracy is not None else "-",
+    return [name, version, card.get("created", "")[:19], f"{accuracy:.4f}" if accuracy is not None else "-",
             f"{f1:.4f}" if f1 is not None else "-", f"{size:.2f}", files,
             ", ".join(registry.aliases_of(version))]
 
@@ -67,18 +73,21 @@ def _print_table(rows: list[list[str]]) -> None:
 
 
 def run_models(args: argparse.Namespace, params, root: Path) -> int:
-    from tasks.ship.registry import Registry
+    from flows.stages import model_name
+    from tasks.ship.registry import Registry, model_names
 
-    registry = Registry(params.paths.resolve(root).registry)
+    folder = params.paths.resolve(root).registry
     command = args.models_command
     if command == "list":
-        versions = registry.versions()
-        if not versions:
-            print(f"registry {registry.root}: no versions yet (`tuneline run` registers one after export)")
+        names = [args.name] if args.name else model_names(folder)
+        rows = [_row(registry, v) for registry in (Registry(folder, n) for n in names) for v in registry.versions()]
+        if not rows:
+            which = f"model {args.name!r}: " if args.name else ""
+            print(f"registry {folder}: {which}no versions yet (`tuneline run` registers one after export)")
             return 0
-        _print_table([["version", "created", "accuracy", "macro_f1", "MB", "files", "aliases"],
-                      *(_row(registry, v) for v in versions)])
+        _print_table([["model", "version", "created", "accuracy", "macro_f1", "MB", "files", "aliases"], *rows])
         return 0
+    registry = Registry(folder, getattr(args, "name", None) or model_name(params))
     if command == "show":
         version = registry.resolve(args.version)
         card = registry.verify(version)
@@ -92,9 +101,9 @@ def run_models(args: argparse.Namespace, params, root: Path) -> int:
         print(result.reason)
     elif command == "promote":
         record = registry.promote(args.version, args.alias)
-        print(f"{args.alias} -> {record['version']} (previous: {', '.join(record['previous']) or 'none'})")
+        print(f"{registry.name} {args.alias} -> {record['version']} (previous: {', '.join(record['previous']) or 'none'})")
     else:  # rollback
         record = registry.rollback(args.alias)
-        print(f"{args.alias} rolled back -> {record['version']} (previous: {', '.join(record['previous']) or 'none'})")
+        print(f"{registry.name} {args.alias} rolled back -> {record['version']} (previous: {', '.join(record['previous']) or 'none'})")
     print(_record(root, params, registry))
     return 0

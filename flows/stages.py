@@ -114,14 +114,13 @@ def export(params: Params, root: Path, project: Path | None = None) -> ExportRes
     return run_export(params.export, paths.model, paths.prepared,
                       paths.metrics, paths.onnx,
                       variants_dir=paths.variants, report_path=paths.export_metrics,
-                      gate_cfg=params.gate, device=params.serve.device, threads=params.serve.threads)
+                      gate_cfg=params.gate, device=params.serve.device, threads=params.serve.threads,
+                      model_name=model_name(params))
 
 
 def model_name(params: Params) -> str:
-    """The registry card's model name: the data set it classifies."""
-    if params.data.source == "imagefolder" and params.data.image_folder:
-        return Path(params.data.image_folder).name
-    return params.data.source
+    """The model's name in the registry and the server: project.name, else the data set's."""
+    return params.project.resolve_name(params.data)
 
 
 def promote(params: Params, root: Path, project: Path | None = None, run_id: str | None = None) -> PromoteResult:

@@ -21,7 +21,7 @@ from starlette.routing import Match, Route
 from serving import protocol, schemas
 from serving.binary import HEADER_LENGTH, OCTET_STREAM
 from serving.errors import BadRequest, NotFound, NotReady, ServingError
-from serving.images import decode_digit
+from serving.images import decode_image
 from serving.metrics import ServingMetrics
 from serving.middleware import Gatekeeper, InFlight, error_headers
 from serving.model_holder import ModelHolder
@@ -139,7 +139,7 @@ def _health_routes(app: FastAPI, holder: ModelHolder) -> None:
     async def live():
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready", tags=["health"], summary="Server ready: the champion is loaded and warm (200), "
+    @app.get("/v2/health/ready", tags=["health"], summary="Server ready: a champion is loaded and warm (200), "
              "else 503", responses={503: {"model": schemas.Error}})
     async def ready():
         if not holder.ready:
@@ -158,7 +158,7 @@ def _health_routes(app: FastAPI, holder: ModelHolder) -> None:
 def _model_routes(app: FastAPI, holder: ModelHolder) -> None:
     def metadata(name: str, version: str | None) -> Response:
         model = holder.get(name, version)
-        versions = sorted({m.version for m in holder.loaded()}, key=lambda v: int(v[1:]))
+        versions = sorted({m.version for m in holder.slot(name).loaded()}, key=lambda v: int(v[1:]))
         return _json(protocol.model_metadata(model, versions))
 
     def model_ready(name: str, version: str | None) -> Response:
@@ -186,21 +186,20 @@ def _model_routes(app: FastAPI, holder: ModelHolder) -> None:
 
     @app.post("/classify", tags=["inference"], response_model=schemas.Classification, responses=errors,
               openapi_extra={"requestBody": schemas.classify_request_body()},
-              summary="Convenience: upload one PNG/JPEG digit (multipart field 'file'), get class and probabilities")
-    async def classify(request: Request, version: str | None = None):
-        model = holder.get(holder.name or "", version)
-        data = await _uploaded_file(request)
-        pixels = decode_digit(data, model.image_shape).astype("float32")
-        results = await model.batcher.submit(pixels)
-        probabilities = results["probabilities"][0]
-        best = int(results["class"][0])
-        return _json({"model_name": model.name, "model_version": model.version, "class": best,
-                      "label": model.labels[best], "probability": float(probabilities[best]),
-                      "probabilities": {label: float(p) for label, p in zip(model.labels, probabilities, strict=True)}})
+              summary="Convenience: upload one PNG/JPEG image (multipart field 'file'), in colour or gray at any "
+                      "size; get its class name, probability and the top k")
+    async def classify(request: Request, version: str | None = None, model: str | None = None, top_k: int = 1):
+        served = holder.get(holder.default_name(model), version)
+        data, fields = await _uploaded_file(request)
+        k = protocol.parse_top_k(fields.get("top_k", top_k), served)
+        pixels = decode_image(data, served.spec).astype("float32")
+        results = await served.batcher.submit(pixels)
+        return _json(protocol.classification(served, results["probabilities"][0], k))
 
 
-async def _uploaded_file(request: Request) -> bytes:
-    """The image bytes: multipart/form-data field 'file', or a raw image/png or image/jpeg body."""
+async def _uploaded_file(request: Request) -> tuple[bytes, dict[str, str]]:
+    """The image bytes and the other form fields (top_k): multipart/form-data field 'file', or a raw image/png or
+    image/jpeg body (no fields)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         try:
@@ -212,9 +211,10 @@ async def _uploaded_file(request: Request) -> bytes:
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise BadRequest("multipart body has no file field 'file'")
-        return await upload.read()
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        return await upload.read(), fields
     if content_type.startswith("image/"):
-        return await request.body()
+        return await request.body(), {}
     raise BadRequest(f"send the image as multipart/form-data field 'file' or as an image/png or image/jpeg body "
                      f"(got content-type {content_type or 'none'!r})")
 
@@ -236,43 +236,43 @@ def _repository_routes(app: FastAPI, holder: ModelHolder) -> None:
             raise BadRequest(f"parameters.version must be a string like 'v0002', got {version!r}")
         return params
 
-    def check_name(name: str) -> None:
-        if holder.name is not None and name != holder.name:
-            raise NotFound(f"unknown model {name!r}: this server serves {holder.name!r}")
-
-    @app.post("/v2/repository/index", tags=["repository"], summary="Every registry version and its state")
+    @app.post("/v2/repository/index", tags=["repository"], summary="Every model and registry version, and its state")
     async def index():
-        loaded = {m.version: m for m in holder.loaded()}
-        champion = holder.champion.version if holder.champion else None
-        name = holder.name or "?"
-        return _json([{"name": name, "version": v, "state": "READY" if v in loaded else "UNAVAILABLE",
-                       "reason": "champion" if v == champion else ("loaded" if v in loaded else "not loaded")}
-                      for v in holder.registry.versions()])
+        holder.refresh()
+        entries = []
+        for name in holder.names:
+            slot = holder.slots[name]
+            loaded = {m.version for m in slot.loaded()}
+            champion = slot.champion.version if slot.champion else None
+            entries += [{"name": name, "version": v, "state": "READY" if v in loaded else "UNAVAILABLE",
+                         "reason": "champion" if v == champion else ("loaded" if v in loaded else "not loaded")}
+                        for v in slot.registry.versions()]
+        return _json(entries)
 
     @app.post("/v2/repository/models/{name}/load", tags=["repository"], responses={400: {"model": schemas.Error}},
-              summary="Reload the champion alias (empty body) or load one version by id "
+              summary="Reload the model's champion alias (empty body) or load one version by id "
                       '({"parameters": {"version": "v0002"}}); the old model serves until the new one is warm')
     async def load(request: Request, name: str):
-        check_name(name)
+        slot = holder.slot(name)  # NotFound for a name the registry does not hold (or serve.model excludes)
         params = await parameters(request)
-        previous = holder.champion.version if holder.champion else None
+        previous = slot.champion.version if slot.champion else None
         if params.get("version") is None:
-            model = await holder.reload_champion(force=True, source="api")
+            model = await holder.reload_champion(name, force=True, source="api")
             if model is None:
-                raise NotReady(holder.last_error or "no champion alias in the registry")
+                raise NotReady(slot.last_error or f"model {name!r} has no champion alias in the registry")
             role = "champion"
         else:
-            champion = holder.champion is not None and params["version"] == holder.champion.version
-            model = await holder.load(params["version"], champion=champion, source="api")
+            champion = slot.champion is not None and params["version"] == slot.champion.version
+            model = await holder.load(name, params["version"], champion=champion, source="api")
             role = "champion" if champion else "loaded"
         return _json({**model.describe(), "role": role, "previous_champion": previous})
 
     @app.post("/v2/repository/models/{name}/unload", tags=["repository"], responses={400: {"model": schemas.Error}},
               summary='Unload a non-champion version ({"parameters": {"version": "v0002"}})')
     async def unload(request: Request, name: str):
-        check_name(name)
+        holder.slot(name)
         version = (await parameters(request)).get("version")
         if version is None:
             raise BadRequest('unload needs {"parameters": {"version": "v0002"}}; the champion is never unloaded')
-        holder.unload(version)
+        holder.unload(name, version)
         return Response(status_code=200)

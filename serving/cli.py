@@ -14,16 +14,20 @@ from tasks.config import add_override_option, parse_overrides
 
 def add_commands(sub) -> None:
     """Add the serve and predict sub-commands to the `tuneline` parser."""
-    serve = sub.add_parser("serve", help="serve the registry's champion over the Open Inference Protocol")
+    serve = sub.add_parser("serve", help="serve the champion of every model in the registry over the Open Inference "
+                                         "Protocol")
     serve.add_argument("--host", help="bind address (serve.host; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (serve.port)")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), help="serve.device")
     serve.add_argument("--registry", type=Path, help="registry folder (paths.registry, env TUNELINE_SERVE_REGISTRY)")
+    serve.add_argument("--model", help="serve only this model name (serve.model; default: every model's champion)")
     add_override_option(serve, "serve.max_batch_size=32")
-    predict = sub.add_parser("predict", help="classify PNG/JPEG digit images with a running server")
+    predict = sub.add_parser("predict", help="classify PNG/JPEG images (colour or gray, any size) with a running server")
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument("--url", help="server URL (default http://<serve.host>:<serve.port>)")
+    predict.add_argument("--model", help="the model name (default: the server's only model)")
     predict.add_argument("--version", help="a loaded model version instead of the champion")
+    predict.add_argument("--top-k", type=int, default=1, help="also show the k most probable classes")
     predict.add_argument("--json", action="store_true", help="one JSON object per image")
 
 
@@ -41,7 +45,8 @@ def _settings(args: argparse.Namespace, root: Path):
     from serving.settings import build_settings, env_overrides
     from tasks.config import load_params
 
-    flags = {f"serve.{k}": getattr(args, k) for k in ("host", "port", "device") if getattr(args, k, None) is not None}
+    serve_flags = ("host", "port", "device", "model") if args.command == "serve" else ("host", "port", "device")
+    flags = {f"serve.{k}": getattr(args, k) for k in serve_flags if getattr(args, k, None) is not None}
     cli = parse_overrides(getattr(args, "overrides", []))
     # Precedence: params.yaml < environment < -S < explicit flags.
     params = load_params(root / "params.yaml", {**env_overrides(os.environ), **cli, **flags})
@@ -80,10 +85,10 @@ def predict(args: argparse.Namespace, root: Path) -> int:
     settings = _settings(args, root)
     url = args.url or f"http://{settings.host}:{settings.port}"
     failed = 0
-    with InferenceClient(url, token=os.environ.get(TOKEN_ENV)) as client:
+    with InferenceClient(url, model=args.model, token=os.environ.get(TOKEN_ENV)) as client:
         for path in args.images:
             try:
-                result = client.classify(path, version=args.version)
+                result = client.classify(path, version=args.version, top_k=args.top_k)
             except (OSError, ServerError, httpx.HTTPError) as exc:
                 failed += 1
                 print(f"{path}: error: {exc}", file=sys.stderr)
@@ -91,6 +96,7 @@ def predict(args: argparse.Namespace, root: Path) -> int:
             if args.json:
                 print(json.dumps({"image": str(path), **result}))
             else:
-                print(f"{path}: {result['label']} (p={result['probability']:.3f}; "
+                others = "".join(f", {c['label']} {c['probability']:.3f}" for c in result.get("top_k", [])[1:])
+                print(f"{path}: {result['label']} (p={result['probability']:.3f}{others}; "
                       f"{result['model_name']} {result['model_version']})")
     return 1 if failed else 0

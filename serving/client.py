@@ -1,9 +1,12 @@
 """A small Python client for the server (and any Open Inference Protocol server): JSON or binary tensors.
 
-    with InferenceClient("http://127.0.0.1:8000") as client:
-        result = client.infer(images)                 # uint8 or float32 [N, 28, 28] / [N, 1, 28, 28] / [N, 784]
+    with InferenceClient("http://127.0.0.1:8000", model="cifar10") as client:
+        result = client.infer(images)       # uint8 or float32 [N, C, H, W] / [N, H, W, C] / [N, C*H*W] (/ [N, H, W] gray)
         result.outputs["class"], result.model_version
-        client.classify("digit.png")                  # {"class": 7, "label": "7", "probability": 0.998, ...}
+        client.classify("cat.jpg", top_k=3)  # {"class": 3, "label": "cat", "probability": 0.91, "top_k": [...], ...}
+
+The input's name and shape come from the model's V2 metadata, so the client follows whatever the model takes.
+`model` may be left out when the server serves one model.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ class InferResult:
 class InferenceClient:
     def __init__(self, url: str = "http://127.0.0.1:8000", model: str | None = None, token: str | None = None,
                  timeout: float = 30.0, transport: httpx.BaseTransport | None = None):
-        """`model` defaults to the one the server serves (asked once); `token` is the bearer token, if any."""
+        """`model` defaults to the one model the server serves (asked once; an error when it serves several);
+        `token` is the bearer token, if any."""
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
         self._model, self._metadata = model, None
@@ -79,10 +83,11 @@ class InferenceClient:
         if self._model is None:
             # The index names the served model without needing to know it first.
             entries = self._checked(self.http.post("/v2/repository/index")).json()
-            names = {e["name"] for e in entries if e.get("state") == "READY"}
+            names = sorted({e["name"] for e in entries if e.get("state") == "READY"})
             if len(names) != 1:
-                raise ServerError(503, f"cannot tell which model the server serves (index: {entries})")
-            self._model = names.pop()
+                which = f"it serves {', '.join(names)}: pass model=" if names else f"none is ready (index: {entries})"
+                raise ServerError(503, f"cannot tell which model to use: {which}"[:300])
+            self._model = names[0]
         return self._model
 
     # --- inference -----------------------------------------------------------------------------------------
@@ -90,7 +95,7 @@ class InferenceClient:
               outputs: tuple[str, ...] = ("class", "probabilities"), binary: bool = True,
               request_id: str | None = None) -> InferResult:
         """Raw pixels 0..255 (uint8 sent as UINT8, anything else as FP32), one image per leading row."""
-        pixels = np.asarray(pixels)
+        pixels = self._prepare(np.asarray(pixels))
         if pixels.dtype != np.uint8:
             pixels = pixels.astype(np.float32)
         shape = self._input_shape(pixels)
@@ -112,11 +117,15 @@ class InferenceClient:
         response = self._checked(self.http.post(self._model_path(version) + "/infer", content=body, headers=headers))
         return parse_infer_response(response.content, response.headers.get(HEADER_LENGTH))
 
-    def classify(self, image: Path | str | bytes, version: str | None = None) -> dict:
-        """Upload one PNG/JPEG digit; the server's class, label and probabilities."""
+    def classify(self, image: Path | str | bytes, version: str | None = None, top_k: int = 1) -> dict:
+        """Upload one PNG/JPEG image (colour or gray, any size); the server's class, label, top k, probabilities."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         name = "image" if isinstance(image, bytes) else Path(image).name
-        params = {"version": version} if version else None
+        params: dict = {"top_k": top_k}
+        if version:
+            params["version"] = version
+        if self._model is not None:  # else the server's only model (it says so when there are several)
+            params["model"] = self._model
         return self._checked(self.http.post("/classify", files={"file": (name, data)}, params=params)).json()
 
     # --- repository ----------------------------------------------------------------------------------------
@@ -136,6 +145,13 @@ class InferenceClient:
 
     def _input_name(self) -> str:
         return self._metadata_once()["inputs"][0]["name"]
+
+    def _prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """Images given channels-last ([N, H, W, C] or [H, W, C], as PIL and OpenCV give them) made [N, C, H, W]."""
+        channels, height, width = self._metadata_once()["inputs"][0]["shape"][1:]
+        if channels > 1 and pixels.shape[-3:] == (height, width, channels) and pixels.shape[-3:] != (channels, height, width):
+            pixels = np.moveaxis(pixels, -1, -3)
+        return pixels
 
     def _input_shape(self, pixels: np.ndarray) -> list[int]:
         """[N, *row] or [N, flat] as given; anything else holding whole images (e.g. [N, 28, 28]) as [N, *row]."""

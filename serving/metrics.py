@@ -25,11 +25,11 @@ class ServingMetrics:
         self.rejected = Counter("tuneline_http_rejected", "requests refused before reaching a handler",
                                 ["reason"], registry=r)
         self.batch_size = Histogram("tuneline_batch_size_rows", "rows per ONNX Runtime session run",
-                                    ["version"], buckets=BATCH_BUCKETS, registry=r)
+                                    ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_time = Histogram("tuneline_batch_queue_seconds", "time a request waited before its batch ran",
-                                    ["version"], buckets=LATENCY_BUCKETS, registry=r)
+                                    ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.run_time = Histogram("tuneline_session_run_seconds", "ONNX Runtime session.run time per batch",
-                                  ["version", "provider"], buckets=LATENCY_BUCKETS, registry=r)
+                                  ["model", "version", "provider"], buckets=LATENCY_BUCKETS, registry=r)
         self.model_info = Gauge("tuneline_model_info", "1 for each loaded model version, with its provider",
                                 ["name", "version", "provider", "role"], registry=r)
         self.loads = Counter("tuneline_model_loads", "model loads by result", ["result"], registry=r)
@@ -37,12 +37,13 @@ class ServingMetrics:
                                      "corrupt, alias, card, missing, metadata, device)", ["reason"], registry=r)
         self.ready = Gauge("tuneline_ready", "1 when a champion is loaded and warmed", registry=r)
 
-    def observe_batch(self, version: str, provider: str, rows: int, queue_s: list[float], run_s: float) -> None:
-        self.batch_size.labels(version).observe(rows)
-        queue = self.queue_time.labels(version)
+    def observe_batch(self, model: str, version: str, provider: str, rows: int, queue_s: list[float],
+                      run_s: float) -> None:
+        self.batch_size.labels(model, version).observe(rows)
+        queue = self.queue_time.labels(model, version)
         for wait in queue_s:
             queue.observe(wait)
-        self.run_time.labels(version, provider).observe(run_s)
+        self.run_time.labels(model, version, provider).observe(run_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,5 @@
-"""The loaded model versions and the champion pointer: load, verify, warm up, then swap atomically.
+"""The loaded models: for each model name the registry holds (or the one serve.model names), its champion and
+any versions loaded beside it. Load, verify, warm up, then swap atomically.
 
 A load happens off the event loop (checksum, session creation, warm-up), so the old champion keeps
 answering; the swap is one reference assignment on the event loop. Requests that already hold the old
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serving.batcher import Batcher
-from serving.errors import LoadError, NotFound, NotReady, ServingError
+from serving.errors import BadRequest, LoadError, NotFound, NotReady, ServingError
 from serving.metrics import ServingMetrics
-from serving.repository import RegistryReader, VerifiedModel
+from serving.repository import RegistryReader, VerifiedModel, model_names
 from serving.settings import ServeSettings
+from tasks.data.spec import InputSpec, SpecError
+from tasks.ship.onnx_metadata import input_name, read_input_spec
 from tasks.ship.onnx_session import DeviceError, open_session
 
 log = logging.getLogger("serving.model")
@@ -38,13 +41,25 @@ class LoadedModel:
     session: object  # onnxruntime.InferenceSession
     input_name: str
     output_name: str
-    image_shape: tuple[int, ...]  # per-row shape the graph takes, e.g. (1, 28, 28)
-    value_range: tuple[float, float]  # raw pixel range the graph expects (normalisation is inside it)
-    labels: list[str]
+    spec: InputSpec   # what the ONNX file declares: input shape, value range, class names
     metadata: dict[str, str]  # the ONNX file's metadata_props
     card: dict
     loaded_at: float = field(default_factory=time.time)
     batcher: Batcher | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Per-row shape the graph takes, (channels, height, width)."""
+        return self.spec.shape
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """Raw pixel range the graph expects (normalisation is inside it)."""
+        return self.spec.value_range
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.spec.class_names)
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """logits, probabilities and class for float32 pixels [rows, *image_shape] (runs in a worker thread)."""
@@ -57,21 +72,15 @@ class LoadedModel:
         return {"name": self.name, "version": self.version, "provider": self.provider}
 
 
-def _metadata_json(metadata: dict[str, str], key: str, version: str):
-    try:
-        return json.loads(metadata[key])
-    except (KeyError, ValueError):
-        raise LoadError(f"{version}: the ONNX file lacks valid metadata {key!r}: export it with `tuneline stage "
-                        "export`, which writes labels, input spec and normalisation", "metadata") from None
-
-
 def build_model(registry: RegistryReader, version: str, settings: ServeSettings, providers: list[str]) -> LoadedModel:
     """Verify, load and warm one version (blocking: call it in a thread). Raises LoadError / NotFound."""
     verified = registry.read_verified(version, settings.model_file)
     try:
-        return _session_model(verified, settings, providers)
+        return _session_model(registry.name, verified, settings, providers)
     except ServingError:
         raise
+    except SpecError as exc:
+        raise LoadError(f"{registry.name} {version}: {exc}", reason="metadata") from None
     except DeviceError as exc:
         raise LoadError(f"{version}: {exc}", reason="device") from None
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a corrupt or unsupported graph
@@ -80,126 +89,178 @@ def build_model(registry: RegistryReader, version: str, settings: ServeSettings,
                         reason="corrupt") from None
 
 
-def _session_model(verified: VerifiedModel, settings: ServeSettings, providers: list[str]) -> LoadedModel:
+def _session_model(name: str, verified: VerifiedModel, settings: ServeSettings, providers: list[str]) -> LoadedModel:
     version = verified.version
     # The factory the export gate measured with: the latency it gated is the latency served here.
     session = open_session(verified.data, settings.device, settings.threads, providers)
     metadata = dict(session.get_modelmeta().custom_metadata_map)
-    spec = _metadata_json(metadata, "input", version)
-    labels = [str(label) for label in _metadata_json(metadata, "labels", version)]
+    where = f"{name} {version}"
+    spec = read_input_spec(metadata, where)  # SpecError: the file does not say what it takes
+    declared = input_name(metadata, where)
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or inputs[0].name != spec.get("name"):
-        raise LoadError(f"{version}: metadata input {spec.get('name')!r} does not match the graph's inputs "
+    if len(inputs) != 1 or inputs[0].name != declared:
+        raise LoadError(f"{version}: metadata input {declared!r} does not match the graph's inputs "
                         f"{[i.name for i in inputs]}", reason="metadata")
-    model = LoadedModel(
-        name=str(verified.card.get("name", "mnist")), version=version, provider=session.get_providers()[0],
-        session=session, input_name=inputs[0].name, output_name=outputs[0].name,
-        image_shape=tuple(int(d) for d in spec["shape"][1:]), value_range=tuple(spec.get("range", (0, 255))),
-        labels=labels, metadata=metadata, card=verified.card)
+    model = LoadedModel(name=name, version=version, provider=session.get_providers()[0], session=session,
+                        input_name=inputs[0].name, output_name=outputs[0].name, spec=spec, metadata=metadata,
+                        card=verified.card)
     # Warm-up before the model may answer: the first runs allocate arenas and pick kernels per batch size.
     for rows in sorted({1, settings.max_batch_size}):
         model.run(np.zeros((rows, *model.image_shape), dtype=np.float32))
     return model
 
 
+class ModelSlot:
+    """One model name: its champion and the versions loaded beside it; loads one at a time."""
+
+    def __init__(self, registry: RegistryReader):
+        self.registry = registry
+        self.name = registry.name
+        self.champion: LoadedModel | None = None
+        self.others: dict[str, LoadedModel] = {}  # versions loaded by id, beside the champion
+        self.last_error: str | None = None
+        self.lock = asyncio.Lock()
+
+    def loaded(self) -> list[LoadedModel]:
+        return [m for m in [self.champion, *self.others.values()] if m is not None]
+
+
 class ModelHolder:
-    """Which versions are loaded, which one is champion; loads one at a time."""
+    """Every served model name's slot; the registry's names are rediscovered by refresh() (the watcher's poll)."""
 
     def __init__(self, settings: ServeSettings, providers: list[str], metrics: ServingMetrics, executor: Executor,
                  in_flight: Callable[[], int] | None = None):
         self.settings, self.providers, self.metrics = settings, providers, metrics
         self.executor, self.in_flight = executor, in_flight
-        self.registry = RegistryReader(settings.registry)
-        self.champion: LoadedModel | None = None
-        self.others: dict[str, LoadedModel] = {}  # versions loaded by id, beside the champion
-        self.last_error: str | None = None
-        self._lock = asyncio.Lock()
+        self.only = settings.model  # serve.model: serve this one name only
+        self.slots: dict[str, ModelSlot] = {}
+        self.refresh()
+
+    # ----- which models -------------------------------------------------------------------------------------
+    def refresh(self) -> list[str]:
+        """Add a slot for each model name now in the registry (or serve.model's, whether or not it is there yet)."""
+        names = [self.only] if self.only else model_names(self.settings.registry)
+        for name in names:
+            if name not in self.slots:
+                self.slots[name] = ModelSlot(RegistryReader(self.settings.registry, name))
+        return names
 
     @property
     def ready(self) -> bool:
-        return self.champion is not None
+        """At least one champion is loaded and warm (with serve.model: that model's)."""
+        return any(slot.champion is not None for slot in self.slots.values())
 
     @property
-    def name(self) -> str | None:
-        return self.champion.name if self.champion else None
+    def last_error(self) -> str | None:
+        errors = [f"{name}: {slot.last_error}" for name, slot in self.slots.items() if slot.last_error]
+        if not self.slots:
+            return f"no model in the registry {self.settings.registry} yet"
+        return "; ".join(errors) or None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.slots)
+
+    def slot(self, name: str) -> ModelSlot:
+        """The slot of a served model name; NotFound names the ones served."""
+        slot = self.slots.get(name)
+        if slot is None and not self.only:
+            self.refresh()  # a model registered since the last poll
+            slot = self.slots.get(name)
+        if slot is None:
+            served = ", ".join(repr(n) for n in self.names) or "none yet"
+            limited = f" (limited to it by serve.model)" if self.only else ""
+            raise NotFound(f"unknown model {name!r}: this server serves {served}{limited}")
+        return slot
+
+    def default_name(self, name: str | None) -> str:
+        """`name`, or the one model served when a request (e.g. /classify) names none."""
+        if name:
+            return name
+        names = [n for n in self.names if self.slots[n].champion is not None] or self.names
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise NotReady(f"no model is ready: {self.last_error or 'loading'}")
+        raise BadRequest(f"this server serves several models ({', '.join(names)}): name one (?model=NAME)")
 
     def get(self, name: str, version: str | None = None) -> LoadedModel:
-        """The model to serve `name` (and `version`, else the champion); NotFound / NotReady."""
-        champion = self.champion
+        """The model to serve `name` (and `version`, else its champion); NotFound / NotReady."""
+        slot = self.slot(name)
+        champion = slot.champion
         if champion is None:
-            why = f": {self.last_error}" if self.last_error else " (loading, or no champion alias in the registry yet)"
-            raise NotReady(f"no model is ready{why}")
-        if name != champion.name:
-            raise NotFound(f"unknown model {name!r}: this server serves {champion.name!r}")
+            why = f": {slot.last_error}" if slot.last_error else " (loading, or no champion alias in the registry yet)"
+            raise NotReady(f"model {name!r} is not ready{why}")
         if version is None or version == champion.version:
             return champion
-        if version in self.others:
-            return self.others[version]
-        self.registry.card(version)  # NotFound when the version does not exist at all
+        if version in slot.others:
+            return slot.others[version]
+        slot.registry.card(version)  # NotFound when the version does not exist at all
         load = json.dumps({"parameters": {"version": version}})
         raise NotReady(f"model {name!r} version {version!r} is in the registry but not loaded: "
                        f"POST /v2/repository/models/{name}/load with {load}")
 
     def loaded(self) -> list[LoadedModel]:
-        return [m for m in [self.champion, *self.others.values()] if m is not None]
+        return [m for name in self.names for m in self.slots[name].loaded()]
 
-    async def reload_champion(self, force: bool = False, source: str = "watch") -> LoadedModel | None:
-        """Load the version the champion alias names and swap it in; None if there is no alias (yet)."""
+    # ----- loading ----------------------------------------------------------------------------------------
+    async def reload_champion(self, name: str, force: bool = False, source: str = "watch") -> LoadedModel | None:
+        """Load the version `name`'s champion alias names and swap it in; None if there is no alias (yet)."""
+        slot = self.slot(name)
         try:
-            version = self.registry.alias_version(CHAMPION)
+            version = slot.registry.alias_version(CHAMPION)
         except LoadError as exc:
-            self._failed(exc, version="?", source=source)
+            self._failed(slot, exc, version="?", source=source)
             raise
         if version is None:
-            self.last_error = f"no champion alias at {self.registry.alias_path(CHAMPION)}"
+            slot.last_error = f"no champion alias at {slot.registry.alias_path(CHAMPION)}"
             return None
-        if not force and self.champion is not None and self.champion.version == version:
-            return self.champion
-        return await self.load(version, champion=True, source=source)
+        if not force and slot.champion is not None and slot.champion.version == version:
+            return slot.champion
+        return await self.load(name, version, champion=True, source=source)
 
-    async def load(self, version: str, champion: bool, source: str = "api") -> LoadedModel:
-        """Load + warm `version`; make it the champion or an extra version. Raises LoadError / NotFound."""
-        async with self._lock:
+    async def load(self, name: str, version: str, champion: bool, source: str = "api") -> LoadedModel:
+        """Load + warm `name` `version`; make it the champion or an extra version. Raises LoadError / NotFound."""
+        slot = self.slot(name)
+        async with slot.lock:
             started = time.perf_counter()
             try:
-                model = await asyncio.to_thread(build_model, self.registry, version, self.settings, self.providers)
+                model = await asyncio.to_thread(build_model, slot.registry, version, self.settings, self.providers)
             except (LoadError, NotFound) as exc:
-                self._failed(exc, version, source)
+                self._failed(slot, exc, version, source)
                 raise
-            if self.champion is not None and model.name != self.champion.name:
-                exc = LoadError(f"{version}: card name {model.name!r} differs from the served model "
-                                f"{self.champion.name!r}; one server serves one model", reason="card")
-                self._failed(exc, version, source)
-                raise exc
             model.batcher = self._batcher(model)
-            previous = self.champion
+            previous = slot.champion
             if champion:
-                self.champion = model  # the swap: later requests see the new version, queued ones finish on the old
-                self.others.pop(version, None)
+                slot.champion = model  # the swap: later requests see the new version, queued ones finish on the old
+                slot.others.pop(version, None)
             else:
-                self.others[version] = model
-            self.last_error = None
+                slot.others[version] = model
+            slot.last_error = None
             self._report_loaded(model, previous if champion else None, champion)
             log.info("model loaded", extra={"event": "model_loaded", "model": model.name, "version": version,
                                             "role": CHAMPION if champion else "loaded", "provider": model.provider,
+                                            "input": model.spec.describe(),
                                             "previous": previous.version if champion and previous else None,
                                             "source": source,
                                             "load_ms": round((time.perf_counter() - started) * 1e3, 1)})
             return model
 
-    def unload(self, version: str) -> None:
-        if self.champion is not None and version == self.champion.version:
-            raise LoadError(f"{version} is the champion; promote another version instead of unloading it", "champion")
-        model = self.others.pop(version, None)
+    def unload(self, name: str, version: str) -> None:
+        slot = self.slot(name)
+        if slot.champion is not None and version == slot.champion.version:
+            raise LoadError(f"{name} {version} is the champion; promote another version instead of unloading it",
+                            "champion")
+        model = slot.others.pop(version, None)
         if model is None:
-            raise NotFound(f"version {version!r} is not loaded")
+            raise NotFound(f"model {name!r} version {version!r} is not loaded")
         self.metrics.model_info.remove(model.name, model.version, model.provider, "loaded")
 
     def _batcher(self, model: LoadedModel) -> Batcher:
         s = self.settings
 
         def on_batch(rows: int, waits: list[float], run_s: float) -> None:
-            self.metrics.observe_batch(model.version, model.provider, rows, waits, run_s)
+            self.metrics.observe_batch(model.name, model.version, model.provider, rows, waits, run_s)
 
         return Batcher(model.run, self.executor, max_batch_size=s.max_batch_size,
                        max_delay_s=s.max_queue_delay_us / 1e6, enabled=s.batching, in_flight=self.in_flight,
@@ -216,11 +277,12 @@ class ModelHolder:
         self.metrics.loads.labels("success").inc()
         self.metrics.ready.set(1 if self.ready else 0)
 
-    def _failed(self, exc: ServingError, version: str, source: str) -> None:
+    def _failed(self, slot: ModelSlot, exc: ServingError, version: str, source: str) -> None:
         reason = getattr(exc, "reason", "missing")
-        serving = self.champion.version if self.champion else None
-        self.last_error = f"load of {version} failed: {exc}"
+        serving = slot.champion.version if slot.champion else None
+        slot.last_error = f"load of {version} failed: {exc}"
         self.metrics.loads.labels("failure").inc()
         self.metrics.load_failures.labels(reason).inc()
-        log.error("model load failed", extra={"event": "model_load_failed", "version": version, "reason": reason,
-                                              "error": str(exc), "still_serving": serving, "source": source})
+        log.error("model load failed", extra={"event": "model_load_failed", "model": slot.name, "version": version,
+                                              "reason": reason, "error": str(exc), "still_serving": serving,
+                                              "source": source})

@@ -6,6 +6,7 @@ expected; nothing here lets bad input reach ONNX Runtime.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 
@@ -20,6 +21,10 @@ SERVER_NAME = "tuneline"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 INPUT_DATATYPES = ("FP32", "UINT8")
 OUTPUT_DATATYPES = {"logits": "FP32", "probabilities": "FP32", "class": "INT64"}  # what LoadedModel.run returns
+# Elements one request may declare. Counted in Python integers, before any array exists: numpy's int64 product
+# wraps ([2**62, 784] is "0 elements"). serve.max_body_bytes (gRPC: its message limit) bounds real requests far
+# lower; this bound only keeps absurd shapes away from numpy.
+MAX_ELEMENTS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,17 @@ def _shape(value, name: str, model: LoadedModel) -> list[int]:
         raise BadRequest(f"input {name!r}: shape must be a list of integers, {wanted}; got {value!r}")
     if len(value) < 2 or value[0] < 1 or value[1:] not in (row, [flat]):
         raise BadRequest(f"input {name!r}: shape {value} is not accepted: expected {wanted}")
+    count = math.prod(value)
+    if count > MAX_ELEMENTS:
+        raise BadRequest(f"input {name!r}: shape {value} has {count} elements, more than a request may carry "
+                         f"({MAX_ELEMENTS}): send fewer rows per request")
     return value
+
+
+def _has_bool(data: list) -> bool:
+    """Whether a JSON array holds true/false at any depth (numpy would read them as 1 and 0)."""
+    types = set(map(type, data))  # C-speed: ~15 µs for one 784-pixel image
+    return bool in types or (list in types and any(_has_bool(d) for d in data if type(d) is list))
 
 
 def _json_tensor(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
@@ -64,7 +79,9 @@ def _json_tensor(data, datatype: str, shape: list[int], name: str) -> np.ndarray
     except (ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0]
         raise BadRequest(f"input {name!r}: data is not a regular array of numbers ({reason})") from None
-    count = int(np.prod(shape))
+    if _has_bool(data):
+        raise BadRequest(f"input {name!r}: data holds true/false: pixels are numbers")
+    count = math.prod(shape)
     if array.size != count:
         raise BadRequest(f"input {name!r}: shape {shape} has {count} elements but data has {array.size}")
     if datatype == "UINT8":
@@ -92,13 +109,8 @@ def parse_infer_request(body: bytes, header_length: str | None, model: LoadedMod
         raise BadRequest(f"inputs must be a list holding the one input {model.input_name!r}; got "
                          f"{len(inputs) if isinstance(inputs, list) else type(inputs).__name__}")
     spec = _object(inputs[0], "inputs[0]")
-    name = spec.get("name")
-    if name != model.input_name:
-        raise BadRequest(f"unknown input {name!r}: model {model.name!r} takes {model.input_name!r}")
-    datatype = spec.get("datatype")
-    if datatype not in INPUT_DATATYPES:
-        raise BadRequest(f"input {name!r}: datatype {datatype!r} is not accepted: use {' or '.join(INPUT_DATATYPES)}")
-    shape = _shape(spec.get("shape"), name, model)
+    name, datatype = spec.get("name"), spec.get("datatype")
+    shape = check_input(name, datatype, spec.get("shape"), model)
     input_parameters = _object(spec.get("parameters"), f"input {name!r} parameters")
     if "binary_data_size" in input_parameters:
         size = input_parameters["binary_data_size"]
@@ -116,6 +128,21 @@ def parse_infer_request(body: bytes, header_length: str | None, model: LoadedMod
         if spec.get("data") is None:
             raise BadRequest(f"input {name!r} has neither \"data\" nor parameters.binary_data_size")
         array = _json_tensor(spec["data"], datatype, shape, name)
+    pixels = to_pixels(array, datatype, shape, name, model)
+    return InferRequest(id=request_id, pixels=pixels, outputs=_requested_outputs(doc.get("outputs"), parameters))
+
+
+def check_input(name, datatype, shape, model: LoadedModel) -> list[int]:
+    """The one input's name, datatype and shape against the model (REST and gRPC); returns the shape."""
+    if name != model.input_name:
+        raise BadRequest(f"unknown input {name!r}: model {model.name!r} takes {model.input_name!r}")
+    if datatype not in INPUT_DATATYPES:
+        raise BadRequest(f"input {name!r}: datatype {datatype!r} is not accepted: use {' or '.join(INPUT_DATATYPES)}")
+    return _shape(shape, name, model)
+
+
+def to_pixels(array: np.ndarray, datatype: str, shape: list[int], name: str, model: LoadedModel) -> np.ndarray:
+    """A checked input tensor -> float32 [rows, *image_shape]; FP32 values must be finite and in the model's range."""
     pixels = array.reshape(shape[0], *model.image_shape).astype(np.float32, copy=False)
     if datatype == "FP32":
         if not np.isfinite(pixels).all():
@@ -124,7 +151,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: LoadedMod
         if pixels.min() < low or pixels.max() > high:
             raise BadRequest(f"input {name!r}: values span [{pixels.min():g}, {pixels.max():g}] but the model takes "
                              f"raw pixels in [{low:g}, {high:g}] (normalisation is inside the model: do not normalise)")
-    return InferRequest(id=request_id, pixels=pixels, outputs=_requested_outputs(doc.get("outputs"), parameters))
+    return pixels
 
 
 def _requested_outputs(requested, parameters: dict) -> list[tuple[str, bool]]:
@@ -175,6 +202,28 @@ def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS}
 
 
+def parse_top_k(value, model: LoadedModel) -> int:
+    """top_k from the query or a form field: an integer 1..n_classes (larger is capped at n_classes)."""
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"top_k must be an integer ≥ 1, got {value!r}") from None
+    if k < 1:
+        raise BadRequest(f"top_k must be ≥ 1, got {k}")
+    return min(k, len(model.labels))
+
+
+def classification(model: LoadedModel, probabilities: np.ndarray, top_k: int = 1) -> dict:
+    """/classify's answer: the best class, its name and probability, the top k, and every class's probability."""
+    order = np.argsort(-probabilities, kind="stable")[:top_k]
+    best = int(order[0])
+    labels = model.labels
+    return {"model_name": model.name, "model_version": model.version, "class": best, "label": labels[best],
+            "probability": float(probabilities[best]),
+            "top_k": [{"class": int(i), "label": labels[i], "probability": float(probabilities[i])} for i in order],
+            "probabilities": {label: float(p) for label, p in zip(labels, probabilities, strict=True)}}
+
+
 def model_metadata(model: LoadedModel, versions: list[str]) -> dict:
     """V2 model metadata plus what the ONNX file and the model card say about the model."""
     n_classes = len(model.labels)
@@ -190,8 +239,11 @@ def model_metadata(model: LoadedModel, versions: list[str]) -> dict:
         "parameters": {"version": model.version, "provider": model.provider,
                        "input_datatypes": ",".join(INPUT_DATATYPES),
                        "input_range": "{:g}..{:g}".format(*model.value_range),
+                       "input_flat_shape": f"-1,{int(np.prod(model.image_shape))}",
+                       "input_layout": model.spec.layout, "input_color": model.spec.color,
                        **{k: meta[k] for k in ("data_version", "git_commit", "params_hash", "created") if k in meta}},
         "labels": model.labels,
+        "input_spec": model.spec.to_dict(),
         "normalization": _loads(meta.get("normalization")),
         "metrics": _loads(meta.get("metrics")),
         "card": {k: v for k, v in model.card.items() if k != "files"},

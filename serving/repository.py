@@ -1,7 +1,9 @@
-"""Read-only view of the model registry, with the server's own checksum verification.
+"""Read-only view of the model registry (every model name in it), with the server's own checksum verification.
 
-The layout (folders, version ids, card and alias files) is tasks/ship/registry_layout.py, shared with the
-registry's only writer, tasks/ship/registry.py; this module never writes.
+The layout (models, folders, version ids, card and alias files) is tasks/ship/registry_layout.py, shared with
+the registry's only writer, tasks/ship/registry.py; this module never writes. A registry in the old
+single-model layout is read as the model its cards name, and keeps being read correctly while the writer
+moves it under models/<name>/ (each path is resolved afresh on every call).
 
 The bytes that pass the sha256 check are the bytes handed to ONNX Runtime, so a file swapped between the
 check and the load cannot slip through.
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.errors import LoadError, NotFound
-from tasks.ship.registry_layout import LayoutError, RegistryLayout
+from tasks.ship.registry_layout import LayoutError, RegistryLayout, RegistryTree
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,31 @@ class VerifiedModel:
     data: bytes  # the model file, checked against the card's sha256 and size
 
 
-class RegistryReader:
-    """One registry folder, read only: versions, aliases, cards and checksum-verified model bytes."""
+def model_names(root: Path) -> list[str]:
+    """Every model name in the registry folder, sorted (none when the folder does not exist yet)."""
+    return RegistryTree(Path(root)).names()
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.layout = RegistryLayout(self.root)
+
+class RegistryReader:
+    """One model of a registry folder, read only: versions, aliases, cards and checksum-verified model bytes."""
+
+    def __init__(self, root: Path, name: str | None = None):
+        """`name` None: the registry's only model (an error when it holds several)."""
+        self.root, self._name = Path(root), name
+        self.tree = RegistryTree(self.root)
+
+    @property
+    def name(self) -> str:
+        if self._name is not None:
+            return self._name
+        names = self.tree.names()
+        if len(names) > 1:
+            raise NotFound(f"registry {self.root} holds several models ({', '.join(names)}): name one")
+        return names[0] if names else "model"
+
+    @property
+    def layout(self) -> RegistryLayout:
+        return self.tree.model(self.name)
 
     def versions(self) -> list[str]:
         """Version ids present, oldest first."""
@@ -87,5 +108,5 @@ class RegistryReader:
 
     def _check_exists(self, version: str) -> None:
         if not self.layout.has_version(version):
-            raise NotFound(f"model version {version!r} is not in the registry {self.root} "
+            raise NotFound(f"model {self.name!r} has no version {version!r} in the registry {self.root} "
                            f"(versions: {', '.join(self.versions()) or 'none'})")

@@ -36,7 +36,9 @@ class ModelMetadata(BaseModel):
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
     parameters: Parameters = Field(description="serving version, provider, lineage of the ONNX file")
-    labels: list[str]
+    labels: list[str] = Field(description="class names, in the order of the logits")
+    input_spec: dict[str, Any] = Field(description="the input spec the model was trained on (tasks/data/spec.py): "
+                                                   "channels, height, width, class names, mean/std, value range")
     normalization: Any = None
     metrics: Any = None
     card: dict[str, Any] = Field(description="the registry's model card (metrics, gates, lineage, run id)")
@@ -44,7 +46,8 @@ class ModelMetadata(BaseModel):
 
 class RequestInput(BaseModel):
     name: str = Field(examples=["pixels"])
-    shape: list[int] = Field(examples=[[1, 1, 28, 28]], description="[N, 1, 28, 28] or [N, 784]")
+    shape: list[int] = Field(examples=[[1, 1, 28, 28]], description="[N, C, H, W] as the model's metadata declares "
+                                                                    "it, or flat [N, C*H*W]")
     datatype: str = Field(examples=["UINT8"], description="FP32 or UINT8; raw pixels 0..255")
     parameters: Parameters | None = Field(None, description='{"binary_data_size": n} when the tensor follows the '
                                                             "JSON as binary (Inference-Header-Content-Length)")
@@ -78,12 +81,19 @@ class InferenceResponse(BaseModel):
     outputs: list[ResponseOutput]
 
 
+class TopClass(BaseModel):
+    class_: int = Field(alias="class")
+    label: str
+    probability: float
+
+
 class Classification(BaseModel):
     model_name: str
     model_version: str
     class_: int = Field(alias="class")
-    label: str
+    label: str = Field(description="the class name, e.g. 'cat' or '7'")
     probability: float
+    top_k: list[TopClass] = Field(description="the k most probable classes (?top_k=k or form field top_k; default 1)")
     probabilities: dict[str, float]
 
 
@@ -141,7 +151,8 @@ def infer_responses() -> dict:
 
 def classify_request_body() -> dict:
     form = {"type": "object", "required": ["file"],
-            "properties": {"file": {"type": "string", "format": "binary", "description": "a PNG or JPEG digit"}}}
+            "properties": {"file": {"type": "string", "format": "binary", "description": "a PNG or JPEG image, colour or gray, any size"},
+                           "top_k": {"type": "integer", "minimum": 1, "description": "how many classes to rank"}}}
     return {"required": True, "content": {"multipart/form-data": {"schema": form},
                                           "image/png": {"schema": {"type": "string", "format": "binary"}},
                                           "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}

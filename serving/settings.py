@@ -21,7 +21,7 @@ REGISTRY_ENV = ENV_PREFIX + "REGISTRY"
 
 
 class ServeSettings(ServeConfig):
-    registry: Path
+    registry: Path  # the registry folder; every model name in it is served unless serve.model names one
     token: SecretStr | None = None
 
 

@@ -1,8 +1,11 @@
-"""Hot reload: poll aliases/champion.json and load + swap when it names another version.
+"""Hot reload: poll each served model's aliases/champion.json and load + swap when it names another version;
+pick up model names registered since the last poll.
 
 Polling (stat every serve.reload_poll_s) rather than inotify: it works on every filesystem a registry may
 live on (NFS, bind mounts, object-store fuse), and the alias is replaced with os.replace, so a changed
 (mtime, size, inode) is a complete new file. A failed load is reported once per alias change, not per poll.
+A single-model registry moved under models/<name>/ by the writer changes the alias's path and inode: the
+reload that follows finds the same version and keeps the loaded one.
 """
 
 from __future__ import annotations
@@ -17,21 +20,34 @@ log = logging.getLogger("serving.watcher")
 
 
 async def watch_champion(holder: ModelHolder, poll_s: float) -> None:
-    """Load the champion now, then follow the alias until cancelled (poll_s = 0: load once, do not watch)."""
-    last = object()
+    """Load every champion now, then follow the aliases until cancelled (poll_s = 0: load once, do not watch)."""
+    seen: dict[str, object] = {}
+    warned = False
     while True:
-        signature = holder.registry.alias_signature(CHAMPION)
-        if signature != last:
-            last = signature
+        try:
+            names = holder.refresh()
+        except OSError:
+            log.exception("registry unreadable", extra={"event": "watch_error"})
+            names = holder.names
+        for name in names:
+            slot = holder.slots[name]
+            signature = slot.registry.alias_signature(CHAMPION)
+            if name in seen and signature == seen[name]:
+                continue
+            seen[name] = signature
             try:
-                model = await holder.reload_champion(source="watch")
+                model = await holder.reload_champion(name, source="watch")
                 if model is None:
-                    log.warning("no champion alias yet", extra={"event": "no_champion",
-                                                                "alias": str(holder.registry.alias_path(CHAMPION))})
+                    log.warning("no champion alias yet", extra={"event": "no_champion", "model": name,
+                                                                "alias": str(slot.registry.alias_path(CHAMPION))})
             except ServingError:
                 pass  # already logged and counted by the holder; the old champion keeps serving
             except Exception:  # never let the watcher die: the server would silently stop following the registry
-                log.exception("champion reload crashed", extra={"event": "watch_error"})
+                log.exception("champion reload crashed", extra={"event": "watch_error", "model": name})
+        if not names and not warned:
+            warned = True
+            log.warning("no model in the registry yet", extra={"event": "no_champion",
+                                                               "registry": str(holder.settings.registry)})
         if poll_s <= 0:
             return
         await asyncio.sleep(poll_s)

@@ -63,6 +63,42 @@ class ProjectPaths:
         return {k: v for k, v in vars(self).items() if k in self.PROJECT_SCOPED}
 
 
+MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # a registry folder and a URL path segment: no "/", no ".."
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+class ProjectConfig(_Section):
+    """What this project's models are called in the registry and the server (one champion per name)."""
+
+    name: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="the registry/server model name; null = the data set's: mnist, the image folder's (or archive's) stem, the user loader's module")
+
+    def resolve_name(self, data: Any) -> str:
+        """The model name: project.name, else derived from the data source (the one place this rule lives)."""
+        if self.name:
+            return self.name
+        source = str(data.source)
+        folder = getattr(data, "image_folder", None) or getattr(data, "path", None)
+        if source == "imagefolder" and folder:
+            derived = Path(str(folder).rstrip("/\\")).name
+            for suffix in ARCHIVE_SUFFIXES:
+                if derived.lower().endswith(suffix):
+                    derived = derived[: -len(suffix)]
+                    break
+        elif ":" in source:  # a user loader, mypkg.data:load -> mypkg.data
+            derived = source.split(":", 1)[0]
+        else:
+            derived = source
+        return safe_model_name(derived)
+
+
+def safe_model_name(text: str) -> str:
+    """`text` made a valid model name: characters outside [A-Za-z0-9._-] become "-" ("model" if nothing is left)."""
+    import re
+
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).lstrip("._-")[:64]
+    return cleaned or "model"
+
+
 class PathsConfig(_Section):
     """Where each stage writes, relative to the project folder (dvc.yaml templates its paths from these)."""
 
@@ -299,6 +335,7 @@ class ServeConfig(_Section):
     notify_url: str | None = Field(None, description="pipeline: after a promotion, POST this server's load endpoint")
 
 
+    model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="serve only this model name (default: the champion of every model in the registry)")
 class Params(_Section):
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
@@ -310,10 +347,11 @@ class Params(_Section):
     serve: ServeConfig = ServeConfig()
 
     def params_hash(self) -> str:
-        """Short sha256 of everything that shapes the model (paths and serving settings change nothing in it)."""
-        payload = self.model_dump(mode="json", exclude={"paths", "serve"})
+        """Short sha256 of everything that shapes the model (its name, paths and serving settings change nothing in it)."""
+        payload = self.model_dump(mode="json", exclude={"project", "paths", "serve"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+    project: ProjectConfig = ProjectConfig()
 
 def valid_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
     """Every dotted key a params file or an override may set, e.g. ['data.mirror', …, 'train.lr']."""

@@ -1,9 +1,10 @@
 """Stage `export`: checkpoint -> one self-contained ONNX file with metadata, parity-checked against PyTorch,
 measured on the serving device (latency, throughput, size: gated), plus optional FP16/INT8 variants.
 
-The graph takes raw pixels (float32, 0..255, [batch, 1, 28, 28]) because normalisation is part of the
-model; the file is only renamed into place after `onnx.checker`, the ONNX Runtime parity check and the
-serving gates pass. A variant whose test accuracy drops more than export.max_quant_drop is rejected
+The graph takes raw pixels (float32, 0..255, [batch, C, H, W] of the data's input spec) because normalisation
+is part of the model; the metadata carries the input spec and the model name (tasks/ship/onnx_metadata.py). The
+file is only renamed into place after `onnx.checker`, the ONNX Runtime parity check and the serving gates pass.
+Parity runs at batch sizes 1, 7 and 256, capped by the test split's size (at least one image is needed). A variant whose test accuracy drops more than export.max_quant_drop is rejected
 (deleted, with its drop recorded) but does not fail the run: the FP32 model is still good.
 """
 
@@ -25,15 +26,17 @@ from tasks.ship.onnx_session import Device, open_session
 from tasks.model.checkpoint import load_checkpoint
 from tasks.config import ExportConfig, GateConfig
 from tasks.evaluate.gate import GateFailed, GateVerdict, check_serving_gates, failed
+from tasks.data.idx import DataError
 from tasks.data.prepare import load_split
 from tasks.errors import StageFailed
 from tasks.evaluate.report import EvalReport
 from tasks.ship.export_report import ExportReport
+from tasks.ship.onnx_metadata import build_metadata
 from tasks.ship.quantize import VariantResult, build_variant, calibration_sample
 
 log = logging.getLogger(__name__)
 
-PARITY_BATCHES = (1, 7, 256)
+PARITY_BATCHES = (1, 7, 256)  # capped by the test split's size: see parity_batches
 VARIANTS_INDEX = "variants.json"  # inside the variants folder: every variant built, kept or not, with its drop
 
 
@@ -61,11 +64,16 @@ def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opse
                           dynamic_shapes={"pixels": {0: batch}}, verbose=False)
 
 
+def parity_batches(n_images: int) -> tuple[int, ...]:
+    """PARITY_BATCHES capped at the images there are, deduplicated: 40 test images -> (1, 7, 40)."""
+    return tuple(sorted({min(batch, n_images) for batch in PARITY_BATCHES}))
+
+
 def check_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor, atol: float) -> dict[int, float]:
-    """Max |ORT - PyTorch| logits at each batch size of PARITY_BATCHES, on real images; raises ParityError."""
+    """Max |ORT - PyTorch| logits at each of parity_batches(len(images)), on real images; raises ParityError."""
     session = open_session(onnx_path, "cpu")  # the reference: PyTorch runs on CPU too
     diffs = {}
-    for batch in PARITY_BATCHES:
+    for batch in parity_batches(len(images)):
         pixels = images[:batch].float()
         with torch.no_grad():
             expected = model(pixels).numpy()
@@ -79,35 +87,28 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor, 
 
 def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_path: Path, onnx_path: Path, *,
                variants_dir: Path | None = None, report_path: Path | None = None,
-               gate_cfg: GateConfig | None = None, device: Device = "cpu", threads: int = 0) -> ExportResult:
+               gate_cfg: GateConfig | None = None, device: Device = "cpu", threads: int = 0,
+               model_name: str = "model") -> ExportResult:
     """Export, annotate, check, measure and atomically place the ONNX model (+ variants when `variants_dir`).
 
     `device` and `threads` are the server's (serve.device, serve.threads): latency is measured as it will be served.
     With `gate_cfg`, a serving gate that fails raises GateFailed after writing `report_path`: nothing is placed.
+    `model_name` (project.name) is recorded in the metadata beside the input spec.
     """
     model, checkpoint = load_checkpoint(model_path, "cpu")
     images, labels = load_split(prepared_dir, "test")
-    if len(images) < max(PARITY_BATCHES):
-        raise ValueError(f"export: parity needs {max(PARITY_BATCHES)} test images, {prepared_dir} has {len(images)}: "
-                         "raise data.limit_test")
+    if len(images) == 0:
+        raise DataError(f"export: {prepared_dir} has no test images: the parity check and the serving measurements "
+                         "need at least one; give the data a test split (or raise data.limit_test if it is set)")
     evaluation = EvalReport.read(Path(metrics_path))
-    args = checkpoint["model_args"]
     metadata = {
-        "labels": json.dumps(checkpoint["classes"]),
-        "input": json.dumps({"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", *args["image_shape"]],
-                             "range": [0, 255], "layout": "NCHW"}),
-        "normalization": json.dumps({"mean": args["mean"], "std": args["std"], "applied_in_graph": True}),
-        "model_args": json.dumps(args),
-        "data_version": checkpoint["lineage"]["data_version"],
-        "params_hash": checkpoint["lineage"]["params_hash"],
-        "git_commit": checkpoint["lineage"]["git_commit"],
-        "metrics": json.dumps(evaluation.headline()),
-        "params": json.dumps(checkpoint.get("params", {})),
+        **build_metadata(checkpoint, model_name, evaluation.headline()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "variant": "fp32",
     }
     with staged_file(Path(onnx_path)) as tmp:
-        _onnx_export(model, images[:2].float(), tmp, cfg.opset)
+        # Two rows even from a one-image split: an example batch of 1 would let the exporter fix the batch axis at 1.
+        _onnx_export(model, images[:1].float().repeat(2, 1, 1, 1), tmp, cfg.opset)
         proto = onnx.load(str(tmp))
         proto.producer_name = "tuneline"
         proto.doc_string = "Tuneline classifier: raw pixels (0..255) in, logits out; see metadata_props"

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tasks.ship.onnx_metadata import INPUT_NAME, OUTPUT_NAME
 from tasks.ship.onnx_session import Device, open_session
 
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+__all__ = ["INPUT_NAME", "OUTPUT_NAME"]  # re-exported: export and quantize import them from here
 THROUGHPUT_BATCH = 256
 WARMUP_RUNS = 20         # untimed runs first: allocations, thread-pool start, CUDA kernel selection
 THROUGHPUT_RUNS = 10     # timed batches of THROUGHPUT_BATCH images

@@ -1,4 +1,8 @@
-"""Step `promote`: register the exported model as a registry version, then champion/challenger.
+"""Step `promote`: register the exported model as a version of its model name, then champion/challenger.
+
+A champion is only ever challenged by a model of the same name (project.name) and the same input contract
+(InputSpec.same_contract: input shape and class names). A model with the same name and another contract (say,
+another data set with the same ten labels) is refused: it belongs under a name of its own (set project.name).
 
 The challenger (this run's model.onnx) and the current champion's model.onnx are both run through ONNX
 Runtime on *this run's* test split, so the comparison is on the same images whatever data the champion
@@ -28,6 +32,7 @@ from tasks.data.prepare import load_split
 from tasks.errors import StageFailed
 from tasks.evaluate.report import EvalReport
 from tasks.ship.export_report import ExportReport
+from tasks.ship.onnx_metadata import describe_contract, read_input_spec
 from tasks.ship.onnx_session import Device
 from tasks.ship.registry import Registry, sha256_file
 from tasks.ship.registry_layout import MODEL_FILE, VARIANT_FILES
@@ -50,6 +55,9 @@ class PromoteResult:
     champion: str | None             # the champion after this step
     verdicts: list[GateVerdict] = field(default_factory=list)   # the champion/challenger gates
     comparison: dict | None = None
+    name: str = "model"              # the model name it is registered under
+    registered_path: Path | None = None  # the version's model.onnx in the registry
+
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -68,11 +76,13 @@ def _compare(registry: Registry, onnx_path: Path, challenger: float, images, lab
     if record is None:
         return None, []
     champion_path = registry.model_path(record["version"])  # verified: sha256 of its card, valid ONNX
-    ours, theirs = _metadata(onnx_path).get("labels"), _metadata(champion_path).get("labels")
-    if ours != theirs:
-        raise PromoteError(f"promote: champion {record['version']} predicts labels {theirs} but this model predicts "
-                           f"{ours}: they cannot be compared on one test set; promote by hand "
-                           "(`tuneline models promote VERSION`) if you mean to replace it")
+    ours = read_input_spec(_metadata(onnx_path), str(onnx_path))
+    theirs = read_input_spec(_metadata(champion_path), f"champion {record['version']}")
+    if not ours.same_contract(theirs):
+        raise PromoteError(f"promote: model {registry.name!r}: champion {record['version']} takes "
+                           f"{describe_contract(theirs)} but this model takes {describe_contract(ours)}: a champion "
+                           "is only challenged by a model of the same input contract; set project.name to register "
+                           "this one as a model of its own")
     champion = onnx_accuracy(champion_path, images, labels, device)
     comparison = {"champion": record["version"], "champion_accuracy": round(champion, 6),
                   "challenger_accuracy": round(challenger, 6), "change": round(challenger - champion, 6),
@@ -83,14 +93,16 @@ def _compare(registry: Registry, onnx_path: Path, challenger: float, images, lab
 def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_dir: Path, eval_metrics_path: Path,
                 export_metrics_path: Path, *, variants_dir: Path | None = None, name: str = "model",
                 run_id: str | None = None, device: Device = "cpu") -> PromoteResult:
-    """Register `onnx_path` (+ kept variants) and promote it when it beats the champion; see the module docstring."""
-    registry = Registry(registry_dir)
+    """Register `onnx_path` (+ kept variants) as a version of model `name` (project.name) and promote it when it
+    beats that model's champion; see the module docstring."""
+    registry = Registry(registry_dir, name)
     onnx_path = Path(onnx_path)
     existing = registry.find(sha256_file(onnx_path))
     if existing is not None:
         champion = (registry.alias("champion") or {}).get("version")
         aliases = ", ".join(registry.aliases_of(existing)) or "no alias"
-        return PromoteResult(existing, registered=False, promoted=False, champion=champion,
+        return PromoteResult(existing, registered=False, promoted=False, champion=champion, name=name,
+                             registered_path=registry.layout.version_dir(existing) / MODEL_FILE,
                              reason=f"{onnx_path.name} is already registered as {existing} ({aliases}): unchanged")
     images, labels = load_split(prepared_dir, "test")
     challenger = onnx_accuracy(onnx_path, images, labels, device)
@@ -128,4 +140,5 @@ def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_d
     log.info("promote: %s", reason)
     champion = (registry.alias("champion") or {}).get("version")
     return PromoteResult(version, registered=True, promoted=promoted, reason=reason, champion=champion,
-                         verdicts=verdicts, comparison=comparison)
+                         verdicts=verdicts, comparison=comparison, name=name,
+                         registered_path=registry.layout.version_dir(version) / MODEL_FILE)

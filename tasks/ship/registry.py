@@ -1,8 +1,10 @@
-"""A file-based model registry: versions with model cards, and aliases (champion, challenger) that move atomically.
+"""A file-based model registry: models by name, each with versions, model cards and aliases (champion,
+challenger) that move atomically.
 
-The on-disk layout (folders, version ids, card and alias files) is tasks/ship/registry_layout.py, the
-contract the server's read-only reader shares. This module is the only writer: registrations and alias
-changes are serialised between processes by the registry's `.lock`. Versions are never modified or deleted,
+The on-disk layout (models, folders, version ids, card and alias files) is tasks/ship/registry_layout.py, the
+contract the server's read-only reader shares. This module is the only writer: registrations, alias changes and
+the one-time move of a single-model registry under models/<name>/ are serialised between processes by the
+registry's `.lock`. Versions are never modified or deleted,
 so an alias, which only ever names a version that verified under the lock, never points at a missing or
 partial model. Every file is checked (valid ONNX, sha256 of its card) when registered and when loaded.
 """
@@ -23,7 +25,7 @@ from filelock import FileLock, Timeout
 from tasks.atomic import make_staging_dir, staged_file
 from tasks.errors import StageFailed
 from tasks.ship.registry_layout import (ALIASES, CARD_FILE, MODEL_FILE, MODEL_FILES, STAGING_PREFIX, LayoutError,
-                                        RegistryLayout)
+                                        RegistryLayout, RegistryTree, check_model_name)
 
 LOCK_TIMEOUT_S = 120.0  # registrations hold the lock for seconds (a copy and a rename), never minutes
 
@@ -51,17 +53,56 @@ def check_onnx(path: Path) -> None:
         raise RegistryError(f"{path}: not a valid ONNX model ({detail}): re-export it") from None
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link (versions are immutable, so sharing their bytes is safe), a copy where links are refused."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-class Registry:
-    """One registry folder. Reads need no lock (every write is a rename); writes take `.lock`."""
+def model_names(root: Path) -> list[str]:
+    """The names of the models a registry folder holds (an old single-model registry's included)."""
+    return RegistryTree(Path(root)).names()
 
-    def __init__(self, root: Path, lock_timeout: float = LOCK_TIMEOUT_S):
+
+class Registry:
+    """One model of a registry folder, by name. Reads need no lock (every write is a rename); writes take `.lock`.
+
+    `name` None means the registry's only model (what a single-model caller wants); it is an error when the
+    registry holds several. A registry still in the old single-model layout is read as it is, and moved under
+    models/<name>/ by the first write (under the lock, so no writer sees it half-moved; readers see either
+    layout whole: the copy is renamed into place before the old folders go).
+    """
+
+    def __init__(self, root: Path, name: str | None = None, lock_timeout: float = LOCK_TIMEOUT_S):
         self.root = Path(root)
-        self.layout = RegistryLayout(self.root)
-        self._lock = FileLock(str(self.layout.lock_path), timeout=lock_timeout)  # re-entrant in this object
+        self.tree = RegistryTree(self.root)
+        self._name = check_model_name(name) if name is not None else None
+        self._lock = FileLock(str(self.tree.lock_path), timeout=lock_timeout)  # re-entrant in this object
+
+    @property
+    def name(self) -> str | None:
+        """This model's name; for an unnamed Registry the registry's only model (None while it is empty)."""
+        if self._name is not None:
+            return self._name
+        names = self.tree.names()
+        if len(names) > 1:
+            raise RegistryError(f"registry {self.root} holds several models ({', '.join(names)}): name one "
+                                "(--name, project.name)")
+        return names[0] if names else None
+
+    @property
+    def layout(self) -> RegistryLayout:
+        """This model's folders (the old top-level layout until it is migrated)."""
+        name = self.name
+        if name is None:  # an empty registry, unnamed: nothing to read yet
+            return RegistryLayout(self.tree.models_dir / ".none")
+        return self.tree.model(name)
 
     # ----- reading -------------------------------------------------------------------------------------
 
@@ -135,19 +176,46 @@ class Registry:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the registry's inter-process lock (re-entrant within this Registry object)."""
+        """Hold the registry's inter-process lock (re-entrant within this Registry object); an old single-model
+        layout is migrated first, so every write lands under models/<name>/."""
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             with self._lock:
+                self._migrate_legacy()
                 yield
         except Timeout:
             raise RegistryError(f"{self.root / '.lock'}: another process held the registry lock for "
                                 f"{self._lock.timeout:.0f} s: wait for it to finish (a lock of a dead process is "
                                 "released by the OS)") from None
 
-    def register(self, files: dict[str, Path], *, name: str, metrics: dict, gates: list[dict], lineage: dict,
-                 run_id: str | None) -> str:
-        """Copy the files into a new version folder with its card; returns the new version id."""
+    def _migrate_legacy(self) -> None:
+        """Move an old single-model registry (versions/, aliases/ at the top) under models/<its name>/ (under the
+        lock). Copied (hard links where the file system allows) into a staging folder that is renamed into place,
+        then the old folders are removed: a reader sees the old layout or the new one, whole, never neither."""
+        legacy = self.tree.legacy()
+        if legacy is None:
+            return
+        name = self.tree.legacy_name()
+        target = self.tree.model_dir(name)
+        if not target.exists():
+            self.tree.models_dir.mkdir(parents=True, exist_ok=True)
+            staging = make_staging_dir(self.tree.models_dir, STAGING_PREFIX)
+            try:
+                for folder in (legacy.versions_dir, legacy.aliases_dir):
+                    if folder.is_dir():
+                        shutil.copytree(folder, staging / folder.name, copy_function=_link_or_copy,
+                                        ignore=shutil.ignore_patterns(f"{STAGING_PREFIX}*", ".*.tmp"))
+                os.rename(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        for folder in (legacy.versions_dir, legacy.aliases_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def register(self, files: dict[str, Path], *, name: str | None = None, metrics: dict, gates: list[dict],
+                 lineage: dict, run_id: str | None) -> str:
+        """Copy the files into a new version of this model, with its card; returns the new version id.
+
+        `name` (the card's name) defaults to the Registry's; an unnamed Registry registers under `name`."""
         if MODEL_FILE not in files:
             raise RegistryError(f"register: {MODEL_FILE} is required (got {', '.join(files)})")
         unknown = set(files) - set(MODEL_FILES)
@@ -155,7 +223,13 @@ class Registry:
             raise RegistryError(f"register: unexpected file name(s) {sorted(unknown)}: use {', '.join(MODEL_FILES)}")
         for source in files.values():
             check_onnx(Path(source))  # refuse before copying anything
-        self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
+        if self._name is not None and name is not None and name != self._name:
+            raise RegistryError(f"register: card name {name!r} differs from the model {self._name!r} it is registered as")
+        if self._name is None:
+            self._name = check_model_name(name or self.name or "model")
+        name = self._name
+        with self.locked():  # migrates an old layout first, so the staging folder lands in the final model folder
+            self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
         # Staged beside the final folder (same file system, so the rename is atomic); the dot hides it from versions().
         staging = make_staging_dir(self.layout.versions_dir, STAGING_PREFIX)  # the mode mkdir gives, not 0700
         try:

@@ -1,12 +1,20 @@
 """The model registry on disk: the one contract between its writer (tasks/ship/registry.py) and the inference
-server's read-only reader (serving/repository.py). Both find folders, version ids, cards and aliases here.
+server's read-only reader (serving/repository.py). Both find models, folders, version ids, cards and aliases here.
+
+A registry holds several models, each under its name (project.name: a data set and its input contract),
+each with its own versions and its own champion:
 
     <registry>/
-      versions/<vNNNN>/     model.onnx (+ model.fp16.onnx, model.int8.onnx) and card.json; a version folder
-                            is staged under a dot name and renamed into place whole
-      aliases/<alias>.json  {"version": "v0003", "previous": ["v0002", ...], "updated": iso8601}, replaced
-                            with os.replace of a temp file
-      .lock                 the writer's inter-process lock
+      models/<name>/
+        versions/<vNNNN>/     model.onnx (+ model.fp16.onnx, model.int8.onnx) and card.json; a version folder
+                              is staged under a dot name and renamed into place whole
+        aliases/<alias>.json  {"version": "v0003", "previous": ["v0002", ...], "updated": iso8601}, replaced
+                              with os.replace of a temp file
+      .lock                   the writer's inter-process lock (one for the whole registry)
+
+A registry written before names existed holds one model at its top (<registry>/versions/, <registry>/aliases/).
+Readers see it as the model its newest card names (cards always carried the name: the data set's, which is
+also project.name's default); the writer moves it under models/<name>/ on its first write (RegistryTree.legacy).
 
 A version id is "v" and its number zero-padded to at least four digits (v0001, v0042, v12345), exactly as
 format_version writes it; anything else in versions/ (staging folders, "v1", "v00001", "V0001") is not a
@@ -21,6 +29,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.config import MODEL_NAME_PATTERN, safe_model_name
+
+MODELS_DIR = "models"
 VERSIONS_DIR = "versions"
 ALIASES_DIR = "aliases"
 LOCK_FILE = ".lock"
@@ -31,6 +42,7 @@ VARIANT_FILES = {"fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}  # quanti
 MODEL_FILES = (MODEL_FILE, *VARIANT_FILES.values())  # every file a version may hold besides its card
 ALIASES = ("champion", "challenger")
 
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _VERSION_ID = re.compile(r"v(?:[0-9]{4}|[1-9][0-9]{4,})")  # fullmatch only: "$" would let "v0001\n" through
 
 
@@ -41,6 +53,17 @@ class LayoutError(ValueError):
 def is_version_id(text: object) -> bool:
     """Whether `text` is a version id: what format_version writes, and nothing else."""
     return isinstance(text, str) and _VERSION_ID.fullmatch(text) is not None
+
+
+def is_model_name(text: object) -> bool:
+    """Whether `text` is a model name (project.name's pattern: a folder name and a URL segment, never "..")."""
+    return isinstance(text, str) and _MODEL_NAME.fullmatch(text) is not None
+
+
+def check_model_name(name: str) -> str:
+    if not is_model_name(name):
+        raise ValueError(f"not a model name: {name!r} (letters, digits, '.', '_', '-'; at most 64; set project.name)")
+    return name
 
 
 def format_version(number: int) -> str:
@@ -62,7 +85,8 @@ def version_number(version: str) -> int:
 
 @dataclass(frozen=True)
 class RegistryLayout:
-    """Paths inside one registry folder, and the readers of its two JSON files (cards and aliases)."""
+    """Paths inside one model's folder (models/<name>/, or a single-model registry's top), and the readers of
+    its two JSON files (cards and aliases)."""
 
     root: Path
 
@@ -73,10 +97,6 @@ class RegistryLayout:
     @property
     def aliases_dir(self) -> Path:
         return self.root / ALIASES_DIR
-
-    @property
-    def lock_path(self) -> Path:
-        return self.root / LOCK_FILE
 
     def versions(self) -> list[str]:
         """Version ids present, oldest first (staging folders and anything else are ignored)."""
@@ -133,3 +153,57 @@ class RegistryLayout:
             raise LayoutError(f"{path}: not an alias record: expected {{\"version\": \"v0001\", ...}}, "
                               f"got {text[:80]!r}")
         return record
+
+
+@dataclass(frozen=True)
+class RegistryTree:
+    """A registry folder: its models by name, and a single-model registry of the old layout, if it is one."""
+
+    root: Path
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / MODELS_DIR
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def model_dir(self, name: str) -> Path:
+        return self.models_dir / check_model_name(name)
+
+    def legacy(self) -> RegistryLayout | None:
+        """The old single-model layout at the top of the registry, if there is one."""
+        top = RegistryLayout(self.root)
+        return top if top.versions_dir.is_dir() or top.aliases_dir.is_dir() else None
+
+    def legacy_name(self) -> str | None:
+        """The name the old layout's model goes by: its newest card's name, made a valid model name."""
+        top = self.legacy()
+        if top is None:
+            return None
+        for version in reversed(top.versions()):
+            try:
+                name = top.read_card(version).get("name")
+            except LayoutError:
+                continue
+            if isinstance(name, str) and name:
+                return safe_model_name(name)
+        return "model"
+
+    def names(self) -> list[str]:
+        """Model names present (a legacy model included, unless it has been migrated already), sorted."""
+        found = set()
+        if self.models_dir.is_dir():
+            found = {p.name for p in self.models_dir.iterdir() if is_model_name(p.name) and p.is_dir()}
+        legacy = self.legacy_name()
+        if legacy is not None:
+            found.add(legacy)
+        return sorted(found)
+
+    def model(self, name: str) -> RegistryLayout:
+        """The layout of model `name`: models/<name>/, or the old top-level layout while it is not migrated."""
+        folder = self.model_dir(name)
+        if not folder.is_dir() and self.legacy_name() == name:
+            return RegistryLayout(self.root)
+        return RegistryLayout(folder)

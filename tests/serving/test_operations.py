@@ -134,16 +134,16 @@ def test_metrics_cover_requests_batches_queue_model_and_provider(server, digits)
         'tuneline_http_requests_total{endpoint="/v2/models/{name}/infer",method="POST",status="200"}',
         'tuneline_http_requests_total{endpoint="/v2/models/{name}/infer",method="POST",status="400"}',
         'tuneline_http_request_duration_seconds_bucket{endpoint="/v2/models/{name}/infer",le="0.01",method="POST",status="200"}',
-        'tuneline_batch_size_rows_bucket{le="4.0",version="v0002"}',
-        'tuneline_batch_queue_seconds_count{version="v0002"}',
-        'tuneline_session_run_seconds_count{provider="CPUExecutionProvider",version="v0002"}',
+        'tuneline_batch_size_rows_bucket{le="4.0",model="mnist",version="v0002"}',
+        'tuneline_batch_queue_seconds_count{model="mnist",version="v0002"}',
+        'tuneline_session_run_seconds_count{model="mnist",provider="CPUExecutionProvider",version="v0002"}',
         'tuneline_model_info{name="mnist",provider="CPUExecutionProvider",role="champion",version="v0002"} 1.0',
         'tuneline_model_loads_total{result="success"}',
         "tuneline_ready 1.0",
         "tuneline_inference_requests_in_flight 0.0",
     ]:
         assert expected in text, expected
-    assert server.metric('tuneline_batch_size_rows_sum{version="v0002"}') >= 3
+    assert server.metric('tuneline_batch_size_rows_sum{model="mnist",version="v0002"}') >= 3
 
 
 def test_access_log_and_model_events_are_structured(one_version, digits, caplog):
@@ -163,7 +163,7 @@ def test_batching_off_still_answers_each_request(one_version, digits):
     with run_server(one_version, batching=False) as running, InferenceClient(running.url) as client:
         result = client.infer(digits.images[:5])
         assert result.outputs["class"].tolist() == digits.classes[:5].tolist()
-        assert running.metric('tuneline_batch_size_rows_count{version="v0001"}') >= 1
+        assert running.metric('tuneline_batch_size_rows_count{model="mnist",version="v0001"}') >= 1
 
 
 def test_readiness_waits_for_warm_up(one_version):
@@ -172,5 +172,5 @@ def test_readiness_waits_for_warm_up(one_version):
         # Live at once; ready only once the champion is loaded and warmed (warm-up runs before the swap).
         assert httpx.get(running.url + "/v2/health/live").status_code == 200
         wait_until(lambda: httpx.get(running.url + "/v2/health/ready").status_code == 200, what="ready")
-        assert running.holder.champion is not None and running.holder.champion.batcher is not None
+        assert running.holder.slots["mnist"].champion is not None and running.holder.slots["mnist"].champion.batcher is not None
     assert time.perf_counter() - start < 20

@@ -12,6 +12,9 @@ from tasks.ship.onnx_session import open_session
 from tasks.evaluate.gate import GateFailed
 from tasks.data.prepare import load_split
 from tasks.ship.quantize import build_variant
+from tasks.data.idx import DataError
+from tasks.data.spec import InputSpec
+from tasks.ship.onnx_metadata import read_input_spec
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,9 @@ def test_metadata_describes_the_model(exported):
     assert meta["data_version"] == "abc123.dir" and meta["git_commit"] == "c" * 40 and meta["params_hash"] == "p" * 16
     assert json.loads(meta["metrics"])["n_test"] == 600
     assert {"input", "created", "model_args"} <= set(meta)
+    spec = InputSpec.from_dict(json.loads(meta["input_spec"]))  # the data's contract, for the registry and the server
+    assert spec.shape == (1, 28, 28) and spec.class_names == tuple(str(d) for d in range(10))
+    assert read_input_spec(meta) == spec and meta["model_name"] == "model"  # run_export's default name
 
 
 def test_parity_failure_is_reported(exported, small_checkpoint, small_prepared_dir):
@@ -61,16 +67,33 @@ def test_parity_failure_is_reported(exported, small_checkpoint, small_prepared_d
         check_parity(model, exported.onnx_path, images, atol=1e-4)
 
 
-def test_too_few_test_images_for_parity_is_a_clear_error(tmp_path, small_checkpoint, small_prepared_dir):
+def _cut_test_split(source, prepared, n: int) -> None:
     import shutil
 
-    prepared = tmp_path / "prepared"
-    shutil.copytree(small_prepared_dir, prepared)
+    shutil.copytree(source, prepared)
     for kind in ("images", "labels"):
         path = prepared / f"test-{kind}.npy"
-        np.save(path, np.load(path)[:100])
-    with pytest.raises(ValueError, match="parity needs 256 test images"):
-        run_export(ExportConfig(), small_checkpoint, prepared, tmp_path / "e.json", tmp_path / "m.onnx")
+        np.save(path, np.load(path)[:n])
+
+
+def test_a_small_test_split_exports_with_parity_capped_by_its_size(exported, tmp_path, small_checkpoint,
+                                                                  small_prepared_dir):
+    """An image folder of a few hundred images has ~40 test images: parity runs at 1, 7 and 40, not 256."""
+    prepared = tmp_path / "prepared"
+    _cut_test_split(small_prepared_dir, prepared, 40)
+    result = run_export(ExportConfig(int8=False, latency_runs=10), small_checkpoint, prepared,
+                        exported.onnx_path.parent / "eval.json", tmp_path / "m.onnx", report_path=tmp_path / "x.json")
+    assert set(result.max_abs_diff) == {1, 7, 40} and (tmp_path / "m.onnx").is_file()
+    assert set(json.loads((tmp_path / "x.json").read_text())["parity_max_abs_diff"]) == {"1", "7", "40"}
+
+
+def test_an_empty_test_split_is_a_clear_error_and_writes_nothing(exported, tmp_path, small_checkpoint,
+                                                                 small_prepared_dir):
+    prepared = tmp_path / "prepared"
+    _cut_test_split(small_prepared_dir, prepared, 0)
+    with pytest.raises(DataError, match="has no test images: .* need at least one"):
+        run_export(ExportConfig(), small_checkpoint, prepared, exported.onnx_path.parent / "eval.json",
+                   tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -26,7 +26,7 @@ def test_layout_card_and_verified_load(tmp_path):
     int8 = tiny_model(tmp_path / "b.onnx", 2.0)
     assert register(registry, model, **{"model.int8.onnx": int8}) == "v0001"
     assert register(registry, tiny_model(tmp_path / "c.onnx", 3.0)) == "v0002"
-    folder = tmp_path / "registry" / "versions" / "v0001"
+    folder = tmp_path / "registry" / "models" / "tiny" / "versions" / "v0001"
     assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.int8.onnx", "model.onnx"]
     card = json.loads((folder / "card.json").read_text())
     assert card["name"] == "tiny" and card["version"] == "v0001" and card["run_id"] == "run-1"
@@ -34,7 +34,7 @@ def test_layout_card_and_verified_load(tmp_path):
     assert card["lineage"]["data_version"] == "d.dir" and "T" in card["created"]
     assert registry.versions() == ["v0001", "v0002"] and registry.find(sha256_file(model)) == "v0001"
     assert registry.model_path("v0001", "model.int8.onnx") == folder / "model.int8.onnx"
-    assert [p.name for p in (tmp_path / "registry" / "versions").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in (tmp_path / "registry" / "models" / "tiny" / "versions").iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.fast
@@ -44,7 +44,7 @@ def test_a_version_folder_gets_the_mode_mkdir_gives(tmp_path):
         register(Registry(tmp_path / "registry"), tiny_model(tmp_path / "a.onnx", 1.0))
     finally:
         os.umask(old)
-    folder = tmp_path / "registry" / "versions" / "v0001"
+    folder = tmp_path / "registry" / "models" / "tiny" / "versions" / "v0001"
     assert folder.stat().st_mode & 0o777 == 0o755  # readable by the serving user, as a plain mkdir would be
 
 
@@ -65,7 +65,7 @@ def test_altered_file_is_refused_at_load_and_promotion(tmp_path):
     registry = Registry(tmp_path / "registry")
     version = register(registry, tiny_model(tmp_path / "a.onnx", 1.0))
     registry.promote(version)
-    stored = tmp_path / "registry" / "versions" / version / "model.onnx"
+    stored = tmp_path / "registry" / "models" / "tiny" / "versions" / version / "model.onnx"
     tiny_model(stored, 9.0)  # still valid ONNX, but not the bytes the card vouches for
     with pytest.raises(RegistryError, match=r"model.onnx: sha256 \w+… does not match its card"):
         registry.model_path("champion")
@@ -89,7 +89,7 @@ def test_promote_and_rollback_restore_the_previous_champion(tmp_path):
     record = registry.promote(v3)
     assert record["version"] == v3 and record["previous"] == [v2, v1]
     assert registry.promote(v3) == record  # promoting the current champion changes nothing
-    saved = json.loads((tmp_path / "registry" / "aliases" / "champion.json").read_text())
+    saved = json.loads((tmp_path / "registry" / "models" / "tiny" / "aliases" / "champion.json").read_text())
     assert saved == record and set(saved) == {"version", "previous", "updated"}
     assert registry.rollback()["version"] == v2
     assert registry.alias("champion")["version"] == v2 and registry.alias("champion")["previous"] == [v1]
@@ -100,7 +100,7 @@ def test_promote_and_rollback_restore_the_previous_champion(tmp_path):
     assert registry.aliases_of(v3) == ["challenger"] and registry.aliases_of(v1) == ["champion"]
     with pytest.raises(RegistryError, match=r"no version 'v0042' \(versions: v0001, v0002, v0003\)"):
         registry.promote("v0042")
-    assert sorted(p.name for p in (tmp_path / "registry" / "aliases").iterdir()) == ["challenger.json", "champion.json"]
+    assert sorted(p.name for p in (tmp_path / "registry" / "models" / "tiny" / "aliases").iterdir()) == ["challenger.json", "champion.json"]
 
 
 def test_ten_processes_registering_and_promoting_at_once_leave_it_consistent(tmp_path):
@@ -116,7 +116,7 @@ def test_ten_processes_registering_and_promoting_at_once_leave_it_consistent(tmp
     # While they run: whenever the alias exists it names a complete, verified version.
     deadline = time.monotonic() + 120
     while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
-        record = reader.alias("champion") if (root / "aliases" / "champion.json").exists() else None
+        record = reader.alias("champion") if (root / "models" / "tiny" / "aliases" / "champion.json").exists() else None
         if record is not None:
             reader.verify(record["version"])
         time.sleep(0.01)
@@ -137,6 +137,6 @@ def test_ten_processes_registering_and_promoting_at_once_leave_it_consistent(tmp
     # Serialised promotions: each one saw the previous one's result, so no version was lost or repeated.
     assert sorted([champion["version"], *champion["previous"]]) == registry.versions()
     assert len(champion["previous"]) == 9
-    leftovers = [p.name for p in (root / "aliases").iterdir() if p.name != "champion.json"]
-    leftovers += [p.name for p in (root / "versions").iterdir() if p.name.startswith(".")]
+    leftovers = [p.name for p in (root / "models" / "tiny" / "aliases").iterdir() if p.name != "champion.json"]
+    leftovers += [p.name for p in (root / "models" / "tiny" / "versions").iterdir() if p.name.startswith(".")]
     assert leftovers == []
