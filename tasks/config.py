@@ -172,10 +172,21 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The network the train stage builds."""
+    """The network the train stage builds (docs/models.md)."""
 
-    arch: Literal["seed_cnn", "seed_mlp", "bn_cnn"] = Field("seed_cnn", description="seed_cnn | seed_mlp (the article's) | bn_cnn (small CNN with batch norm)")
+    arch: str = Field("seed_cnn", description="seed_cnn | seed_mlp (the article's) | bn_cnn (small CNN with batch norm) | fast_cnn (airbench-style CIFAR net) | torchvision:NAME | module:function (your factory)")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout rate before the classifier (0 = off)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the architecture's builder, e.g. {width: 16} for fast_cnn; tunable as model.kwargs.KEY")
+    weights: str | None = Field(None, description="start from this local state dict (fine-tuning): matching tensors are kept, the rest initialised afresh")
+    freeze_backbone: bool = Field(False, description="train only the classifier head (with model.weights: fine-tune the head)")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, value: str) -> str:
+        from tasks.model.architectures import arch_kind  # the model package knows its names (and torchvision's)
+
+        arch_kind(value)
+        return value
 
 
 class TrainConfig(_Section):
@@ -205,6 +216,7 @@ class TrainConfig(_Section):
     augment_rotate_deg: float = Field(0.0, ge=0.0, le=180.0, description="random rotation in ±degrees, per image, on device", json_schema_extra={"packing": "shared"})
     augment_translate: float = Field(0.0, ge=0.0, le=0.5, description="random shift in ± fraction of the image side", json_schema_extra={"packing": "shared"})
     augment_scale: float = Field(0.0, ge=0.0, lt=1.0, description="random zoom in 1 ± scale", json_schema_extra={"packing": "shared"})
+    augment_flip: bool = Field(False, description="random horizontal flip, per image, on device (off for digits and text: they are not mirror-symmetric)", json_schema_extra={"packing": "shared"})
     early_stopping_patience: int = Field(0, ge=0, description="epochs without improvement before stopping; 0 = off", json_schema_extra={"packing": "per_model"})
     early_stopping_metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="val_accuracy | val_loss", json_schema_extra={"packing": "per_model"})
     early_stopping_min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement", json_schema_extra={"packing": "per_model"})
@@ -353,6 +365,9 @@ class Params(_Section):
 
     project: ProjectConfig = ProjectConfig()
 
+KWARGS_PREFIX = "model.kwargs."  # model.kwargs.KEY sets one key of the free-form model.kwargs (tunable in tune.space)
+
+
 def valid_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
     """Every dotted key a params file or an override may set, e.g. ['data.mirror', …, 'train.lr']."""
     keys: list[str] = []
@@ -393,6 +408,13 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     merged = json.loads(json.dumps(raw))  # deep copy of plain YAML data
     known = valid_keys()
     for key, value in overrides.items():
+        if key.startswith(KWARGS_PREFIX) and len(key) > len(KWARGS_PREFIX):  # model.kwargs.width: one builder kwarg
+            node = merged.setdefault("model", {})
+            kwargs = node.get("kwargs") if isinstance(node, dict) else None
+            if not isinstance(node, dict) or not isinstance(kwargs, (dict, type(None))):
+                raise ConfigError(f"params: model.kwargs must be a mapping to set {key!r}")
+            node["kwargs"] = {**(kwargs or {}), key[len(KWARGS_PREFIX):]: value}
+            continue
         if key not in known:
             section = key.split(".")[0]
             same_section = [k for k in known if k.startswith(section + ".")]

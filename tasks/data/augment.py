@@ -3,6 +3,9 @@
 A per-sample torchvision transform would run in Python on the CPU for every image; here a batch of
 affine matrices is built at once and applied with one `affine_grid` + `grid_sample`, so augmentation
 costs a couple of kernels per step wherever the data lives. Labels are never touched.
+
+Horizontal flips (`flip_batch`, train.augment_flip) are one random bit per image and one `where`: for
+natural images (CIFAR-10), not for digits or text, which are not mirror-symmetric.
 """
 
 from __future__ import annotations
@@ -33,3 +36,9 @@ def augment_batch(pixels: torch.Tensor, rotate_deg: float, translate: float, sca
     grid = F.affine_grid(theta.to(pixels.dtype), list(pixels.shape), align_corners=False)
     # Zeros outside the image: MNIST's background is 0, so shifted-in borders look like real background.
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def flip_batch(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image of [N, C, H, W] left-right with probability 1/2 (one draw per image from `generator`)."""
+    flip = torch.rand(pixels.shape[0], device=pixels.device, generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), pixels.flip(3), pixels)

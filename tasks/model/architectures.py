@@ -1,9 +1,13 @@
-"""The networks of the seed article, with input normalisation inside the module.
+"""The networks of the seed article and the fast CIFAR-class net, with input normalisation inside the module.
 
 Every model takes raw pixels (float, 0..255, shape [N, C, H, W] from the data's input spec,
 tasks/data/spec.py) and returns logits. Keeping the
 normalisation in the module means training, the ONNX graph and the server all see the same numbers
 and a client never has to know them.
+
+`model.arch` is a built-in name (ARCHITECTURES), `torchvision:NAME` or a user's `module:function`
+(tasks/model/external.py; docs/models.md). Built-ins are called as
+`cls(n_classes, dropout, image_shape, **model.kwargs)`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 from torch import nn
 
 from tasks.data.spec import InputSpec
+from tasks.model import external
+from tasks.model.fastnet import FastCNN
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,31 @@ class BNCNN(nn.Module):
         return self.head(self.features(x))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"seed_cnn": SeedCNN, "seed_mlp": SeedMLP, "bn_cnn": BNCNN}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"seed_cnn": SeedCNN, "seed_mlp": SeedMLP, "bn_cnn": BNCNN,
+                                              "fast_cnn": FastCNN}
+
+
+def arch_kind(arch: str) -> str:
+    """'builtin' | 'torchvision' | 'factory'; a one-line ValueError for a name that is none of them."""
+    return external.arch_kind(arch, tuple(ARCHITECTURES))
+
+
+def user_model_module(arch: str) -> str | None:
+    """The user module a `module:function` arch imports (a DVC dep of the stages that build the model), else None."""
+    return external.user_model_module(arch)
+
+
+def build_network(args: ModelArgs) -> nn.Module:
+    """The bare network (normalised pixels -> logits) that model.arch names, sized by the input spec."""
+    kind = arch_kind(args.arch)
+    if kind == "torchvision":
+        return external.build_torchvision(args.arch, args.n_classes, args.image_shape, args.kwargs)
+    if kind == "factory":
+        return external.build_factory(args.arch, args.n_classes, args.dropout, args.image_shape, args.kwargs)
+    try:
+        return ARCHITECTURES[args.arch](args.n_classes, args.dropout, args.image_shape, **args.kwargs)
+    except TypeError as exc:
+        raise external.ModelBuildError(f"model.kwargs: {args.arch} does not take {sorted(args.kwargs)} ({exc})") from None
 
 
 class Classifier(nn.Module):
@@ -148,13 +178,22 @@ class Classifier(nn.Module):
             shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
-        self.net = ARCHITECTURES[args.arch](args.n_classes, args.dropout, args.image_shape, **args.kwargs)
+        self.net = build_network(args)
+        self.frozen_norms: list[nn.Module] = []  # set by external.freeze_backbone: stay in eval mode
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        for norm in self.frozen_norms:  # a frozen backbone keeps its batch-norm statistics too
+            norm.eval()
+        return self
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net(pixels * self.scale + self.shift)
 
 
 def build_model(args: ModelArgs) -> Classifier:
-    if args.arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch: unknown architecture {args.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    try:
+        arch_kind(args.arch)
+    except ValueError as exc:
+        raise ValueError(f"model.arch: {exc}") from None
     return Classifier(args)

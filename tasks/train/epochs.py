@@ -20,18 +20,31 @@ from typing import Protocol
 import torch
 
 from tasks.config import ModelConfig, TrainConfig
-from tasks.data.augment import augment_batch
+from tasks.data.augment import augment_batch, flip_batch
 from tasks.data.prepare import load_manifest, load_split
 from tasks.model.architectures import Classifier, ModelArgs, build_model
+from tasks.model.external import freeze_backbone, load_initial_weights
 from tasks.train.distributed import DistContext, all_reduce_sum
 
 log = logging.getLogger(__name__)
 
 
+def model_args(model_cfg: ModelConfig, manifest: dict) -> ModelArgs:
+    """The model args of model.arch (+ model.kwargs) for the prepared data's input spec."""
+    return ModelArgs.from_manifest(model_cfg.arch, model_cfg.dropout, manifest, model_cfg.kwargs)
+
+
 def build_member(model_cfg: ModelConfig, train_cfg: TrainConfig, args: ModelArgs) -> Classifier:
-    """The model a run starts from: seeded with train.seed, then built (same seed, same initial weights)."""
+    """The model a run starts from: seeded with train.seed, then built (same seed, same initial weights), then
+    model.weights loaded and model.freeze_backbone applied (training-time only: a checkpoint rebuilds without them)."""
     torch.manual_seed(train_cfg.seed)
-    return build_model(replace(args, dropout=model_cfg.dropout))
+    model = build_model(replace(args, dropout=model_cfg.dropout))
+    if model_cfg.weights:
+        load_initial_weights(model, Path(model_cfg.weights))
+    if model_cfg.freeze_backbone:
+        kept = freeze_backbone(model, args.n_classes)
+        log.info("model.freeze_backbone: training only %s", ", ".join(kept))
+    return model
 
 
 def load_data(prepared_dir: Path, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -171,6 +184,8 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
             idx = order[start:start + cfg.batch_size][ctx.rank::ctx.world_size]  # this rank's share
             x = data.train_x[idx].float()
             x = augment_batch(x, cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale, data.augment_generator)
+            if cfg.augment_flip:
+                x = flip_batch(x, data.augment_generator)
             loss_sum += strategy.step(x, data.train_y[idx]) * len(idx)
             progress.advance()
         train_losses = [float(v) / n_train for v in all_reduce_sum(loss_sum, ctx).tolist()]

@@ -41,9 +41,9 @@ from tasks.atomic import staged_file
 from tasks.model.checkpoint import save_checkpoint
 from tasks.config import ModelConfig, TrainConfig
 from tasks.train.distributed import DistContext, barrier, context, device_for, process_group
-from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, train_epochs
+from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
 from tasks.lineage import Lineage
-from tasks.model.architectures import Classifier, ModelArgs
+from tasks.model.architectures import Classifier
 from tasks.train.optim import LRSchedule, build_optimizer, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_p
            lineage: Lineage, params: dict, checkpoint_dir: Path, show_progress: bool,
            on_epoch: EpochCallback | None, ctx: DistContext, device: torch.device) -> TrainResult:
     manifest, train_x, train_y, val_x, val_y = load_data(prepared_dir, device)
-    args = ModelArgs.from_manifest(model_cfg.arch, model_cfg.dropout, manifest)
+    args = model_args(model_cfg, manifest)
     model = build_member(model_cfg, cfg, args).to(device, memory_format=torch.channels_last if cfg.channels_last
                                                    else torch.contiguous_format)
     n_train = len(train_y)

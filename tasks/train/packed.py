@@ -46,7 +46,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.model.architectures import ModelArgs
-from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, train_epochs
+from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
 from tasks.train.loop import _autocast, _determinism, resolve_device
 from tasks.train.optim import OPTIMIZER_FAMILY, OPTIMIZER_STATES, StackedOptimizer, StackedSchedules
 from tasks.data.prepare import load_manifest
@@ -92,7 +92,9 @@ def group_key(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple:
     """Configs with equal keys can share a pack: architecture, optimizer family and every shared (and solo) setting."""
     roles = _roles(train_cfg)
     shared = sorted((k, v) for k, v in train_cfg.model_dump(mode="json").items() if roles[k] != "per_model")
-    return (("arch", model_cfg.arch), ("optimizer_family", OPTIMIZER_FAMILY[train_cfg.optimizer]), *shared)
+    # The whole model config but the dropout rate (per model): the arch and its kwargs fix the stacked shapes.
+    model = sorted((k, repr(v)) for k, v in model_cfg.model_dump(mode="json").items() if k != "dropout")
+    return (*(("model." + k, v) for k, v in model), ("optimizer_family", OPTIMIZER_FAMILY[train_cfg.optimizer]), *shared)
 
 
 def _key_difference(a: tuple, b: tuple) -> str:
@@ -306,7 +308,7 @@ def _train_packed(members: list[Member], prepared_dir: Path, data_seed: int, kee
     shared = members[0].train
     device = resolve_device(shared.device)
     manifest, train_x, train_y, val_x, val_y = load_data(prepared_dir, device)
-    args = ModelArgs.from_manifest(members[0].model.arch, 0.0, manifest)
+    args = replace(model_args(members[0].model, manifest), dropout=0.0)
     pack = _Pack(members, args, device, steps_per_epoch=len(batch_starts(len(train_y), shared.batch_size)))
     torch.manual_seed(data_seed)  # the pack's dropout masks
     generator = torch.Generator(device=device).manual_seed(data_seed)
@@ -390,6 +392,28 @@ def _measured_member_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, args:
     return peaks[1] - peaks[0]
 
 
+def unpackable_reason(model_cfg: ModelConfig, train_cfg: TrainConfig, args: ModelArgs,
+                      device: torch.device) -> str | None:
+    """Why K copies of this model cannot train as one pack, or None: a probe builds a pack of 2 and runs one
+    training step and one evaluation on 2 zero images. torchvision and user networks may hold what stacking
+    cannot take (in-place ops on parameters, data-dependent control flow, modules vmap does not support)."""
+    if model_cfg.freeze_backbone:
+        return "model.freeze_backbone trains part of the network; a pack trains every stacked parameter"
+    x = torch.zeros(2, *args.image_shape, device=device)
+    y = torch.zeros(2, dtype=torch.long, device=device)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            pack = _Pack([Member(model_cfg, train_cfg)] * 2, args, device, steps_per_epoch=1)
+            pack.begin_epoch()
+            losses = pack.step(x, y)
+            pack.evaluate(x, y, 2)
+        if tuple(losses.shape) != (2,):
+            return f"a pack of 2 gave losses of shape {tuple(losses.shape)}, not (2,)"
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe means: do not pack this model
+        return f"a probe pack of 2 failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
 def pack_capacity(model_cfg: ModelConfig, train_cfg: TrainConfig, prepared_dir: Path, requested: int,
                   available: int | None = None) -> int:
     """`requested` capped by a measured estimate of what fits in the device's memory (logged when capped); 1 for a
@@ -401,7 +425,11 @@ def pack_capacity(model_cfg: ModelConfig, train_cfg: TrainConfig, prepared_dir: 
         return 1
     device = resolve_device(train_cfg.device)
     manifest = load_manifest(Path(prepared_dir))
-    args = ModelArgs.from_manifest(model_cfg.arch, model_cfg.dropout, manifest)
+    args = model_args(model_cfg, manifest)
+    reason = unpackable_reason(model_cfg, train_cfg, args, device)
+    if reason:
+        log.warning("tune.packing: %s trains solo, one trial at a time: %s", model_cfg.arch, reason)
+        return 1
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # probes leave the RNGs as found
         per_model = _analytic_member_bytes(model_cfg, train_cfg, args, device)
         how = f"params, grads, optimizer state and saved activations at batch {train_cfg.batch_size}"

@@ -1,0 +1,39 @@
+"""Every built-in architecture adapts to the input spec: any channels, size and class count, forward, backward, ONNX."""
+
+import pytest
+import torch
+
+from tasks.model.architectures import ARCHITECTURES, ModelArgs, build_model
+from tasks.ship.export import _onnx_export, check_parity
+
+SPECS = [(3, 12, 12, 4), (1, 28, 28, 10), (3, 32, 32, 10)]
+
+
+def args_for(arch: str, channels: int, h: int, w: int, classes: int, **kwargs) -> ModelArgs:
+    return ModelArgs(arch=arch, dropout=0.2, n_classes=classes, image_shape=(channels, h, w),
+                     mean=(0.4,) * channels, std=(0.25,) * channels, kwargs=kwargs)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "x".join(map(str, s)))
+def test_builds_runs_forward_and_backward(arch, spec):
+    torch.manual_seed(0)
+    kwargs = {"width": 4} if arch == "fast_cnn" else {}
+    model = build_model(args_for(arch, *spec, **kwargs)).train()
+    pixels = torch.rand(3, *spec[:3]) * 255
+    logits = model(pixels)
+    assert logits.shape == (3, spec[3])
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_exports_to_onnx_with_parity(arch, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(args_for(arch, 3, 12, 12, 4, **({"width": 4} if arch == "fast_cnn" else {}))).eval()
+    images = (torch.rand(8, 3, 12, 12) * 255).to(torch.uint8)
+    _onnx_export(model, images[:2].float(), tmp_path / "m.onnx", opset=18)
+    diffs = check_parity(model, tmp_path / "m.onnx", images, atol=1e-4)
+    assert max(diffs.values()) < 1e-4
