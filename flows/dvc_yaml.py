@@ -100,11 +100,20 @@ class CodeDeps:
     outside: list[Path]                # outside the project: covered by a fingerprint file
 
 
-def _data_params(root: Path) -> dict:
-    """params.yaml's `data` section as written (defaults where absent): which source files fetch reads."""
+def _section(root: Path, name: str) -> dict:
+    """A params.yaml section as written (defaults where absent): which user files the stages read."""
     path = Path(root) / "params.yaml"
     raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    return raw.get("data") or {}
+    return raw.get(name) or {}
+
+
+def _data_params(root: Path) -> dict:
+    return _section(root, "data")
+
+
+# The stages that build the model from `model.arch` (tune and train build it, evaluate and export rebuild it
+# from the checkpoint): a user's `module:function` factory is code they run.
+MODEL_STAGES = ("tune", "train", "evaluate", "export")
 
 
 def source_deps(root: Path, stage: str) -> list[str]:
@@ -118,9 +127,15 @@ def source_deps(root: Path, stage: str) -> list[str]:
 
 
 def user_modules(root: Path, stage: str) -> list[str]:
-    """The user's modules a stage imports, named in params: fetch runs a `module:function` loader."""
+    """The user's modules a stage imports, named in params: fetch runs a `module:function` loader, the model
+    stages a `module:function` network factory (`torchvision:NAME` is a library's, not the user's)."""
     source = str(_data_params(root).get("source") or "")
-    return [source.split(":", 1)[0]] if stage == "fetch" and ":" in source else []
+    if stage == "fetch":
+        return [source.split(":", 1)[0]] if ":" in source else []
+    arch = str(_section(root, "model").get("arch") or "")
+    if stage in MODEL_STAGES and ":" in arch and not arch.startswith("torchvision:"):
+        return [arch.split(":", 1)[0]]
+    return []
 
 
 def code_deps(root: Path, stage: str) -> CodeDeps:

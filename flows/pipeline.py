@@ -28,6 +28,8 @@ from prefect.runtime import flow_run
 
 from flows import stages
 from flows.environment import Environment
+from flows.dvc_yaml import stale_diff as dvc_yaml_diff
+from flows.dvc_yaml import write as write_dvc_yaml
 from flows.dvc_yaml import write_fingerprints as refresh_code_fingerprints
 from flows.workspace import Workspace, open_workspace, save_experiment
 from tasks.atomic import write_bytes_atomic
@@ -160,6 +162,10 @@ def pipeline(overrides: dict[str, Any] | None = None, project_dir: str = ".", fo
 def _run(params: Params, workspace: Workspace, force: bool, push_data: bool, logger) -> dict:
     ran = {}
     root, project = workspace.root, workspace.project
+    # dvc.yaml follows params.yaml where the user's files are concerned (an image folder, a loader's or a
+    # network factory's module): regenerated here when the run's params name other ones than it lists.
+    if dvc_yaml_diff(root):
+        logger.info("dvc.yaml: regenerated for this run's params (%s)", write_dvc_yaml(root))
     refresh_code_fingerprints(root)  # code outside the project: its hashes are deps too (flows/dvc_yaml.py)
     try:
         for name in stages.STAGES:

@@ -35,7 +35,8 @@ from flows.dvc_yaml import check_running_code
 
 def fetch(params: Params, root: Path, project: Path | None = None) -> FetchResult:
     mirror = resolve_mirror(params.data, Environment.read().data_mirror)
-    return run_fetch(params.data, params.paths.resolve(root).raw, mirror=mirror)
+    # A relative data.image_folder and a user loader's module are the project's: looked up from `root`.
+    return run_fetch(params.data, params.paths.resolve(root).raw, mirror=mirror, project_dir=root)
 
 
 def prepare(params: Params, root: Path, project: Path | None = None) -> PrepareResult:
