@@ -16,7 +16,7 @@ from tasks.ship.latency import onnx_accuracy
 from tasks.config import GateConfig
 from tasks.evaluate.gate import GateFailed
 from tasks.data.prepare import load_split
-from tasks.ship.promote import run_promote
+from tasks.ship.promote import PromoteError, run_promote
 from tasks.ship.registry import Registry
 
 
@@ -114,3 +114,38 @@ def test_champion_is_rescored_on_this_runs_test_set(promote, exported_model, sma
     assert result.comparison["n_test"] == 300
     assert result.comparison["champion_accuracy"] == round(onnx_accuracy(tmp_path / "worse.onnx", images, labels), 6)
     assert result.comparison["challenger_accuracy"] == round(onnx_accuracy(good, images, labels), 6)
+
+
+@pytest.fixture(scope="module")
+def digits8(tmp_path_factory):
+    """Another data set with MNIST's ten labels: 8x8 gray digits (as scikit-learn's), a tiny model trained on it."""
+    from tests.tasks.ship.synthetic_models import train_and_export, write_prepared
+
+    base = tmp_path_factory.mktemp("digits8")
+    prepared = write_prepared(base / "prepared", 1, 8, [str(d) for d in range(10)])
+    return prepared, train_and_export(prepared, base / "model", "digits8", epochs=1).onnx_path
+
+
+def test_another_data_set_with_the_same_labels_never_replaces_the_mnist_champion(promote, exported_model, digits8,
+                                                                                  tmp_path):
+    """issue 14: a model trained on another data set (same ten labels) was compared on its own test set and
+    replaced the MNIST champion. Now it registers under its own name; under MNIST's name it is refused."""
+    prepared, other = digits8
+    folder = exported_model.onnx_path.parent
+    mnist = promote(exported_model.onnx_path)
+    assert mnist.promoted and mnist.name == "mnist" and mnist.version == "v0001"
+
+    # Its own name (project.name's default: its data set): its own champion; MNIST's is untouched.
+    own = run_promote(GateConfig(), tmp_path / "registry", other, prepared, folder / "eval.json",
+                      folder / "export.json", name="digits8")
+    assert own.promoted and own.version == "v0001" and own.registered_path.is_file()
+    assert Registry(tmp_path / "registry", "mnist").alias("champion")["version"] == "v0001"
+    assert Registry(tmp_path / "registry", "mnist").versions() == ["v0001"]
+
+    # The same name as MNIST's but another input contract: refused, nothing registered, and told what to do.
+    with pytest.raises(PromoteError, match=r"model 'mnist': champion v0001 takes 1x28x28 gray, 10 classes .* but "
+                                           r"this model takes 1x8x8 gray, 10 classes .* set project.name"):
+        run_promote(GateConfig(), tmp_path / "registry", other, prepared, folder / "eval.json",
+                    folder / "export.json", name="mnist")
+    assert Registry(tmp_path / "registry", "mnist").versions() == ["v0001"]
+    assert (tmp_path / "registry" / "models" / "mnist" / "aliases" / "champion.json").is_file()

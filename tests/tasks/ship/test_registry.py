@@ -140,3 +140,57 @@ def test_ten_processes_registering_and_promoting_at_once_leave_it_consistent(tmp
     leftovers = [p.name for p in (root / "models" / "tiny" / "aliases").iterdir() if p.name != "champion.json"]
     leftovers += [p.name for p in (root / "models" / "tiny" / "versions").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def _named(registry: Registry, model) -> str:
+    """Register under the Registry's own name (the card takes it)."""
+    return registry.register({"model.onnx": model}, metrics={}, gates=[], lineage={}, run_id=None)
+
+
+def _legacy_registry(root, model) -> None:
+    """A registry as written before names: versions/ and aliases/ at its top, cards named by the data set."""
+    from tests.serving.registry_helper import register_version, set_alias
+
+    register_version(root, model, name="mnist")
+    register_version(root, model, name="mnist")
+    set_alias(root, "v0001")
+    set_alias(root, "v0002")
+
+
+@pytest.mark.fast
+def test_models_by_name_each_have_their_own_versions_and_champion(tmp_path):
+    root = tmp_path / "registry"
+    mnist, cifar = Registry(root, "mnist"), Registry(root, "cifar10")
+    _named(mnist, tiny_model(tmp_path / "a.onnx", 1.0))
+    _named(cifar, tiny_model(tmp_path / "b.onnx", 2.0))
+    _named(cifar, tiny_model(tmp_path / "c.onnx", 3.0))
+    cifar.promote("v0002")
+    mnist.promote("v0001")
+    assert mnist.versions() == ["v0001"] and cifar.versions() == ["v0001", "v0002"]
+    assert cifar.alias("champion")["version"] == "v0002" and mnist.alias("champion")["version"] == "v0001"
+    assert json.loads((root / "models" / "cifar10" / "versions" / "v0002" / "card.json").read_text())["name"] == "cifar10"
+    with pytest.raises(RegistryError, match="holds several models \\(cifar10, mnist\\): name one"):
+        Registry(root).versions()
+    with pytest.raises(ValueError, match="not a model name: '../x'"):
+        Registry(root, "../x")
+
+
+@pytest.mark.fast
+def test_an_old_single_model_registry_is_read_as_is_and_migrated_on_the_first_write(tmp_path):
+    from serving.repository import RegistryReader
+
+    root = tmp_path / "registry"
+    model = tiny_model(tmp_path / "a.onnx", 1.0)
+    _legacy_registry(root, model)
+    # Read as the model its cards name (the data set's: project.name's default), without moving anything.
+    registry = Registry(root, "mnist")
+    assert registry.versions() == ["v0001", "v0002"] and registry.alias("champion")["previous"] == ["v0001"]
+    assert RegistryReader(root, "mnist").alias_version("champion") == "v0002" and (root / "versions").is_dir()
+    assert Registry(root).name == "mnist"
+    # The first write (here: another model's registration) moves it under models/mnist/ whole, under the lock.
+    _named(Registry(root, "digits"), tiny_model(tmp_path / "b.onnx", 2.0))
+    assert not (root / "versions").exists() and not (root / "aliases").exists()
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["digits", "mnist"]
+    assert registry.versions() == ["v0001", "v0002"] and registry.verify("v0002")["name"] == "mnist"
+    assert registry.rollback()["version"] == "v0001"  # history kept: the alias's previous versions came along
+    assert RegistryReader(root, "mnist").alias_version("champion") == "v0001"
