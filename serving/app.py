@@ -21,6 +21,7 @@ from starlette.routing import Match, Route
 from serving import protocol, schemas
 from serving.binary import HEADER_LENGTH, OCTET_STREAM
 from serving.errors import BadRequest, NotFound, NotReady, ServingError
+from serving.grpc_server import start_grpc
 from serving.images import decode_image
 from serving.metrics import ServingMetrics
 from serving.middleware import Gatekeeper, InFlight, error_headers
@@ -52,6 +53,9 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        # gRPC beside REST, in this event loop (serve.grpc_port; None = off); a port it cannot bind fails start-up.
+        grpc_server = await start_grpc(holder, settings, metrics, in_flight)
+        app.state.grpc_port = grpc_server.port if grpc_server else None
         # Loading runs in the background: the server is live at once and ready once the champion is warm.
         watcher = asyncio.create_task(watch_champion(holder, settings.reload_poll_s))
         log.info("server started", extra={"event": "started", "host": settings.host, "port": settings.port,
@@ -61,6 +65,8 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
             yield
         finally:
             # uvicorn calls this after in-flight requests have drained (or shutdown_timeout_s has passed).
+            if grpc_server is not None:  # in-progress RPCs finish (up to shutdown_timeout_s); new ones are refused
+                await grpc_server.stop(settings.shutdown_timeout_s)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher

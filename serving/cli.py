@@ -18,6 +18,8 @@ def add_commands(sub) -> None:
                                          "Protocol")
     serve.add_argument("--host", help="bind address (serve.host; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (serve.port)")
+    serve.add_argument("--grpc-port", type=int, help="also serve gRPC (Open Inference Protocol) on this port; 0 = any "
+                                                     "free port (serve.grpc_port; default: REST only)")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), help="serve.device")
     serve.add_argument("--registry", type=Path, help="registry folder (paths.registry, env TUNELINE_SERVE_REGISTRY)")
     serve.add_argument("--model", help="serve only this model name (serve.model; default: every model's champion)")
@@ -45,7 +47,7 @@ def _settings(args: argparse.Namespace, root: Path):
     from serving.settings import build_settings, env_overrides
     from tasks.config import load_params
 
-    serve_flags = ("host", "port", "device", "model") if args.command == "serve" else ("host", "port", "device")
+    serve_flags = ("host", "port", "grpc_port", "device", "model") if args.command == "serve" else ("host", "port", "device")
     flags = {f"serve.{k}": getattr(args, k) for k in serve_flags if getattr(args, k, None) is not None}
     cli = parse_overrides(getattr(args, "overrides", []))
     # Precedence: params.yaml < environment < -S < explicit flags.

@@ -332,6 +332,7 @@ class ServeConfig(_Section):
 
     host: str = Field("127.0.0.1", description="loopback unless told otherwise")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="also serve the Open Inference Protocol over gRPC on this port (8001 is Triton's and KServe's); 0 = any free port, null = REST only")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda (cuda: refuse to start unless CUDA is really active)")
     model_file: str = Field("model.onnx", description="which file of a registry version to serve")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
