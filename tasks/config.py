@@ -277,7 +277,9 @@ class TuneConfig(_Section):
     """
 
     enabled: bool = Field(True, description="false: train with params.yaml as given")
-    n_trials: int = Field(6, ge=1, description="finished trials (complete, pruned or failed) the study holds")
+    n_trials: int = Field(6, ge=1, description="finished trials (complete or pruned) the study holds; failed ones are rerun")
+    max_failures: int | None = Field(None, ge=1, description="failed trials (raised, diverged, out of memory, worker lost) one tune call tolerates before it stops with an error; null: n_trials")
+    patience: int | None = Field(None, ge=1, description="stop the study when its best has not improved for this many finished trials (null: never)")
     timeout_s: float | None = Field(None, gt=0, description="wall-clock budget per `tune` call, on top of n_trials")
     epochs: int = Field(2, ge=1, description="epochs per trial (the pruner's max resource)")
     limit_train: int | None = Field(6000, gt=0, description="trial data: a stratified slice of the train split (null: all)")

@@ -2,32 +2,42 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 from pathlib import Path
 
 from tasks.config import Params, TuneConfig
 from tasks.lineage import Lineage
+from tasks.tune.budget import NOT_RUN, BudgetTaken, taken_before, worker_id
 from tasks.tune.space import trial_params
 
+__all__ = ["make_objective", "worker_id"]
 
-def worker_id() -> str:
-    """host:pid of this process: which machine and worker ran a trial (trials.csv's `worker` column)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for trials.csv: the exception's type and the first line of its message."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path):
-    """The Optuna objective: train one trial's config on `prepared`, return its best validation accuracy."""
+    """The Optuna objective: train one trial's config on `prepared`, return its best validation accuracy.
+
+    Any exception fails the trial with its reason recorded (user attr `reason`, trials.csv); the worker goes
+    on (tasks/tune/workers.py), and the failure does not use up n_trials (tasks/tune/budget.py).
+    """
     import optuna
     import torch
 
     from tasks.train.loop import DivergedError, run_train
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker_id())  # first: a worker that dies from here on is seen as lost
+        if taken_before(trial.study.get_trials(deepcopy=False), trial.number) >= cfg.n_trials:
+            trial.set_user_attr(NOT_RUN, True)
+            trial.set_user_attr("reason", "not run: other workers had taken the last of tune.n_trials")
+            raise BudgetTaken(f"trial {trial.number}: budget taken")
         params = trial_params(base, cfg, trial)
         trial_dir = workdir / f"trial-{trial.number}"
-        trial.set_user_attr("worker", worker_id())
         best = {"value": 0.0}
 
         def report(record: dict, _model) -> None:
@@ -46,6 +56,11 @@ def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path)
             raise
         except torch.cuda.OutOfMemoryError as exc:
             trial.set_user_attr("reason", f"out of GPU memory: {str(exc).splitlines()[0]}")
+            raise
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:  # a bug or bad input in this config: recorded, the study goes on
+            trial.set_user_attr("reason", failure_reason(exc))
             raise
         finally:
             shutil.rmtree(trial_dir, ignore_errors=True)

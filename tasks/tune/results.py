@@ -26,6 +26,7 @@ class TuneResult:
     best_params_path: Path
     trials_csv: Path
     top_trials: list[dict]
+    stopped: str | None = None  # why the study stopped before n_trials (tune.patience), if it did
 
 
 def write_disabled(tuning_dir: Path) -> TuneResult:
@@ -37,16 +38,29 @@ def write_disabled(tuning_dir: Path) -> TuneResult:
 
 
 def _trial_rows(study) -> tuple[list[dict], list[str]]:
-    keys = sorted({k for t in study.trials for k in t.params})
+    trials = study.trials
+    keys = sorted({k for t in trials for k in t.params})
+    # A trial failed by Optuna's heartbeat (a worker on another machine went silent) carries no reason of its
+    # own; its retry names it in system attr failed_trial.
+    retried_as = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
     rows = []
-    for t in study.trials:
+    for t in trials:
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        reason = t.user_attrs.get("reason", "")
+        if not reason and t.state.name == "FAIL" and t.number in retried_as:
+            reason = f"worker lost: no heartbeat within the grace period; retried as trial {retried_as[t.number]}"
         rows.append({"number": t.number, "state": t.state.name, "value": t.value,
                      "duration_s": round(duration, 2) if duration is not None else None,
                      "epochs_run": t.user_attrs.get("epochs_run", len(t.intermediate_values)),
-                     "reason": t.user_attrs.get("reason", ""), "worker": t.user_attrs.get("worker", ""),
+                     "reason": reason, "worker": t.user_attrs.get("worker", ""),
                      **{k: t.params.get(k) for k in keys}})
     return rows, keys
+
+
+def write_trials_table(study, tuning_dir: Path) -> None:
+    """trials.csv alone (a study that stopped on its failures has no best to write)."""
+    rows, keys = _trial_rows(study)
+    write_trials_csv(Path(tuning_dir) / "trials.csv", rows, keys)
 
 
 def write_trials_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
@@ -58,7 +72,7 @@ def write_trials_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
         writer.writerows(rows)
 
 
-def write_results(study, cfg: TuneConfig, tuning_dir: Path, seconds: float) -> TuneResult:
+def write_results(study, cfg: TuneConfig, tuning_dir: Path, seconds: float, stopped: str | None = None) -> TuneResult:
     """trials.csv, best_params.json and the plots for `study`; a RuntimeError when no trial completed."""
     import optuna
 
@@ -74,13 +88,14 @@ def write_results(study, cfg: TuneConfig, tuning_dir: Path, seconds: float) -> T
     best = study.best_trial
     top = sorted((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: -r["value"])[:5]
     payload = {"format": BEST_FORMAT, "enabled": True, "study": study.study_name, "best_trial": best.number,
-               "value": best.value, "params": best.params, "states": states, "seconds": round(seconds, 1)}
+               "value": best.value, "params": best.params, "states": states, "seconds": round(seconds, 1),
+               "stopped": stopped}
     write_bytes_atomic(tuning_dir / "best_params.json", (json.dumps(payload, indent=2) + "\n").encode())
     _write_plots(study, tuning_dir, len(complete))
     log.info("tune: study %s: best val_accuracy %.4f (trial %d) %s; trials %s", study.study_name, best.value,
              best.number, best.params, states)
     return TuneResult(study.study_name, best.params, best.value, states, tuning_dir / "best_params.json",
-                      tuning_dir / "trials.csv", top)
+                      tuning_dir / "trials.csv", top, stopped)
 
 
 def _write_plots(study, tuning_dir: Path, n_complete: int) -> None:

@@ -3,7 +3,9 @@
 The seed article's loop — train, evaluate, adjust, repeat — made automatic: TPE proposes a config,
 the training engine reports validation accuracy after every epoch, and a pruner (successive halving by
 default) stops trials that are behind, so most of the budget goes to promising configs. A trial that
-diverges or runs out of GPU memory is recorded as failed with its reason, and the study goes on.
+raises, diverges, runs out of GPU memory or loses its worker is recorded as failed with its reason and does
+not count toward n_trials; the study goes on until `tune.max_failures` failures, or stops early when its
+best has not improved for `tune.patience` trials (tasks/tune/budget.py, stopping.py).
 
 The study lives in an RDB (SQLite by default, PostgreSQL for many machines) under a name derived from
 everything that changes what a trial sees (tasks/tune/study.py: data version, prepare settings, fixed
@@ -23,7 +25,8 @@ import numpy as np
 
 from tasks.config import Params
 from tasks.data.prepare import SPLITS, load_manifest, stratified_take
-from tasks.tune.results import TuneResult, write_disabled, write_results
+from tasks.tune.budget import next_step
+from tasks.tune.results import TuneResult, write_disabled, write_results, write_trials_table
 from tasks.tune.space import validate_space
 from tasks.tune.storage import storage_url
 from tasks.tune.study import create_study, load_study, study_identity, study_name
@@ -48,12 +51,27 @@ def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version:
     validate_space(params, cfg.space)
     name, url = study_name(params, data_version), storage_url(cfg, tuning_dir, storage)
     # The identity travels with the study, so `optuna-dashboard` (or load_study) shows what it was run on.
-    create_study(cfg, name, url).set_user_attr("identity", study_identity(params, data_version))
+    study = create_study(cfg, name, url)
+    study.set_user_attr("identity", study_identity(params, data_version))
+    first_number = len(study.get_trials(deepcopy=False))  # failures from here on count toward tune.max_failures
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
         prepared = subset_prepared(Path(prepared_dir), Path(tmp) / "data", cfg.limit_train, cfg.limit_val, params.data.seed)
-        run_workers(params, prepared, name, url, Path(tmp), workers)
-    return write_results(load_study(name, url), cfg, tuning_dir, time.perf_counter() - started)
+        run_workers(params, prepared, name, url, Path(tmp), workers, first_number)
+    study = load_study(name, url)
+    step = next_step(study, cfg, first_number)
+    if step.kind == "failures":
+        write_trials_table(study, tuning_dir)  # each failure's reason, before the error points at it
+        raise TuneFailedError(f"tune: study {name} stopped: {step.reason}. See {tuning_dir / 'trials.csv'} for every "
+                              "trial's reason; fix the cause (or raise tune.max_failures) and rerun to continue")
+    stopped = step.reason if step.kind == "patience" else None
+    if stopped:
+        log.info("tune: study %s stopped early: %s", name, stopped)
+    return write_results(study, cfg, tuning_dir, time.perf_counter() - started, stopped=stopped)
+
+
+class TuneFailedError(RuntimeError):
+    """The study stopped after tune.max_failures failed trials in one tune call."""
 
 
 def subset_prepared(prepared_dir: Path, dest: Path, limit_train: int | None, limit_val: int | None, seed: int) -> Path:

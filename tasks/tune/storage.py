@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from pathlib import Path
 
 from tasks.config import ConfigError, TuneConfig
 
 STORAGE_ENV = "TUNELINE_TUNE_STORAGE"  # wins over tune.storage: keeps a database password out of params.yaml
+
+# How long a storage call keeps retrying a lost database connection before it gives up. A PostgreSQL restart
+# or failover takes seconds; a trial (and its heartbeat) waits it out instead of failing and leaving a
+# RUNNING orphan behind. Retries start at 0.2 s and double up to 5 s between attempts.
+RECONNECT_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 def storage_url(cfg: TuneConfig, tuning_dir: Path, override: str | None = None) -> str:
@@ -41,7 +50,7 @@ def open_storage(url: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable in practice since 2.x
-            storage = optuna.storages.RDBStorage(
+            storage = _reconnecting_storage_class()(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
         if url.startswith("sqlite"):
@@ -72,3 +81,66 @@ def _sqlite_write_ahead_log(engine) -> None:
 
     event.listen(engine, "connect", on_connect)
     engine.dispose()  # connections pooled while Optuna created its tables reconnect with the pragmas
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """True when `exc` (or its cause) is the database going away, not a bad statement or a conflict."""
+    import sqlalchemy.exc
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True  # server closed the connection, refused it, or is shutting down
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+_RECONNECTING = None
+
+
+def _reconnecting_storage_class():
+    """RDBStorage whose every public call retries a lost connection for up to RECONNECT_S.
+
+    Optuna turns a dropped connection into StorageInternalError and gives up, so a database restart in the
+    middle of a study would fail the running trial and, worse, its `tell` (the database is still down),
+    leaving it RUNNING and the worker dead. Each call is one transaction that rolled back when the connection
+    died, so repeating it is safe; pool_pre_ping swaps the dead pooled connections for new ones.
+    (The one exception, a commit that reached the server whose reply was lost, is the usual at-least-once
+    caveat of any client; a repeated state change then reads as UpdateFinishedTrialError, which callers handle.)
+    """
+    global _RECONNECTING
+    if _RECONNECTING is not None:
+        return _RECONNECTING
+    import functools
+
+    import optuna
+    import sqlalchemy.exc
+
+    def reconnecting(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            deadline, pause = time.monotonic() + RECONNECT_S, 0.2
+            while True:
+                try:
+                    return method(self, *args, **kwargs)
+                except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+                    if not _lost_connection(exc) or time.monotonic() + pause > deadline:
+                        raise
+                    cause = getattr(exc.__cause__, "orig", None) or exc.__cause__ or exc
+                    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+                    log.warning("tune: study storage connection lost in %s (%s); retrying in %.1f s",
+                                method.__name__, reason, pause)
+                    time.sleep(pause)
+                    pause = min(2 * pause, 5.0)
+        return call
+
+    base = optuna.storages.RDBStorage
+    names = [name for name, value in vars(base).items()
+             if callable(value) and (not name.startswith("_") or name == "_get_stale_trial_ids")
+             and name not in ("upgrade", "remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback")]
+    _RECONNECTING = type("ReconnectingRDBStorage", (base,), {name: reconnecting(getattr(base, name)) for name in names}
+                         | {"__module__": __name__})
+    globals()["ReconnectingRDBStorage"] = _RECONNECTING  # picklable by reference, as RDBStorage is
+    return _RECONNECTING

@@ -27,8 +27,10 @@ TRAIN_EXECUTION_KEYS = frozenset({"device", "precision", "channels_last", "compi
                                   "eval_batch_size", "resume", "epochs"})
 
 # tune.* keys that change the budget, the storage or how trials are scheduled, not what a trial sees:
-# a larger n_trials continues the study; packed and unpacked trials give the same results.
-TUNE_BUDGET_KEYS = frozenset({"enabled", "n_trials", "timeout_s", "storage", "study_name", "packing"})
+# a larger n_trials (or patience, or max_failures) continues the study; packed and unpacked trials give the
+# same results.
+TUNE_BUDGET_KEYS = frozenset({"enabled", "n_trials", "timeout_s", "storage", "study_name", "packing", "max_failures",
+                              "patience"})
 
 
 def study_identity(params: Params, data_version: str) -> dict[str, Any]:
