@@ -7,6 +7,9 @@ argmax of its logits equal to the class ONNX Runtime gives for that image here);
 
     python bench/bench_serving.py [--model models/model.onnx] [--prepared data/prepared] [--duration 6]
 
+Any exported model: its name (metadata `model_name`, else `model`) and input shape come from its ONNX metadata,
+and the images from the prepared test split it was trained for.
+
 Baseline = what one writes first: `def infer(req: PydanticModel)` → np.asarray → session.run (ONNX Runtime
 defaults) → `.tolist()`, JSON only. Ours = `tuneline serve` with its defaults, JSON (FP32 data) and binary
 (UINT8 tensor, binary logits) requests. Not a test: it prints a table and the ratios.
@@ -34,6 +37,16 @@ N_IMAGES = 256  # distinct real test images cycled through by the clients
 
 
 # --- the naive baseline server (run as `bench_serving.py --baseline-server`) ----------------------------------
+def model_contract(model_path: Path) -> tuple[str, tuple[int, ...]]:
+    """(model name, per-image input shape) from the ONNX file's metadata, as the server reads them."""
+    import onnx
+
+    from tasks.ship.onnx_metadata import read_input_spec
+
+    metadata = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    return metadata.get("model_name", "model"), read_input_spec(metadata, str(model_path)).shape
+
+
 def baseline_app(model_path: Path):
     import onnxruntime as ort
     from fastapi import FastAPI
@@ -41,6 +54,7 @@ def baseline_app(model_path: Path):
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
+    _, row = model_contract(model_path)
 
     class Tensor(BaseModel):
         name: str
@@ -56,7 +70,7 @@ def baseline_app(model_path: Path):
     @app.post("/v2/models/{name}/infer")
     def infer(name: str, request: Request):
         tensor = request.inputs[0]
-        pixels = np.asarray(tensor.data, dtype=np.float32).reshape(-1, 1, 28, 28)
+        pixels = np.asarray(tensor.data, dtype=np.float32).reshape(-1, *row)
         (logits,) = session.run(None, {input_name: pixels})
         return {"model_name": name, "outputs": [{"name": "logits", "shape": list(logits.shape), "datatype": "FP32",
                                                  "data": logits.ravel().tolist()}]}
@@ -65,21 +79,22 @@ def baseline_app(model_path: Path):
 
 
 # --- load generator -------------------------------------------------------------------------------------------
-def build_requests(images: np.ndarray, port: int, binary: bool) -> list[bytes]:
-    """Complete HTTP/1.1 requests, one per image."""
+def build_requests(images: np.ndarray, port: int, binary: bool, name: str) -> list[bytes]:
+    """Complete HTTP/1.1 requests, one per image (uint8 [N, C, H, W]), to model `name`."""
     requests = []
     for image in images:
+        shape = [1, *image.shape]
         if binary:
-            head = orjson.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "UINT8",
+            head = orjson.dumps({"inputs": [{"name": "pixels", "shape": shape, "datatype": "UINT8",
                                              "parameters": {"binary_data_size": image.size}}],
                                  "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]})
             body = head + image.tobytes()
             extra = f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(head)}\r\n"
         else:
-            body = orjson.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "FP32",
+            body = orjson.dumps({"inputs": [{"name": "pixels", "shape": shape, "datatype": "FP32",
                                              "data": image.ravel().tolist()}], "outputs": [{"name": "logits"}]})
             extra = "Content-Type: application/json\r\n"
-        requests.append(f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
+        requests.append(f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     return requests
 
@@ -178,17 +193,20 @@ def wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 60
     raise RuntimeError(f"server on port {port} not ready after {timeout:.0f} s")
 
 
-def make_registry(root: Path, model_path: Path) -> Path:
-    """One version + champion alias, in the registry layout the server reads."""
+def make_registry(root: Path, model_path: Path, name: str) -> Path:
+    """One version + champion alias of model `name`, in the registry layout the server reads."""
+    from tasks.ship.registry_layout import RegistryTree
+
+    folder = RegistryTree(root).model_dir(name)
     data = model_path.read_bytes()
-    version = root / "versions" / "v0001"
+    version = folder / "versions" / "v0001"
     version.mkdir(parents=True)
     (version / "model.onnx").write_bytes(data)
-    (version / "card.json").write_text(json.dumps({"name": "mnist", "version": "v0001", "created": "",
+    (version / "card.json").write_text(json.dumps({"name": name, "version": "v0001", "created": "",
                                                    "files": {"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(),
                                                                             "bytes": len(data)}}}))
-    (root / "aliases").mkdir()
-    (root / "aliases" / "champion.json").write_text(json.dumps({"version": "v0001", "previous": [], "updated": ""}))
+    (folder / "aliases").mkdir()
+    (folder / "aliases" / "champion.json").write_text(json.dumps({"version": "v0001", "previous": [], "updated": ""}))
     return root
 
 
@@ -226,27 +244,29 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    images = np.load(args.prepared / "test-images.npy")[:N_IMAGES]  # real MNIST test digits, uint8 [N, 28, 28]
+    name, row = model_contract(args.model)
+    images = np.load(args.prepared / "test-images.npy")[:N_IMAGES]  # real test images of the model's data set
+    images = np.ascontiguousarray(images.reshape(len(images), *row))  # prepared before specs: [N, H, W]
     check = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
-    (logits,) = check.run(None, {"pixels": images[:, None].astype(np.float32)})
+    (logits,) = check.run(None, {"pixels": images.astype(np.float32)})
     expected = logits.argmax(1)
 
     results: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         tmp = Path(tmp)
-        registry = make_registry(tmp / "registry", args.model)
+        registry = make_registry(tmp / "registry", args.model, name)
         ours_port, base_port = free_port(), free_port()
         ours = start([sys.executable, "-m", "flows.cli", "--project", str(REPO), "serve", "--registry", str(registry),
                       "--port", str(ours_port), "-S", "serve.access_log=false", "-S", "serve.reload_poll_s=0"],
                      ours_port, "/v2/health/ready", tmp / "ours.log")
         base = start([sys.executable, __file__, "--baseline-server", "--port", str(base_port),
-                      "--model", str(args.model)], base_port, "/v2/models/mnist/infer", tmp / "baseline.log")
+                      "--model", str(args.model)], base_port, f"/v2/models/{name}/infer", tmp / "baseline.log")
         try:
             cells = [("baseline json", base, base_port, False), ("tuneline json", ours, ours_port, False),
                      ("tuneline binary", ours, ours_port, True)]
             for concurrency in args.concurrency:
                 for name, proc, port, binary in cells:
-                    requests = build_requests(images, port, binary)
+                    requests = build_requests(images, port, binary, name)
                     cpu_before = cpu_seconds(proc.pid)
                     r = asyncio.run(run_load(port, requests, expected, concurrency, args.warmup, args.duration))
                     # CPU per request over warm-up + measurement: robust to other load on a shared machine
