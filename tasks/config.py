@@ -336,6 +336,7 @@ class ServeConfig(_Section):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
     grpc_port: int | None = Field(None, ge=0, le=65535, description="also serve the Open Inference Protocol over gRPC on this port (8001 is Triton's and KServe's); 0 = any free port, null = REST only")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda (cuda: refuse to start unless CUDA is really active)")
+    model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="serve only this model name (default: the champion of every model in the registry)")
     model_file: str = Field("model.onnx", description="which file of a registry version to serve")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
     batching: bool = Field(True, description="merge concurrent requests into one session run")
@@ -350,8 +351,8 @@ class ServeConfig(_Section):
     notify_url: str | None = Field(None, description="pipeline: after a promotion, POST this server's load endpoint")
 
 
-    model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="serve only this model name (default: the champion of every model in the registry)")
 class Params(_Section):
+    project: ProjectConfig = ProjectConfig()
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -366,7 +367,6 @@ class Params(_Section):
         payload = self.model_dump(mode="json", exclude={"project", "paths", "serve"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    project: ProjectConfig = ProjectConfig()
 
 KWARGS_PREFIX = "model.kwargs."  # model.kwargs.KEY sets one key of the free-form model.kwargs (tunable in tune.space)
 
