@@ -292,6 +292,11 @@ def report(results: dict, args: argparse.Namespace) -> None:
     for (name, concurrency), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"| {name} | {concurrency} | {r['throughput']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
               f"| {r['errors']} | {r['cpu_ms']:.2f} |")
+    errors = {k: r["first_error"] for k, r in results.items() if r["errors"]}
+    if errors:
+        print("\nfirst error per cell:", errors)
+    if any(r["throughput"] == 0 for r in results.values()):
+        return  # no ratios without answers
     print("\n| concurrency | ours json / baseline req/s | ours binary / baseline req/s | p99 json / baseline "
           "| p99 binary / baseline |")
     print("|---:|---:|---:|---:|---:|")
@@ -301,9 +306,6 @@ def report(results: dict, args: argparse.Namespace) -> None:
         ratio = {k: r["throughput"] / base["throughput"] for k, r in (("json", js), ("binary", bi))}
         print(f"| {concurrency} | {ratio['json']:.2f}× | {ratio['binary']:.2f}× "
               f"| {js['p99_ms'] / base['p99_ms']:.2f} | {bi['p99_ms'] / base['p99_ms']:.2f} |")
-    errors = {k: r["first_error"] for k, r in results.items() if r["errors"]}
-    if errors:
-        print("\nfirst error per cell:", errors)
 
 
 if __name__ == "__main__":
