@@ -40,7 +40,6 @@ from tasks.ship.export_report import ExportReport
 from tasks.lineage import git_commit
 from tasks.ship.promote import PromoteResult
 from tasks.ship.registry import Registry
-from tasks.ship.registry_layout import MODEL_FILE, RegistryLayout
 from tasks.summary import render_summary
 from tasks.tune.results import apply_best_params, tuning_summary
 from tasks.versioning import (commit_stage, data_version, push, restore_stage, stage_changed, stage_fingerprint,
@@ -202,8 +201,7 @@ def _summarise(params: Params, workspace: Workspace, ran: dict[str, str], pushed
     tuning = tuning_summary(root / p.tuning)
     params = apply_best_params(params, root / p.tuning / "best_params.json")  # what the model was trained with
     # A path that outlives the run's workspace: the registered file when there is one.
-    layout = RegistryLayout(paths.registry)
-    registered = layout.version_dir(promotion.version) / MODEL_FILE if promotion.version else None
+    registered = promotion.registered_path
     shipped = registered if workspace.isolated and registered is not None and registered.is_file() else root / p.onnx
     summary = {
         "data_version": data_version(root, p.raw),
