@@ -7,6 +7,7 @@
     tuneline models list|show|promote|rollback|register   the model registry (flows/models_cli.py)
     tuneline dvc-yaml [--check]                           write (or check) dvc.yaml from the stage table
     tuneline config-docs [--check]                        params.yaml comments + docs knob table from tasks/config.py
+    tuneline dashboard [--host H] [--port P] [-S …]        optuna-dashboard over the live study storage
     tuneline serve [--host H] [--port P] [--device D] [-S serve.key=value …]   the inference server (serving/)
     tuneline predict IMAGE… [--url URL]                  classify PNG/JPEG digits with a running server
 
@@ -60,9 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--shared-project", type=Path, default=None, help=argparse.SUPPRESS)  # ... in a run workspace
     tune = sub.add_parser("tune", help="run or continue the hyperparameter study (tune stage) with N workers")
     tune.add_argument("--workers", type=int, default=1, help="worker processes sharing one study (default 1)")
+    dashboard = sub.add_parser("dashboard", help="optuna-dashboard over the live study storage (tasks/tune/dashboard.py)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+    dashboard.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     from tasks.config import add_override_option
 
-    for p in (run, stage, tune):
+    for p in (run, stage, tune, dashboard):
         add_override_option(p)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # as global
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC reports it unchanged")
@@ -129,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "tune":
             return _run_tune(params, root, args.workers)
+        if args.command == "dashboard":
+            from flows.environment import Environment
+            from tasks.tune.dashboard import serve_dashboard
+            from tasks.tune.storage import storage_url
+
+            study_dir = params.paths.resolve(root).study_db.parent
+            return serve_dashboard(storage_url(params.tune, study_dir, Environment.read().tune_storage), args.host, args.port)
         if args.command == "models":
             from flows.models_cli import run_models
 
