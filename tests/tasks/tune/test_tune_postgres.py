@@ -25,9 +25,10 @@ def test_two_worker_processes_finish_one_study_in_postgres(tmp_path, small_prepa
     result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir", workers=2, storage=storage)
 
     rows = list(csv.DictReader(open(result.trials_csv)))
-    assert 4 <= len(rows) <= 5  # a racing worker may start one more before it sees the budget spent
     assert sorted(int(r["number"]) for r in rows) == list(range(len(rows)))
-    assert all(r["state"] == "COMPLETE" for r in rows)
+    assert sum(r["state"] == "COMPLETE" for r in rows) == 4  # exactly n_trials, however the workers raced
+    # A trial asked in the same instant as the last one is told FAIL, not run (tasks/tune/budget.py).
+    assert all(r["reason"].startswith("not run:") for r in rows if r["state"] != "COMPLETE")
     assert not (tmp_path / "study.db").exists()  # nothing went to a local SQLite file
 
     # The trials are in PostgreSQL, written by two different worker processes.
@@ -37,7 +38,7 @@ def test_two_worker_processes_finish_one_study_in_postgres(tmp_path, small_prepa
         ((name, complete),) = cursor.fetchall()
         cursor.execute("SELECT count(DISTINCT value_json) FROM trial_user_attributes WHERE key = 'worker'")
         (worker_pids,) = cursor.fetchone()
-    assert name == result.study_name and complete == len(rows)
+    assert name == result.study_name and complete == 4
     assert worker_pids == 2
 
     # A rerun (another machine joining late) finds the budget spent and adds nothing.
