@@ -20,6 +20,7 @@ from starlette.routing import Match, Route
 
 from serving import protocol, schemas
 from serving.binary import HEADER_LENGTH, OCTET_STREAM
+from serving.drain import Drain
 from serving.errors import BadRequest, NotFound, NotReady, ServingError
 from serving.grpc_server import start_grpc
 from serving.images import decode_image
@@ -50,12 +51,15 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
     # concurrent run would only fight it for them.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
     holder = ModelHolder(settings, providers, metrics, executor, in_flight)
+    drain = Drain(lambda: [m.batcher.flush() for m in holder.loaded() if m.batcher is not None])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         # gRPC beside REST, in this event loop (serve.grpc_port; None = off); a port it cannot bind fails start-up.
         grpc_server = await start_grpc(holder, settings, metrics, in_flight)
         app.state.grpc_port = grpc_server.port if grpc_server else None
+        if grpc_server is not None:  # new RPCs are refused as soon as draining starts; those in progress finish
+            drain.on_begin(lambda: grpc_server.stop(settings.shutdown_timeout_s))
         # Loading runs in the background: the server is live at once and ready once the champion is warm.
         watcher = asyncio.create_task(watch_champion(holder, settings.reload_poll_s))
         log.info("server started", extra={"event": "started", "host": settings.host, "port": settings.port,
@@ -64,9 +68,9 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
         try:
             yield
         finally:
-            # uvicorn calls this after in-flight requests have drained (or shutdown_timeout_s has passed).
-            if grpc_server is not None:  # in-progress RPCs finish (up to shutdown_timeout_s); new ones are refused
-                await grpc_server.stop(settings.shutdown_timeout_s)
+            # uvicorn calls this after in-flight requests have drained (or shutdown_timeout_s has passed);
+            # serving.drain began the drain (gRPC's stop among it) when the signal came.
+            await drain.finish()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -76,7 +80,7 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
     app = FastAPI(title="Tuneline inference server", version=protocol.server_metadata()["version"],
                   summary="Open Inference Protocol (KServe V2) REST with the binary tensor data extension",
                   lifespan=lifespan)
-    app.state.holder, app.state.metrics, app.state.settings = holder, metrics, settings
+    app.state.holder, app.state.metrics, app.state.settings, app.state.drain = holder, metrics, settings, drain
     generate_openapi = app.openapi
     app.openapi = lambda: schemas.add_components(generate_openapi())  # FastAPI caches the result
 
@@ -103,7 +107,7 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
     _health_routes(app, holder)
     _model_routes(app, holder)
     _repository_routes(app, holder)
-    app.add_middleware(Gatekeeper, settings=settings, metrics=metrics, in_flight=in_flight)
+    app.add_middleware(Gatekeeper, settings=settings, metrics=metrics, in_flight=in_flight, drain=drain)
     return app
 
 

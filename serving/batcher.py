@@ -47,6 +47,12 @@ class Batcher:
         self._typical = 1.0  # moving average of requests per batch
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._flushing = False  # set when the server drains: nobody new will join, so no batch waits
+
+    def flush(self) -> None:
+        """Dispatch what is queued now, and from now on never wait for a batch to fill (the server is draining)."""
+        self._flushing = True
+        self._wake.set()
 
     async def submit(self, rows: np.ndarray) -> Outputs:
         """Run `rows` (first axis = rows) as part of a batch; returns this caller's slice of every output."""
@@ -68,7 +74,7 @@ class Batcher:
         return len(self._pending)
 
     def _dispatch_now(self) -> bool:
-        if self._pending_rows >= self.max_batch_size:
+        if self._flushing or self._pending_rows >= self.max_batch_size:
             return True
         queued = len(self._pending)
         return self.in_flight is not None and queued >= self.in_flight() and queued >= int(self._typical)

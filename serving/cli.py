@@ -60,6 +60,7 @@ def serve(args: argparse.Namespace, root: Path) -> int:
     import uvicorn
 
     from serving.app import create_app
+    from serving.drain import DrainingServer
     from serving.logs import configure_logging
     from tasks.ship.onnx_session import resolve_providers
 
@@ -72,7 +73,7 @@ def serve(args: argparse.Namespace, root: Path) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s, server_header=False,
                             log_level=settings.log_level)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)  # SIGTERM: the lossless drain of serving/drain.py
     server.run()
     return 0 if server.started else 1
 

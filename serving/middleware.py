@@ -6,13 +6,14 @@ Plain ASGI rather than Starlette's BaseHTTPMiddleware, which costs a task and a 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 
 import orjson
 
-from serving.errors import Busy, PayloadTooLarge, ServingError, Unauthorized
+from serving.errors import Busy, NotReady, PayloadTooLarge, ServingError, Unauthorized
 from serving.metrics import ServingMetrics
 from serving.settings import ServeSettings
 
@@ -36,8 +37,9 @@ def is_inference(method: str, path: str) -> bool:
 
 
 class Gatekeeper:
-    def __init__(self, app, settings: ServeSettings, metrics: ServingMetrics, in_flight: InFlight):
+    def __init__(self, app, settings: ServeSettings, metrics: ServingMetrics, in_flight: InFlight, drain=None):
         self.app, self.settings, self.metrics, self.in_flight = app, settings, metrics, in_flight
+        self.drain = drain  # serving.drain.Drain: while draining, answers close their connection
         self.token = settings.token.get_secret_value().encode() if settings.token else None
 
     async def __call__(self, scope, receive, send):
@@ -46,11 +48,14 @@ class Gatekeeper:
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
         status = 500  # what the metrics record if the app dies before answering
+        answered = False
 
         async def send_recording(message):
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
+                if self.drain is not None and self.drain.draining:  # the client must not reuse this connection
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         inference = is_inference(method, path)
@@ -66,6 +71,15 @@ class Gatekeeper:
                 self.metrics.in_flight.inc()
                 counted = True
             await self.app(scope, self._limited(receive), send_recording)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when serve.shutdown_timeout_s runs out: answer it in JSON
+            # (uvicorn's own answer would be a text/plain 500) and end normally.
+            if self.drain is None or not self.drain.draining or answered:
+                raise
+            self.metrics.rejected.labels("503").inc()
+            await _reply(send_recording, NotReady(
+                f"server shutting down: the drain time (serve.shutdown_timeout_s = {self.settings.shutdown_timeout_s:g} s) "
+                "ran out before this request finished; retry it"))
         finally:
             if counted:
                 self.in_flight.count -= 1
