@@ -49,3 +49,9 @@ class LoadError(ServingError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+class Forbidden(ServingError):
+    """An admin route (repository load/unload) from a client it is not open to."""
+
+    status = 403

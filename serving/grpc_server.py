@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from serving import protocol
+from serving.admin import PathRedactor
 from serving.binary import tensor_bytes, tensor_from_bytes
 from serving.errors import BadRequest, Busy, NotFound, NotReady, ServingError, Unauthorized
 from serving.metrics import ServingMetrics
@@ -152,6 +153,7 @@ class _Calls:
         self.service = service
         token = service.settings.token
         self.token = token.get_secret_value().encode() if token else None
+        self.redactor = PathRedactor(service.settings.registry)  # no server paths in client-facing messages
 
     def handler(self, method: str):
         implementation = getattr(self.service, method)
@@ -166,7 +168,7 @@ class _Calls:
                 return await implementation(request)
             except ServingError as exc:
                 code = CODES.get(exc.status, grpc.StatusCode.INTERNAL)
-                await context.abort(code, str(exc))
+                await context.abort(code, self.redactor.text(str(exc)))
             except Exception as exc:  # a bug: INTERNAL, with the traceback in the log and not in the answer
                 log.exception("unhandled error", extra={"event": "internal_error", "path": endpoint})
                 code = grpc.StatusCode.INTERNAL

@@ -13,6 +13,7 @@ import time
 
 import orjson
 
+from serving.admin import PathRedactor, admin_refusal, is_admin_route
 from serving.errors import Busy, NotReady, PayloadTooLarge, ServingError, Unauthorized
 from serving.metrics import ServingMetrics
 from serving.settings import ServeSettings
@@ -41,6 +42,8 @@ class Gatekeeper:
         self.app, self.settings, self.metrics, self.in_flight = app, settings, metrics, in_flight
         self.drain = drain  # serving.drain.Drain: while draining, answers close their connection
         self.token = settings.token.get_secret_value().encode() if settings.token else None
+        self.admin_token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
+        self.redactor = PathRedactor(settings.registry)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -50,12 +53,21 @@ class Gatekeeper:
         status = 500  # what the metrics record if the app dies before answering
         answered = False
 
+        held_start = None  # an error answer's start, held until its body is known (see _redacted)
+
         async def send_recording(message):
-            nonlocal status, answered
+            nonlocal status, answered, held_start
             if message["type"] == "http.response.start":
                 status, answered = message["status"], True
                 if self.drain is not None and self.drain.draining:  # the client must not reuse this connection
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                if status >= 400:
+                    held_start = message
+                    return
+            elif held_start is not None and message["type"] == "http.response.body":
+                start, held_start = held_start, None
+                message = {**message, "body": self.redactor.body(message.get("body", b""))}
+                await send(_with_length(start, len(message["body"])) if not message.get("more_body") else start)
             await send(message)
 
         inference = is_inference(method, path)
@@ -95,7 +107,13 @@ class Gatekeeper:
 
     def _refusal(self, scope, path: str, inference: bool) -> ServingError | None:
         headers = dict(scope["headers"])
-        if self.token is not None and path not in OPEN_PATHS:
+        admin = is_admin_route(scope["method"], path)
+        if admin:
+            refusal = admin_refusal((scope.get("client") or (None,))[0], headers.get(b"authorization", b""),
+                                    self.admin_token)
+            if refusal is not None:
+                return refusal
+        if self.token is not None and path not in OPEN_PATHS and not (admin and self.admin_token is not None):
             given = headers.get(b"authorization", b"")
             if not given.startswith(b"Bearer ") or not hmac.compare_digest(given[7:].strip(), self.token):
                 return Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'")
@@ -122,6 +140,12 @@ class Gatekeeper:
             return message
 
         return receive_limited
+
+
+def _with_length(start: dict, length: int) -> dict:
+    """The start message with its Content-Length set to `length` (the body was redacted)."""
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+    return {**start, "headers": [*headers, (b"content-length", str(length).encode())]}
 
 
 def error_headers(exc: ServingError) -> dict[str, str]:

@@ -108,7 +108,7 @@ def run_server(registry: Path, wait_ready: bool = True, **settings) -> Iterator[
     port = free_port()
     config = ServeSettings(registry=registry, port=port, **{"access_log": False, "reload_poll_s": 0.05, **settings})
     app = create_app(config, resolve_providers(config.device))
-    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=config.shutdown_timeout_s))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
