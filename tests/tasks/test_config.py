@@ -48,7 +48,7 @@ def test_unknown_key_lists_the_valid_keys_of_its_section():
 
 
 def test_unknown_section_lists_the_sections():
-    with pytest.raises(ConfigError, match="unknown key 'trian.lr': valid keys are data, export, gate, model, paths, serve, train, tune"):
+    with pytest.raises(ConfigError, match="unknown key 'trian.lr': valid keys are data, export, gate, model, paths, project, serve, train, tune"):
         build_params({}, {"trian.lr": 0.1})
 
 
