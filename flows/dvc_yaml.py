@@ -119,12 +119,16 @@ MODEL_STAGES = ("tune", "train", "evaluate", "export")
 
 
 def source_deps(root: Path, stage: str) -> list[str]:
-    """Data deps that exist only for some sources: fetch of an image folder depends on the folder or archive
+    """Data deps that exist only for some params: fetch of an image folder depends on the folder or archive
     itself (templated, so dvc.yaml changes only when the kind of source does; DVC hashes a path outside the
-    project too), so deleting images from it makes `dvc status` list fetch."""
+    project too), so deleting images from it makes `dvc status` list fetch; tune and train depend on the
+    `model.weights` file they start from."""
     data = _data_params(root)
     if stage == "fetch" and data.get("source") == "imagefolder" and data.get("image_folder"):
         return ["${data.image_folder}"]
+    # Fine-tuning starts from model.weights: a new state dict there is a new starting point for tune and train.
+    if stage in ("tune", "train") and _section(root, "model").get("weights"):
+        return ["${model.weights}"]
     return []
 
 
