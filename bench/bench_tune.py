@@ -1,31 +1,46 @@
-"""Benchmark: the same study with and without pruning, in one process, same device, same seed and trials.
+"""Benchmark: does pruning pay? The same enqueued trial configurations with and without ASHA, 3 sampler seeds.
 
-Runs `tasks.tune.stage.run_tune` twice over one search space — (a) successive halving (ASHA), (b) no pruning —
-and prints for each the best validation accuracy, trials by state, total trial-epochs and device-seconds
-(the sum of trial durations), and the ratios (a)/(b).
+For each seed a seeded random sampler draws `--trials` configurations once; every arm (no pruning, ASHA)
+gets a fresh study with exactly those configurations enqueued, run through `tasks.tune.stage.run_tune`, in
+this process, on one device. Arms alternate within a seed, so load from other processes on the machine
+falls on both alike. For each arm it prints the best validation accuracy, trials per minute,
+device-seconds (one definition for every bench: the wall span during which the device was busy with
+trials, first trial start to last trial end), the process CPU-seconds of that span (less disturbed by
+other load), the ratios ASHA/none, and where the time went:
 
-    python bench/bench_tune.py                                  # CPU-sized defaults: a slice of MNIST
-    python bench/bench_tune.py --trials 64 --epochs 9 --arch bn_cnn --limit-train 0   # GPU-sized
+- per-trial set-up (data, model, optimizer: the trial's start to its first batch), training, validation,
+  and the trial's remaining in-trial cost (reports to the pruner, user attrs, teardown);
+- study overhead between trials (the sampler's ask, tell, the budget check);
+- the rung schedule, trial-epochs, and what ASHA pruned: the no-pruning rank of each config it kept, and how
+  well each rung's accuracy ranks the configs' final accuracy (Spearman), which is what a rung can see.
+
+    python bench/bench_tune.py                           # CPU-sized defaults: seed MLP on MNIST slices
+    python bench/bench_tune.py --trials 32 --epochs 9 --arch bn_cnn --limit-train 0   # GPU-sized
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import DataConfig, build_params  # noqa: E402
+from tasks.config import DataConfig, SpaceDim, build_params  # noqa: E402
 from tasks.data.fetch import run_fetch  # noqa: E402
 from tasks.data.prepare import run_prepare  # noqa: E402
+from tasks.tune.space import suggest  # noqa: E402
 from tasks.tune.stage import run_tune  # noqa: E402
+from tasks.tune.storage import storage_url  # noqa: E402
+from tasks.tune.study import create_study  # noqa: E402
 
 SPACE = {
     "train.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
@@ -35,48 +50,168 @@ SPACE = {
 }
 
 
-def study(prepared: Path, workdir: Path, pruner: str, args) -> dict:
-    params = build_params({}, {
-        "model.arch": args.arch, "train.scheduler": "none", "train.device": args.device,
-        "tune.space": SPACE, "tune.n_trials": args.trials, "tune.epochs": args.epochs, "tune.pruner": pruner,
-        "tune.min_resource": 1, "tune.reduction_factor": 3, "tune.sampler_seed": 0,
-        "tune.limit_train": args.limit_train or None, "tune.limit_val": args.limit_val or None,
-        "tune.study_name": f"bench-{pruner}",
-    })
-    result = run_tune(params, prepared, workdir / pruner, data_version="bench")
-    rows = list(csv.DictReader(open(result.trials_csv)))
-    return {"pruner": pruner, "best": result.best_value, "states": result.states,
-            "trial_epochs": sum(int(r["epochs_run"] or 0) for r in rows),
-            "seconds": sum(float(r["duration_s"] or 0) for r in rows)}
+def trial_configs(n: int, seed: int) -> list[dict]:
+    """`n` configurations from a random sampler seeded with `seed`: the same list for every arm of that seed."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    configs = []
+    for _ in range(n):
+        trial = scratch.ask()
+        configs.append({key: suggest(trial, key, SpaceDim(**dim)) for key, dim in SPACE.items()})
+        scratch.tell(trial, 0.0)
+    return configs
+
+
+def arm(prepared: Path, workdir: Path, pruner: str, seed: int, configs: list[dict], args) -> dict:
+    """One study: the configs enqueued, run, and measured."""
+    import optuna
+
+    overrides = {
+        "model.arch": args.arch, "train.scheduler": "none", "train.device": args.device, "train.seed": 0,
+        "tune.space": SPACE, "tune.n_trials": len(configs), "tune.epochs": args.epochs, "tune.pruner": pruner,
+        "tune.sampler_seed": seed, "tune.limit_train": args.limit_train or None,
+        "tune.limit_val": args.limit_val or None, "tune.study_name": f"bench-{pruner}-{seed}", "tune.packing": None,
+    }
+    overrides.update({f"tune.{key}": value for key, value in args.tune_overrides.items()})
+    params = build_params({}, overrides)
+    out = workdir / f"{pruner}-{seed}"
+    out.mkdir(parents=True)
+    url = storage_url(params.tune, out)
+    enqueue = create_study(params.tune, params.tune.study_name, url)
+    for config in configs:
+        enqueue.enqueue_trial(config)
+    cpu0 = time.process_time()
+    result = run_tune(params, prepared, out, data_version="bench")
+    cpu = time.process_time() - cpu0
+    trials = sorted(optuna.load_study(study_name=params.tune.study_name, storage=url).trials, key=lambda t: t.number)
+    span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]
+    attr = lambda key: sum(float(t.user_attrs.get("times", {}).get(key, t.user_attrs.get(key, 0.0)))  # noqa: E731
+                           for t in trials)
+    parts = {"setup": attr("setup_s"), "train": attr("train_s"), "val": attr("val_s"), "epochs": attr("epoch_s")}
+    if not parts["epochs"]:
+        parts["epochs"] = parts["train"] + parts["val"]
+    in_trial = sum(durations) - parts["setup"] - parts["epochs"]
+    return {
+        "pruner": pruner, "seed": seed, "best": result.best_value, "states": result.states, "span": span, "cpu": cpu,
+        "per_minute": len(trials) / span * 60, "durations": sum(durations), "parts": parts, "in_trial": in_trial,
+        "between": span - sum(durations), "trial_epochs": sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials),
+        "validations": sum(len(t.intermediate_values) for t in trials),
+        "rungs": sorted({step for t in trials for step in t.intermediate_values}),
+        "values": {t.number: t.value for t in trials}, "curves": {t.number: dict(t.intermediate_values) for t in trials},
+        "pruned_at": {t.number: max(t.intermediate_values) for t in trials if t.state.name == "PRUNED"},
+        "schedule": params.tune,
+    }
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        for rank, i in enumerate(order):
+            out[i] = float(rank)
+        return out
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def pruning_report(full: dict, pruned: dict) -> str:
+    """What ASHA kept and cut, against the no-pruning arm's final ranking of the same configs."""
+    order = sorted(full["values"], key=lambda n: -full["values"][n])
+    rank = {n: i + 1 for i, n in enumerate(order)}
+    kept = sorted(rank[n] for n in pruned["values"] if n not in pruned["pruned_at"])
+    best = order[0]
+    fate = f"pruned after epoch {pruned['pruned_at'][best]}" if best in pruned["pruned_at"] else "kept to the end"
+    rho = []
+    for step in full["rungs"]:
+        xs = [full["curves"][n].get(step) for n in order]
+        if all(x is not None for x in xs):
+            rho.append(f"epoch {step}: {spearman(xs, [full['values'][n] for n in order]):.2f}")
+    return (f"seed {full['seed']}: ASHA completed the configs ranked {kept} without pruning; the best config "
+            f"(#{best}, {full['values'][best]:.4f}) was {fate}. Rank correlation of epoch-e accuracy with the final "
+            f"best, no-pruning arm: {', '.join(rho)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=9, help="max epochs per trial (ASHA rungs at 1, 3, 9)")
+    parser.add_argument("--epochs", type=int, default=9, help="max epochs per trial (the pruner's max resource)")
+    parser.add_argument("--seeds", default="0,1,2", help="sampler seeds: each draws its own configurations")
     parser.add_argument("--arch", default="seed_mlp")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--limit-train", type=int, default=2000, help="0: the whole train split")
-    parser.add_argument("--limit-val", type=int, default=1000, help="0: the whole val split")
+    parser.add_argument("--limit-val", type=int, default=5000, help="0: the whole val split (5,000 images)")
+    parser.add_argument("--pruners", default="none,asha")
+    parser.add_argument("-S", dest="tune_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a tune.* setting for every arm, e.g. -S min_resource=1 (repeatable)")
     parser.add_argument("--mirror", default=os.environ.get("TUNELINE_DATA_MIRROR") or
                         str(Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"))
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-tune-"))
-    run_fetch(DataConfig(), work / "raw", mirror=args.mirror)
-    run_prepare(DataConfig(), work / "raw", work / "prepared")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
-        f"CPU ({platform.processor() or 'unknown'}, {os.cpu_count()} cores)"
-    print(f"device: {device}; torch {torch.__version__}; {args.trials} trials x <= {args.epochs} epochs, "
-          f"{args.arch}, train slice {args.limit_train or 'all'}, val slice {args.limit_val or 'all'}")
-    pruned = study(work / "prepared", work, "asha", args)
-    full = study(work / "prepared", work, "none", args)
+    args.tune_overrides = dict(item.split("=", 1) for item in args.tune_overrides)
+    logging.basicConfig(level=logging.WARNING)
+    pruners = args.pruners.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
+        work = Path(tmp)
+        run_fetch(DataConfig(), work / "raw", mirror=args.mirror)
+        run_prepare(DataConfig(), work / "raw", work / "prepared")
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
+            f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        print(f"device: {device}; torch {torch.__version__}; {args.trials} trials x <= {args.epochs} epochs, "
+              f"{args.arch}, train slice {args.limit_train or 'all'}, val slice {args.limit_val or 'all'}, "
+              f"seeds {seeds}, tune overrides {args.tune_overrides or 'none'}", flush=True)
+        runs: dict[str, list[dict]] = {p: [] for p in pruners}
+        for seed in seeds:
+            configs = trial_configs(args.trials, seed)
+            for i, pruner in enumerate(pruners if seed % 2 == 0 else reversed(pruners)):  # alternate who goes first
+                r = arm(work / "prepared", work, pruner, seed, configs, args)
+                runs[pruner].append(r)
+                print(f"  seed {seed} {pruner:>9}: best {r['best']:.4f}  {r['span']:6.1f} device-s  {r['cpu']:6.1f} cpu-s "
+                      f" {r['per_minute']:6.1f} trials/min  {r['trial_epochs']} trial-epochs  {r['states']}", flush=True)
     print()
-    print("| study | best val acc | trials | trial-epochs | device-seconds |")
-    print("|---|---|---|---|---|")
-    for s in (pruned, full):
-        print(f"| {s['pruner']} | {s['best']:.4f} | {s['states']} | {s['trial_epochs']} | {s['seconds']:.1f} |")
-    print(f"| ratio asha/none | {100 * (pruned['best'] - full['best']):+.2f} points | | "
-          f"{pruned['trial_epochs'] / full['trial_epochs']:.2f} | {pruned['seconds'] / full['seconds']:.2f} |")
+    med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
+    print(f"Median of {len(seeds)} seeds:\n")
+    print("| study | best val acc | trials/min | device-seconds | CPU-seconds | trial-epochs | validations | rungs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p in pruners:
+        rs = runs[p]
+        print(f"| {p} | {med(rs, lambda r: r['best']):.4f} | {med(rs, lambda r: r['per_minute']):.1f} | "
+              f"{med(rs, lambda r: r['span']):.1f} | {med(rs, lambda r: r['cpu']):.1f} | "
+              f"{med(rs, lambda r: r['trial_epochs']):.0f} | {med(rs, lambda r: r['validations']):.0f} | "
+              f"{rs[0]['rungs'] if p != 'none' else '-'} |")
+    base = runs[pruners[0]]
+    for p in pruners[1:]:
+        rs = runs[p]
+        delta = [100 * (a["best"] - b["best"]) for a, b in zip(rs, base)]
+        print(f"| ratio {p}/{pruners[0]} (median of per-seed) | {statistics.median(delta):+.2f} points "
+              f"(seeds {', '.join(f'{d:+.2f}' for d in delta)}) | "
+              f"{statistics.median(a['per_minute'] / b['per_minute'] for a, b in zip(rs, base)):.2f} | "
+              f"**{statistics.median(a['span'] / b['span'] for a, b in zip(rs, base)):.2f}** | "
+              f"{statistics.median(a['cpu'] / b['cpu'] for a, b in zip(rs, base)):.2f} | "
+              f"{statistics.median(a['trial_epochs'] / b['trial_epochs'] for a, b in zip(rs, base)):.2f} | | |")
+    print("\nWhere the device-seconds went (median of seeds, seconds summed over a study's trials):\n")
+    print("| study | trial set-up | training | validation | rest of trial | between trials (ask/tell) | per trial fixed |")
+    print("|---|---|---|---|---|---|---|")
+    for p in pruners:
+        rs = runs[p]
+        fixed = med(rs, lambda r: (r["parts"]["setup"] + r["in_trial"] + r["between"]) / args.trials)
+        train = med(rs, lambda r: r["parts"]["train"]) if rs[0]["parts"]["train"] else None
+        print(f"| {p} | {med(rs, lambda r: r['parts']['setup']):.1f} | "
+              f"{f'{train:.1f}' if train is not None else 'n/a'} | "
+              f"{med(rs, lambda r: r['parts']['val']):.1f}{'' if train is not None else ' (train+val ' + format(med(rs, lambda r: r['parts']['epochs']), '.1f') + ')'} | "
+              f"{med(rs, lambda r: r['in_trial']):.1f} | {med(rs, lambda r: r['between']):.1f} | {fixed:.2f} s |")
+    if "none" in runs:
+        print("\nWhat got pruned:")
+        for p in pruners:
+            if p != "none":
+                for full, pruned in zip(runs["none"], runs[p]):
+                    print(f"- {p}, {pruning_report(full, pruned)}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
-"""One trial trained alone: its sampled params, run_train, a report to the pruner every epoch, its failure reason."""
+"""One trial trained alone: its sampled params, train_trial (tasks/tune/trial_run.py), a report to the pruner every
+epoch, its timings and its failure reason."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tasks.config import Params, TuneConfig
-from tasks.lineage import Lineage
 from tasks.tune.budget import NOT_RUN, BudgetTaken, taken_before, worker_id
 from tasks.tune.space import trial_params
 
@@ -22,13 +21,16 @@ def failure_reason(exc: BaseException) -> str:
 def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path):
     """The Optuna objective: train one trial's config on `prepared`, return its best validation accuracy.
 
-    Any exception fails the trial with its reason recorded (user attr `reason`, trials.csv); the worker goes
-    on (tasks/tune/workers.py), and the failure does not use up n_trials (tasks/tune/budget.py).
+    Trials write nothing (`workdir` is kept for callers' sake); each records user attr `times` (set-up, training
+    and validation seconds). Any exception fails the trial with its reason recorded (user attr `reason`,
+    trials.csv); the worker goes on (tasks/tune/workers.py), and the failure does not use up n_trials
+    (tasks/tune/budget.py).
     """
     import optuna
     import torch
 
-    from tasks.train.loop import DivergedError, run_train
+    from tasks.train.loop import DivergedError
+    from tasks.tune.trial_run import TrialTimes, train_trial
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())  # first: a worker that dies from here on is seen as lost
@@ -37,10 +39,9 @@ def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path)
             trial.set_user_attr("reason", "not run: other workers had taken the last of tune.n_trials")
             raise BudgetTaken(f"trial {trial.number}: budget taken")
         params = trial_params(base, cfg, trial)
-        trial_dir = workdir / f"trial-{trial.number}"
-        best = {"value": 0.0}
+        best, times = {"value": 0.0}, TrialTimes()
 
-        def report(record: dict, _model) -> None:
+        def report(record: dict) -> None:
             best["value"] = max(best["value"], record["val_accuracy"])
             trial.report(record["val_accuracy"], record["epoch"])
             trial.set_user_attr("epochs_run", record["epoch"])
@@ -48,9 +49,7 @@ def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path)
                 raise optuna.TrialPruned(f"epoch {record['epoch']}: val_accuracy {record['val_accuracy']:.4f} behind the other trials")
 
         try:
-            run_train(params.model, params.train.model_copy(update={"resume": False}), prepared,
-                      trial_dir / "model.pt", trial_dir / "history.csv", Lineage("trial", "trial", "trial"),
-                      checkpoint_dir=trial_dir / "ckpt", show_progress=False, on_epoch=report)
+            train_trial(params.model, params.train, prepared, report, times)
         except DivergedError as exc:
             trial.set_user_attr("reason", f"diverged: {exc}")
             raise
@@ -62,8 +61,8 @@ def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path)
         except Exception as exc:  # a bug or bad input in this config: recorded, the study goes on
             trial.set_user_attr("reason", failure_reason(exc))
             raise
-        finally:
-            shutil.rmtree(trial_dir, ignore_errors=True)
+        finally:  # where the trial's time went (bench/bench_tune.py breaks it down); one storage write
+            trial.set_user_attr("times", {key: round(getattr(times, key), 4) for key in ("setup_s", "train_s", "val_s")})
         return best["value"]
 
     return objective

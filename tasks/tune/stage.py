@@ -57,7 +57,12 @@ def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
         prepared = subset_prepared(Path(prepared_dir), Path(tmp) / "data", cfg.limit_train, cfg.limit_val, params.data.seed)
-        run_workers(params, prepared, name, url, Path(tmp), workers, first_number)
+        try:
+            run_workers(params, prepared, name, url, Path(tmp), workers, first_number)
+        finally:
+            from tasks.tune.trial_run import forget_worker_data  # torch: imported when trials ran
+
+            forget_worker_data()  # trials in this process kept the splits on the device
     study = load_study(name, url)
     step = next_step(study, cfg, first_number)
     if step.kind == "failures":

@@ -35,17 +35,17 @@ def finished_ok(trials):
 
 
 def faulty_run_train(monkeypatch, fails):
-    """The real run_train, except that a trial whose lr makes `fails(lr)` true raises (an injected bug)."""
-    import tasks.train.loop as loop
+    """The real trial trainer, except that a trial whose lr makes `fails(lr)` true raises (an injected bug)."""
+    import tasks.tune.trial_run as trial_run
 
-    real = loop.run_train
+    real = trial_run.train_trial
 
-    def run_train(model_cfg, train_cfg, *args, **kwargs):
+    def train_trial(model_cfg, train_cfg, *args, **kwargs):
         if fails(train_cfg.lr):
             raise ValueError(f"injected fault at lr {train_cfg.lr:.5f}\nsecond line not shown")
         return real(model_cfg, train_cfg, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "run_train", run_train)
+    monkeypatch.setattr(trial_run, "train_trial", train_trial)
 
 
 def test_failed_trials_do_not_use_up_n_trials_and_keep_their_reason(tmp_path, small_prepared_dir, monkeypatch):

@@ -1,0 +1,106 @@
+"""One tuning trial trained in the worker's process, with none of a run's per-run costs.
+
+A trial is the training engine's loop (tasks/train/epochs.py: same model build, data order, augmentation,
+divergence checks, validation and early stopping as `run_train`, so a trial's numbers equal a `run_train` of
+its config), minus what only a real run needs: the prepared splits are loaded once per worker process and
+kept on the device for every later trial on the same data (`worker_data`), and nothing is written — no
+resume checkpoint per epoch, no model file, no history file (a trial's model was thrown away anyway).
+bench/bench_tune.py measured why: with short trials these were a large share of a pruned trial's cost
+(docs/benchmarks.md, "Tuning: pruning and packing").
+
+It also times itself (set-up, training, validation), which the objective records as user attributes and
+the benchmark breaks down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tasks.config import ModelConfig, TrainConfig
+from tasks.train.distributed import DistContext
+from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
+from tasks.train.loop import DivergedError, OneModel, _determinism, resolve_device
+
+_DATA: dict[tuple, tuple] = {}  # this worker's prepared splits on the device: one data set at a time
+
+
+def _data_key(prepared: Path, device: torch.device) -> tuple:
+    # The files' identity, not just the folder's name: a new tune call may prepare other data at the same path.
+    files = [prepared / name for name in ("manifest.json", "train-images.npy", "train-labels.npy",
+                                          "val-images.npy", "val-labels.npy")]
+    return (str(prepared.resolve()), str(device), *((f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+def worker_data(prepared: Path, device: torch.device) -> tuple:
+    """(manifest, train_x, train_y, val_x, val_y) on `device`, loaded on a worker's first trial and kept."""
+    key = _data_key(Path(prepared), device)
+    if key not in _DATA:
+        _DATA.clear()  # a different data set (or device): drop the old tensors first, they may be large
+        _DATA[key] = load_data(Path(prepared), device)
+    return _DATA[key]
+
+
+def forget_worker_data() -> None:
+    """Free the cached splits (the end of a tune call in this process)."""
+    _DATA.clear()
+
+
+@dataclass
+class TrialTimes:
+    """Where a trial's wall time went, in seconds: set-up (data, model, optimizer), training and validation."""
+
+    setup_s: float = 0.0
+    train_s: float = 0.0
+    val_s: float = 0.0
+    epochs: list[int] = field(default_factory=list)  # the epochs that were validated
+
+
+class _TimedModel(OneModel):
+    """The one-model strategy, timing its validations."""
+
+    val_s = 0.0
+
+    def evaluate(self, images, labels, batch_size):
+        started = time.perf_counter()
+        try:
+            return super().evaluate(images, labels, batch_size)
+        finally:
+            self.val_s += time.perf_counter() - started
+
+
+def train_trial(model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, on_epoch: Callable[[dict], None],
+                times: TrialTimes | None = None) -> list[dict]:
+    """Train one trial's config on `prepared` (cached per worker) and return its per-epoch history.
+
+    `on_epoch(record)` runs after each epoch's validation (the objective reports to the pruner there and
+    raises optuna.TrialPruned to stop); a diverged run raises DivergedError, as run_train does.
+    """
+    times = times if times is not None else TrialTimes()
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    with _determinism(cfg.deterministic):
+        manifest, train_x, train_y, val_x, val_y = worker_data(prepared, device)
+        args = model_args(model_cfg, manifest)
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = build_member(model_cfg, cfg, args).to(device, memory_format=memory_format)
+        one = _TimedModel(model, cfg, DistContext(), device, steps_per_epoch=len(batch_starts(len(train_y), cfg.batch_size)))
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)  # run_train's data order and augmentation
+
+        def record(row: dict) -> None:
+            times.epochs.append(row["epoch"])
+            times.train_s = sum(h["seconds"] for h in trainee.history) - one.val_s
+            times.val_s = one.val_s
+            on_epoch(row)
+
+        trainee = Trainee(cfg, on_epoch=record, track_best=False)  # a trial's weights are never kept
+        data = EpochData(train_x, train_y, val_x, val_y, args.n_classes, cfg, generator, generator)
+        times.setup_s = time.perf_counter() - started
+        train_epochs(one, [trainee], data, "trial")
+    if trainee.status == "diverged":
+        raise DivergedError(trainee.reason)
+    return trainee.history
