@@ -49,9 +49,9 @@ def write_prepared(folder: Path, channels: int, size: int, classes: list[str], s
     return folder
 
 
-def train_and_export(prepared: Path, out: Path, model_name: str, epochs: int = 2):
-    """seed_cnn trained on `prepared`, evaluated and exported (FP32 only) under `model_name`: the ExportResult;
-    eval.json and export.json lie beside its .onnx_path."""
+def train_and_export(prepared: Path, out: Path, model_name: str, epochs: int = 2, model=None):
+    """A model (default seed_cnn; `model` a ModelConfig) trained on `prepared`, evaluated and exported (FP32 only)
+    under `model_name`: the ExportResult; eval.json and export.json lie beside its .onnx_path."""
     from tasks.config import ExportConfig, GateConfig, ModelConfig, TrainConfig
     from tasks.evaluate.evaluate import run_evaluate
     from tasks.lineage import Lineage
@@ -59,7 +59,7 @@ def train_and_export(prepared: Path, out: Path, model_name: str, epochs: int = 2
     from tasks.train.loop import run_train
 
     out.mkdir(parents=True, exist_ok=True)
-    run_train(ModelConfig(arch="seed_cnn", dropout=0.0), TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, device="cpu"),
+    run_train(model or ModelConfig(arch="seed_cnn", dropout=0.0), TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, device="cpu"),
               prepared, out / "model.pt", out / "history.csv", Lineage("synthetic.dir", "s" * 16, "c" * 40))
     gates = GateConfig(min_accuracy=0.0, min_class_recall=0.0, max_ece=1.0, max_latency_p99_ms=1000.0)
     run_evaluate(out / "model.pt", prepared, out / "eval.json", out / "confusion.csv", gates, TrainConfig(device="cpu"),
