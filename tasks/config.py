@@ -286,7 +286,9 @@ class TuneConfig(_Section):
     limit_val: int | None = Field(2000, gt=0, description="trial data: a stratified slice of the val split (null: all)")
     sampler_seed: int = Field(0, description="TPE seed")
     pruner: Literal["asha", "hyperband", "median", "none"] = Field("asha", description="asha (successive halving) | hyperband | median | none")
-    min_resource: int = Field(1, ge=1, description="epochs a trial runs before it can be pruned")
+    # "auto" derives the rungs from the epoch budget (tasks/tune/study.py, rung_epochs): a fixed min_resource of 1
+    # with tune.epochs=30 would judge every trial after one noisy epoch and leave most of the budget to few trials.
+    min_resource: int | Literal["auto"] = Field("auto", description="epochs a trial runs before it can be pruned; auto: tune.epochs // reduction_factor**2 (at least 1), so 3 rungs fit (2 when epochs < reduction_factor**2)")
     reduction_factor: int = Field(3, ge=2, description="ASHA/Hyperband: keep 1 in this many trials per rung")
     storage: str | None = Field(None, description="RDB URL; default sqlite:///<paths.tuning>/study.db")
     study_name: str | None = Field(None, description="default: tuneline-<source>-<limit_train>-<arch>-<hash of everything a trial sees> (docs/tuning.md)")
@@ -294,6 +296,13 @@ class TuneConfig(_Section):
     # Trials trained together in one process and one set of kernels (tasks/train/packed.py): "auto" = up to 16 on
     # CUDA, off on CPU; K >= 2 = packs of up to K (capped by device memory); null or 1 = one trial at a time.
     packing: int | Literal["auto"] | None = Field("auto", description="trials trained together in one process: auto (16 on CUDA, off on CPU) | K | null")
+
+    @field_validator("min_resource")
+    @classmethod
+    def _min_resource(cls, value: Any) -> Any:
+        if value != "auto" and value < 1:
+            raise ValueError("tune.min_resource takes an integer >= 1 (epochs) or 'auto' (from tune.epochs)")
+        return value
 
     @field_validator("packing", mode="before")
     @classmethod

@@ -64,16 +64,37 @@ def study_name(params: Params, data_version: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"tuneline-{params.data.source}-{images}-{arch}-{digest}")
 
 
+def min_resource(cfg: TuneConfig) -> int:
+    """tune.min_resource, with "auto" derived from the epoch budget: tune.epochs // reduction_factor**2, at least 1.
+
+    Three rungs (min, min*rf, min*rf**2 <= epochs) when the budget allows, two otherwise (epochs < rf**2: rung 1,
+    then the trials kept run to the end). A trial judged after too few epochs is judged on noise; more rungs
+    than three save little (each keeps 1/rf of the trials) and judge earlier still.
+    """
+    if cfg.min_resource != "auto":
+        return cfg.min_resource
+    return max(1, cfg.epochs // cfg.reduction_factor ** 2)
+
+
+def rung_epochs(cfg: TuneConfig) -> list[int]:
+    """The epochs at which successive halving compares trials (the last rung may be tune.epochs itself)."""
+    rungs, epoch = [], min_resource(cfg)
+    while epoch < cfg.epochs:
+        rungs.append(epoch)
+        epoch *= cfg.reduction_factor
+    return rungs
+
+
 def _pruner(cfg: TuneConfig):
     import optuna
 
     if cfg.pruner == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource(cfg), reduction_factor=cfg.reduction_factor)
     if cfg.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, max_resource=cfg.epochs,
+        return optuna.pruners.HyperbandPruner(min_resource=min_resource(cfg), max_resource=cfg.epochs,
                                               reduction_factor=cfg.reduction_factor)
     if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_warmup_steps=cfg.min_resource)
+        return optuna.pruners.MedianPruner(n_warmup_steps=min_resource(cfg))
     return optuna.pruners.NopPruner()
 
 
