@@ -90,25 +90,49 @@ def test_init_refuses_an_existing_project_a_shadowing_folder_and_missing_data(tm
     assert not (tmp_path / "c10").exists()
 
 
+USER_NETS = """\
+from torch import nn
+
+
+def build(n_classes, in_channels, image_size, dropout, width=16):
+    return nn.Sequential(nn.Conv2d(in_channels, width, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Dropout(dropout), nn.Linear(width * ((image_size[0] - 4) // 2) * ((image_size[1] - 4) // 2), n_classes))
+"""
+
+
 @pytest.mark.slow
-def test_editing_installed_tuneline_code_retrains_an_init_project_while_data_stays_cached(tmp_path: Path, site_env):
+def test_editing_installed_tuneline_code_or_the_users_network_retrains_while_data_stays_cached(tmp_path: Path,
+                                                                                              site_env):
     site, env = site_env
     project = tmp_path / "proj"
     tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project))
-    set_params(project, TINY)
+    (project / "mynets.py").write_text(USER_NETS)
+    set_params(project, {**TINY, "model.arch": "mynets:build", "model.kwargs": {"width": 8}})
+    tool(project, env, str(BIN / "tuneline"), "dvc-yaml")  # params now name the user's network module
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for stage in ("tune", "train", "evaluate", "export"):
+        assert "mynets.py" in stages[stage]["deps"], stage
+    assert "mynets.py" not in stages["fetch"]["deps"] + stages["prepare"]["deps"]
     first = tool(project, env, str(BIN / "dvc"), "repro")
     for stage in ("fetch", "prepare", "train", "export"):
         assert f"Running stage '{stage}'" in first.stdout
 
+    def assert_retrained_from_train_on(out: str) -> None:
+        for stage in ("train", "evaluate", "export"):
+            assert f"Running stage '{stage}'" in out, out
+        for stage in ("fetch", "prepare"):  # the data stays cached
+            assert f"Running stage '{stage}'" not in out and f"'{stage}' didn't change" in out
+
     # An edit to a module training imports, in the installed code: train and what follows rerun ...
     optim = site / "tasks" / "train" / "optim.py"
     optim.write_text(optim.read_text() + "\n# an edit to the installed Tuneline\n")
-    again = tool(project, env, str(BIN / "dvc"), "repro")
-    for stage in ("train", "evaluate", "export"):
-        assert f"Running stage '{stage}'" in again.stdout, again.stdout
-    # ... while fetch and prepare stay cached.
-    for stage in ("fetch", "prepare"):
-        assert f"Running stage '{stage}'" not in again.stdout and f"'{stage}' didn't change" in again.stdout
+    assert_retrained_from_train_on(tool(project, env, str(BIN / "dvc"), "repro").stdout)
+
+    # ... and so does an edit to the user's network file.
+    nets = project / "mynets.py"
+    nets.write_text(nets.read_text().replace("nn.ReLU()", "nn.GELU()"))
+    assert "train" in tool(project, env, str(BIN / "dvc"), "status").stdout
+    assert_retrained_from_train_on(tool(project, env, str(BIN / "dvc"), "repro").stdout)
 
     # An edit to the server's code retrains nothing.
     app = site / "serving" / "app.py"
