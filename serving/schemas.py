@@ -6,7 +6,7 @@ document the same shapes at /openapi.json and /docs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -97,8 +97,23 @@ class Classification(BaseModel):
     probabilities: dict[str, float]
 
 
+class RepositoryEntry(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str = Field(description="champion, loaded or not loaded")
+
+
+class LoadResult(BaseModel):
+    name: str
+    version: str
+    provider: str = Field(description="the ONNX Runtime execution provider the version runs on")
+    role: Literal["champion", "loaded"]
+    previous_champion: str | None
+
+
 REF = "#/components/schemas/{model}"
-DOCUMENTED = (InferenceRequest, InferenceResponse, Error)
+DOCUMENTED = (InferenceRequest, InferenceResponse, Error, RepositoryEntry, LoadResult)
 
 
 INFER_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
@@ -120,7 +135,7 @@ def add_components(openapi: dict) -> dict:
             "summary": "Inference on one loaded version" if versioned else "Inference on the champion "
                        "(JSON, or JSON + binary tensors)",
             "parameters": parameters, "requestBody": infer_request_body(), "responses": infer_responses()}}
-    return openapi
+    return describe_answers(openapi)
 
 
 def _ref(model: type[BaseModel]) -> dict:
@@ -139,7 +154,8 @@ def infer_responses() -> dict:
     error = {"application/json": {"schema": _ref(Error)}}
     return {"200": {"description": "outputs as JSON, or JSON + binary (application/octet-stream with "
                                    "Inference-Header-Content-Length) when an output asked for binary_data",
-                    "content": {"application/json": {"schema": _ref(InferenceResponse)}}},
+                    "content": {"application/json": {"schema": _ref(InferenceResponse)},
+                                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
             "400": {"description": "bad request: shape, datatype, size mismatch, NaN, unknown output",
                     "content": error},
             "401": {"description": "missing or wrong bearer token", "content": error},
@@ -150,9 +166,80 @@ def infer_responses() -> dict:
 
 
 def classify_request_body() -> dict:
-    form = {"type": "object", "required": ["file"],
+    # Exactly what the server reads: one 'file' (PNG or JPEG) and optionally top_k; nothing else.
+    form = {"type": "object", "required": ["file"], "additionalProperties": False,
             "properties": {"file": {"type": "string", "format": "binary", "description": "a PNG or JPEG image, colour or gray, any size"},
                            "top_k": {"type": "integer", "minimum": 1, "description": "how many classes to rank"}}}
-    return {"required": True, "content": {"multipart/form-data": {"schema": form},
+    encoding = {"file": {"contentType": "image/png, image/jpeg"}}
+    return {"required": True, "content": {"multipart/form-data": {"schema": form, "encoding": encoding},
                                           "image/png": {"schema": {"type": "string", "format": "binary"}},
                                           "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+# What each route really answers, beyond what FastAPI infers from the handlers (which answer raw Responses):
+# (path, method) -> {status: (description, media type or None for an empty body, schema)}. The fuzz suite
+# (tests/serving/test_fuzz.py) checks the server against the result.
+EMPTY = None
+_ERROR = "application/json"
+ANSWERS: dict[tuple[str, str], dict[str, tuple[str, str | None, dict | None]]] = {
+    ("/v2/health/live", "get"): {"200": ("live (empty body)", EMPTY, None)},
+    ("/v2/health/ready", "get"): {"200": ("ready: a champion is loaded and warm (empty body)", EMPTY, None)},
+    ("/v2/models/{name}/ready", "get"): {"200": ("the model's champion is loaded and warm (empty body)", EMPTY, None)},
+    ("/v2/models/{name}/versions/{version}/ready", "get"): {"200": ("the version is loaded (empty body)", EMPTY, None)},
+    ("/metrics", "get"): {"200": ("Prometheus text exposition format", "text/plain", {"type": "string"})},
+    ("/v2/repository/index", "post"): {"200": ("every registry version of every served model", "application/json",
+                                              {"type": "array", "items": {"$ref": REF.format(model="RepositoryEntry")}})},
+    ("/v2/repository/models/{name}/load", "post"): {
+        "200": ("the version now loaded", "application/json", {"$ref": REF.format(model="LoadResult")}),
+        "403": ("from a non-loopback client while the server has no admin token", _ERROR, None),
+        "404": ("unknown model name or version", _ERROR, None),
+        "503": ("the model has no champion alias yet", _ERROR, None)},
+    ("/v2/repository/models/{name}/unload", "post"): {
+        "200": ("unloaded (empty body)", EMPTY, None),
+        "403": ("from a non-loopback client while the server has no admin token", _ERROR, None),
+        "404": ("unknown model name, or the version is not loaded", _ERROR, None)},
+    ("/classify", "post"): {"413": ("body larger than serve.max_body_bytes", _ERROR, None),
+                            "429": ("too many requests in flight (serve.max_concurrency)", _ERROR, None)},
+}
+OPEN = {"/v2/health/live", "/v2/health/ready"}  # no token needed (serving/middleware.py OPEN_PATHS)
+ADMIN = {"/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload"}  # serving/admin.py
+
+
+def describe_answers(openapi: dict) -> dict:
+    """Make every operation's responses what the server answers: empty bodies declared without content, /metrics as
+    text, 400 (not FastAPI's 422) for a bad parameter or body, 401 wherever the bearer token applies, and the
+    repository routes' own statuses."""
+    error = {"application/json": {"schema": _ref(Error)}}
+    for path, operations in openapi["paths"].items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            validated = responses.pop("422", None) is not None or "requestBody" in operation
+            if validated and "400" not in responses:
+                responses["400"] = {"description": "bad request: a parameter or the body is malformed", "content": error}
+            if path not in OPEN:
+                responses.setdefault("401", {"description": "missing or wrong bearer token (the admin token on "
+                                                            "admin routes)" if path in ADMIN else
+                                                            "missing or wrong bearer token", "content": error})
+            for status, (description, media, schema) in ANSWERS.get((path, method), {}).items():
+                answer: dict = {"description": description}
+                if media is not None:
+                    answer["content"] = {media: {"schema": schema or _ref(Error)}}
+                responses[status] = answer
+    for path, body in repository_request_bodies().items():
+        if path in openapi["paths"]:
+            openapi["paths"][path]["post"]["requestBody"] = body
+    classify = openapi["paths"].get("/classify", {}).get("post")
+    if classify is not None:
+        classify["requestBody"] = classify_request_body()
+    return openapi
+
+
+def repository_request_bodies() -> dict[str, dict]:
+    """load: an optional {"parameters": {"version": …}} (empty body: reload the champion alias); unload: required."""
+    def body(required: bool) -> dict:
+        version = {"type": "string", "description": "a registry version id, e.g. v0002"}
+        parameters = {"type": "object", "properties": {"version": version}, **({"required": ["version"]} if required else {})}
+        schema = {"type": "object", "properties": {"parameters": parameters}, **({"required": ["parameters"]} if required else {})}
+        return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+    return {"/v2/repository/models/{name}/load": body(False), "/v2/repository/models/{name}/unload": body(True)}
