@@ -26,6 +26,8 @@ VARIABLES: tuple[EnvVar, ...] = (
                                       "per visible GPU); default 1"),
     EnvVar("TUNELINE_SERVE_TOKEN", "bearer token the inference server requires; the flow sends it when it asks the "
                                    "server to load a new champion"),
+    EnvVar("TUNELINE_SERVE_ADMIN_TOKEN", "bearer token for the server's repository load/unload routes (without it they "
+                                         "answer loopback clients only); the flow's post-promotion notification sends it"),
     EnvVar("TUNELINE_SERVE_<KEY>", "any serve.<key> setting of the inference server (e.g. TUNELINE_SERVE_PORT)"),
 )
 
