@@ -40,7 +40,7 @@ from tasks.data.prepare import run_prepare  # noqa: E402
 from tasks.tune.space import suggest  # noqa: E402
 from tasks.tune.stage import run_tune  # noqa: E402
 from tasks.tune.storage import storage_url  # noqa: E402
-from tasks.tune.study import create_study  # noqa: E402
+from tasks.tune.study import create_study, rung_epochs  # noqa: E402
 
 SPACE = {
     "train.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
@@ -99,7 +99,8 @@ def arm(prepared: Path, workdir: Path, pruner: str, seed: int, configs: list[dic
         "per_minute": len(trials) / span * 60, "durations": sum(durations), "parts": parts, "in_trial": in_trial,
         "between": span - sum(durations), "trial_epochs": sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials),
         "validations": sum(len(t.intermediate_values) for t in trials),
-        "rungs": sorted({step for t in trials for step in t.intermediate_values}),
+        "rungs": rung_epochs(params.tune) if pruner in ("asha", "hyperband") else [],
+        "epochs_seen": sorted({step for t in trials for step in t.intermediate_values}),
         "values": {t.number: t.value for t in trials}, "curves": {t.number: dict(t.intermediate_values) for t in trials},
         "pruned_at": {t.number: max(t.intermediate_values) for t in trials if t.state.name == "PRUNED"},
         "schedule": params.tune,
@@ -129,7 +130,7 @@ def pruning_report(full: dict, pruned: dict) -> str:
     best = order[0]
     fate = f"pruned after epoch {pruned['pruned_at'][best]}" if best in pruned["pruned_at"] else "kept to the end"
     rho = []
-    for step in full["rungs"]:
+    for step in full["epochs_seen"]:
         xs = [full["curves"][n].get(step) for n in order]
         if all(x is not None for x in xs):
             rho.append(f"epoch {step}: {spearman(xs, [full['values'][n] for n in order]):.2f}")
@@ -184,7 +185,7 @@ def main() -> None:
         print(f"| {p} | {med(rs, lambda r: r['best']):.4f} | {med(rs, lambda r: r['per_minute']):.1f} | "
               f"{med(rs, lambda r: r['span']):.1f} | {med(rs, lambda r: r['cpu']):.1f} | "
               f"{med(rs, lambda r: r['trial_epochs']):.0f} | {med(rs, lambda r: r['validations']):.0f} | "
-              f"{rs[0]['rungs'] if p != 'none' else '-'} |")
+              f"{', '.join(map(str, rs[0]['rungs'] + [args.epochs])) if rs[0]['rungs'] else '-'} |")
     base = runs[pruners[0]]
     for p in pruners[1:]:
         rs = runs[p]
