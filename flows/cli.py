@@ -8,6 +8,7 @@
     tuneline dvc-yaml [--check]                           write (or check) dvc.yaml from the stage table
     tuneline config-docs [--check]                        params.yaml comments + docs knob table from tasks/config.py
     tuneline dashboard [--host H] [--port P] [-S …]        optuna-dashboard over the live study storage
+                                                           (tuneline tune --dashboard [PORT]: beside the study)
     tuneline serve [--host H] [--port P] [--device D] [-S serve.key=value …]   the inference server (serving/)
     tuneline predict IMAGE… [--url URL]                  classify PNG/JPEG digits with a running server
 
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--shared-project", type=Path, default=None, help=argparse.SUPPRESS)  # ... in a run workspace
     tune = sub.add_parser("tune", help="run or continue the hyperparameter study (tune stage) with N workers")
     tune.add_argument("--workers", type=int, default=1, help="worker processes sharing one study (default 1)")
+    tune.add_argument("--dashboard", nargs="?", type=int, const=8080, default=None, metavar="PORT",
+                      help="serve optuna-dashboard on 127.0.0.1:PORT (default 8080) while the study runs")
     dashboard = sub.add_parser("dashboard", help="optuna-dashboard over the live study storage (tasks/tune/dashboard.py)")
     dashboard.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     dashboard.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.name, params, root, args.shared_project)
             return 0
         if args.command == "tune":
-            return _run_tune(params, root, args.workers)
+            return _run_tune(params, root, args.workers, args.dashboard)
         if args.command == "dashboard":
             from flows.environment import Environment
             from tasks.tune.dashboard import serve_dashboard
@@ -214,13 +217,20 @@ def _run_init(args) -> int:
     return 0
 
 
-def _run_tune(params, root: Path, workers: int) -> int:
+def _run_tune(params, root: Path, workers: int, dashboard_port: int | None = None) -> int:
+    from contextlib import nullcontext
+
+    from flows.environment import Environment
     from flows.stages import tune
+    from tasks.tune.live_dashboard import dashboard_beside
+    from tasks.tune.storage import storage_url
 
     if workers < 1:
         print("tuneline: error: --workers must be at least 1", file=sys.stderr)
         return 2
-    result = tune(params, root, workers=workers)
+    url = storage_url(params.tune, params.paths.resolve(root).study_db.parent, Environment.read().tune_storage)
+    with dashboard_beside(url, port=dashboard_port) if dashboard_port is not None else nullcontext():
+        result = tune(params, root, workers=workers)
     if not params.tune.enabled:
         print("tune: disabled (tune.enabled=false)")
         return 0
