@@ -265,15 +265,15 @@ def main() -> int:
             cells = [("baseline json", base, base_port, False), ("tuneline json", ours, ours_port, False),
                      ("tuneline binary", ours, ours_port, True)]
             for concurrency in args.concurrency:
-                for name, proc, port, binary in cells:
+                for cell, proc, port, binary in cells:  # `name` stays the model's: it is in every request's path
                     requests = build_requests(images, port, binary, name)
                     cpu_before = cpu_seconds(proc.pid)
                     r = asyncio.run(run_load(port, requests, expected, concurrency, args.warmup, args.duration))
                     # CPU per request over warm-up + measurement: robust to other load on a shared machine
                     served = r["throughput"] * (args.duration + args.warmup)
                     r["cpu_ms"] = (cpu_seconds(proc.pid) - cpu_before) * 1e3 / served if served else float("nan")
-                    results[name, concurrency] = r
-                    print(f"  measured {name:16s} c={concurrency:<3d} {r['throughput']:8.0f} req/s "
+                    results[cell, concurrency] = r
+                    print(f"  measured {cell:16s} c={concurrency:<3d} {r['throughput']:8.0f} req/s "
                           f"{r['cpu_ms']:.2f} server CPU ms/req", file=sys.stderr)
         finally:
             stop(ours)
