@@ -3,9 +3,10 @@
 A batch is dispatched when it holds `max_batch_size` rows, when its oldest request has waited
 `max_delay_s`, or early: when every inference request in flight at the server is already queued here and
 there are at least as many as a batch usually holds. Nobody else can join then, so waiting would only add
-latency (this keeps concurrency 1 at batch-1 speed). The "usually holds" part matters under load: requests
-still unread in socket buffers are not yet "in flight", and without it a busy server would fire many
-batches of one. While one batch runs in the worker thread, the next one fills up. The drain task exists
+latency. The "usually holds" part matters under load: requests still unread in socket buffers are not yet
+"in flight", and without it a busy server would fire many small batches. A lone request (the only one in
+flight at the server) always goes at once, whatever the last burst taught "usually holds": concurrency 1
+runs at batch-1 speed, never held for the window (tests/serving/test_latency.py). While one batch runs in the worker thread, the next one fills up. The drain task exists
 only while requests are queued, so a swapped-out model version needs no shutdown: its last batches finish.
 """
 
@@ -76,8 +77,12 @@ class Batcher:
     def _dispatch_now(self) -> bool:
         if self._flushing or self._pending_rows >= self.max_batch_size:
             return True
-        queued = len(self._pending)
-        return self.in_flight is not None and queued >= self.in_flight() and queued >= int(self._typical)
+        if self.in_flight is None:
+            return False
+        queued, in_flight = len(self._pending), self.in_flight()
+        if queued == 1 and in_flight <= 1:
+            return True  # the only request at the server: nothing to wait for, whatever the last burst was
+        return queued >= in_flight and queued >= int(self._typical)
 
     async def _drain(self) -> None:
         try:

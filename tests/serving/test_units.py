@@ -165,6 +165,36 @@ def test_batcher_dispatches_at_once_when_nobody_else_is_in_flight():
     assert time.perf_counter() - started >= 0.3  # others in flight: waited for them (up to the delay)
 
 
+def test_a_lone_request_after_a_burst_is_not_held_for_the_batch_window():
+    """After 32 concurrent requests batched together, one request alone at the server goes at once (issue 16)."""
+    recorder = _Recorder()
+
+    async def main():
+        in_flight = 0
+
+        async def request(batcher):
+            nonlocal in_flight
+            in_flight += 1  # as the server's gatekeeper counts it: before the batcher sees the request
+            try:
+                return await batcher.submit(np.zeros((1, 4), np.float32))
+            finally:
+                in_flight -= 1
+
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(recorder, executor, max_batch_size=64, max_delay_s=0.2, in_flight=lambda: in_flight)
+            await asyncio.gather(*(request(batcher) for _ in range(32)))
+            waits = []
+            for _ in range(3):
+                started = time.perf_counter()
+                await request(batcher)
+                waits.append(time.perf_counter() - started)
+            return waits
+
+    waits = asyncio.run(main())
+    assert recorder.batches[0] > 1  # the burst was batched
+    assert max(waits) < 0.1, waits  # each lone request skipped the 0.2 s window
+
+
 def test_batcher_off_runs_each_request_alone_and_failures_reach_every_caller():
     recorder = _Recorder()
     _run_batcher([np.zeros((2, 4), np.float32)] * 5, run=recorder, enabled=False)
