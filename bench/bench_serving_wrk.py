@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,8 +32,17 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import (N_IMAGES, REPO, cpu_seconds, free_port, make_registry, model_contract,  # noqa: E402
-                           predicted_class, start, stop)
+from bench_serving import (
+    N_IMAGES,
+    REPO,
+    cpu_seconds,
+    free_port,
+    make_registry,
+    model_contract,
+    predicted_class,
+    start,
+    stop,
+)
 
 LUA = Path(__file__).resolve().parent / "wrk_infer.lua"
 WARMUP_S = 1.0
