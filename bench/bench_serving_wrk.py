@@ -118,6 +118,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per cell")
     parser.add_argument("--runs", type=int, default=2, help="the whole sequence, this many times in a row")
     parser.add_argument("--json", type=Path, help="also write every cell here")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="serve.KEY=VALUE",
+                        help="a setting for our server (`tuneline serve -S`), e.g. serve.threads=1")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: install it (Debian/Ubuntu: apt-get install wrk)")
@@ -139,7 +141,7 @@ def main() -> int:
         def ours(port: int) -> subprocess.Popen:
             return start([sys.executable, "-m", "flows.cli", "--project", str(REPO), "serve", "--registry",
                           str(registry), "--port", str(port), "-S", "serve.access_log=false",
-                          "-S", "serve.reload_poll_s=0"], port, "/v2/health/ready", tmp / "ours.log")
+                          "-S", "serve.reload_poll_s=0", *(f"-S{kv}" for kv in args.set)], port, "/v2/health/ready", tmp / "ours.log")
 
         def baseline(port: int) -> subprocess.Popen:
             return start([sys.executable, str(REPO / "bench" / "bench_serving.py"), "--baseline-server",

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Outputs = dict[str, np.ndarray]
+INLINE_RUN_S = 0.0005  # a lone request whose run took less than this runs on the event loop: the hop to the
+                       # worker thread and back (two wake-ups, each a scheduler delay on busy cores) costs more
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Batcher:
         self._pending: deque[_Item] = deque()
         self._pending_rows = 0
         self._typical = 1.0  # moving average of requests per batch
+        self._lone_run_s = float("inf")  # how long the last lone request's run took; unknown at first
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._flushing = False  # set when the server drains: nobody new will join, so no batch waits
@@ -61,6 +64,9 @@ class Batcher:
         item = _Item(rows, loop.create_future())
         if not self.enabled:
             await self._execute([item])
+            return item.future.result()
+        if self._worker is None and self._lone_run_s < INLINE_RUN_S and self.in_flight and self.in_flight() <= 1:
+            self._run_inline(item)
             return item.future.result()
         self._pending.append(item)
         self._pending_rows += len(rows)
@@ -120,7 +126,23 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        finished = time.perf_counter()
+        self._deliver(batch, outputs, started, time.perf_counter())
+
+    def _run_inline(self, item: _Item) -> None:
+        """The lone request's run on the event loop thread (only when it is known to take < INLINE_RUN_S)."""
+        started = time.perf_counter()
+        try:
+            outputs = self.run(item.rows)
+        except Exception as exc:  # noqa: BLE001 - the caller learns of the failure
+            self._lone_run_s = float("inf")  # next time, off the loop
+            item.future.set_exception(exc)
+            return
+        self._deliver([item], outputs, started, time.perf_counter())
+
+    def _deliver(self, batch: list[_Item], outputs: Outputs, started: float, finished: float) -> None:
+        rows = sum(len(item.rows) for item in batch)
+        if len(batch) == 1:
+            self._lone_run_s = finished - started
         offset = 0
         for item in batch:
             n = len(item.rows)
@@ -128,4 +150,4 @@ class Batcher:
                 item.future.set_result({name: value[offset:offset + n] for name, value in outputs.items()})
             offset += n
         if self.on_batch is not None:
-            self.on_batch(len(rows), [started - item.enqueued for item in batch], finished - started)
+            self.on_batch(rows, [started - item.enqueued for item in batch], finished - started)

@@ -195,6 +195,26 @@ def test_a_lone_request_after_a_burst_is_not_held_for_the_batch_window():
     assert max(waits) < 0.1, waits  # each lone request skipped the 0.2 s window
 
 
+@pytest.mark.parametrize("run_s, on_loop", [(0.0, True), (0.002, False)])
+def test_a_quick_lone_request_runs_on_the_event_loop_a_slow_one_in_the_worker(run_s, on_loop):
+    threads = []
+
+    def run(rows):
+        threads.append(threading.current_thread())
+        time.sleep(run_s)
+        return {"rows": rows}
+
+    async def main():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(run, executor, max_batch_size=64, max_delay_s=0.2, in_flight=lambda: 1)
+            for _ in range(3):
+                await batcher.submit(np.zeros((1, 4), np.float32))
+
+    asyncio.run(main())
+    assert threads[0] is not threading.main_thread()  # the first run's time is unknown: worker thread
+    assert all((t is threading.main_thread()) == on_loop for t in threads[1:])
+
+
 def test_batcher_off_runs_each_request_alone_and_failures_reach_every_caller():
     recorder = _Recorder()
     _run_batcher([np.zeros((2, 4), np.float32)] * 5, run=recorder, enabled=False)
