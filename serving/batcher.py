@@ -6,7 +6,8 @@ there are at least as many as a batch usually holds. Nobody else can join then, 
 latency. The "usually holds" part matters under load: requests still unread in socket buffers are not yet
 "in flight", and without it a busy server would fire many small batches. A lone request (the only one in
 flight at the server) always goes at once, whatever the last burst taught "usually holds": concurrency 1
-runs at batch-1 speed, never held for the window (tests/serving/test_latency.py). While one batch runs in the worker thread, the next one fills up. The drain task exists
+runs at batch-1 speed, never held for the window (tests/serving/test_latency.py), and on the event loop
+itself when its last run took under INLINE_RUN_S. While one batch runs in the worker thread, the next one fills up. The drain task exists
 only while requests are queued, so a swapped-out model version needs no shutdown: its last batches finish.
 """
 
