@@ -138,14 +138,19 @@ def test_a_killed_study_continues_on_rerun_without_duplicates(tmp_path, small_pr
 
     url, name = storage_url(params.tune, tmp_path), study_name(params, "abc.dir")
     deadline = time.monotonic() + 120
-    finished = []
-    while len(finished) < 2:  # let it finish two trials, then kill it in the middle of the next
+    finished, running = [], []
+    # Let it finish two trials, then kill it in the middle of the next: only once a trial is RUNNING (a kill in
+    # the gap between two trials, now a few milliseconds long, would leave nothing to recover).
+    while len(finished) < 2 or not running:
         assert child.poll() is None and time.monotonic() < deadline, "the study ended or stalled before 2 trials"
-        time.sleep(0.2)
+        time.sleep(0.05)
         try:
-            finished = [t for t in optuna.load_study(study_name=name, storage=url).trials if t.state.is_finished()]
+            trials = optuna.load_study(study_name=name, storage=url).trials
         except KeyError:  # the study is not created yet
-            finished = []
+            continue
+        finished = [t for t in trials if t.state.is_finished()]
+        # ... and has its params (a trial killed before it drew them is retried with fresh ones)
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.params]
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir")
