@@ -85,8 +85,11 @@ def predict(args: argparse.Namespace, root: Path) -> int:
     from serving.client import InferenceClient, ServerError
     from serving.settings import TOKEN_ENV
 
-    settings = _settings(args, root)
-    url = args.url or f"http://{settings.host}:{settings.port}"
+    if args.url:  # a client of a server somewhere: no project (params.yaml) needed
+        url = args.url
+    else:
+        settings = _settings(args, root)
+        url = f"http://{settings.host}:{settings.port}"
     failed = 0
     with InferenceClient(url, model=args.model, token=os.environ.get(TOKEN_ENV)) as client:
         for path in args.images:

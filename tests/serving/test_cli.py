@@ -34,8 +34,9 @@ def test_serve_predict_and_sigterm(tmp_path, onnx_model, digits):
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: server.poll() is None and httpx.get(url + "/v2/health/ready").status_code == 200,
                    timeout=60, what="tuneline serve ready")
-        predicted = subprocess.run([*tuneline, "predict", *map(str, images), "--url", url], cwd=REPO, env=env,
-                                   capture_output=True, text=True, timeout=60, check=False)
+        # A client needs no project: predict with --url runs from a folder without params.yaml.
+        predicted = subprocess.run([sys.executable, "-m", "flows.cli", "predict", *map(str, images), "--url", url],
+                                   cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
         assert predicted.returncode == 0, predicted.stderr
         lines = predicted.stdout.strip().splitlines()
         assert lines == [f"{p}: {digits.classes[i]} (p={_p(lines[i])}; mnist v0001)" for i, p in enumerate(images)]
