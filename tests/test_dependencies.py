@@ -66,7 +66,8 @@ def undeclared_imports(folder: str, allowed: set[str]) -> list[str]:
     """'path: import X (distribution Y)' for each third-party import in `folder` that `allowed` does not cover."""
     problems = []
     for path in sorted((REPO / folder).rglob("*.py")):
-        for name in sorted(imported_names(path.read_text()) - FIRST_PARTY - set(sys.stdlib_module_names)):
+        siblings = {other.stem for other in path.parent.glob("*.py")}  # a script importing its neighbour (bench/)
+        for name in sorted(imported_names(path.read_text()) - FIRST_PARTY - siblings - set(sys.stdlib_module_names)):
             dists = distributions_of().get(name)
             where = path.relative_to(REPO)
             if not dists:

@@ -128,7 +128,8 @@ def test_a_killed_study_continues_on_rerun_without_duplicates(tmp_path, small_pr
 
     import optuna
 
-    overrides = {**FAST, "tune.n_trials": 6, "tune.epochs": 2, "tune.pruner": "none"}
+    # Trials of about a second (the whole train slice, 4 epochs): long enough to be caught mid-trial.
+    overrides = {**FAST, "tune.n_trials": 6, "tune.epochs": 4, "tune.limit_train": None, "tune.pruner": "none"}
     repo = Path(__file__).resolve().parents[3]
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(params=overrides), str(small_prepared_dir), str(tmp_path)],
                              cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
