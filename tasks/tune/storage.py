@@ -97,6 +97,16 @@ def _lost_connection(exc: BaseException) -> bool:
     return False
 
 
+def _reachable(storage) -> bool:
+    """Whether the storage's database answers a trivial query now (a fresh connection, not a pooled one)."""
+    try:
+        with storage.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+        return True
+    except Exception:  # noqa: BLE001 - any failure to connect means "not reachable"
+        return False
+
+
 _RECONNECTING = None
 
 
@@ -126,7 +136,10 @@ def _reconnecting_storage_class():
                 try:
                     return method(self, *args, **kwargs)
                 except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
-                    if not _lost_connection(exc) or time.monotonic() + pause > deadline:
+                    # The error names a lost connection, or (whatever DBAPI error the driver chose for a
+                    # server going down mid-commit) the database cannot be reached right now: both transient.
+                    transient = _lost_connection(exc) or not _reachable(self)
+                    if not transient or time.monotonic() + pause > deadline:
                         raise
                     cause = getattr(exc.__cause__, "orig", None) or exc.__cause__ or exc
                     reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]

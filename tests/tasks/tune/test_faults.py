@@ -154,15 +154,20 @@ def test_a_postgres_restart_mid_study_loses_no_trial(tmp_path, small_prepared_di
 
     wait_for(lambda: complete() >= 1, 120, "the first finished trial")
     pg_ctl = [str(pg_server.find_bindir() / "pg_ctl"), "-D", str(postgres_server.data_dir), "-w", "-t", "60"]
-    down = subprocess.run(pg_server._as_server_user([*pg_ctl, "-m", "immediate", "stop"]), capture_output=True, text=True)
-    assert down.returncode == 0, down.stderr
-    time.sleep(3)  # the database is gone for a few seconds while the trial trains and reports
-    assert thread.is_alive(), outcome.get("error")
     # restart reuses the options the server last ran with (postmaster.opts): same port, same socket folder
     # -l: the server's output to its log file, not to our pipe (which would then never close)
     log = postgres_server.data_dir.parent / "server.log"
-    up = subprocess.run(pg_server._as_server_user([*pg_ctl, "-l", str(log), "restart"]), capture_output=True, text=True)
+    try:
+        down = subprocess.run(pg_server._as_server_user([*pg_ctl, "-m", "immediate", "stop"]), capture_output=True,
+                              text=True)
+        assert down.returncode == 0, down.stderr
+        time.sleep(3)  # the database is gone for a few seconds while the trial trains and reports
+        alive_while_down = thread.is_alive()
+    finally:  # the session's server comes back whatever happened: later tests share it
+        up = subprocess.run(pg_server._as_server_user([*pg_ctl, "-l", str(log), "restart"]), capture_output=True,
+                            text=True)
     assert up.returncode == 0, up.stderr + up.stdout
+    assert alive_while_down, outcome.get("error")
     thread.join(timeout=180)
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     trials = optuna.load_study(study_name=name, storage=postgres_db).trials
