@@ -109,6 +109,13 @@ def _reachable(storage) -> bool:
 
 _RECONNECTING = None
 
+# Private RDBStorage methods that Optuna calls from outside the class (its _CachedStorage reads every trial through
+# `_get_trials`, creates trials through `_create_new_trial`, ...) and that each run one transaction of their own, so
+# they need the retry as much as the public ones. Private helpers that take a caller's session are not listed:
+# retrying one of them alone would replay half a transaction.
+OWN_TRANSACTION_PRIVATE_METHODS = ("_get_stale_trial_ids", "_get_trials", "_create_new_trial", "_get_best_trial_id",
+                                   "_set_trial_param")
+
 
 def _reconnecting_storage_class():
     """RDBStorage whose every public call retries a lost connection for up to RECONNECT_S.
@@ -151,7 +158,7 @@ def _reconnecting_storage_class():
 
     base = optuna.storages.RDBStorage
     names = [name for name, value in vars(base).items()
-             if callable(value) and (not name.startswith("_") or name == "_get_stale_trial_ids")
+             if callable(value) and (not name.startswith("_") or name in OWN_TRANSACTION_PRIVATE_METHODS)
              and name not in ("upgrade", "remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback")]
     _RECONNECTING = type("ReconnectingRDBStorage", (base,), {name: reconnecting(getattr(base, name)) for name in names}
                          | {"__module__": __name__})

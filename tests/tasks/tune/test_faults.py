@@ -174,3 +174,22 @@ def test_a_postgres_restart_mid_study_loses_no_trial(tmp_path, small_prepared_di
     assert len(finished_ok(trials)) == 5
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+@pytest.mark.fast
+def test_every_storage_method_optuna_calls_through_its_cache_retries_a_lost_connection():
+    """Optuna's _CachedStorage (what a Study really talks to) calls private RDBStorage methods too: a PostgreSQL
+    restart that hit `_get_trials` while the tuner listed its trials failed the whole study (CI, 2026-12-02)."""
+    import inspect
+    import re
+
+    from optuna.storages import _cached_storage
+
+    from tasks.tune.storage import _reconnecting_storage_class
+
+    called = set(re.findall(r"_backend\.(\w+)\(", inspect.getsource(_cached_storage)))
+    storage_class = _reconnecting_storage_class()
+    not_retried = {name for name in called if not hasattr(vars(storage_class).get(name), "__wrapped__")}
+    # these two only read settings fixed at construction: nothing to reconnect
+    assert not_retried <= {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}, sorted(not_retried)
+    assert {"_get_trials", "_create_new_trial"} <= called
