@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_train import Run as TrainingRun  # noqa: E402 - the sibling script (bench/ is sys.path[0] when run)
 from tasks.config import ModelConfig, TrainConfig  # noqa: E402
 from tasks.data.prepare import load_split, measure_spec, stratified_take  # noqa: E402
 from tasks.lineage import Lineage  # noqa: E402
@@ -116,20 +117,11 @@ def write_prepared(data: dict[str, np.ndarray], out: Path, seed: int = 0) -> Pat
 
 
 @dataclass
-class Run:
-    name: str
-    epoch_seconds: list[float] = field(default_factory=list)  # wall: training + validation, per epoch
+class Run(TrainingRun):
+    """bench_train's run and time_to, its epoch_seconds here being training + validation wall seconds, plus CPU
+    seconds and val accuracy per epoch."""
     cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time per epoch (all threads)
     val_accuracy: list[float] = field(default_factory=list)
-    test_accuracy: list[float] = field(default_factory=list)
-
-    def time_to(self, threshold: float) -> float | None:
-        elapsed = 0.0
-        for seconds, accuracy in zip(self.epoch_seconds, self.test_accuracy):
-            elapsed += seconds
-            if accuracy >= threshold:
-                return elapsed
-        return None
 
 
 def train(name: str, model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, device: torch.device) -> Run:

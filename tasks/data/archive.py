@@ -51,38 +51,37 @@ def _member_parts(archive: Path, name: str) -> tuple[str, ...]:
 
 
 def _read_tar(archive: Path) -> list[Entry]:
-    entries = []
     try:
         with tarfile.open(archive, mode="r:*") as tar:
-            for member in tar:  # one sequential pass
-                parts = _member_parts(archive, member.name)
-                if not parts or _hidden(parts):
-                    continue
-                shown = f"{archive}:{'/'.join(parts)}"
-                if member.isdir():
-                    entries.append(Entry(parts, shown, is_dir=True))
-                elif member.isfile():  # links and special files are never data
-                    entries.append(Entry(parts, shown, data=tar.extractfile(member).read()))
+            # one sequential pass; links and special files are never data
+            return _entries(archive, ((member.name, member.isdir(), member.isfile() and
+                                       (lambda member=member: tar.extractfile(member).read())) for member in tar))
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"{archive}: unreadable archive ({exc}): re-create or re-download it") from None
-    return entries
 
 
 def _read_zip(archive: Path) -> list[Entry]:
-    entries = []
     try:
         with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                parts = _member_parts(archive, info.filename)
-                if not parts or _hidden(parts):
-                    continue
-                shown = f"{archive}:{'/'.join(parts)}"
-                if info.is_dir():
-                    entries.append(Entry(parts, shown, is_dir=True))
-                else:
-                    entries.append(Entry(parts, shown, data=zf.read(info)))
+            return _entries(archive, ((info.filename, info.is_dir(), lambda info=info: zf.read(info))
+                                      for info in zf.infolist()))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
         raise DataError(f"{archive}: unreadable archive ({exc}): re-create or re-download it") from None
+
+
+def _entries(archive: Path, members) -> list[Entry]:
+    """Entries from (name, is_dir, read-bytes callable or False to skip) members, hidden ones left out; a member's
+    bytes are read only when it is kept."""
+    entries = []
+    for name, is_dir, read in members:
+        parts = _member_parts(archive, name)
+        if not parts or _hidden(parts):
+            continue
+        shown = f"{archive}:{'/'.join(parts)}"
+        if is_dir:
+            entries.append(Entry(parts, shown, is_dir=True))
+        elif read:
+            entries.append(Entry(parts, shown, data=read()))
     return entries
 
 
