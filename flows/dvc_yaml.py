@@ -15,6 +15,7 @@ stage (`.tuneline/code/<stage>.json`: each file's sha256) and the stage depends 
 from __future__ import annotations
 
 import difflib
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +106,16 @@ class CodeDeps:
 def _section(root: Path, name: str) -> dict:
     """A params.yaml section as written (defaults where absent): which user files the stages read."""
     path = Path(root) / "params.yaml"
-    raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    return raw.get(name) or {}
+    if not path.is_file():
+        return {}
+    stat = path.stat()
+    return _params_as_written(str(path.resolve()), stat.st_mtime_ns, stat.st_size).get(name) or {}
+
+
+@functools.lru_cache(maxsize=8)
+def _params_as_written(path: str, _mtime_ns: int, _size: int) -> dict:
+    """params.yaml parsed once per version of the file (rendering dvc.yaml asks for sections per stage)."""
+    return yaml.safe_load(Path(path).read_text()) or {}
 
 
 def _data_params(root: Path) -> dict:
