@@ -40,10 +40,12 @@ class Environment:
     tune_storage: str | None = None
     nproc_per_node: str | None = None
     serve_token: str | None = None
+    serve_admin_token: str | None = None
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> "Environment":
         environ = os.environ if environ is None else environ
         value = lambda name: environ.get(name) or None  # noqa: E731 (an empty variable counts as unset)
         return cls(data_mirror=value("TUNELINE_DATA_MIRROR"), tune_storage=value("TUNELINE_TUNE_STORAGE"),
-                   nproc_per_node=value("TUNELINE_NPROC_PER_NODE"), serve_token=value("TUNELINE_SERVE_TOKEN"))
+                   nproc_per_node=value("TUNELINE_NPROC_PER_NODE"), serve_token=value("TUNELINE_SERVE_TOKEN"),
+                   serve_admin_token=value("TUNELINE_SERVE_ADMIN_TOKEN"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,8 @@ from tasks.ship.export_report import ExportReport
 from tasks.lineage import git_commit
 from tasks.ship.promote import PromoteResult
 from tasks.ship.registry import Registry
-from tasks.summary import render_summary
+from tasks.summary import render_summary, tuning_links
+from tasks.tune.pareto import pareto_markdown
 from tasks.tune.results import apply_best_params, tuning_summary
 from tasks.versioning import (commit_stage, data_version, push, restore_stage, stage_changed, stage_fingerprint,
                               track_folder)
@@ -120,7 +120,8 @@ def notify_server(params: Params, promotion: PromoteResult) -> str:
     name = stages.model_name(params)
     request = urllib.request.Request(f"{url.rstrip('/')}/v2/repository/models/{name}/load", data=b"{}", method="POST",
                                      headers={"Content-Type": "application/json"})
-    if token := os.environ.get("TUNELINE_SERVE_ADMIN_TOKEN") or Environment.read().serve_token:  # admin token: serving/admin.py
+    environment = Environment.read()
+    if token := environment.serve_admin_token or environment.serve_token:  # admin token: serving/admin.py
         request.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(request, timeout=60) as response:
         answer = json.loads(response.read() or b"{}")
@@ -233,7 +234,22 @@ def _summarise(params: Params, workspace: Workspace, ran: dict[str, str], pushed
                               description="Per-epoch training metrics of the model this run shipped")
     create_link_artifact(link=Path(summary["onnx_path"]).as_uri(), link_text=f"ONNX model ({summary['onnx_path']})",
                          key="tuneline-onnx-model")
+    _tune_artifacts(tuning)
+    return summary
+
+
+def _tune_artifacts(tuning: dict) -> None:
+    """The study's top trials, its Pareto front (multi-objective), and links to its plots and live dashboard."""
     if tuning.get("top_trials"):
         create_table_artifact(table=tuning["top_trials"], key="tuneline-top-trials",
                               description=f"Top trials of study {tuning['study']} (val accuracy)")
-    return summary
+    if tuning.get("pareto"):
+        create_markdown_artifact(markdown="\n".join([f"# Pareto front of study {tuning['study']}", "",
+                                                     *tuning_links(tuning), *pareto_markdown(tuning)]),
+                                 key="tuneline-pareto-front", description="Accuracy against serving cost; the pick")
+    for name, path in (tuning.get("plots") or {}).items():
+        create_link_artifact(link=Path(path).resolve().as_uri(), link_text=f"{name} plot ({path})",
+                             key=f"tuneline-tune-{name}-plot")
+    if tuning.get("dashboard"):
+        create_link_artifact(link=tuning["dashboard"]["url"], key="tuneline-tune-dashboard",
+                             link_text=f"optuna-dashboard of study {tuning['study']} (run `{tuning['dashboard']['command']}`)")
