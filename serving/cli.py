@@ -65,10 +65,10 @@ def serve(args: argparse.Namespace, root: Path) -> int:
     from tasks.ship.onnx_session import resolve_providers
 
     settings = _settings(args, root)
-    providers = resolve_providers(settings.device)  # DeviceError: refuse to start (one line, exit 2)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level)  # first: resolving serve.provider may log that it is ignored or fell back
+    providers = resolve_providers(settings.device, settings.provider)  # DeviceError: refuse to start (one line, exit 2)
     logging.getLogger("serving").info("device", extra={"event": "device", "requested": settings.device,
-                                                       "providers": providers})
+                                                       "provider": settings.provider, "providers": providers})
     app = create_app(settings, providers)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s, server_header=False,

@@ -1,6 +1,8 @@
 """The loaded models: for each model name the registry holds (or the one serve.model names), its champion and
 any versions loaded beside it. Load, verify, warm up, then swap atomically.
 
+Which file of a version is loaded follows serve.precision and the export's measurements (serving/precision.py);
+on a GPU provider the model runs through I/O binding with reused page-locked buffers (tasks/ship/io_binding.py).
 A load happens off the event loop (checksum, session creation, warm-up), so the old champion keeps
 answering; the swap is one reference assignment on the event loop. Requests that already hold the old
 version (queued in its batcher) finish on it. A failed load leaves everything as it was and is reported
@@ -16,17 +18,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from serving.batcher import Batcher
 from serving.errors import BadRequest, LoadError, NotFound, NotReady, ServingError
 from serving.metrics import ServingMetrics
+from serving.precision import FileChoice, choose_file
 from serving.repository import RegistryReader, VerifiedModel, model_names
 from serving.settings import ServeSettings
 from tasks.data.spec import InputSpec, SpecError
 from tasks.ship.onnx_metadata import input_name, read_input_spec
-from tasks.ship.onnx_session import DeviceError, open_session
+from tasks.ship.io_binding import BoundRunner, Runner, make_runner
+from tasks.ship.onnx_session import TENSORRT, DeviceError, open_session, tensorrt_options
 
 log = logging.getLogger("serving.model")
 
@@ -44,6 +49,8 @@ class LoadedModel:
     spec: InputSpec   # what the ONNX file declares: input shape, value range, class names
     metadata: dict[str, str]  # the ONNX file's metadata_props
     card: dict
+    runner: Runner     # the session's run path: plain on CPU, I/O binding on a GPU (tasks/ship/io_binding.py)
+    choice: FileChoice  # which file of the version is served, and why (serve.precision)
     loaded_at: float = field(default_factory=time.time)
     batcher: Batcher | None = None
 
@@ -63,7 +70,7 @@ class LoadedModel:
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """logits, probabilities and class for float32 pixels [rows, *image_shape] (runs in a worker thread)."""
-        (logits,) = self.session.run([self.output_name], {self.input_name: pixels})
+        logits = self.runner(pixels)
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # stable softmax
         return {"logits": logits, "probabilities": shifted / shifted.sum(axis=1, keepdims=True),
                 "class": logits.argmax(axis=1).astype(np.int64)}
@@ -71,12 +78,20 @@ class LoadedModel:
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "provider": self.provider}
 
+    @property
+    def run_path(self) -> dict:
+        """How the model runs, for the load log: file, precision and why, I/O binding and page-locked buffers."""
+        bound = isinstance(self.runner, BoundRunner)
+        return {"file": self.choice.file, "precision": self.choice.precision, "precision_reason": self.choice.reason,
+                "io_binding": bound, "pinned": self.runner.pinned if bound else None}
+
 
 def build_model(registry: RegistryReader, version: str, settings: ServeSettings, providers: list[str]) -> LoadedModel:
     """Verify, load and warm one version (blocking: call it in a thread). Raises LoadError / NotFound."""
-    verified = registry.read_verified(version, settings.model_file)
+    choice = choose_file(registry.card(version), settings.precision, settings.model_file, providers[0])
+    verified = registry.read_verified(version, choice.file)
     try:
-        return _session_model(registry.name, verified, settings, providers)
+        return _session_model(registry.name, verified, settings, providers, choice)
     except ServingError:
         raise
     except SpecError as exc:
@@ -85,14 +100,28 @@ def build_model(registry: RegistryReader, version: str, settings: ServeSettings,
         raise LoadError(f"{version}: {exc}", reason="device") from None
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a corrupt or unsupported graph
         message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise LoadError(f"{version}/{settings.model_file}: ONNX Runtime cannot load or run it ({message})",
+        raise LoadError(f"{version}/{choice.file}: ONNX Runtime cannot load or run it ({message})",
                         reason="corrupt") from None
 
 
-def _session_model(name: str, verified: VerifiedModel, settings: ServeSettings, providers: list[str]) -> LoadedModel:
+def _provider_options(name: str, version: str, settings: ServeSettings, providers: list[str],
+                      choice: FileChoice) -> dict[str, dict[str, str]]:
+    """TensorRT's options when it leads: an engine cache folder per model version and precision, FP16 kernels
+    for the FP16 file."""
+    if providers[0] != TENSORRT:
+        return {}
+    cache = Path(settings.trt_cache_dir) / name / version / choice.precision
+    cache.mkdir(parents=True, exist_ok=True)
+    return {TENSORRT: tensorrt_options(cache, fp16=choice.precision == "fp16")}
+
+
+def _session_model(name: str, verified: VerifiedModel, settings: ServeSettings, providers: list[str],
+                   choice: FileChoice) -> LoadedModel:
     version = verified.version
-    # The factory the export gate measured with: the latency it gated is the latency served here.
-    session = open_session(verified.data, settings.device, settings.threads, providers)
+    # The factory the export gate measured with: the latency it gated is the latency served here. With
+    # serve.device=cuda it refuses (DeviceError) a session that fell back from the provider asked for.
+    session = open_session(verified.data, settings.device, settings.threads, providers,
+                           provider_options=_provider_options(name, version, settings, providers, choice))
     metadata = dict(session.get_modelmeta().custom_metadata_map)
     where = f"{name} {version}"
     spec = read_input_spec(metadata, where)  # SpecError: the file does not say what it takes
@@ -101,9 +130,15 @@ def _session_model(name: str, verified: VerifiedModel, settings: ServeSettings, 
     if len(inputs) != 1 or inputs[0].name != declared:
         raise LoadError(f"{version}: metadata input {declared!r} does not match the graph's inputs "
                         f"{[i.name for i in inputs]}", reason="metadata")
+    if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
+        # Clients send and receive FP32 (the V2 metadata says so) whichever file is served.
+        raise LoadError(f"{version}/{choice.file}: the graph takes {inputs[0].type} and returns {outputs[0].type}, "
+                        "but the server sends and returns float32: export it with float32 inputs/outputs",
+                        reason="metadata")
     model = LoadedModel(name=name, version=version, provider=session.get_providers()[0], session=session,
                         input_name=inputs[0].name, output_name=outputs[0].name, spec=spec, metadata=metadata,
-                        card=verified.card)
+                        card=verified.card, choice=choice,
+                        runner=make_runner(session, inputs[0].name, outputs[0].name, settings.max_batch_size))
     # Warm-up before the model may answer: the first runs allocate arenas and pick kernels per batch size.
     for rows in sorted({1, settings.max_batch_size}):
         model.run(np.zeros((rows, *model.image_shape), dtype=np.float32))
@@ -240,6 +275,7 @@ class ModelHolder:
             self._report_loaded(model, previous if champion else None, champion)
             log.info("model loaded", extra={"event": "model_loaded", "model": model.name, "version": version,
                                             "role": CHAMPION if champion else "loaded", "provider": model.provider,
+                                            **model.run_path,
                                             "input": model.spec.describe(),
                                             "previous": previous.version if champion and previous else None,
                                             "source": source,

@@ -51,6 +51,7 @@ def build_settings(params: Params, root: Path, environ: Mapping[str, str],
         registry = Path(environ.get(REGISTRY_ENV) or params.paths.registry)
     token = environ.get(TOKEN_ENV) or None
     admin_token = environ.get(ADMIN_TOKEN_ENV) or None
-    return ServeSettings(**params.serve.model_dump(), registry=(Path(root) / registry).resolve(),
+    serve = {**params.serve.model_dump(), "trt_cache_dir": str((Path(root) / params.serve.trt_cache_dir).resolve())}
+    return ServeSettings(**serve, registry=(Path(root) / registry).resolve(),
                          token=SecretStr(token) if token else None,
                          admin_token=SecretStr(admin_token) if admin_token else None)

@@ -345,6 +345,9 @@ class ServeConfig(_Section):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
     grpc_port: int | None = Field(None, ge=0, le=65535, description="also serve the Open Inference Protocol over gRPC on this port (8001 is Triton's and KServe's); 0 = any free port, null = REST only")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda (cuda: refuse to start unless CUDA is really active)")
+    provider: Literal["auto", "cuda", "tensorrt"] = Field("auto", description="GPU execution provider under serve.device auto/cuda: auto = cuda (CUDA kernels) | tensorrt (TensorRT, CUDA then CPU behind it for what it cannot take); with serve.device=cuda one that does not load refuses the start; ignored on CPU")
+    precision: Literal["auto", "fp32", "fp16"] = Field("auto", description="auto: model.fp16.onnx only on a GPU provider when the export measured it there at least as fast and within export.max_quant_drop, else serve.model_file | fp32: serve.model_file | fp16: model.fp16.onnx")
+    trt_cache_dir: str = Field(".tuneline/tensorrt", description="TensorRT engine cache (serve.provider=tensorrt), one folder per model version and precision; relative to the project")
     model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="serve only this model name (default: the champion of every model in the registry)")
     model_file: str = Field("model.onnx", description="which file of a registry version to serve")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
@@ -358,6 +361,14 @@ class ServeConfig(_Section):
     access_log: bool = Field(True, description="one JSON log line per request")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")
     notify_url: str | None = Field(None, description="pipeline: after a promotion, POST this server's load endpoint")
+
+    @model_validator(mode="after")
+    def _precision_or_file(self) -> "ServeConfig":
+        # Two settings must not disagree on which file is served: a variant named in model_file is the choice.
+        if self.precision != "auto" and self.model_file != "model.onnx":
+            raise ValueError(f"serve.precision={self.precision} and serve.model_file={self.model_file} both choose "
+                             "the file: leave serve.precision at auto, or serve.model_file at model.onnx")
+        return self
 
 
 class Params(_Section):

@@ -1,7 +1,8 @@
 """ONNX Runtime on the serving device: accuracy of an ONNX file on real images, latency and throughput, size.
 
-Sessions come from tasks.ship.onnx_session, the server's own factory, so the numbers gated here are those of
-the set-up the server runs. `onnxruntime-gpu` silently falls back to CPU when CUDA cannot load, so the
+Sessions come from tasks.ship.onnx_session, the server's own factory, and are run through
+tasks.ship.io_binding.make_runner, the server's own run path (I/O binding on a GPU), so the numbers gated here
+are those of the set-up the server runs. `onnxruntime-gpu` silently falls back to CPU when CUDA cannot load, so the
 provider a session really got is read back from the session and recorded beside every number it produced.
 """
 
@@ -13,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tasks.ship.io_binding import BoundRunner, make_runner
 from tasks.ship.onnx_metadata import INPUT_NAME, OUTPUT_NAME
-from tasks.ship.onnx_session import Device, open_session
+from tasks.ship.onnx_session import Device, Provider, open_session
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME"]  # re-exported: export and quantize import them from here
 THROUGHPUT_BATCH = 256
@@ -39,27 +41,31 @@ def onnx_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor, device
     return float((predicted == labels.numpy()).mean())
 
 
-def measure_serving(path: Path, images: torch.Tensor, device: Device, latency_runs: int, threads: int = 0) -> dict:
+def measure_serving(path: Path, images: torch.Tensor, device: Device, latency_runs: int, threads: int = 0,
+                    provider: Provider = "auto") -> dict:
     """p50/p99 latency of single-image requests, throughput at batch 256, and the file size, in a session
-    built as the server builds it for serve.device=`device`, serve.threads=`threads`."""
-    session = open_session(path, device, threads)
+    built and run as the server builds and runs it for serve.device=`device`, serve.provider=`provider`,
+    serve.threads=`threads`."""
+    session = open_session(path, device, threads, provider=provider)
+    run = make_runner(session, INPUT_NAME, OUTPUT_NAME, THROUGHPUT_BATCH)
     single = [as_pixels(images[i % len(images)][None]) for i in range(latency_runs)]  # real images, not zeros
     batch = as_pixels(images[:THROUGHPUT_BATCH])
     for x in single[:WARMUP_RUNS]:
-        session.run([OUTPUT_NAME], {INPUT_NAME: x})
-    session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        run(x)
+    run(batch)
     seconds = []
     for x in single:
         start = time.perf_counter()
-        session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        run(x)
         seconds.append(time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(THROUGHPUT_RUNS):
-        session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        run(batch)
     throughput = THROUGHPUT_RUNS * len(batch) / (time.perf_counter() - start)
     ms = np.array(seconds) * 1e3
     return {
         "provider": session.get_providers()[0],
+        "io_binding": isinstance(run, BoundRunner),
         "latency_p50_ms": round(float(np.percentile(ms, 50)), 4),
         "latency_p99_ms": round(float(np.percentile(ms, 99)), 4),
         "latency_runs": latency_runs,
