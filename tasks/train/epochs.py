@@ -83,6 +83,7 @@ class Trainee:
     best_metric: float | None = None
     bad_epochs: int = 0
     best_state: dict[str, torch.Tensor] | None = None
+    stream: Stream | None = None  # its own walk through the data (a refilled pack member); None: EpochData's
     status: str = "running"  # running | complete | pruned | diverged
     reason: str = ""  # why it diverged
     stopped_early: bool = False
@@ -119,6 +120,20 @@ class Strategy(Protocol):
     def keep(self, rows: list[int]) -> None: ...  # drop every other row
 
 
+@dataclass(frozen=True)
+class Stream:
+    """One walk through the train split: a batch order (one permutation per epoch) and augmentation draws."""
+
+    order: torch.Generator
+    augment: torch.Generator
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> Stream:
+        """The walk run_train takes with train.seed `seed`: one generator for the order and the augmentation."""
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return cls(generator, generator)
+
+
 @dataclass
 class EpochData:
     """The splits on the device and how each epoch walks them (shared by every model of the loop)."""
@@ -137,6 +152,20 @@ class EpochData:
     def starts(self) -> list[int]:
         return batch_starts(len(self.train_y), self.cfg.batch_size, self.ctx.world_size)
 
+    @property
+    def stream(self) -> Stream:
+        return Stream(self.generator, self.augment_generator)
+
+    def batch(self, order: torch.Tensor, start: int, stream: Stream) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the batch at `start` of `order`, as float pixels (augmented) and labels."""
+        cfg, ctx = self.cfg, self.ctx
+        idx = order[start:start + cfg.batch_size][ctx.rank::ctx.world_size]
+        x = augment_batch(self.train_x[idx].float(), cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale,
+                          stream.augment)
+        if cfg.augment_flip:
+            x = flip_batch(x, stream.augment)
+        return x, self.train_y[idx]
+
 
 class _NoProgress:
     def epoch(self, epoch: int, epochs: int) -> None:
@@ -147,15 +176,22 @@ class _NoProgress:
 
 
 def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, name: str, first_epoch: int = 1,
-                 progress=None, after_epoch: Callable[[int], None] | None = None) -> None:
+                 progress=None, after_epoch: Callable[[int], None] | None = None,
+                 refill: Callable[[int], list[Trainee]] | None = None) -> None:
     """Train every running trainee (row r of `strategy` is the r-th of them) until each completes, stops early,
     is pruned or diverges; each ends with its status set and `on_end` called. `after_epoch(epoch)` runs after
     each epoch's bookkeeping while any trainee is still in it (run_train writes its resume checkpoint there).
+
+    `refill(rows_left)` (packs) runs at each epoch boundary after the leavers are dropped; it returns trainees that
+    join from the next step, whose models it has already added to the strategy as its last rows. Each trainee
+    counts its own epochs (a newcomer starts at epoch 1) and walks the data by its own `stream` (None: the
+    loop's), so a trainee that joins late sees the batches it would see alone; rows on one stream share a batch.
     """
     progress = progress or _NoProgress()  # anything with epoch(epoch, epochs) and advance(): run_train's bar
     live = [i for i, t in enumerate(trainees) if t.status == "running"]  # the trainee of each row
-    n_train, starts, cfg, ctx = len(data.train_y), data.starts, data.cfg, data.ctx
-    max_epochs = max(trainees[i].train.epochs for i in live) if live else 0
+    epoch_of = {i: first_epoch for i in live}  # each trainee's current epoch
+    n_train, starts = len(data.train_y), data.starts
+    device = data.train_x.device
 
     def finish(i: int, row: int, status: str, reason: str = "") -> None:
         t = trainees[i]
@@ -167,62 +203,67 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
 
     def compact(keep_rows: list[int], *row_lists: list) -> None:
         if len(keep_rows) != len(live):
-            if keep_rows:
-                strategy.keep(keep_rows)
+            strategy.keep(keep_rows)
             for values in (live, *row_lists):
                 values[:] = [values[r] for r in keep_rows]
 
-    for epoch in range(first_epoch, max_epochs + 1):
-        if not live:
-            break
+    while live:
         started = time.perf_counter()
+        epoch, max_epochs = epoch_of[live[0]], max(trainees[i].train.epochs for i in live)
         lrs = strategy.begin_epoch()
         progress.epoch(epoch, max_epochs)
-        order = torch.randperm(n_train, device=data.train_x.device, generator=data.generator)
-        loss_sum = torch.zeros(len(live), device=data.train_x.device)  # summed on the device: no host sync per step
+        streams: list[Stream] = []  # the distinct walks of this epoch's rows, and each row's
+        row_stream = []
+        for i in live:
+            stream = trainees[i].stream or data.stream
+            if stream not in streams:
+                streams.append(stream)
+            row_stream.append(streams.index(stream))
+        orders = [torch.randperm(n_train, device=device, generator=s.order) for s in streams]
+        by_row = torch.tensor(row_stream, device=device)
+        loss_sum = torch.zeros(len(live), device=device)  # summed on the device: no host sync per step
         for start in starts:
-            idx = order[start:start + cfg.batch_size][ctx.rank::ctx.world_size]  # this rank's share
-            x = data.train_x[idx].float()
-            x = augment_batch(x, cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale, data.augment_generator)
-            if cfg.augment_flip:
-                x = flip_batch(x, data.augment_generator)
-            loss_sum += strategy.step(x, data.train_y[idx]) * len(idx)
+            batches = [data.batch(order, start, stream) for order, stream in zip(orders, streams)]
+            if len(batches) == 1:
+                x, y = batches[0]
+            else:  # one batch per row: [K, B, ...]
+                x = torch.stack([b[0] for b in batches]).index_select(0, by_row)
+                y = torch.stack([b[1] for b in batches]).index_select(0, by_row)
+            loss_sum += strategy.step(x, y) * y.shape[-1]
             progress.advance()
-        train_losses = [float(v) / n_train for v in all_reduce_sum(loss_sum, ctx).tolist()]
+        train_losses = [float(v) / n_train for v in all_reduce_sum(loss_sum, data.ctx).tolist()]
 
         # Divergence is judged per model; a diverged model leaves before validation, the others go on.
         keep_rows = []
         for row, i in enumerate(list(live)):
-            reason = diverged(train_losses[row], trainees[i].train, data.n_classes, epoch, lrs[row])
+            reason = diverged(train_losses[row], trainees[i].train, data.n_classes, epoch_of[i], lrs[row])
             if reason:
                 log.info("%s: %s", name, reason)
                 finish(i, row, "diverged", f"{reason}{strategy.diverged_note}")
             else:
                 keep_rows.append(row)
         compact(keep_rows, train_losses, lrs)
-        if not live:
-            break
 
         # Every rank validates the whole split (identical weights -> identical numbers), so early stopping
         # and the plateau schedule decide the same on all ranks without another exchange.
-        val_losses, val_accuracies = strategy.evaluate(data.val_x, data.val_y, cfg.eval_batch_size)
+        val_losses, val_accuracies = strategy.evaluate(data.val_x, data.val_y, data.cfg.eval_batch_size) if live else ([], [])
         seconds = time.perf_counter() - started
         keep_rows = []
         for row, i in enumerate(list(live)):
             t = trainees[i]
             strategy.after_epoch(row, val_accuracies[row])
-            t.history.append({"epoch": epoch, "train_loss": round(train_losses[row], 6),
+            t.history.append({"epoch": epoch_of[i], "train_loss": round(train_losses[row], 6),
                               "val_loss": round(val_losses[row], 6), "val_accuracy": round(val_accuracies[row], 6),
                               "lr": lrs[row], "seconds": round(seconds, 3), "images_per_s": round(n_train / seconds, 1)})
             stop = bool(t.on_epoch(t.history[-1])) if t.on_epoch is not None else False
             if t.improved(val_accuracies[row], val_losses[row]) and t.track_best and t.train.restore_best:
                 t.best_state = strategy.weights(row)
             if t.patience_spent:
-                log.info("%s: early stop after epoch %d: %s did not improve for %d epoch(s) (best %.4f)", name, epoch,
-                         t.train.early_stopping_metric, t.bad_epochs, t.best_metric)
+                log.info("%s: early stop after epoch %d: %s did not improve for %d epoch(s) (best %.4f)", name,
+                         epoch_of[i], t.train.early_stopping_metric, t.bad_epochs, t.best_metric)
             if stop:
                 finish(i, row, "pruned")
-            elif t.patience_spent or epoch >= t.train.epochs:
+            elif t.patience_spent or epoch_of[i] >= t.train.epochs:
                 finish(i, row, "complete")
             else:
                 keep_rows.append(row)
@@ -230,9 +271,15 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
             h = trainees[live[0]].history[-1]
             log.info("%s: epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f lr %.3g %.1fs %.0f img/s", name, epoch,
                      max_epochs, h["train_loss"], h["val_loss"], h["val_accuracy"], h["lr"], seconds, n_train / seconds)
-        else:
+        elif val_accuracies:
             log.info("%s: epoch %d/%d, %d model(s), %.1fs, val_acc %s", name, epoch, max_epochs, len(live), seconds,
                      " ".join(f"{a:.4f}" for a in val_accuracies))
-        if after_epoch is not None:
+        if after_epoch is not None and val_accuracies:
             after_epoch(epoch)
         compact(keep_rows)
+        for i in live:
+            epoch_of[i] += 1
+        for t in refill(len(live)) if refill is not None else []:
+            trainees.append(t)
+            live.append(len(trainees) - 1)
+            epoch_of[live[-1]] = 1

@@ -48,6 +48,34 @@ def optimizer_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Op
     optimizer.step()
 
 
+def _host_hypers(train_cfgs: list[TrainConfig]) -> dict[str, list[float]]:
+    """Host copies of the per-model hyperparameters the per-step coefficient tables need (float64 there)."""
+    return {"beta1": [c.beta1 for c in train_cfgs], "beta2": [c.beta2 for c in train_cfgs],
+            "eps": [c.eps for c in train_cfgs],
+            "dwd": [c.weight_decay if c.optimizer == "adamw" else 0.0 for c in train_cfgs]}
+
+
+def _tensor_hypers(train_cfgs: list[TrainConfig], device: torch.device) -> dict[str, torch.Tensor]:
+    """The per-model hyperparameters the update reads, as [K] tensors."""
+    return {name: torch.tensor(values, dtype=torch.float32, device=device) for name, values in {
+        "l2": [0.0 if c.optimizer == "adamw" else c.weight_decay for c in train_cfgs],  # adamw: decoupled
+        "momentum": [c.momentum for c in train_cfgs],
+        "nesterov": [float(c.nesterov and c.momentum > 0) for c in train_cfgs],
+        "one_minus_beta1": [1.0 - c.beta1 for c in train_cfgs],
+        "one_minus_beta2": [1.0 - c.beta2 for c in train_cfgs],
+        "clip": [c.grad_clip for c in train_cfgs],
+    }.items()}
+
+
+def _uses(train_cfgs: list[TrainConfig]) -> dict[str, bool]:
+    """Ops every model would skip are not run at all (a zero hyperparameter costs nothing)."""
+    return {"l2": any(0.0 if c.optimizer == "adamw" else c.weight_decay for c in train_cfgs),
+            "dwd": any(c.weight_decay if c.optimizer == "adamw" else 0.0 for c in train_cfgs),
+            "clip": any(c.grad_clip for c in train_cfgs), "momentum": any(c.momentum for c in train_cfgs),
+            "nesterov": any(c.nesterov and c.momentum > 0 for c in train_cfgs),
+            "all_nesterov": all(c.nesterov and c.momentum > 0 for c in train_cfgs)}
+
+
 class StackedOptimizer:
     """torch.optim's update rules for K stacked models at once, with per-model [K] hyperparameters.
 
@@ -58,26 +86,23 @@ class StackedOptimizer:
 
     def __init__(self, train_cfgs: list[TrainConfig], params: dict[str, torch.Tensor], device: torch.device):
         self.device, self.family = device, OPTIMIZER_FAMILY[train_cfgs[0].optimizer]
-        # Per-model hyperparameters: host copies (float64, for the per-step coefficient tables) and [K] tensors.
-        self.host = {"beta1": [c.beta1 for c in train_cfgs], "beta2": [c.beta2 for c in train_cfgs],
-                     "eps": [c.eps for c in train_cfgs],
-                     "dwd": [c.weight_decay if c.optimizer == "adamw" else 0.0 for c in train_cfgs]}
-        self.hyper = {name: torch.tensor(values, dtype=torch.float32, device=device) for name, values in {
-            "l2": [0.0 if c.optimizer == "adamw" else c.weight_decay for c in train_cfgs],  # adamw: decoupled
-            "momentum": [c.momentum for c in train_cfgs],
-            "nesterov": [float(c.nesterov and c.momentum > 0) for c in train_cfgs],
-            "one_minus_beta1": [1.0 - c.beta1 for c in train_cfgs],
-            "one_minus_beta2": [1.0 - c.beta2 for c in train_cfgs],
-            "clip": [c.grad_clip for c in train_cfgs],
-        }.items()}
-        # Ops every model would skip are not run at all (a zero hyperparameter costs nothing).
-        self.uses = {"l2": any(self.hyper["l2"].tolist()), "dwd": any(self.host["dwd"]),
-                     "clip": any(c.grad_clip for c in train_cfgs), "momentum": any(c.momentum for c in train_cfgs),
-                     "nesterov": any(c.nesterov and c.momentum > 0 for c in train_cfgs),
-                     "all_nesterov": all(c.nesterov and c.momentum > 0 for c in train_cfgs)}
+        self.host, self.hyper, self.cfgs = _host_hypers(train_cfgs), _tensor_hypers(train_cfgs, device), list(train_cfgs)
+        self.uses = _uses(self.cfgs)
         n_states = OPTIMIZER_STATES[self.family]
         self.state = {n: [torch.zeros_like(p) for _ in range(n_states)] for n, p in params.items()}
         self._views: dict[tuple[str, int], torch.Tensor] = {}
+
+    def add(self, train_cfgs: list[TrainConfig], params: dict[str, torch.Tensor]) -> None:
+        """Append models (a pack's refilled slots): their hyperparameters, and fresh state for `params` (theirs, [k, ...])."""
+        host = _host_hypers(train_cfgs)
+        self.host = {n: values + host[n] for n, values in self.host.items()}
+        hyper = _tensor_hypers(train_cfgs, self.device)
+        self.hyper = {n: torch.cat([t, hyper[n]]) for n, t in self.hyper.items()}
+        # The flags of every model that ever joined: an op a left model needed is a no-op for the others.
+        self.cfgs += train_cfgs
+        self.uses = _uses(self.cfgs)
+        self.state = {n: [torch.cat([s, torch.zeros_like(params[n])]) for s in states] for n, states in self.state.items()}
+        self._views.clear()
 
     def _hyper_view(self, name: str, dim: int) -> torch.Tensor:
         """Hyperparameter `name` [K] shaped [K, 1, ...] against a `dim`-dimensional stacked tensor (cached)."""
@@ -86,15 +111,17 @@ class StackedOptimizer:
             view = self._views[(name, dim)] = self.hyper[name].view(-1, *([1] * (dim - 1)))
         return view
 
-    def coefficients(self, lr: torch.Tensor, first_step: int) -> dict[str, torch.Tensor]:
-        """Per-step, per-model update coefficients [steps, K] for lrs `lr` (float64 [steps, K]), in float64 first.
+    def coefficients(self, lr: torch.Tensor, first_steps: list[int]) -> dict[str, torch.Tensor]:
+        """Per-step, per-model update coefficients [steps, K] for lrs `lr` (float64 [steps, K]), in float64 first;
+        `first_steps` [K]: the optimizer steps each model has taken (a refilled member starts at 0).
 
         Adam's bias corrections fold into two numbers per model and step: with c = sqrt(1 - beta2^t),
         lr/(1 - beta1^t) * m / (sqrt(v)/c + eps) == (lr * c/(1 - beta1^t)) * m / (sqrt(v) + eps * c).
         """
         table = {"neg_lr": -lr}
         if self.family == "adam":
-            t = torch.arange(first_step + 1, first_step + lr.shape[0] + 1, dtype=torch.float64).unsqueeze(1)
+            t = (torch.arange(1, lr.shape[0] + 1, dtype=torch.float64).unsqueeze(1)
+                 + torch.tensor(first_steps, dtype=torch.float64))
             beta1 = torch.tensor(self.host["beta1"], dtype=torch.float64)
             beta2 = torch.tensor(self.host["beta2"], dtype=torch.float64)
             root = (1 - beta2 ** t).sqrt()
@@ -223,12 +250,8 @@ class StackedSchedules:
 
     def __init__(self, train_cfgs: list[TrainConfig], steps_per_epoch: int):
         self.optimizers, self.schedules = [], []
-        for cfg in train_cfgs:
-            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-            self.schedules.append(LRSchedule(cfg, optimizer, steps_per_epoch))
-            optimizer.step()  # marks it stepped, so the scheduler does not warn about the order of calls
-            self.optimizers.append(optimizer)
         self.steps_per_epoch = steps_per_epoch
+        self.add(train_cfgs)
 
     def epoch_table(self, members: list[int]) -> list[list[float]]:
         """The lr of each model in `members` at every step of the coming epoch ([steps][members]), advancing them."""
@@ -239,6 +262,14 @@ class StackedSchedules:
                 table[s][j] = group["lr"]
                 self.schedules[i].after_step()
         return table
+
+    def add(self, train_cfgs: list[TrainConfig]) -> None:
+        """Schedules for models that join later (a pack's refilled slots): each starts at its own step 0."""
+        for cfg in train_cfgs:
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+            self.schedules.append(LRSchedule(cfg, optimizer, self.steps_per_epoch))
+            optimizer.step()  # marks it stepped, so the scheduler does not warn about the order of calls
+            self.optimizers.append(optimizer)
 
     def after_epoch(self, member: int, val_accuracy: float) -> None:
         self.schedules[member].after_epoch(val_accuracy)

@@ -24,18 +24,21 @@ Each TrainConfig field declares its packing role beside its default (json_schema
                alone (`pack_capacity` is 1, so the tuner runs it with run_train) instead of being ignored.
 
 A field without a role fails `group_key` (and the test): a new knob cannot be silently dropped by packs.
-Besides the shared fields, a pack shares the architecture, the optimizer family (sgd | adam/adamw |
-rmsprop) and the data order: one permutation per epoch and one augmentation draw per batch, driven by
-`data_seed` (default: the first member's train.seed; the tuner passes the base config's train.seed). A
-member whose seed equals the data seed therefore trains like `run_train` with that seed; with dropout > 0
-the dropout masks are drawn for the whole pack (vmap randomness="different") from the global generator
-seeded by the data seed, so they differ from a solo run's draws (same distribution, different samples).
+Besides the shared fields, a pack shares the architecture and the optimizer family (sgd | adam/adamw |
+rmsprop). Data order: one permutation per epoch and one augmentation draw per batch, driven by `data_seed`
+(default: the first member's train.seed) for the whole pack, or with data_seed="own" (the tuner) by each
+member's own train.seed, members of one seed sharing a batch. A member whose seed equals its stream's seed
+therefore trains like `run_train` with that seed. A pack given `refill` takes new members into freed slots at
+epoch boundaries; each counts its own epochs, schedule and optimizer steps from 0 and walks its own stream
+(rows on different streams get one batch each: [K, B, ...]). With dropout > 0 the dropout masks are drawn for
+the whole pack (vmap randomness="different") from the global generator seeded by the data seed, so they
+differ from a solo run's draws (same distribution, different samples).
 
 Each model's loss is its own slice of the stacked outputs, so its gradients never touch another model's:
 a member whose epoch loss is NaN/inf or above its divergence threshold is marked diverged at the end of
 that epoch and dropped, and the others go on exactly as if it had never been there. Members that finish,
 are pruned (the `on_epoch` callback returns true) or diverge are removed from the stacked tensors at the
-epoch boundary, so the rest of the pack gets cheaper. Batch norm (bn_cnn) works: its running statistics
+epoch boundary, so the rest of the pack gets cheaper (or `refill` fills their slots). Batch norm (bn_cnn) works: its running statistics
 are stacked buffers, updated per model.
 """
 
@@ -56,7 +59,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.model.architectures import ModelArgs
-from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
+from tasks.train.epochs import EpochData, Stream, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
 from tasks.train.loop import _autocast, _determinism, resolve_device
 from tasks.train.optim import OPTIMIZER_FAMILY, OPTIMIZER_STATES, StackedOptimizer, StackedSchedules
 from tasks.data.prepare import load_manifest
@@ -112,6 +115,10 @@ class Member:
     on_end: Callable[["MemberResult"], None] | None = None  # once, when it completes, is pruned or diverges
 
 
+# refill(free slots, fits) -> members to join (tasks/tune/packed_rounds.py); fits(member) -> why it cannot, or None
+Refill = Callable[[int, Callable[["Member"], str | None]], list["Member"]]
+
+
 @dataclass
 class MemberResult:
     index: int
@@ -161,20 +168,11 @@ class _Pack:
 
     def __init__(self, members: list[Member], args: ModelArgs, device: torch.device, steps_per_epoch: int):
         train_cfgs = [m.train for m in members]
-        self.device, self.autocast = device, _autocast(train_cfgs[0], device)
-        no_dropout = all(m.model.dropout == 0 for m in members)
-        models = []
-        for m in members:
-            model = build_member(m.model, m.train, args)  # as run_train: the seed, then the model
-            self.dropout_buffers = _replace_dropout(model, no_dropout)
-            models.append(model.to(device))
-        self.params, stacked = stack_module_state(models)
-        # Linear weights are stored input-major ([K, in, out], handed to the model as a transposed view): the
-        # batched matmul then reads them in place instead of copying a transposed weight every step.
-        self.input_major = {f"{n}.weight" for n, m in models[0].named_modules() if isinstance(m, nn.Linear)}
-        with torch.no_grad():
-            for n in self.input_major:
-                self.params[n] = self.params[n].transpose(1, 2).contiguous().requires_grad_(True)
+        self.device, self.autocast, self.args = device, _autocast(train_cfgs[0], device), args
+        self.key = group_key(members[0].model, members[0].train)
+        self.no_dropout = all(m.model.dropout == 0 for m in members)
+        models = self._build(members)
+        self.params, stacked = self._stack(models)
         # The input normalisation is one constant for all (one manifest): kept unbatched, the normalised batch
         # stays one tensor and the first layer runs as one wide convolution / matmul over all K models.
         self.shared = {n: models[0].get_buffer(n) for n in SHARED_BUFFERS}
@@ -185,16 +183,70 @@ class _Pack:
         def one(params, buffers, shared, x):
             return functional_call(self.base, (params, buffers, shared), (x,))
 
+        # x shared by every model (one batch stream) or one batch per model ([K, B, ...]: refilled members).
         self._forward = vmap(one, in_dims=(0, 0, None, None), randomness="different")
+        self._forward_own = vmap(one, in_dims=(0, 0, None, 0), randomness="different")
         # The loss terms' per-model hyperparameters [K]; a term no model uses is not computed.
-        self.hyper = {"l1": torch.tensor([c.l1 for c in train_cfgs], dtype=torch.float32, device=device),
-                      "smoothing": torch.tensor([c.label_smoothing for c in train_cfgs], dtype=torch.float32,
-                                                device=device)}
+        self.hyper = self._loss_hypers(train_cfgs)
         self.uses = {"l1": any(c.l1 for c in train_cfgs), "smoothing": any(c.label_smoothing for c in train_cfgs)}
         self.optimizer = StackedOptimizer(train_cfgs, self.params, device)
         self.schedules = StackedSchedules(train_cfgs, steps_per_epoch)
         self.members = list(range(len(members)))  # the member of each row
-        self.steps_per_epoch, self.steps_done, self._table, self._step = steps_per_epoch, 0, {}, 0
+        self.steps_done = [0] * len(members)  # optimizer steps of each row's model (Adam's bias correction)
+        self.steps_per_epoch, self._table, self._step = steps_per_epoch, {}, 0
+
+    def _build(self, members: list[Member]) -> list[nn.Module]:
+        models = []
+        for m in members:
+            model = build_member(m.model, m.train, self.args)  # as run_train: the seed, then the model
+            self.dropout_buffers = _replace_dropout(model, self.no_dropout)
+            models.append(model.to(self.device))
+        return models
+
+    def _stack(self, models: list[nn.Module]) -> tuple[dict, dict]:
+        params, stacked = stack_module_state(models)
+        # Linear weights are stored input-major ([K, in, out], handed to the model as a transposed view): the
+        # batched matmul then reads them in place instead of copying a transposed weight every step.
+        self.input_major = {f"{n}.weight" for n, m in models[0].named_modules() if isinstance(m, nn.Linear)}
+        with torch.no_grad():
+            for n in self.input_major:
+                params[n] = params[n].transpose(1, 2).contiguous().requires_grad_(True)
+        return params, stacked
+
+    def _loss_hypers(self, train_cfgs: list[TrainConfig]) -> dict[str, torch.Tensor]:
+        return {"l1": torch.tensor([c.l1 for c in train_cfgs], dtype=torch.float32, device=self.device),
+                "smoothing": torch.tensor([c.label_smoothing for c in train_cfgs], dtype=torch.float32,
+                                          device=self.device)}
+
+    def unfit_reason(self, member: Member) -> str | None:
+        """Why `member` cannot join this pack (another group, or dropout in a pack built without it), or None."""
+        if solo_settings(member.train):
+            return f"train.{solo_settings(member.train)[0]} trains solo"
+        other = group_key(member.model, member.train)
+        if other != self.key:
+            return _key_difference(self.key, other)
+        if self.no_dropout and member.model.dropout:
+            return "model.dropout > 0 in a pack built without dropout layers"
+        return None
+
+    def add(self, members: list[Member], first: int) -> None:
+        """Models for `members` (numbered from `first`) as new last rows, each at its own step 0: a refilled slot."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            models = self._build(members)  # build_member seeds the global RNG: the pack's dropout stream is kept
+        params, stacked = self._stack(models)
+        with torch.no_grad():
+            self.params = {n: torch.cat([p.detach(), params[n].detach()]).requires_grad_(True)
+                           for n, p in self.params.items()}
+            self.buffers = {n: torch.cat([b, stacked[n]]) for n, b in self.buffers.items()}
+        train_cfgs = [m.train for m in members]
+        hyper = self._loss_hypers(train_cfgs)
+        self.hyper = {n: torch.cat([t, hyper[n]]) for n, t in self.hyper.items()}
+        self.uses = {"l1": self.uses["l1"] or any(c.l1 for c in train_cfgs),
+                     "smoothing": self.uses["smoothing"] or any(c.label_smoothing for c in train_cfgs)}
+        self.optimizer.add(train_cfgs, params)
+        self.schedules.add(train_cfgs)
+        self.members += list(range(first, first + len(members)))
+        self.steps_done += [0] * len(members)
 
     @property
     def size(self) -> int:
@@ -205,16 +257,17 @@ class _Pack:
         self.base.train()
         lr_table = torch.tensor(self.schedules.epoch_table(self.members), dtype=torch.float64)
         self._table = self.optimizer.coefficients(lr_table, self.steps_done)
-        self.steps_done, self._step = self.steps_done + self.steps_per_epoch, 0
+        self.steps_done, self._step = [s + self.steps_per_epoch for s in self.steps_done], 0
         return lr_table[0].tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1, H, W] pixels -> [K, B, classes] logits."""
+        """[B, C, H, W] pixels (one batch for all) or [K, B, C, H, W] (one per model) -> [K, B, classes] logits."""
         params = {n: p.transpose(1, 2) if n in self.input_major else p for n, p in self.params.items()}
-        return self._forward(params, self.buffers, self.shared, x)
+        forward = self._forward_own if x.dim() == len(self.args.image_shape) + 2 else self._forward
+        return forward(params, self.buffers, self.shared, x)
 
     def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-model cross-entropy [K] with per-model label smoothing (torch's formula)."""
+        """Per-model cross-entropy [K] with per-model label smoothing (torch's formula); y is [B] or [K, B]."""
         logp = logits.float().log_softmax(-1)
         nll = -logp.gather(-1, y.expand(logp.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(1)
         if not self.uses["smoothing"]:
@@ -223,7 +276,8 @@ class _Pack:
         return (1 - eps) * nll + eps * (-logp.mean(-1).mean(1))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One training step of every model on batch (x, y); returns the per-model data losses [K] (detached)."""
+        """One training step of every model on batch (x, y), shared or per model; returns the per-model data losses
+        [K] (detached)."""
         with self.autocast:
             logits = self.forward(x)
         loss = self.losses(logits, y)
@@ -257,13 +311,14 @@ class _Pack:
 
     def keep(self, rows: list[int]) -> None:
         """Drop every model not in `rows` from the stacked tensors (parameters, buffers, optimizer state, hypers)."""
-        index = torch.tensor(rows, device=self.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
         with torch.no_grad():
             self.params = {n: p.index_select(0, index).requires_grad_(True) for n, p in self.params.items()}
             self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
             self.hyper = {n: t.index_select(0, index) for n, t in self.hyper.items()}
             self.optimizer.keep(index)
         self.members = [self.members[r] for r in rows]
+        self.steps_done = [self.steps_done[r] for r in rows]
         self._table = {n: t.index_select(1, index) for n, t in self._table.items()}
 
     def weights(self, row: int) -> dict[str, torch.Tensor]:
@@ -291,44 +346,76 @@ def _check_pack(members: list[Member]) -> tuple:
     return key
 
 
-def train_packed(members: list[Member], prepared_dir: Path, data_seed: int | None = None,
-                 keep_states: bool = False) -> list[MemberResult]:
+def train_packed(members: list[Member], prepared_dir: Path, data_seed: int | str | None = None,
+                 keep_states: bool = False, refill: Refill | None = None) -> list[MemberResult]:
     """Train every member together on the prepared train split; validate each epoch; results in member order.
 
     Every member must share `group_key`. Nothing is written to disk (tuning trials need only their metrics);
     `keep_states` returns each member's final weights (its best epoch's when train.restore_best).
+
+    The members walk the data by one stream seeded with `data_seed` (default: the first member's train.seed);
+    `data_seed="own"`: each by its own train.seed, as it would alone (members with equal seeds share one).
+    `refill(free, fits)` (packed tuning) runs at each epoch boundary where members left: it returns up to
+    `free` new members that join from the next step (`fits(member)` says why one cannot: None when it can), each
+    with its own epoch count, schedule, optimizer steps and its own train.seed's stream; their results follow
+    the members' in the order they joined.
     """
     _check_pack(members)
     shared = members[0].train
     with _determinism(shared.deterministic):
-        return _train_packed(members, Path(prepared_dir), shared.seed if data_seed is None else data_seed, keep_states)
+        return _train_packed(members, Path(prepared_dir), shared.seed if data_seed is None else data_seed, keep_states,
+                             refill)
 
 
-def _train_packed(members: list[Member], prepared_dir: Path, data_seed: int, keep_states: bool) -> list[MemberResult]:
+def _train_packed(members: list[Member], prepared_dir: Path, data_seed: int | str, keep_states: bool,
+                  refill: Refill | None) -> list[MemberResult]:
     shared = members[0].train
     device = resolve_device(shared.device)
     manifest, train_x, train_y, val_x, val_y = load_data(prepared_dir, device)
     args = replace(model_args(members[0].model, manifest), dropout=0.0)
     pack = _Pack(members, args, device, steps_per_epoch=len(batch_starts(len(train_y), shared.batch_size)))
-    torch.manual_seed(data_seed)  # the pack's dropout masks
-    generator = torch.Generator(device=device).manual_seed(data_seed)
-    results = [MemberResult(index=i, status="running") for i in range(len(members))]
+    own = data_seed == "own"
+    torch.manual_seed(shared.seed if own else data_seed)  # the pack's dropout masks
+    generator = torch.Generator(device=device).manual_seed(shared.seed if own else data_seed)
+    streams: dict[int, Stream] = {}  # data_seed="own": one stream per distinct seed of the first members
+    results: list[MemberResult] = []
+    everyone = list(members)
 
-    def on_end(i: int):
-        def end(trainee: Trainee) -> None:
+    def trainee(m: Member, stream: Stream | None) -> Trainee:
+        i = len(results)
+        results.append(MemberResult(index=i, status="running"))
+
+        def end(t: Trainee) -> None:
             result = results[i]
-            result.status, result.reason, result.stopped_early = trainee.status, trainee.reason, trainee.stopped_early
-            result.state = trainee.state
-            if members[i].on_end is not None:
-                members[i].on_end(result)
-        return end
+            result.status, result.reason, result.stopped_early = t.status, t.reason, t.stopped_early
+            result.state = t.state
+            if everyone[i].on_end is not None:
+                everyone[i].on_end(result)
 
-    trainees = [Trainee(m.train, on_epoch=m.on_epoch, on_end=on_end(i), keep_state=keep_states, track_best=keep_states,
-                        history=results[i].history) for i, m in enumerate(members)]
-    log.info("packed: %d x %s on %s, %d train / %d val images, %d epochs, data seed %d", len(members), args.arch,
+        return Trainee(m.train, on_epoch=m.on_epoch, on_end=end, keep_state=keep_states, track_best=keep_states,
+                       history=results[i].history, stream=stream)
+
+    trainees = [trainee(m, streams.setdefault(m.train.seed, Stream.seeded(m.train.seed, device)) if own else None)
+                for m in members]
+
+    def join(rows_left: int) -> list[Trainee]:
+        free = len(members) - rows_left
+        if refill is None or free <= 0:
+            return []
+        joining = refill(free, pack.unfit_reason)[:free]
+        for m in joining:
+            if (why := pack.unfit_reason(m)) is not None:
+                raise ValueError(f"train_packed: a refilled member cannot join this pack: {why}")
+        if joining:
+            pack.add(joining, first=len(everyone))
+            everyone.extend(joining)
+            log.info("packed: %d member(s) joined in freed slots (%d rows)", len(joining), rows_left + len(joining))
+        return [trainee(m, Stream.seeded(m.train.seed, device)) for m in joining]
+
+    log.info("packed: %d x %s on %s, %d train / %d val images, %d epochs, data seed %s", len(members), args.arch,
              device, len(train_y), len(val_y), max(m.train.epochs for m in members), data_seed)
     data = EpochData(train_x, train_y, val_x, val_y, args.n_classes, shared, generator, generator)
-    train_epochs(pack, trainees, data, "packed")
+    train_epochs(pack, trainees, data, "packed", refill=join)
     return results
 
 

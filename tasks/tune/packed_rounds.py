@@ -1,4 +1,21 @@
-"""Packed trials (tune.packing): K trials per process, asked in rounds, grouped, trained as one pack, told alone."""
+"""Packed trials (tune.packing): K trials trained together in one process, each slot refilled as soon as it frees.
+
+A pack starts with up to K trials of one group (same architecture, optimizer family, batch size and other
+shared settings: tasks.train.packed.group_key). At every epoch boundary each member reports its validation
+accuracy to Optuna and asks the pruner, as a trial trained alone would (trial.report / trial.should_prune, in
+row order); a member that is pruned, completes or diverges leaves, and its slot is refilled at once with the
+next trial that fits the pack (asked from the study, or taken from the backlog of trials asked earlier that
+did not fit theirs). A newcomer counts its own epochs, runs its own lr schedule and optimizer steps from 0 and
+walks the data by its own train.seed (tasks/train/packed.py, data_seed="own"), so it sees the batches, the
+schedule and the pruner's rungs it would see alone: its metrics equal its solo twin's
+(tests/tasks/tune/test_packs_that_prune.py). Packs therefore stay full while the study has trials to give.
+
+The budget is tasks/tune/budget.py's, as in the one-at-a-time path: a trial is asked only while `next_step` says
+"run" (n_trials counts COMPLETE and PRUNED trials, plus the running ones; a FAIL trial frees its place), and the
+study stops at `tune.max_failures` failures or `tune.patience`. Asked trials that never ran when the study stops
+are told FAIL and marked `not_run` (neither budget nor failure). The timeout is checked between packs and before
+each refill.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +25,9 @@ import warnings
 from pathlib import Path
 
 from tasks.config import Params, TuneConfig
+from tasks.tune.budget import NOT_RUN, next_step, taken_before
 from tasks.tune.heartbeats import TrialHeartbeats
-from tasks.tune.objective import make_objective, worker_id
+from tasks.tune.objective import failure_reason, make_objective, worker_id
 from tasks.tune.space import trial_params
 
 log = logging.getLogger(__name__)
@@ -17,7 +35,7 @@ log = logging.getLogger(__name__)
 # tune.packing=auto on CUDA. The issue's reference run (H100, seed CNN) packed 16 models at 6.1x the sequential
 # speed; not measured by this project yet (no GPU was lent), so treat 16 as a starting point, not a tuned value.
 AUTO_PACK_CUDA = 16
-PACKS_PER_ROUND = 2  # a round asks at most this many packs' worth of trials (see optimize_packed)
+WAIT_S = 1.0  # while others' running trials would complete the budget: how often to look again
 
 
 def packing_size(cfg: TuneConfig, base: Params) -> int | None:
@@ -32,146 +50,197 @@ def packing_size(cfg: TuneConfig, base: Params) -> int | None:
     return cfg.packing if cfg.packing and cfg.packing > 1 else None
 
 
-def optimize_packed(study, base: Params, cfg: TuneConfig, prepared: Path, workdir: Path, pack_size: int) -> None:
-    """One worker, packed: ask trials in rounds, group them, train each group as one pack, tell each trial.
+class _Trials:
+    """This worker's asked trials: asks the study within the budget, keeps those that fit no pack yet (backlog)."""
 
-    A round asks trials until one group (same architecture, optimizer family, batch size and other shared
-    settings: tasks.train.packed.group_key) holds a full pack, or PACKS_PER_ROUND packs' worth, or the budget is
-    spent; then every group of the round trains, fullest first (a group of one trains alone, with run_train).
-    Asking more than one pack's worth fills packs when the space has a categorical batch size or
-    architecture; capping it keeps the sampler's feedback fresh. n_trials counts finished trials (complete,
-    pruned, failed) plus trials other workers are running, so workers do not overshoot by whole packs;
-    the timeout is checked between rounds (a round that was asked always finishes).
-    """
-    import optuna
+    def __init__(self, study, base: Params, cfg: TuneConfig, heartbeats: TrialHeartbeats, first_number: int,
+                 pack_size: int):
+        self.study, self.base, self.cfg, self.heartbeats = study, base, cfg, heartbeats
+        self.first_number, self.pack_size = first_number, pack_size
+        self.backlog: list[tuple] = []  # (trial, params) asked, waiting for a pack of their group
 
+    def ask(self) -> tuple | None:
+        """A new trial and its params, or None when the budget has no room (or another worker took it)."""
+        import optuna
+
+        if next_step(self.study, self.cfg, self.first_number).action != "run":
+            return None
+        with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": TrialHeartbeats beats here
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = self.study.ask()
+        trial.set_user_attr("worker", worker_id())  # first: a worker that dies from here on is seen as lost
+        self.heartbeats.add(trial)
+        if taken_before(self.study.get_trials(deepcopy=False), trial.number) >= self.cfg.n_trials:
+            self.drop(trial, "not run: other workers had taken the last of tune.n_trials")
+            return None
+        try:
+            return trial, trial_params(self.base, self.cfg, trial)
+        except Exception as exc:  # noqa: BLE001 - a space that builds an invalid config: recorded, the study goes on
+            self.tell(trial, optuna.trial.TrialState.FAIL, failure_reason(exc))
+            return None
+
+    def next(self) -> tuple | None:
+        """The oldest backlog trial, else a new one."""
+        return self.backlog.pop(0) if self.backlog else self.ask()
+
+    def draw(self, n: int, fits) -> list[tuple]:
+        """Up to `n` trials whose params `fits`: backlog first, then asked (those that do not fit join the backlog;
+        at most pack_size of them per draw, so a space of many groups cannot ask the whole budget ahead)."""
+        taken = [entry for entry in self.backlog if fits(entry[1])][:n]
+        self.backlog = [entry for entry in self.backlog if all(entry is not t for t in taken)]
+        misfits = 0
+        while len(taken) < n and misfits < self.pack_size:
+            entry = self.ask()
+            if entry is None:
+                break
+            if fits(entry[1]):
+                taken.append(entry)
+            else:
+                self.backlog.append(entry)
+                misfits += 1
+        return taken
+
+    def tell(self, trial, state, reason: str = "", value: float | None = None) -> None:
+        """Finish `trial` (once: a trial told already is left as it is) and stop its heartbeat."""
+        import optuna
+
+        self.heartbeats.discard(trial)
+        try:
+            if reason:
+                trial.set_user_attr("reason", reason)
+            self.study.tell(trial, value, state=state, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:  # told meanwhile (e.g. failed by another worker)
+            pass
+
+    def drop(self, trial, reason: str) -> None:
+        """A trial asked but never run: FAIL, marked not_run (counts as neither budget nor failure)."""
+        import optuna
+
+        try:
+            trial.set_user_attr(NOT_RUN, True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+        self.tell(trial, optuna.trial.TrialState.FAIL, reason)
+
+    def drop_backlog(self, reason: str) -> None:
+        for trial, _params in self.backlog:
+            self.drop(trial, reason)
+        self.backlog = []
+
+
+def optimize_packed(study, base: Params, cfg: TuneConfig, prepared: Path, workdir: Path, pack_size: int,
+                    first_number: int = 0) -> None:
+    """One worker, packed: train trials in packs of up to `pack_size` of one group, refilling freed slots, until
+    budget.next_step says stop (or tune.timeout_s passes); failures from trial `first_number` on count toward
+    tune.max_failures."""
     from tasks.train.packed import group_key, pack_capacity
 
     solo = make_objective(base, cfg, prepared, workdir)
     started = time.monotonic()
     capacity: dict[tuple, int] = {}
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    log.info("tune: packing up to %d trials per pack", pack_size)
+    timed_out = lambda: cfg.timeout_s is not None and time.monotonic() - started >= cfg.timeout_s
+    log.info("tune: packing up to %d trials per pack, freed slots refilled", pack_size)
     with TrialHeartbeats(study) as heartbeats:
-        while cfg.timeout_s is None or time.monotonic() - started < cfg.timeout_s:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # as study.optimize does before each trial
-            trials = study.get_trials(deepcopy=False)
-            budget = (cfg.n_trials - sum(t.state in finished for t in trials)
-                      - sum(t.state == optuna.trial.TrialState.RUNNING for t in trials))
-            if budget <= 0:
-                return
-            groups: dict[tuple, list] = {}
-            pending: list = []  # asked and not yet told: failed if this round ends in an exception
-            try:
-                for _ in range(min(budget, PACKS_PER_ROUND * pack_size)):
-                    with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": TrialHeartbeats beats here
-                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                        trial = study.ask()
-                    heartbeats.add(trial)
-                    pending.append(trial)
-                    params = trial_params(base, cfg, trial)
-                    key = group_key(params.model, params.train)
-                    if key not in capacity:
-                        capacity[key] = pack_capacity(params.model, params.train, prepared, pack_size)
-                    groups.setdefault(key, []).append((trial, params))
-                    if len(groups[key]) >= capacity[key]:
-                        break
-                for key, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-                    for at in range(0, len(members), capacity[key]):
-                        chunk = members[at:at + capacity[key]]
-                        if len(chunk) == 1:
-                            _tell_solo(study, solo, chunk[0][0])
-                        else:
-                            _tell_pack(study, chunk, base, prepared, heartbeats)
-                        for trial, _params in chunk:
-                            heartbeats.discard(trial)
-                            pending.remove(trial)
-            except BaseException:
-                for trial in pending:
-                    _tell_failed(study, trial, "the tuner stopped while this trial was asked or training")
-                    heartbeats.discard(trial)
-                raise
+        trials = _Trials(study, base, cfg, heartbeats, first_number, pack_size)
+        try:
+            while not timed_out():
+                step = next_step(study, cfg, first_number)
+                if step.action == "stop":
+                    if step.kind != "done":
+                        log.warning("tune: study %s stopped: %s", study.study_name, step.reason)
+                    break
+                first = trials.next()
+                if first is None:
+                    time.sleep(WAIT_S)  # others' running trials would complete the budget
+                    continue
+                key = group_key(first[1].model, first[1].train)
+                if key not in capacity:
+                    capacity[key] = pack_capacity(first[1].model, first[1].train, prepared, pack_size)
+                same = lambda params: group_key(params.model, params.train) == key  # noqa: B023
+                chunk = [first, *trials.draw(capacity[key] - 1, same)]
+                if len(chunk) == 1:
+                    _tell_solo(study, solo, trials, first[0])
+                else:
+                    _train_pack(chunk, base, prepared, trials, refill=lambda: not timed_out())
+        finally:  # asked and never trained: not a result and not a failure
+            trials.drop_backlog("not run: the tuner stopped before this trial's pack formed")
 
 
-def _tell_failed(study, trial, reason: str) -> None:
+def _tell_solo(study, objective, trials: _Trials, trial) -> None:
+    """A trial that has no pack to join: trained alone (train_trial), told as study.optimize would tell it."""
     import optuna
-
-    try:
-        trial.set_user_attr("reason", reason)
-    except optuna.exceptions.UpdateFinishedTrialError:  # already told (e.g. by its pack's callback)
-        return
-    study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-
-
-def _tell_solo(study, objective, trial) -> None:
-    """A trial that has no pack to join: trained alone by run_train, told as study.optimize would."""
-    import optuna
-    import torch
-
-    from tasks.train.loop import DivergedError
 
     try:
         value = objective(trial)
     except optuna.TrialPruned:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    except (DivergedError, torch.cuda.OutOfMemoryError) as exc:
-        log.warning("tune: trial %d failed: %s", trial.number, exc)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trials.tell(trial, optuna.trial.TrialState.PRUNED)
+    except Exception as exc:  # noqa: BLE001 - FAIL with its reason (the objective recorded it); the study goes on
+        log.warning("tune: trial %d failed: %s", trial.number, failure_reason(exc))
+        trials.tell(trial, optuna.trial.TrialState.FAIL)
     except BaseException:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trials.tell(trial, optuna.trial.TrialState.FAIL, "the tuner stopped while this trial was training")
         raise
     else:
-        study.tell(trial, value)
+        trials.tell(trial, optuna.trial.TrialState.COMPLETE, value=value)
 
 
-def _tell_pack(study, chunk: list, base: Params, prepared: Path, heartbeats: TrialHeartbeats) -> None:
-    """Train `chunk` [(trial, params)] as one pack: each trial reports every epoch and is pruned or told alone.
-
-    A pruned trial's slot is dropped, not refilled: a newcomer would start mid-stream (its data order,
-    schedule position and the pruner's rung comparisons would no longer match an unpacked run of the same
-    config), and Optuna cannot be asked for a trial of this pack's architecture and batch size. The pack
-    shrinks instead (cheaper epochs), and the next round asks for new trials with the pruned results known.
-    """
+def _train_pack(chunk: list, base: Params, prepared: Path, trials: _Trials, refill) -> None:
+    """Train `chunk` [(trial, params)] as one pack; each member reports every epoch and is pruned or told alone,
+    and each freed slot takes the next trial that fits (while `refill()` says the tuner may go on)."""
     import optuna
     import torch
 
     from tasks.train.packed import Member, train_packed
 
-    told: set[int] = set()
-    numbers = ",".join(str(trial.number) for trial, _ in chunk)
+    state = optuna.trial.TrialState
+    running: dict[int, object] = {}  # trial number -> trial, for members not yet told
+    pack_id = chunk[0][0].number  # the pack's first trial: every trial it trains carries it
 
-    def callbacks(trial):
+    def member(trial, params) -> Member:
+        trial.set_user_attr("pack_id", pack_id)
+        trial.set_user_attr("pack", ",".join(str(n) for n in sorted(running) + [trial.number]))  # rows when it joined
+        running[trial.number] = trial
+
         def on_epoch(record: dict) -> bool:
             # Every epoch reports, so trials.csv's epochs_run (len(intermediate_values)) needs no extra write.
             trial.report(record["val_accuracy"], record["epoch"])
+            trial.set_user_attr("epochs_run", record["epoch"])
             return trial.should_prune()
 
         def on_end(result) -> None:
+            running.pop(trial.number, None)
             if result.status == "diverged":
-                trial.set_user_attr("reason", f"diverged: {result.reason}")
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                trials.tell(trial, state.FAIL, f"diverged: {result.reason}")
             elif result.status == "pruned":
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                trials.tell(trial, state.PRUNED)
             else:
-                study.tell(trial, result.best_val_accuracy)
-            told.add(trial.number)
-            heartbeats.discard(trial)
+                trials.tell(trial, state.COMPLETE, value=result.best_val_accuracy)
 
-        return on_epoch, on_end
+        return Member(params.model, params.train, on_epoch=on_epoch, on_end=on_end)
 
-    members = []
-    for trial, params in chunk:
-        trial.set_user_attr("worker", worker_id())
-        trial.set_user_attr("pack", numbers)  # the trials trained together with this one
-        on_epoch, on_end = callbacks(trial)
-        members.append(Member(params.model, params.train, on_epoch=on_epoch, on_end=on_end))
+    def join(free: int, unfit_reason) -> list[Member]:
+        if not refill():
+            return []
+        fits = lambda params: unfit_reason(Member(params.model, params.train)) is None
+        return [member(trial, params) for trial, params in trials.draw(free, fits)]
+
+    members = [member(trial, params) for trial, params in chunk]
     try:
-        train_packed(members, prepared, data_seed=base.train.seed)
+        train_packed(members, prepared, data_seed="own", refill=join)
     except torch.cuda.OutOfMemoryError as exc:
-        for trial, _params in chunk:
-            if trial.number not in told:
-                _tell_failed(study, trial, f"out of GPU memory in a pack of {len(chunk)}: "
-                                           f"{str(exc).splitlines()[0]}; lower tune.packing")
+        reason = f"out of GPU memory in a pack of {len(chunk)}: {str(exc).splitlines()[0]}; lower tune.packing"
+        _fail_all(trials, running, reason)
+    except Exception as exc:  # noqa: BLE001 - as a trial that raises: FAIL with the reason, the study goes on
+        log.warning("tune: pack of trials %s failed: %s", ",".join(map(str, sorted(running))), failure_reason(exc))
+        _fail_all(trials, running, failure_reason(exc))
+    except BaseException:
+        _fail_all(trials, running, "the tuner stopped while this trial was training")
+        raise
 
+
+def _fail_all(trials: _Trials, running: dict, reason: str) -> None:
+    import optuna
+
+    for trial in list(running.values()):
+        trials.tell(trial, optuna.trial.TrialState.FAIL, reason)
+    running.clear()

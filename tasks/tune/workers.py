@@ -42,7 +42,7 @@ def optimize(base: Params, cfg: TuneConfig, prepared: Path, name: str, url: str,
         return
     pack_size = packing_size(cfg, base)
     if pack_size:
-        optimize_packed(study, base, cfg, prepared, workdir, pack_size)
+        optimize_packed(study, base, cfg, prepared, workdir, pack_size, first_number)
         return
     objective = make_objective(base, cfg, prepared, workdir)
     started = time.monotonic()
