@@ -29,8 +29,8 @@ from serving.precision import FileChoice, choose_file
 from serving.repository import RegistryReader, VerifiedModel, model_names
 from serving.settings import ServeSettings
 from tasks.data.spec import InputSpec, SpecError
-from tasks.ship.onnx_metadata import input_name, read_input_spec
 from tasks.ship.io_binding import BoundRunner, Runner, make_runner
+from tasks.ship.onnx_metadata import input_name, read_input_spec
 from tasks.ship.onnx_session import TENSORRT, DeviceError, open_session, tensorrt_options
 
 log = logging.getLogger("serving.model")

@@ -24,7 +24,15 @@ def test_gpu_check_reports_what_it_skipped_and_why(tmp_path):
     report = json.loads(out.read_text())
     assert list(report["steps"]) == list(STEPS)
     assert all(step["status"] == "skipped" for step in report["steps"].values())
-    assert report["steps"]["export_cuda"]["reason"].startswith("skipped: no CUDAExecutionProvider")
-    assert report["steps"]["serving_gpu"]["reason"].startswith("skipped: no CUDAExecutionProvider")
+    for step in ("export_cuda", "serving_gpu", "serving_io_binding", "tensorrt", "fp16_serving", "provider_refusal"):
+        assert report["steps"][step]["reason"].startswith("skipped: no CUDAExecutionProvider"), step
     assert "torch.cuda.is_available() is False" in report["steps"]["train_bf16_compile"]["reason"]
     assert report["total_s"] < 30 and "skipped: no CUDAExecutionProvider" in done.stdout
+
+
+def test_gpu_check_covers_the_serving_gpu_paths_within_8_minutes():
+    from bench.gpu_check import INNER, LIMIT_S, STEPS, TOTAL_S
+
+    assert {"serving_io_binding", "tensorrt", "fp16_serving", "provider_refusal"} <= set(STEPS)
+    assert set(LIMIT_S) == set(STEPS) and set(INNER) <= set(STEPS)
+    assert sum(LIMIT_S.values()) <= 8 * 60 and TOTAL_S < 8 * 60
