@@ -67,8 +67,8 @@ STAGES: tuple[StageSpec, ...] = (
                      _uncached("${paths.confusion_png}"))),
     StageSpec("export", deps=("${paths.model}", "${paths.prepared}", "${paths.metrics}"),
               # project.name (or, by default, the data source) is written into the ONNX metadata as its model name.
-              params=("export", "gate.max_latency_p99_ms", "gate.max_size_mb", "serve.device", "serve.threads",
-                      "project.name", "data.source", "data.image_folder"),
+              params=("export", "gate.max_latency_p99_ms", "gate.max_size_mb", "serve.device", "serve.provider",
+                      "serve.threads", "project.name", "data.source", "data.image_folder"),
               outs=("${paths.onnx}", "${paths.variants}"), metrics=(_uncached("${paths.export_metrics}"),)),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)

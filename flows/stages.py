@@ -116,7 +116,7 @@ def export(params: Params, root: Path, project: Path | None = None) -> ExportRes
                       paths.metrics, paths.onnx,
                       variants_dir=paths.variants, report_path=paths.export_metrics,
                       gate_cfg=params.gate, device=params.serve.device, threads=params.serve.threads,
-                      model_name=model_name(params))
+                      provider=params.serve.provider, model_name=model_name(params))
 
 
 def model_name(params: Params) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from tasks.atomic import staged_dir, staged_file
 from tasks.ship.latency import INPUT_NAME, OUTPUT_NAME, measure_serving, onnx_accuracy
-from tasks.ship.onnx_session import Device, open_session
+from tasks.ship.onnx_session import Device, Provider, open_session
 from tasks.model.checkpoint import load_checkpoint
 from tasks.config import ExportConfig, GateConfig
 from tasks.evaluate.gate import GateFailed, GateVerdict, check_serving_gates, failed
@@ -88,10 +88,11 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor, 
 def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_path: Path, onnx_path: Path, *,
                variants_dir: Path | None = None, report_path: Path | None = None,
                gate_cfg: GateConfig | None = None, device: Device = "cpu", threads: int = 0,
-               model_name: str = "model") -> ExportResult:
+               provider: Provider = "auto", model_name: str = "model") -> ExportResult:
     """Export, annotate, check, measure and atomically place the ONNX model (+ variants when `variants_dir`).
 
-    `device` and `threads` are the server's (serve.device, serve.threads): latency is measured as it will be served.
+    `device`, `threads` and `provider` are the server's (serve.device, serve.threads, serve.provider): latency is
+    measured as it will be served.
     With `gate_cfg`, a serving gate that fails raises GateFailed after writing `report_path`: nothing is placed.
     `model_name` (project.name) is recorded in the metadata beside the input spec.
     """
@@ -119,7 +120,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
         log.info("export: %s (opset %d), parity max |diff| %s", onnx_path, cfg.opset,
                  ", ".join(f"batch {b}: {d:.1e}" for b, d in diffs.items()))
         accuracy = onnx_accuracy(tmp, images, labels, device)
-        serving = measure_serving(tmp, images, device, cfg.latency_runs, threads)
+        serving = measure_serving(tmp, images, device, cfg.latency_runs, threads, provider)
         log.info("export: ONNX Runtime on %s: test accuracy %.4f, p50 %.3f ms / p99 %.3f ms at batch 1, "
                  "%.0f images/s at batch %d, %.2f MB", serving["provider"], accuracy, serving["latency_p50_ms"],
                  serving["latency_p99_ms"], serving["throughput_images_per_s"], serving["throughput_batch"],
@@ -133,7 +134,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
         variants: dict[str, VariantResult] = {}
         if variants_dir is not None:
             variants = _build_variants(cfg, tmp, Path(variants_dir), metadata, accuracy, prepared_dir, images, labels,
-                                       device, threads)
+                                       device, threads, provider)
             verdicts = verdicts + [v.verdict for v in variants.values()]
             report = replace(report, variants={name: v.to_dict() for name, v in variants.items()})
         _write_report(report_path, replace(report, gates=verdicts))
@@ -143,7 +144,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
 
 def _build_variants(cfg: ExportConfig, fp32_path: Path, variants_dir: Path, metadata: dict[str, str],
                     accuracy: float, prepared_dir: Path, images, labels, device: Device,
-                    threads: int) -> dict[str, VariantResult]:
+                    threads: int, provider: Provider) -> dict[str, VariantResult]:
     """Each enabled variant, built and gated in a staged folder that replaces `variants_dir` whole."""
     enabled = [name for name in ("fp16", "int8") if getattr(cfg, name)]
     calibration = None
@@ -157,7 +158,7 @@ def _build_variants(cfg: ExportConfig, fp32_path: Path, variants_dir: Path, meta
                                           cfg.max_quant_drop, device, calibration)
             if results[name].kept:  # its serving cost too, for choosing serve.model_file (not gated)
                 results[name] = replace(results[name], serving=measure_serving(
-                    staging / results[name].file, images, device, cfg.latency_runs, threads))
+                    staging / results[name].file, images, device, cfg.latency_runs, threads, provider))
         # Always written, so the folder exists (a DVC output) and says what was built even when nothing was kept.
         index = {name: r.to_dict() for name, r in results.items()}
         (staging / VARIANTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
