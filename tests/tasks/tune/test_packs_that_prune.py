@@ -88,3 +88,19 @@ def test_a_pack_with_asha_refills_pruned_slots(tmp_path, tiny_dir):
     solo = train_trial(twin.model, twin.train, tiny_dir, lambda r: None)
     assert [refilled.intermediate_values[h["epoch"]] for h in solo] == pytest.approx(
         [h["val_accuracy"] for h in solo], abs=ACC_TOL)
+
+
+def test_packed_failures_do_not_use_up_n_trials_and_max_failures_stops(tmp_path, tiny_dir):
+    params = build_params({}, {
+        "model.arch": "seed_mlp", "model.dropout": 0.0, "train.scheduler": "none", "train.device": "cpu",
+        "train.optimizer": "sgd", "train.batch_size": 64, "tune.epochs": 2, "tune.pruner": "none",
+        "tune.n_trials": 2, "tune.max_failures": 3, "tune.packing": 2, "tune.study_name": "failing",
+        "tune.space": {"train.lr": {"type": "float", "low": 1e4, "high": 1e5, "log": True}}})  # NaN in epoch 1
+    study = create_study(params.tune, "failing", f"sqlite:///{tmp_path / 'study.db'}")
+    optimize_packed(study, params, params.tune, tiny_dir, tmp_path, pack_size=2)
+    trials = study.get_trials()
+    assert {t.state.name for t in trials} == {"FAIL"}
+    # More trials than n_trials were asked: the first 2 failed and freed their places (their slots were refilled);
+    # at 4 >= tune.max_failures no more were asked (a pack finishes the members it holds).
+    assert 3 <= len(trials) <= 3 + 2 - 1
+    assert all(t.user_attrs["reason"].startswith("diverged: train: loss diverged") for t in trials)
