@@ -41,6 +41,7 @@ SLICE = ["data.limit_train=3000", "data.limit_test=600", "train.epochs=2", "trai
          "tune.space={train.lr: {type: float, low: 0.0005, high: 0.002, log: true}}",
          "gate.min_class_recall=0.8", "gate.max_ece=0.1"]  # quality bars a 2-epoch model on a slice can meet
 BIN = Path(sys.executable).parent
+GATE_ROW = "| `gate.min_accuracy` | test accuracy |"
 
 
 def tuneline(project: Path, mirror: Path, *args: str) -> subprocess.CompletedProcess:
@@ -162,6 +163,22 @@ def test_a_gate_above_reach_fails_the_run_and_ships_nothing(story):
     assert "| `gate.min_accuracy` | test accuracy |" in failed.stderr  # the whole table is in the run's message
     assert not (failed.state / "models" / "model.onnx").exists()
     assert not (failed.state / "registry").exists()  # nothing registered, nothing promoted
+
+
+@pytest.mark.slow
+def test_a_failed_gate_prints_the_reason_then_the_table_once_and_no_traceback(story):
+    failed = story["gate_fails"]  # `tuneline run` with gate.min_accuracy=0.999 on a slice of MNIST
+    assert failed.returncode == 1, failed.output
+    assert "Traceback" not in failed.output
+    assert failed.output.count(GATE_ROW) == 1, failed.stderr
+    lines = failed.stderr.splitlines()
+    (reason,) = [i for i, line in enumerate(lines) if line.startswith("tuneline: run failed: ")]
+    assert re.fullmatch(r"tuneline: run failed: gate gate\.min_accuracy FAILED: test accuracy 0\.\d{4} vs threshold "
+                        r"0\.9990 \(margin -0\.\d{4}\): the model is not exported", lines[reason])
+    assert lines[reason + 2].startswith("| gate | metric |") and GATE_ROW in lines[reason + 4]
+    # Prefect's own lines about the failure are one line each (the state messages carry the reason, not the table)
+    finished = [line for line in lines if "Finished in state Failed" in line]
+    assert len(finished) == 2 and all("gate gate.min_accuracy FAILED" in line for line in finished)
 
 
 def test_a_run_with_overrides_leaves_the_checkout_as_it_was_whether_it_fails_or_passes(story, story_project):
