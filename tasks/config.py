@@ -296,6 +296,12 @@ class TuneConfig(_Section):
     # Trials trained together in one process and one set of kernels (tasks/train/packed.py): "auto" = up to 16 on
     # CUDA, off on CPU; K >= 2 = packs of up to K (capped by device memory); null or 1 = one trial at a time.
     packing: int | Literal["auto"] | None = Field("auto", description="trials trained together in one process: auto (16 on CUDA, off on CPU) | K | null")
+    # More than one objective makes the study multi-objective (tasks/tune/pareto.py): a Pareto front of accuracy
+    # against serving cost, unpruned and unpacked, and tune.pick chooses the trial train uses.
+    objectives: list[Literal["accuracy", "latency_p99_ms", "size_mb"]] = Field(default_factory=lambda: ["accuracy"], description="what trials are judged on: accuracy (val, maximised) first, then optionally latency_p99_ms (the trial's ONNX model, batch 1, on serve.device) and/or size_mb (its FP32 ONNX file), minimised")
+    latency_runs: int = Field(50, ge=10, description="objective latency_p99_ms: timed batch-1 runs per trial, after its training")
+    latency_threads: int | None = Field(1, ge=1, description="objective latency_p99_ms: ONNX Runtime intra-op threads, fixed so trials compare alike; null: serve.threads, as the export gate")
+    pick: Literal["most_accurate_within_gates", "most_accurate"] = Field("most_accurate_within_gates", description="multi-objective: which Pareto trial train uses: the most accurate within gate.max_latency_p99_ms / gate.max_size_mb (an error if none is), or the most accurate")
 
     @field_validator("min_resource")
     @classmethod
@@ -312,6 +318,14 @@ class TuneConfig(_Section):
             raise ValueError("tune.packing takes an integer K >= 2 (trials per pack), 'auto' (packs on CUDA, off on "
                              "CPU), or null / 1 (off)")
         return int(value) if integral else value
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, value: list[str]) -> list[str]:
+        if not value or value[0] != "accuracy" or len(set(value)) != len(value):
+            raise ValueError("tune.objectives starts with accuracy, then latency_p99_ms and/or size_mb, each once, "
+                             "e.g. [accuracy, size_mb]")
+        return value
 
 
 class GateConfig(_Section):

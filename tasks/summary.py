@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tasks.config import Params
 from tasks.evaluate.gate import GateVerdict, markdown_table
+from tasks.tune.pareto import pareto_markdown
 
 
 def _promotion_lines(summary: dict) -> list[str]:
@@ -35,9 +36,10 @@ def _evaluation_lines(summary: dict) -> list[str]:
 def _tuning_lines(tuning: dict) -> list[str]:
     if not tuning.get("enabled"):
         return ["## Tuning", "", "Off (`tune.enabled=false`): trained with params.yaml as given.", ""]
+    used = "picked trial's" if tuning.get("pick") else "best"
     lines = ["## Tuning", "",
-             f"Study `{tuning['study']}`: trials {tuning['states']}; best val accuracy {tuning['best_value']:.4f} "
-             f"with `{tuning['best_params']}`.", ""]
+             f"Study `{tuning['study']}`: trials {tuning['states']}; {used} val accuracy {tuning['best_value']:.4f} "
+             f"with `{tuning['best_params']}`.", "", *tuning_links(tuning), *pareto_markdown(tuning)]
     top = tuning.get("top_trials") or []
     if top:
         keys = [k for k in top[0] if k not in ("state", "reason")]
@@ -45,6 +47,16 @@ def _tuning_lines(tuning: dict) -> list[str]:
         lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in top]
         lines.append("")
     return lines
+
+
+def tuning_links(tuning: dict) -> list[str]:
+    """Where to look further: the live dashboard (command and page) and the Pareto plot file."""
+    lines = []
+    if tuning.get("dashboard"):
+        lines.append(f"- **dashboard**: `{tuning['dashboard']['command']}` serves the study at {tuning['dashboard']['url']}")
+    for name, path in (tuning.get("plots") or {}).items():
+        lines.append(f"- **{name} plot**: [{path}]({Path(path).resolve().as_uri()})")
+    return [*lines, ""] if lines else []
 
 
 def render_summary(params: Params, summary: dict, verdicts: list[GateVerdict], history_path: Path, pushed: str) -> str:

@@ -19,7 +19,8 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path):
-    """The Optuna objective: train one trial's config on `prepared`, return its best validation accuracy.
+    """The Optuna objective: train one trial's config on `prepared`, return its best validation accuracy — and, when
+    tune.objectives names serving costs, the values of each (tasks/tune/serving_cost.py), in that order.
 
     Trials write nothing (`workdir` is kept for callers' sake); each records user attr `times` (set-up, training
     and validation seconds). Any exception fails the trial with its reason recorded (user attr `reason`,
@@ -30,26 +31,35 @@ def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path)
     import torch
 
     from tasks.train.loop import DivergedError
+    from tasks.tune.serving_cost import measure_trial_cost
+    from tasks.tune.study import is_multi_objective, latency_threads
     from tasks.tune.trial_run import TrialTimes, train_trial
 
-    def objective(trial: optuna.Trial) -> float:
+    multi = is_multi_objective(cfg)
+
+    def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr("worker", worker_id())  # first: a worker that dies from here on is seen as lost
         if taken_before(trial.study.get_trials(deepcopy=False), trial.number) >= cfg.n_trials:
             trial.set_user_attr(NOT_RUN, True)
             trial.set_user_attr("reason", "not run: other workers had taken the last of tune.n_trials")
             raise BudgetTaken(f"trial {trial.number}: budget taken")
         params = trial_params(base, cfg, trial)
-        best, times = {"value": 0.0}, TrialTimes()
+        best, times, cost = {"value": 0.0}, TrialTimes(), {}
 
         def report(record: dict) -> None:
             best["value"] = max(best["value"], record["val_accuracy"])
-            trial.report(record["val_accuracy"], record["epoch"])
             trial.set_user_attr("epochs_run", record["epoch"])
+            if multi:  # Optuna has no intermediate values (nor pruning) for multi-objective studies
+                return
+            trial.report(record["val_accuracy"], record["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {record['epoch']}: val_accuracy {record['val_accuracy']:.4f} behind the other trials")
 
+        def measure(model, val_images) -> None:  # after training: this trial trains no more while it measures
+            cost.update(measure_trial_cost(model, val_images, params, latency_threads(base)))
+
         try:
-            train_trial(params.model, params.train, prepared, report, times)
+            train_trial(params.model, params.train, prepared, report, times, on_trained=measure if multi else None)
         except DivergedError as exc:
             trial.set_user_attr("reason", f"diverged: {exc}")
             raise
@@ -63,6 +73,8 @@ def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path)
             raise
         finally:  # where the trial's time went (bench/bench_tune.py breaks it down); one storage write
             trial.set_user_attr("times", {key: round(getattr(times, key), 4) for key in ("setup_s", "train_s", "val_s")})
+        if multi:
+            return (best["value"], *(cost[name] for name in cfg.objectives[1:]))
         return best["value"]
 
     return objective

@@ -7,6 +7,10 @@ raises, diverges, runs out of GPU memory or loses its worker is recorded as fail
 not count toward n_trials; the study goes on until `tune.max_failures` failures, or stops early when its
 best has not improved for `tune.patience` trials (tasks/tune/budget.py, stopping.py).
 
+With `tune.objectives` naming serving costs too (latency_p99_ms, size_mb) the study is multi-objective: each trial's
+model is exported and measured after its training, trials are neither pruned nor packed, and tune.pick chooses the
+Pareto trial train uses (tasks/tune/pareto.py).
+
 The study lives in an RDB (SQLite by default, PostgreSQL for many machines) under a name derived from
 everything that changes what a trial sees (tasks/tune/study.py: data version, prepare settings, fixed
 params outside the space, trial settings, objective): rerunning continues the same study, and with its
@@ -29,7 +33,7 @@ from tasks.tune.budget import next_step
 from tasks.tune.results import TuneResult, write_disabled, write_results, write_trials_table
 from tasks.tune.space import validate_space
 from tasks.tune.storage import storage_url
-from tasks.tune.study import create_study, load_study, study_identity, study_name
+from tasks.tune.study import create_study, is_multi_objective, load_study, study_identity, study_name
 from tasks.tune.workers import run_workers
 
 log = logging.getLogger(__name__)
@@ -49,10 +53,14 @@ def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version:
         log.info("tune: disabled (tune.enabled=false): training uses params.yaml as given")
         return result
     validate_space(params, cfg.space)
+    params = _multi_objective_settings(params)
+    cfg = params.tune
     name, url = study_name(params, data_version), storage_url(cfg, tuning_dir, storage)
     # The identity travels with the study, so `optuna-dashboard` (or load_study) shows what it was run on.
     study = create_study(cfg, name, url)
     study.set_user_attr("identity", study_identity(params, data_version))
+    if is_multi_objective(cfg):
+        _name_metrics(study, cfg.objectives)
     first_number = len(study.get_trials(deepcopy=False))  # failures from here on count toward tune.max_failures
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
@@ -66,13 +74,44 @@ def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version:
     study = load_study(name, url)
     step = next_step(study, cfg, first_number)
     if step.kind == "failures":
-        write_trials_table(study, tuning_dir)  # each failure's reason, before the error points at it
+        write_trials_table(study, tuning_dir, cfg.objectives)  # each failure's reason, before the error points at it
         raise TuneFailedError(f"tune: study {name} stopped: {step.reason}. See {tuning_dir / 'trials.csv'} for every "
                               "trial's reason; fix the cause (or raise tune.max_failures) and rerun to continue")
     stopped = step.reason if step.kind == "patience" else None
     if stopped:
         log.info("tune: study %s stopped early: %s", name, stopped)
-    return write_results(study, cfg, tuning_dir, time.perf_counter() - started, stopped=stopped)
+    return write_results(study, cfg, tuning_dir, time.perf_counter() - started, stopped=stopped, gate=params.gate)
+
+
+def _multi_objective_settings(params: Params) -> Params:
+    """A multi-objective study runs unpruned and unpacked; say so once. Single-objective params pass unchanged.
+
+    Pruning: Optuna cannot prune a multi-objective study, and a rung rule on accuracy alone would cut the small,
+    fast models whose early accuracy lags — the cheap end of the very front the study is for. Packing: a pack's
+    members report to a pruner together (tasks/tune/packed_rounds.py); with nothing to prune and a serving cost to
+    measure after each trial, one trial at a time is the simple, correct path.
+    """
+    cfg = params.tune
+    if not is_multi_objective(cfg):
+        return params
+    log.info("tune: objectives %s: a multi-objective study; pruning off (tune.pruner=%s not applied: Optuna cannot "
+             "prune multi-objective studies, and pruning on accuracy would cut the cheap models of the front)",
+             cfg.objectives, cfg.pruner)
+    if cfg.packing not in (None, 1):
+        log.info("tune: tune.packing=%s not applied: a multi-objective study trains one trial at a time", cfg.packing)
+        params = params.model_copy(update={"tune": cfg.model_copy(update={"packing": None})})
+    return params
+
+
+def _name_metrics(study, objectives: list[str]) -> None:
+    """The objectives' names on the study, so optuna-dashboard labels its Pareto plot."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(objectives))
 
 
 class TuneFailedError(RuntimeError):

@@ -14,6 +14,15 @@ from tasks.tune.storage import open_storage
 # identity, so a study is never continued under a different objective.
 OBJECTIVE = {"metric": "val_accuracy", "reduce": "max over epochs", "direction": "maximize"}
 
+# tune.objectives: accuracy first (maximised), then serving costs of the trial's exported model (minimised). A study
+# with more than one is multi-objective: a Pareto front instead of one best (tasks/tune/pareto.py).
+DIRECTIONS = {"accuracy": "maximize", "latency_p99_ms": "minimize", "size_mb": "minimize"}
+
+# tune.* keys that describe the objectives: in the identity's "objective" part (only when there are several, so a
+# single-objective study keeps the name it always had), not in its "tune" part. pick only chooses among finished
+# trials, so it is in neither.
+OBJECTIVE_KEYS = frozenset({"objectives", "latency_runs", "latency_threads", "pick"})
+
 # data.* keys that change the train/val splits a trial trains and validates on. The raw data itself is the
 # data version; limit_test only shapes the test split, which no trial reads; mirror/image_folder say where
 # the raw data came from, which the data version already covers.
@@ -44,9 +53,38 @@ def study_identity(params: Params, data_version: str) -> dict[str, Any]:
         "data_version": data_version,
         "prepare": {key: getattr(params.data, key) for key in TRIAL_DATA_KEYS},
         "fixed": fixed,
-        "tune": params.tune.model_dump(mode="json", exclude=set(TUNE_BUDGET_KEYS)),
-        "objective": OBJECTIVE,
+        "tune": params.tune.model_dump(mode="json", exclude=set(TUNE_BUDGET_KEYS | OBJECTIVE_KEYS)),
+        "objective": objective_identity(params),
     }
+
+
+def is_multi_objective(cfg: TuneConfig) -> bool:
+    return len(cfg.objectives) > 1
+
+
+def latency_threads(params: Params) -> int:
+    """Intra-op threads the latency objective measures with: tune.latency_threads, else serve.threads."""
+    return params.tune.latency_threads if params.tune.latency_threads is not None else params.serve.threads
+
+
+def objective_identity(params: Params) -> dict[str, Any]:
+    """What the trials' values mean: OBJECTIVE alone for the default; each objective (and how latency is measured:
+    device, threads, runs) when there are several."""
+    cfg = params.tune
+    if not is_multi_objective(cfg):
+        return OBJECTIVE
+    described = []
+    for name in cfg.objectives:
+        entry: dict[str, Any] = {"name": name, "direction": DIRECTIONS[name]}
+        if name == "accuracy":
+            entry.update(metric=OBJECTIVE["metric"], reduce=OBJECTIVE["reduce"])
+        elif name == "latency_p99_ms":
+            entry.update(device=params.serve.device, provider=params.serve.provider, threads=latency_threads(params),
+                         runs=cfg.latency_runs, batch=1)
+        else:
+            entry.update(file="FP32 ONNX", unit="10^6 bytes")
+        described.append(entry)
+    return {"objectives": described}
 
 
 def study_name(params: Params, data_version: str) -> str:
@@ -102,9 +140,12 @@ def create_study(cfg: TuneConfig, name: str, url: str):
     """Create (or load) the study; done once before workers start, which avoids a race on a new SQLite file."""
     import optuna
 
-    return optuna.create_study(study_name=name, storage=open_storage(url), direction=OBJECTIVE["direction"],
+    # Optuna cannot prune a multi-objective study (Trial.report raises there): its trials run to the end.
+    pruner = optuna.pruners.NopPruner() if is_multi_objective(cfg) else _pruner(cfg)
+    return optuna.create_study(study_name=name, storage=open_storage(url),
+                               directions=[DIRECTIONS[name] for name in cfg.objectives],
                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed),
-                               pruner=_pruner(cfg))
+                               pruner=pruner)
 
 
 def load_study(name: str, url: str):

@@ -74,11 +74,14 @@ class _TimedModel(OneModel):
 
 
 def train_trial(model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, on_epoch: Callable[[dict], None],
-                times: TrialTimes | None = None) -> list[dict]:
+                times: TrialTimes | None = None,
+                on_trained: Callable[[torch.nn.Module, torch.Tensor], None] | None = None) -> list[dict]:
     """Train one trial's config on `prepared` (cached per worker) and return its per-epoch history.
 
     `on_epoch(record)` runs after each epoch's validation (the objective reports to the pruner there and
     raises optuna.TrialPruned to stop); a diverged run raises DivergedError, as run_train does.
+    `on_trained(model, val_images)` runs once training has finished (a multi-objective study measures the model's
+    serving cost there: tasks/tune/serving_cost.py).
     """
     times = times if times is not None else TrialTimes()
     started = time.perf_counter()
@@ -103,4 +106,6 @@ def train_trial(model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, on_epo
         train_epochs(one, [trainee], data, "trial")
     if trainee.status == "diverged":
         raise DivergedError(trainee.reason)
+    if on_trained is not None:
+        on_trained(model, val_x)
     return trainee.history
