@@ -43,7 +43,7 @@ def _tuning_lines(tuning: dict) -> list[str]:
     top = tuning.get("top_trials") or []
     if top:
         keys = [k for k in top[0] if k not in ("state", "reason")]
-        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["**Top trials** by val accuracy:", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in top]
         lines.append("")
     return lines

@@ -90,8 +90,8 @@ def pareto_markdown(tuning: dict) -> list[str]:
         return []
     objectives = tuning.get("objectives") or ["accuracy"]
     keys = ["number", *objectives, *sorted({k for row in front for k in row} - {"number", *objectives})]
-    lines = [f"Objectives {objectives}: {len(front)} Pareto trials (no other trial is both more accurate and "
-             f"cheaper). Train uses trial {pick.get('trial')} (`tune.pick={pick.get('rule')}`): {pick.get('why')}.", "",
+    lines = [f"**Pareto front** of objectives {objectives}: {len(front)} trials, none beaten on every objective by "
+             f"another. Train uses trial {pick.get('trial')} (`tune.pick={pick.get('rule')}`): {pick.get('why')}.", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in front:
         mark = " ←" if row["number"] == pick.get("trial") else ""
