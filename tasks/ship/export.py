@@ -55,7 +55,10 @@ class ExportResult:
     verdicts: list[GateVerdict] | None = None   # serving gates + each variant's export.max_quant_drop
 
 
-def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def export_onnx_file(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """`model` as one self-contained ONNX file with a dynamic batch axis (`example`: two or more rows, or the
+    exporter may fix the batch at 1). The export stage and the tuner's serving cost (tasks/tune/serving_cost.py)
+    both use it."""
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter is chatty about things that do not apply here
@@ -109,7 +112,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
     }
     with staged_file(Path(onnx_path)) as tmp:
         # Two rows even from a one-image split: an example batch of 1 would let the exporter fix the batch axis at 1.
-        _onnx_export(model, images[:1].float().repeat(2, 1, 1, 1), tmp, cfg.opset)
+        export_onnx_file(model, images[:1].float().repeat(2, 1, 1, 1), tmp, cfg.opset)
         proto = onnx.load(str(tmp))
         proto.producer_name = "tuneline"
         proto.doc_string = "Tuneline classifier: raw pixels (0..255) in, logits out; see metadata_props"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tasks.config import Params
-from tasks.ship.export import _onnx_export
+from tasks.ship.export import export_onnx_file
 from tasks.ship.latency import measure_serving
 
 COST_OBJECTIVES = ("latency_p99_ms", "size_mb")
@@ -38,7 +38,7 @@ def measure_trial_cost(model: torch.nn.Module, images: torch.Tensor, params: Par
     with tempfile.TemporaryDirectory(prefix="tune-cost-") as tmp:
         path = Path(tmp) / "trial.onnx"
         # Two rows: an example batch of one would let the exporter fix the batch axis at 1 (as run_export does).
-        _onnx_export(exported, images[:1].float().repeat(2, 1, 1, 1), path, params.export.opset)
+        export_onnx_file(exported, images[:1].float().repeat(2, 1, 1, 1), path, params.export.opset)
         cost = {"size_mb": path.stat().st_size / 1e6}
         if "latency_p99_ms" in wanted:
             serving = measure_serving(path, images, params.serve.device, params.tune.latency_runs, threads,

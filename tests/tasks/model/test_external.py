@@ -12,7 +12,7 @@ from tasks.lineage import Lineage
 from tasks.model.architectures import ModelArgs, build_model, user_model_module
 from tasks.model.checkpoint import load_checkpoint
 from tasks.model.external import ModelBuildError, freeze_backbone, load_initial_weights
-from tasks.ship.export import _onnx_export, check_parity
+from tasks.ship.export import export_onnx_file, check_parity
 from tasks.train.loop import run_train
 from tests.tasks.model.synthetic import write_prepared
 
@@ -69,7 +69,7 @@ def test_trains_a_few_steps_and_exports_with_parity(arch, kwargs, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.endswith("weight"))
     model.eval()
     images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
-    _onnx_export(model, images[:2].float(), tmp_path / "m.onnx", opset=18)
+    export_onnx_file(model, images[:2].float(), tmp_path / "m.onnx", opset=18)
     assert max(check_parity(model, tmp_path / "m.onnx", images, atol=1e-3).values()) < 1e-3
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tasks.model.architectures import ARCHITECTURES, ModelArgs, build_model
-from tasks.ship.export import _onnx_export, check_parity
+from tasks.ship.export import export_onnx_file, check_parity
 
 SPECS = [(3, 12, 12, 4), (1, 28, 28, 10), (3, 32, 32, 10)]
 
@@ -34,6 +34,6 @@ def test_exports_to_onnx_with_parity(arch, tmp_path):
     torch.manual_seed(0)
     model = build_model(args_for(arch, 3, 12, 12, 4, **({"width": 4} if arch == "fast_cnn" else {}))).eval()
     images = (torch.rand(8, 3, 12, 12) * 255).to(torch.uint8)
-    _onnx_export(model, images[:2].float(), tmp_path / "m.onnx", opset=18)
+    export_onnx_file(model, images[:2].float(), tmp_path / "m.onnx", opset=18)
     diffs = check_parity(model, tmp_path / "m.onnx", images, atol=1e-4)
     assert max(diffs.values()) < 1e-4

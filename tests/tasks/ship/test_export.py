@@ -153,7 +153,7 @@ def test_failed_serving_gate_writes_the_report_and_exports_nothing(tmp_path, sma
     import tasks.ship.export
 
     # The exporter's output for this checkpoint is already on disk; reuse it (parity still runs for real) to save ~6 s.
-    monkeypatch.setattr(tasks.ship.export, "_onnx_export", lambda model, example, path, opset: shutil.copyfile(
+    monkeypatch.setattr(tasks.ship.export, "export_onnx_file", lambda model, example, path, opset: shutil.copyfile(
         exported.onnx_path, path))
     gates = GateConfig(max_size_mb=0.5)  # the seed CNN is ~4.5 MB
     with pytest.raises(GateFailed, match=r"gate gate.max_size_mb FAILED: ONNX file size, MB 4\.\d{4} vs "
