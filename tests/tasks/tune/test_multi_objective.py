@@ -113,3 +113,27 @@ def render_summary_tuning(params, tuning):
     summary = {"accuracy": 0.9, "gates_passed": True, "data_version": "abc.dir", "params_hash": "p", "git_commit": "c",
                "onnx_path": "model.onnx", "stages": {}, "tuning": tuning}
     return render_summary(params, summary, [], history_path="missing.csv", pushed="").splitlines()
+
+
+def test_a_multi_objective_study_with_several_params_writes_its_importance_plot(tmp_path):
+    """Importances of accuracy in a multi-objective study: PED-ANOVA on the negated accuracy. fANOVA, used before,
+    needs scikit-learn, which is not installed: `tuneline run` with two tuned params and two objectives failed."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import create_trial
+
+    from tasks.tune.results import _write_plots
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    distributions = {"train.lr": FloatDistribution(1e-4, 1e-2, log=True),
+                     "model.arch": CategoricalDistribution(["seed_mlp", "seed_cnn"])}
+    for i in range(12):
+        arch = ["seed_mlp", "seed_cnn"][i % 2]
+        lr = 1e-4 * 1.5 ** i
+        accuracy = (0.95 if arch == "seed_cnn" else 0.90) - abs(i - 6) * 0.005
+        study.add_trial(create_trial(values=[accuracy, 4.5 if arch == "seed_cnn" else 0.4],
+                                     params={"train.lr": lr, "model.arch": arch}, distributions=distributions))
+    plots = _write_plots(study, tmp_path)
+    assert plots == {"history": "history.html", "importance": "importance.html"}
+    page = (tmp_path / "importance.html").read_text()
+    assert "model.arch" in page and "train.lr" in page
