@@ -79,10 +79,16 @@ def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _code_deps(project: Path) -> list[str]:
-    """The files dvc.yaml lists as deps that are not stage outputs (code, for Tuneline's own stages)."""
+    """The files dvc.yaml lists as deps that are not stage outputs (code, for Tuneline's own stages).
+
+    In a `tuneline init` project the stages depend on the `code` stage's fingerprints of the installed Tuneline
+    (.tuneline/code/*.json): outputs, which the workspace's own `code` stage writes, so git need not track them.
+    """
     stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages", {})
+    outs = {next(iter(out)) if isinstance(out, dict) else str(out)
+            for stage in stages.values() for out in stage.get("outs", [])}
     deps = {str(dep) for stage in stages.values() for dep in stage.get("deps", []) if "${" not in str(dep)}
-    return sorted(deps)
+    return sorted(deps - outs)
 
 
 def _tracked(project: Path, paths: list[str]) -> set[str]:

@@ -69,6 +69,24 @@ def test_init_writes_a_committed_project_that_generates_its_own_dvc_yaml(tmp_pat
     assert tool(project, env, str(BIN / "tuneline"), "dvc-yaml", "--check").returncode == 0
 
 
+def test_a_run_with_overrides_in_an_init_project_does_not_ask_git_for_the_code_fingerprints(tmp_path: Path, site_env):
+    """The stages of an init'd project depend on the `code` stage's fingerprints (.tuneline/code/*.json, ignored by
+    git): a run with overrides after a first run was refused with ".tuneline/code/evaluate.json: git does not
+    track it". They are outputs, which the workspace's own `code` stage writes."""
+    import logging
+
+    from flows.workspace import open_workspace
+
+    site, env = site_env
+    project = tmp_path / "proj"
+    tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project))
+    tool(project, env, str(BIN / "tuneline"), "code-fingerprint")  # what a first run's `code` stage leaves behind
+    assert (project / ".tuneline" / "code" / "train.json").is_file()
+    with open_workspace(project, {"train.lr": 0.01}, logging.getLogger("test")) as workspace:
+        assert workspace.isolated
+        assert yaml.safe_load((workspace.root / "params.yaml").read_text())["train"]["lr"] == 0.01
+
+
 def test_init_refuses_an_existing_project_a_shadowing_folder_and_missing_data(tmp_path: Path, site_env):
     _, env = site_env
     tuneline = str(BIN / "tuneline")
