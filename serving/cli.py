@@ -25,6 +25,7 @@ def add_commands(sub) -> None:
     serve.add_argument("--registry", type=Path, help="registry folder (paths.registry, env TUNELINE_SERVE_REGISTRY)")
     serve.add_argument("--model", help="serve only this model name (serve.model; default: every model's champion)")
     add_override_option(serve, "serve.max_batch_size=32")
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the parent of serve.workers > 1
     predict = sub.add_parser("predict", help="classify PNG/JPEG images (colour or gray, any size) with a running server")
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument("--url", help="server URL (default http://<serve.host>:<serve.port>)")
@@ -67,6 +68,11 @@ def serve(args: argparse.Namespace, root: Path) -> int:
 
     settings = _settings(args, root)
     configure_logging(settings.log_level)  # first: resolving serve.provider may log that it is ignored or fell back
+    worker = getattr(args, "worker_index", None)
+    if settings.workers > 1 and worker is None:  # this process only starts and watches the workers
+        from serving.workers import run_workers
+
+        return run_workers(settings, args, root)
     providers = resolve_providers(settings.device, settings.provider)  # DeviceError: refuse to start (one line, exit 2)
     logging.getLogger("serving").info("device", extra={"event": "device", "requested": settings.device,
                                                        "provider": settings.provider, "providers": providers})
@@ -74,9 +80,14 @@ def serve(args: argparse.Namespace, root: Path) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s, server_header=False,
                             log_level=settings.log_level)
+    sockets = None
+    if worker is not None:
+        from serving.workers import as_worker
+
+        sockets = as_worker(app, config, settings, worker)  # its own SO_REUSEPORT listener on serve.port
     _freeze_start_up_objects()
     server = DrainingServer(config)  # SIGTERM: the lossless drain of serving/drain.py
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started else 1
 
 

@@ -365,6 +365,7 @@ class ServeConfig(_Section):
     model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="serve only this model name (default: the champion of every model in the registry)")
     model_file: str = Field("model.onnx", description="which file of a registry version to serve")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing serve.port (SO_REUSEPORT), each with its own event loop, models, batcher and serve.threads ONNX Runtime threads; 1 = one process")
     batching: bool = Field(True, description="merge concurrent requests into one session run")
     max_batch_size: int = Field(64, ge=1, description="rows per session run")
     max_queue_delay_us: int = Field(2000, ge=0, description="longest a request waits for others to join its batch")

@@ -1,0 +1,185 @@
+"""serve.workers > 1: N server processes on one host:port, the kernel spreading connections over them.
+
+One event loop parses and answers every request of a server, and at 64 JSON clients that loop is the limit
+(about 0.5 ms of CPU per request, on one core; docs/benchmarks.md). Each worker is a whole server as with
+serve.workers=1 (its event loop, model holder, batcher, ONNX Runtime session with serve.threads), started as a
+fresh `tuneline serve` process (never a fork: ONNX Runtime and gRPC do not survive one) that binds its own
+listening socket with SO_REUSEPORT; the kernel hands each new connection to one of them.
+
+The parent process only starts, watches and stops them: SIGTERM/SIGINT is passed on as SIGTERM (each worker
+drains as serving/drain.py says), and a worker that exits on its own stops the others and makes the parent
+exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from serving.admin import ADMIN_ROUTE
+from serving.settings import ServeSettings
+from tasks.config import ConfigError
+
+log = logging.getLogger("serving.workers")
+
+WORKER_HEADER = "X-Tuneline-Worker"  # the pid of the worker that answered (only when serve.workers > 1)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+POLL_S = 0.1
+_PR_SET_PDEATHSIG = 1
+
+
+def check_workers(settings: ServeSettings) -> None:
+    """Refuse what several workers cannot do (a one-line ConfigError)."""
+    if settings.grpc_port is not None:
+        # serving/grpc_server.py binds without SO_REUSEPORT on purpose (a taken port must fail, not be shared),
+        # so a second worker could not bind the same gRPC port.
+        raise ConfigError(f"serve.workers={settings.workers} with serve.grpc_port={settings.grpc_port}: gRPC is served "
+                          "by one process only; set serve.workers=1 to serve gRPC, or serve.grpc_port=null")
+
+
+def _address(host: str, port: int) -> tuple[int, tuple]:
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return family, address
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT (not yet listening: the caller decides)."""
+    family, address = _address(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Hold serve.port for the workers (0: pick a free one), refusing one that another server already listens on.
+
+    The check binds without SO_REUSEPORT: SO_REUSEPORT alone would let the workers silently join another
+    server of the same user on that port. The reservation stays bound but never listens, so the kernel gives
+    it no connections; it only keeps the port from being taken between the check and the workers' binds.
+    """
+    family, address = _address(host, port)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"serve.port {port} on {host}: cannot listen ({exc.strerror}): pick another port, "
+                              "or 0 for any free one") from None
+        port = probe.getsockname()[1]
+        return reuseport_socket(host, port)
+
+
+def worker_command(args: argparse.Namespace, root: Path, port: int, index: int) -> list[str]:
+    """`tuneline serve` as the user ran it (flags and -S overrides), on the reserved port, as worker `index`."""
+    command = [sys.executable, "-m", "flows.cli", "--project", str(root), "serve"]
+    for flag in ("host", "device", "registry", "model"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            command += [f"--{flag}", str(value)]
+    for override in getattr(args, "overrides", []):
+        command += ["-S", override]
+    return [*command, "--port", str(port), "--worker-index", str(index)]
+
+
+def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -> int:
+    """Start serve.workers worker processes and wait for them; the exit status `tuneline serve` should have."""
+    check_workers(settings)
+    reservation = _reserve_port(settings.host, settings.port)
+    port = reservation.getsockname()[1]
+    stop_signals: list[int] = []
+    workers: list[subprocess.Popen] = []
+
+    def stop_all(signum: int, frame=None) -> None:
+        if frame is not None:  # called as a signal handler: remember it, to end as a one-process server does
+            stop_signals.append(signum)
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)  # SIGINT twice would make uvicorn skip the drain
+
+    original = {sig: signal.signal(sig, stop_all) for sig in STOP_SIGNALS}
+    failed: int | None = None
+    try:
+        for index in range(settings.workers):
+            if stop_signals:
+                break
+            worker = subprocess.Popen(worker_command(args, root, port, index))
+            workers.append(worker)
+            log.info("worker started", extra={"event": "worker_started", "worker": index, "pid": worker.pid,
+                                              "host": settings.host, "port": port})
+        while any(w.poll() is None for w in workers):
+            if failed is None and not stop_signals:
+                died = next((w for w in workers if w.returncode is not None), None)
+                if died is not None:  # a worker stopped on its own: it failed to start, or it crashed
+                    failed = died.returncode
+                    log.error("worker exited", extra={"event": "worker_exited", "pid": died.pid,
+                                                      "returncode": died.returncode})
+                    stop_all(signal.SIGTERM)
+            time.sleep(POLL_S)
+    finally:
+        stop_all(signal.SIGTERM)
+        for worker in workers:
+            worker.wait()
+        reservation.close()
+        for sig, handler in original.items():
+            signal.signal(sig, handler)
+    for worker in workers:
+        log.info("worker stopped", extra={"event": "worker_stopped", "pid": worker.pid,
+                                          "returncode": worker.returncode})
+    if failed is None:
+        failed = next((w.returncode for w in workers if w.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)), None)
+    if failed is not None:
+        return failed if failed > 0 else 1
+    for sig in reversed(stop_signals):  # as uvicorn does: end "stopped by SIGTERM", like serve.workers=1
+        signal.raise_signal(sig)
+    return 0
+
+
+class RefuseUnload:
+    """Answers repository unload with 409: it would reach only the worker that got the request."""
+
+    MESSAGE = ("repository unload is refused with serve.workers > 1: it would unload the version in one worker "
+               "process only; restart the server to unload a version")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = ADMIN_ROUTE.match(scope["path"])
+            if match is not None and match.group(1) == "unload":
+                body = orjson.dumps({"error": self.MESSAGE})
+                await send({"type": "http.response.start", "status": 409,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def as_worker(app, config, settings: ServeSettings, index: int) -> list[socket.socket]:
+    """Make this process worker `index`: its SO_REUSEPORT listener (for `server.run(sockets=…)`), the worker header,
+    unload refused, and an exit when the parent dies (no worker outlives a killed parent)."""
+    from starlette.middleware import Middleware
+
+    with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere a killed parent leaves workers running
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    config.headers = [*config.headers, (WORKER_HEADER, str(os.getpid()))]
+    # Innermost (after the Gatekeeper): authentication and the admin checks answer first.
+    app.user_middleware.append(Middleware(RefuseUnload))
+    sock = reuseport_socket(settings.host, settings.port)
+    sock.listen(config.backlog)
+    log.info("worker", extra={"event": "worker", "worker": index, "pid": os.getpid(), "port": settings.port})
+    return [sock]

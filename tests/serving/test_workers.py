@@ -1,0 +1,88 @@
+"""serve.workers: several `tuneline serve` processes on one port (SO_REUSEPORT), started and stopped by one parent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from tests.serving.conftest import free_port, wait_until
+from tests.serving.registry_helper import make_registry
+from tests.serving.test_operations import _uint8_request
+
+REPO = Path(__file__).resolve().parents[2]
+TUNELINE = [sys.executable, "-m", "flows.cli", "--project", str(REPO)]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNELINE_SERVE_RELOAD_POLL_S": "0.5", "TUNELINE_SERVE_THREADS": "1"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_two_workers_share_the_port_answer_correctly_and_drain_on_sigterm(tmp_path, onnx_model, digits):
+    registry = make_registry(tmp_path, onnx_model)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([*TUNELINE, "serve", "--registry", str(registry), "--port", str(port),
+                               "-S", "serve.workers=2"], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        # Ready means a worker is; each fresh connection may reach either, so wait until both have answered ready.
+        ready: set[str] = set()
+
+        def both_ready() -> bool:
+            with httpx.Client() as fresh:
+                answer = fresh.get(url + "/v2/health/ready")
+            if answer.status_code == 200:
+                ready.add(answer.headers["x-tuneline-worker"])
+            return server.poll() is None and len(ready) == 2
+
+        wait_until(both_ready, timeout=60, what="both workers ready")
+        served: Counter[str] = Counter()
+        for i in range(200):  # a fresh connection each: the kernel picks the worker per connection
+            image = i % len(digits.images)
+            with httpx.Client() as fresh:
+                answer = fresh.post(url + "/v2/models/mnist/infer", content=_uint8_request(digits.images[image]),
+                                    headers={"content-type": "application/json"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["outputs"][2]["data"][0] == digits.classes[image]
+            served[answer.headers["x-tuneline-worker"]] += 1
+        pids = {int(p) for p in served}
+        assert len(pids) == 2 and pids != {server.pid}, served  # two worker processes, not the parent
+        assert min(served.values()) >= 10, served
+        # unload would reach one worker only: refused, in JSON, after the admin checks (loopback here)
+        refused = httpx.post(url + "/v2/repository/models/mnist/unload", json={"parameters": {"version": "v0001"}})
+        assert refused.status_code == 409 and "serve.workers" in refused.json()["error"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    # The parent ends as a one-process server does (stopped by the SIGTERM it passed on); every worker drained.
+    assert server.returncode == -signal.SIGTERM, stderr[-3000:]
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    started = [e for e in events if e.get("event") == "worker_started"]
+    assert [e["worker"] for e in started] == [0, 1] and {e["pid"] for e in started} == pids
+    assert sum(e.get("event") == "stopped" and e["in_flight"] == 0 for e in events) == 2
+    stopped = {e["pid"]: e["returncode"] for e in events if e.get("event") == "worker_stopped"}
+    assert stopped == {pid: -signal.SIGTERM for pid in pids}
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_bad_worker_settings_are_one_line_errors(tmp_path, onnx_model):
+    registry = make_registry(tmp_path, onnx_model)
+    for overrides, expected in ((["-S", "serve.workers=0"], "serve.workers"),
+                                (["-S", "serve.workers=2", "--grpc-port", "0"], "gRPC is served by one process")):
+        result = subprocess.run([*TUNELINE, "serve", "--registry", str(registry), "--port", "0", *overrides],
+                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("tuneline: error:")]
+        assert len(errors) == 1 and expected in errors[0], result.stderr
+        assert "greater than or equal to 1" in errors[0] or "serve.workers=2" in errors[0]
