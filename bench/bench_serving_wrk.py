@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -98,15 +99,32 @@ def wrk(url: str, bodies: Path, connections: int, duration: float) -> dict:
     return result
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """cpu_seconds of a process and its children (the workers of serve.workers > 1)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").glob("*") for c in (task / "children").read_text().split()]
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in children)
+
+
+def wait_all_ready(url: str, in_a_row: int = 32, timeout: float = 60.0) -> None:
+    """Until `in_a_row` fresh connections in a row answer ready (each may reach any worker of serve.workers)."""
+    deadline, ok = time.monotonic() + timeout, 0
+    while ok < in_a_row:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url}: not ready on every connection after {timeout:.0f} s")
+        ok = ok + 1 if httpx.get(url).status_code == 200 else 0
+        if not ok:
+            time.sleep(0.1)
+
+
 def measure(proc: subprocess.Popen, url: str, bodies: Path, connections: int, duration: float) -> dict:
     wrk(url, bodies, connections, WARMUP_S)  # unmeasured: connections, caches, ONNX Runtime's first runs
-    cpu_before = cpu_seconds(proc.pid)
+    cpu_before = tree_cpu_seconds(proc.pid)
     r = wrk(url, bodies, connections, duration)
     served = r["requests"]
     seconds = r["duration_us"] / 1e6
     return {"rps": served / seconds, "p50_ms": r["p50_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
             "errors": r["status_errors"] + r["socket_errors"],
-            "server_cpu_ms": (cpu_seconds(proc.pid) - cpu_before) * 1e3 / served if served else float("nan"),
+            "server_cpu_ms": (tree_cpu_seconds(proc.pid) - cpu_before) * 1e3 / served if served else float("nan"),
             "wrk_cpu_ms": r["wrk_cpu_s"] * 1e3 / served if served else float("nan")}
 
 
@@ -155,6 +173,8 @@ def main() -> int:
                 proc = launch(port)
                 url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
                 try:
+                    if server == "tuneline":  # serve.workers > 1: ready means one worker is; wait for every one
+                        wait_all_ready(f"http://127.0.0.1:{port}/v2/health/ready")
                     for kind in kinds:
                         check_answers(url, bodies[kind], expected)
                         for c in args.connections:

@@ -80,14 +80,14 @@ def serve(args: argparse.Namespace, root: Path) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s, server_header=False,
                             log_level=settings.log_level)
-    sockets = None
+    server_class = DrainingServer
     if worker is not None:
-        from serving.workers import as_worker
+        from serving.workers import worker_server
 
-        sockets = as_worker(app, config, settings, worker)  # its own SO_REUSEPORT listener on serve.port
+        server_class = worker_server(app, config, settings, worker)  # its own SO_REUSEPORT listener on serve.port
     _freeze_start_up_objects()
-    server = DrainingServer(config)  # SIGTERM: the lossless drain of serving/drain.py
-    server.run(sockets=sockets)
+    server = server_class(config)  # SIGTERM: the lossless drain of serving/drain.py
+    server.run()
     return 0 if server.started else 1
 
 

@@ -14,8 +14,10 @@ exit non-zero.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -28,6 +30,7 @@ from pathlib import Path
 import orjson
 
 from serving.admin import ADMIN_ROUTE
+from serving.drain import DrainingServer
 from serving.settings import ServeSettings
 from tasks.config import ConfigError
 
@@ -36,6 +39,7 @@ log = logging.getLogger("serving.workers")
 WORKER_HEADER = "X-Tuneline-Worker"  # the pid of the worker that answered (only when serve.workers > 1)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_S = 0.1
+JOIN_POLL_S = 0.1  # how often a loading worker checks whether it may join the port
 _PR_SET_PDEATHSIG = 1
 
 
@@ -169,9 +173,67 @@ class RefuseUnload:
         await self.app(scope, receive, send)
 
 
-def as_worker(app, config, settings: ServeSettings, index: int) -> list[socket.socket]:
-    """Make this process worker `index`: its SO_REUSEPORT listener (for `server.run(sockets=…)`), the worker header,
-    unload refused, and an exit when the parent dies (no worker outlives a killed parent)."""
+class WorkerServer(DrainingServer):
+    """A worker's server: worker 0 listens at once, as a one-process server does; any other joins serve.port only
+    once its own models are ready and the port answers ready (worker 0, or one that joined after it).
+
+    So a connection never reaches a worker still loading while another says ready: until worker 0 is ready it
+    takes every connection (and its /v2/health/ready tells the truth), and later workers join ready.
+    """
+
+    def __init__(self, config, sock: socket.socket, index: int, host: str):
+        super().__init__(config)
+        self.sock, self.index, self.host = sock, index, host
+        self._join: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        if self.index == 0:
+            await super().startup(sockets=[self.sock])
+            return
+        await super().startup(sockets=[])  # the app's start-up (models load in the background); no listener yet
+        self._join = asyncio.create_task(self._join_when_ready())
+
+    async def _join_when_ready(self) -> None:
+        holder = self.config.app.state.holder
+        port = self.sock.getsockname()[1]
+        while not (holder.ready and await _answers_ready(self.host, port)):
+            await asyncio.sleep(JOIN_POLL_S)
+        protocol = functools.partial(self.config.http_protocol_class, config=self.config,
+                                     server_state=self.server_state, app_state=self.lifespan.state)
+        server = await asyncio.get_running_loop().create_server(protocol, sock=self.sock, backlog=self.config.backlog)
+        self.servers.append(server)
+        log.info("worker joined", extra={"event": "worker_joined", "worker": self.index, "pid": os.getpid()})
+
+    async def shutdown(self, sockets=None) -> None:
+        if self._join is not None and not self._join.done():
+            self._join.cancel()
+            self.sock.close()  # never listened: nothing to drain
+        await super().shutdown(sockets)
+
+
+async def _answers_ready(host: str, port: int) -> bool:
+    """Whether serve.port answers GET /v2/health/ready with 200 (the probe paths need no token)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=2.0)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), timeout=2.0)
+        return status_line.split(b" ")[1:2] == [b"200"]
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+def worker_server(app, config, settings: ServeSettings, index: int):
+    """Make this process worker `index`; returns the server class to run (`server_class(config).run()`).
+
+    Adds the worker header and the unload refusal to the app, binds the SO_REUSEPORT socket, and makes the
+    worker exit when the parent dies (no worker outlives a killed parent).
+    """
     from starlette.middleware import Middleware
 
     with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere a killed parent leaves workers running
@@ -180,6 +242,5 @@ def as_worker(app, config, settings: ServeSettings, index: int) -> list[socket.s
     # Innermost (after the Gatekeeper): authentication and the admin checks answer first.
     app.user_middleware.append(Middleware(RefuseUnload))
     sock = reuseport_socket(settings.host, settings.port)
-    sock.listen(config.backlog)
     log.info("worker", extra={"event": "worker", "worker": index, "pid": os.getpid(), "port": settings.port})
-    return [sock]
+    return functools.partial(WorkerServer, sock=sock, index=index, host=settings.host)

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.serving.conftest import free_port, wait_until
 from tests.serving.registry_helper import make_registry
@@ -70,6 +71,7 @@ def test_two_workers_share_the_port_answer_correctly_and_drain_on_sigterm(tmp_pa
     events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     started = [e for e in events if e.get("event") == "worker_started"]
     assert [e["worker"] for e in started] == [0, 1] and {e["pid"] for e in started} == pids
+    assert [e["worker"] for e in events if e.get("event") == "worker_joined"] == [1]  # worker 0 listened at once
     assert sum(e.get("event") == "stopped" and e["in_flight"] == 0 for e in events) == 2
     stopped = {e["pid"]: e["returncode"] for e in events if e.get("event") == "worker_stopped"}
     assert stopped == {pid: -signal.SIGTERM for pid in pids}
@@ -77,12 +79,37 @@ def test_two_workers_share_the_port_answer_correctly_and_drain_on_sigterm(tmp_pa
 
 
 def test_bad_worker_settings_are_one_line_errors(tmp_path, onnx_model):
+    from tasks.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match=r"serve.workers: Input should be greater than or equal to 1"):
+        load_params(REPO / "params.yaml", {"serve.workers": 0})
+    registry = make_registry(tmp_path, onnx_model)  # the whole command: refused before any worker starts
+    result = subprocess.run([*TUNELINE, "serve", "--registry", str(registry), "--port", "0", "--grpc-port", "0",
+                             "-S", "serve.workers=2"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["tuneline: error: serve.workers=2 with serve.grpc_port=0: gRPC is served by "
+                                          "one process only; set serve.workers=1 to serve gRPC, or "
+                                          "serve.grpc_port=null"]
+
+
+def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(tmp_path, onnx_model):
     registry = make_registry(tmp_path, onnx_model)
-    for overrides, expected in ((["-S", "serve.workers=0"], "serve.workers"),
-                                (["-S", "serve.workers=2", "--grpc-port", "0"], "gRPC is served by one process")):
-        result = subprocess.run([*TUNELINE, "serve", "--registry", str(registry), "--port", "0", *overrides],
-                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60, check=False)
-        assert result.returncode == 2, result.stderr
-        errors = [line for line in result.stderr.splitlines() if line.startswith("tuneline: error:")]
-        assert len(errors) == 1 and expected in errors[0], result.stderr
-        assert "greater than or equal to 1" in errors[0] or "serve.workers=2" in errors[0]
+    port = free_port()
+    server = subprocess.Popen([*TUNELINE, "serve", "--registry", str(registry), "--port", str(port),
+                               "-S", "serve.workers=2"], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        answer: list[httpx.Response] = []
+        wait_until(lambda: answer.append(httpx.get(f"http://127.0.0.1:{port}/v2/health/live")) or
+                   answer[-1].status_code == 200, timeout=60, what="a worker live")
+        victim = int(answer[-1].headers["x-tuneline-worker"])
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 1, stderr[-3000:]
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "worker_exited" and e["pid"] == victim for e in events)
+    others = [e["pid"] for e in events if e.get("event") == "worker_started" and e["pid"] != victim]
+    assert len(others) == 1 and not _alive(others[0])
