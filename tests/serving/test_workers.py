@@ -88,9 +88,9 @@ def test_bad_worker_settings_are_one_line_errors(tmp_path, onnx_model):
                              "-S", "serve.workers=2"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == ["tuneline: error: serve.workers=2 with serve.grpc_port=0: gRPC is served by "
-                                          "one process only; set serve.workers=1 to serve gRPC, or "
-                                          "serve.grpc_port=null"]
+    expected = ("tuneline: error: serve.workers=2 with serve.grpc_port=0: gRPC is served by one process only; set "
+                "serve.workers=1 to serve gRPC, or serve.grpc_port=null")
+    assert result.stderr.splitlines() == [expected]
 
 
 def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(tmp_path, onnx_model):
