@@ -39,6 +39,7 @@ log = logging.getLogger("serving.workers")
 WORKER_HEADER = "X-Tuneline-Worker"  # the pid of the worker that answered (only when serve.workers > 1)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_S = 0.1
+KILL_GRACE_S = 5.0  # beyond serve.shutdown_timeout_s, how long a told-to-stop worker may take before SIGKILL
 JOIN_POLL_S = 0.1  # how often a loading worker checks whether it may join the port
 _PR_SET_PDEATHSIG = 1
 
@@ -106,12 +107,25 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
     stop_signals: list[int] = []
     workers: list[subprocess.Popen] = []
 
+    stop_sent: list[float] = []  # when the workers were first told to stop
+
     def stop_all(signum: int, frame=None) -> None:
         if frame is not None:  # called as a signal handler: remember it, to end as a one-process server does
             stop_signals.append(signum)
+        stop_sent.append(time.monotonic())
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signal.SIGTERM)  # SIGINT twice would make uvicorn skip the drain
+
+    def kill_the_stuck() -> None:
+        """SIGKILL workers still running well after their drain allowance: a worker that was still starting when
+        SIGTERM came (before its server installed the drain's handlers) may have missed it."""
+        if stop_sent and time.monotonic() - stop_sent[0] > settings.shutdown_timeout_s + KILL_GRACE_S:
+            for worker in workers:
+                if worker.poll() is None:
+                    log.warning("worker killed", extra={"event": "worker_killed", "pid": worker.pid,
+                                                        "after_s": round(time.monotonic() - stop_sent[0], 1)})
+                    worker.kill()
 
     original = {sig: signal.signal(sig, stop_all) for sig in STOP_SIGNALS}
     failed: int | None = None
@@ -131,11 +145,13 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
                     log.error("worker exited", extra={"event": "worker_exited", "pid": died.pid,
                                                       "returncode": died.returncode})
                     stop_all(signal.SIGTERM)
+            kill_the_stuck()
             time.sleep(POLL_S)
     finally:
         stop_all(signal.SIGTERM)
-        for worker in workers:
-            worker.wait()
+        while any(w.poll() is None for w in workers):
+            kill_the_stuck()
+            time.sleep(POLL_S)
         reservation.close()
         for sig, handler in original.items():
             signal.signal(sig, handler)
