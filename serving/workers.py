@@ -118,8 +118,7 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
                 worker.send_signal(signal.SIGTERM)  # SIGINT twice would make uvicorn skip the drain
 
     def kill_the_stuck() -> None:
-        """SIGKILL workers still running well after their drain allowance: a worker that was still starting when
-        SIGTERM came (before its server installed the drain's handlers) may have missed it."""
+        """SIGKILL workers still running well after their drain allowance: a stop must end even if a worker hangs."""
         if stop_sent and time.monotonic() - stop_sent[0] > settings.shutdown_timeout_s + KILL_GRACE_S:
             for worker in workers:
                 if worker.poll() is None:
@@ -137,7 +136,7 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
             workers.append(worker)
             log.info("worker started", extra={"event": "worker_started", "worker": index, "pid": worker.pid,
                                               "host": settings.host, "port": port})
-        while any(w.poll() is None for w in workers):
+        while _running(workers):
             if failed is None and not stop_signals:
                 died = next((w for w in workers if w.returncode is not None), None)
                 if died is not None:  # a worker stopped on its own: it failed to start, or it crashed
@@ -149,7 +148,7 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
             time.sleep(POLL_S)
     finally:
         stop_all(signal.SIGTERM)
-        while any(w.poll() is None for w in workers):
+        while _running(workers):
             kill_the_stuck()
             time.sleep(POLL_S)
         reservation.close()
@@ -165,6 +164,12 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
     for sig in reversed(stop_signals):  # as uvicorn does: end "stopped by SIGTERM", like serve.workers=1
         signal.raise_signal(sig)
     return 0
+
+
+def _running(workers: list[subprocess.Popen]) -> bool:
+    """Whether any worker still runs, after polling every one (so each exit status is known: `any()` over a
+    generator stops polling at the first live worker, and a later worker's death then went unseen)."""
+    return [w.poll() for w in workers].count(None) > 0
 
 
 class RefuseUnload:
