@@ -1,6 +1,6 @@
 """Benchmark: CIFAR-10 time-to-accuracy of the fast network (fast_cnn) vs the seed CNN, in one process, same device.
 
-Both train through Tuneline's own loop (`tasks.train.loop.run_train`: data on the device as uint8, randperm
+Both train through Tuneline's own loop (`tuneline.tasks.train.loop.run_train`: data on the device as uint8, randperm
 batches) on the same prepared CIFAR-10 split (the JPEG release in ../shared/data/cifar10: 45,833 train /
 4,167 val, test on the 10,000 test images), and report test accuracy after every epoch:
 
@@ -40,10 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import Run as TrainingRun  # noqa: E402 - the sibling script (bench/ is sys.path[0] when run)
-from tasks.config import ModelConfig, TrainConfig  # noqa: E402
-from tasks.data.prepare import load_split, measure_spec, stratified_take  # noqa: E402
-from tasks.lineage import Lineage  # noqa: E402
-from tasks.train.loop import predict_logits, resolve_device, run_train  # noqa: E402
+from tuneline.core.config.model import ModelConfig  # noqa: E402
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.data.prepare import load_split, measure_spec, stratified_take  # noqa: E402
+from tuneline.tasks.lineage import Lineage  # noqa: E402
+from tuneline.tasks.train.loop import predict_logits, resolve_device, run_train  # noqa: E402
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-jpg.tar.gz"
 MILESTONES = (0.70, 0.80, 0.90, 0.94)

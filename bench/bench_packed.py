@@ -2,7 +2,7 @@
 
 The same trial configurations (sampled once with a seeded random sampler, all with train.seed 0, so the
 packs' data seed is each trial's own seed) are enqueued into four fresh Optuna studies and run through
-`tasks.tune.stage.run_tune`:
+`tuneline.tasks.tune.stage.run_tune`:
 
     pruner none: unpacked (one run_train per trial)  vs  packed (tune.packing=K)
     pruner asha: unpacked                            vs  packed
@@ -32,16 +32,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import DataConfig, ModelConfig, TrainConfig, build_params  # noqa: E402
-from tasks.data.fetch import run_fetch  # noqa: E402
-from tasks.lineage import Lineage  # noqa: E402
-from tasks.train.packed import Member, train_packed  # noqa: E402
-from tasks.data.prepare import run_prepare  # noqa: E402
-from tasks.train.loop import run_train  # noqa: E402
-from tasks.tune.space import suggest  # noqa: E402
-from tasks.tune.stage import run_tune, subset_prepared  # noqa: E402
-from tasks.tune.storage import storage_url  # noqa: E402
-from tasks.tune.study import create_study  # noqa: E402
+from tuneline.core.config.data import DataConfig  # noqa: E402
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.params import build_params
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.data.fetch import run_fetch  # noqa: E402
+from tuneline.tasks.lineage import Lineage  # noqa: E402
+from tuneline.tasks.train.packed import Member, train_packed  # noqa: E402
+from tuneline.tasks.data.prepare import run_prepare  # noqa: E402
+from tuneline.tasks.train.loop import run_train  # noqa: E402
+from tuneline.tasks.tune.space import suggest  # noqa: E402
+from tuneline.tasks.tune.stage import run_tune, subset_prepared  # noqa: E402
+from tuneline.tasks.tune.storage import storage_url  # noqa: E402
+from tuneline.tasks.tune.study import create_study  # noqa: E402
 
 # Everything here varies inside a pack; architecture and batch size are fixed so all 32 share one group.
 SPACE = {
@@ -58,7 +61,7 @@ def trial_configs(n: int, max_dropout: float = 0.5) -> list[dict]:
     """`n` configurations from a seeded random sampler: the same list for every study of the run."""
     import optuna
 
-    from tasks.config import SpaceDim
+    from tuneline.core.config.tune import SpaceDim
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

@@ -41,7 +41,7 @@ def model_contract(model_path: Path) -> tuple[str, tuple[int, ...]]:
     """(model name, per-image input shape) from the ONNX file's metadata, as the server reads them."""
     import onnx
 
-    from tasks.ship.onnx_metadata import read_input_spec
+    from tuneline.core.onnx_metadata import read_input_spec
 
     metadata = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
     return metadata.get("model_name", "model"), read_input_spec(metadata, str(model_path)).shape
@@ -195,7 +195,7 @@ def wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 60
 
 def make_registry(root: Path, model_path: Path, name: str) -> Path:
     """One version + champion alias of model `name`, in the registry layout the server reads."""
-    from tasks.ship.registry_layout import RegistryTree
+    from tuneline.core.registry_layout import RegistryTree
 
     folder = RegistryTree(root).model_dir(name)
     data = model_path.read_bytes()
@@ -256,7 +256,7 @@ def main() -> int:
         tmp = Path(tmp)
         registry = make_registry(tmp / "registry", args.model, name)
         ours_port, base_port = free_port(), free_port()
-        ours = start([sys.executable, "-m", "flows.cli", "--project", str(REPO), "serve", "--registry", str(registry),
+        ours = start([sys.executable, "-m", "tuneline.flows.cli", "--project", str(REPO), "serve", "--registry", str(registry),
                       "--port", str(ours_port), "-S", "serve.access_log=false", "-S", "serve.reload_poll_s=0"],
                      ours_port, "/v2/health/ready", tmp / "ours.log")
         base = start([sys.executable, __file__, "--baseline-server", "--port", str(base_port),

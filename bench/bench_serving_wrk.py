@@ -157,7 +157,7 @@ def main() -> int:
         bodies = {"json": write_bodies(tmp / "json", images, False), "binary": write_bodies(tmp / "binary", images, True)}
 
         def ours(port: int) -> subprocess.Popen:
-            return start([sys.executable, "-m", "flows.cli", "--project", str(REPO), "serve", "--registry",
+            return start([sys.executable, "-m", "tuneline.flows.cli", "--project", str(REPO), "serve", "--registry",
                           str(registry), "--port", str(port), "-S", "serve.access_log=false",
                           "-S", "serve.reload_poll_s=0", *(f"-S{kv}" for kv in args.set)], port, "/v2/health/ready", tmp / "ours.log")
 

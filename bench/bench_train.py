@@ -2,7 +2,7 @@
 
 (a) seed recipe, as written: torchvision MNIST dataset, ToTensor + Normalize, DataLoader batch 100,
     Adam lr 1e-3, the article's CNN, test accuracy evaluated after every epoch;
-(b) Tuneline: `tasks.train.loop.run_train` with the preset below (data resident on the device as uint8,
+(b) Tuneline: `tuneline.tasks.train.loop.run_train` with the preset below (data resident on the device as uint8,
     randperm-slice batches, bf16 + channels_last on CUDA), test accuracy after every epoch via the
     engine's per-epoch callback.
 
@@ -30,12 +30,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from tasks.data.fetch import run_fetch  # noqa: E402
-from tasks.lineage import Lineage  # noqa: E402
-from tasks.model.architectures import SeedCNN  # noqa: E402
-from tasks.data.prepare import load_split, run_prepare  # noqa: E402
-from tasks.train.loop import predict_logits, resolve_device, run_train  # noqa: E402
+from tuneline.core.config.data import DataConfig  # noqa: E402
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.data.fetch import run_fetch  # noqa: E402
+from tuneline.tasks.lineage import Lineage  # noqa: E402
+from tuneline.tasks.model.architectures import SeedCNN  # noqa: E402
+from tuneline.tasks.data.prepare import load_split, run_prepare  # noqa: E402
+from tuneline.tasks.train.loop import predict_logits, resolve_device, run_train  # noqa: E402
 
 # Tuneline's fastest default per device. CPU: the same network and optimizer as the seed (measured
 # here: the seed recipe reaches 99.07% after one epoch, and bn_cnn's batch norm costs more CPU time per

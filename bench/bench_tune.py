@@ -3,7 +3,7 @@
 For each seed a seeded random sampler draws `--trials` configurations once; every arm — no pruning (none),
 ASHA (asha), packed without a pruner (packed: tune.packing=--pack) and packed with ASHA (packed-asha, whose
 pruned slots are refilled) — gets a fresh study with exactly those configurations enqueued, run through
-`tasks.tune.stage.run_tune`, in this process, on one device. The arms' order rotates from seed to seed, so
+`tuneline.tasks.tune.stage.run_tune`, in this process, on one device. The arms' order rotates from seed to seed, so
 load from other processes on the machine falls on all alike. For each arm it prints the best validation
 accuracy, trials per minute, device-seconds (one definition for every bench: the wall span during which the
 device was busy with trials, first trial start to last trial end), the process CPU-seconds of that span
@@ -38,13 +38,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import DataConfig, SpaceDim, build_params  # noqa: E402
-from tasks.data.fetch import run_fetch  # noqa: E402
-from tasks.data.prepare import run_prepare  # noqa: E402
-from tasks.tune.space import suggest  # noqa: E402
-from tasks.tune.stage import run_tune  # noqa: E402
-from tasks.tune.storage import storage_url  # noqa: E402
-from tasks.tune.study import create_study, rung_epochs  # noqa: E402
+from tuneline.core.config.data import DataConfig  # noqa: E402
+from tuneline.core.config.params import build_params
+from tuneline.core.config.tune import SpaceDim
+from tuneline.tasks.data.fetch import run_fetch  # noqa: E402
+from tuneline.tasks.data.prepare import run_prepare  # noqa: E402
+from tuneline.tasks.tune.space import suggest  # noqa: E402
+from tuneline.tasks.tune.stage import run_tune  # noqa: E402
+from tuneline.tasks.tune.storage import storage_url  # noqa: E402
+from tuneline.tasks.tune.study import create_study, rung_epochs  # noqa: E402
 
 SPACE = {
     "train.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},

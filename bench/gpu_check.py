@@ -65,7 +65,7 @@ def probe() -> dict:
     try:
         import onnxruntime as ort
 
-        from tasks.ship.onnx_session import DeviceError, resolve_providers
+        from tuneline.core.onnx_session import DeviceError, resolve_providers
 
         found["ort_providers"] = ort.get_available_providers()
         ort.set_default_logger_severity(4)  # a CUDA library that does not load is the expected answer here
@@ -103,13 +103,17 @@ def run(command: list[str], limit_s: float, env: dict | None = None) -> dict:
 def export_cuda(work: Path) -> dict:
     """Train the seed CNN briefly on a real MNIST slice, evaluate it, export it measuring on CUDA."""
     started = time.monotonic()
-    from tasks.config import DataConfig, ExportConfig, GateConfig, ModelConfig, TrainConfig
-    from tasks.data.fetch import run_fetch
-    from tasks.data.prepare import run_prepare
-    from tasks.evaluate.evaluate import run_evaluate
-    from tasks.lineage import Lineage
-    from tasks.ship.export import run_export
-    from tasks.train.loop import run_train
+    from tuneline.core.config.data import DataConfig
+    from tuneline.core.config.export import ExportConfig
+    from tuneline.core.config.gate import GateConfig
+    from tuneline.core.config.model import ModelConfig
+    from tuneline.core.config.train import TrainConfig
+    from tuneline.tasks.data.fetch import run_fetch
+    from tuneline.tasks.data.prepare import run_prepare
+    from tuneline.tasks.evaluate.evaluate import run_evaluate
+    from tuneline.tasks.lineage import Lineage
+    from tuneline.tasks.ship.export import run_export
+    from tuneline.tasks.train.loop import run_train
 
     mirror = os.environ.get("TUNELINE_DATA_MIRROR") or str(REPO.parent / "shared" / "data" / "MNIST" / "raw")
     data = DataConfig(limit_train=6000, limit_test=1000)
@@ -133,7 +137,7 @@ def export_cuda(work: Path) -> dict:
 
 def _test_pixels(work: Path, rows: int):
     """Real test images of the export_cuda slice as the server feeds them (float32 raw pixels), and their labels."""
-    from tasks.data.prepare import load_split
+    from tuneline.tasks.data.prepare import load_split
 
     images, labels = load_split(work / "prepared", "test")
     return images[:rows].float().numpy(), labels[:rows].numpy()
@@ -152,8 +156,8 @@ def serving_io_binding(work: Path) -> dict:
     """The server's CUDA run path against the plain one, on the exported model."""
     import numpy as np
 
-    from tasks.ship.io_binding import BoundRunner, make_runner, plain_runner
-    from tasks.ship.onnx_session import open_session
+    from tuneline.core.io_binding import BoundRunner, make_runner, plain_runner
+    from tuneline.core.onnx_session import open_session
 
     session = open_session(work / "model.onnx", GPU)
     x, y = session.get_inputs()[0].name, session.get_outputs()[0].name
@@ -173,8 +177,8 @@ def tensorrt(work: Path) -> dict:
     """The exported model on the TensorRT provider, its engine cached in the work folder."""
     import numpy as np
 
-    from tasks.ship.io_binding import make_runner
-    from tasks.ship.onnx_session import TENSORRT, DeviceError, open_session, resolve_providers, tensorrt_options
+    from tuneline.core.io_binding import make_runner
+    from tuneline.core.onnx_session import TENSORRT, DeviceError, open_session, resolve_providers, tensorrt_options
 
     try:
         providers = resolve_providers("cuda", "tensorrt")
@@ -199,13 +203,13 @@ def tensorrt(work: Path) -> dict:
 
 def fp16_serving(work: Path) -> dict:
     """serve.precision=auto's choice from the export_cuda report, and the FP16 file served on CUDA."""
-    from serving.model_holder import build_model
-    from serving.precision import FP16_FILE, choose_file
-    from serving.repository import RegistryReader
-    from serving.settings import ServeSettings
-    from tasks.ship.export_report import ExportReport
-    from tasks.ship.onnx_session import resolve_providers
-    from tasks.ship.registry import Registry
+    from tuneline.serving.model_holder import build_model
+    from tuneline.serving.precision import FP16_FILE, choose_file
+    from tuneline.serving.repository import RegistryReader
+    from tuneline.serving.settings import ServeSettings
+    from tuneline.tasks.ship.export_report import ExportReport
+    from tuneline.core.onnx_session import resolve_providers
+    from tuneline.tasks.ship.registry import Registry
 
     report = ExportReport.read(work / "export.json")
     fp16 = work / "variants" / FP16_FILE
@@ -229,11 +233,11 @@ def fp16_serving(work: Path) -> dict:
 
 def provider_refusal(py: str, limit_s: float) -> dict:
     """`tuneline serve` asked for TensorRT on CUDA where it does not load: exit 2, one line on stderr."""
-    from tasks.ship.onnx_session import TENSORRT, resolve_providers
+    from tuneline.core.onnx_session import TENSORRT, resolve_providers
 
     if resolve_providers("auto", "tensorrt")[0] == TENSORRT:
         return {"status": "skipped", "reason": "skipped: TensorRT loads here, so there is nothing to refuse"}
-    command = [py, "-c", "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))", "--project",
+    command = [py, "-c", "import sys; from tuneline.flows.cli import main; sys.exit(main(sys.argv[1:]))", "--project",
                str(REPO), "serve", "--device", "cuda", "-S", "serve.provider=tensorrt", "--registry",
                tempfile.mkdtemp(prefix="tuneline-refusal-")]
     started = time.monotonic()

@@ -6,7 +6,7 @@
     tuneline stage train --nproc-per-node N               train with N DistributedDataParallel processes (torchrun)
     tuneline models list|show|promote|rollback|register   the model registry (flows/models_cli.py)
     tuneline dvc-yaml [--check]                           write (or check) dvc.yaml from the stage table
-    tuneline config-docs [--check]                        params.yaml comments + docs knob table from tasks/config.py
+    tuneline config-docs [--check]                        params.yaml comments + docs knob table from core/config.py
     tuneline dashboard [--host H] [--port P] [-S …]        optuna-dashboard over the live study storage
                                                            (tuneline tune --dashboard [PORT]: beside the study)
     tuneline serve [--host H] [--port P] [--device D] [-S serve.key=value …]   the inference server (serving/)
@@ -25,7 +25,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from flows.dvc_yaml import STAGE_NAMES
+from tuneline.flows.dvc_yaml import STAGE_NAMES
 
 
 def _default_environment(root: Path) -> None:
@@ -34,7 +34,7 @@ def _default_environment(root: Path) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")  # stage logs reach the Prefect UI too
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tuneline")  # stage logs reach the Prefect UI too
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("DVC_SITE_CACHE_DIR", str(root / ".dvc" / "tmp" / "site-cache"))
 
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     dashboard = sub.add_parser("dashboard", help="optuna-dashboard over the live study storage (tasks/tune/dashboard.py)")
     dashboard.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     dashboard.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
-    from tasks.config import add_override_option
+    from tuneline.core.config.overrides import add_override_option
 
     for p in (run, stage, tune, dashboard):
         add_override_option(p)
@@ -78,13 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("code-fingerprint", help="refresh .tuneline/code/<stage>.json (dvc.yaml's `code` stage, when "
                                             "Tuneline's code lives outside the project)")
     docs = sub.add_parser("config-docs", help="write params.yaml's comments and docs/configuration.md's knob table "
-                                              "from tasks/config.py")
+                                              "from core/config.py")
     docs.add_argument("--check", action="store_true", help="only compare: exit 1 when either is stale")
     run.add_argument("--no-push", action="store_true", help="skip the final `dvc push`")
-    from flows.models_cli import add_models_parser
+    from tuneline.flows.models_cli import add_models_parser
 
     add_models_parser(sub)
-    from serving.cli import add_commands
+    from tuneline.serving.cli import add_commands
 
     add_commands(sub)  # serve, predict
     return parser
@@ -95,32 +95,30 @@ def main(argv: list[str] | None = None) -> int:
     root = args.project.resolve()
     _default_environment(root)
     if args.command in ("serve", "predict"):  # their own settings (env + flags) and logging (JSON lines)
-        from serving.cli import run_command
+        from tuneline.serving.cli import run_command
 
         return run_command(args, root)
     if args.command in ("dvc-yaml", "code-fingerprint", "config-docs"):
         return _run_generator(args.command, root, getattr(args, "check", False))
-    from tasks.config import load_params, parse_overrides
-    from tasks.errors import TunelineError
+    from tuneline.core.config.overrides import parse_overrides
+    from tuneline.core.config.params import load_params
+    from tuneline.core.errors import TunelineError
 
     if args.command == "init":
         return _run_init(args)
     if args.command in ("stage", "tune"):  # under `run`, Prefect's own logging set-up prints and ships the logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("tasks").setLevel(logging.INFO)  # stage progress lines, under Prefect's handlers too
+    logging.getLogger("tuneline.tasks").setLevel(logging.INFO)  # stage progress lines, under Prefect's handlers too
     for chatty in ("onnxscript", "onnx_ir", "httpx"):  # per-pass exporter notes and per-request lines
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        from flows.shadowing import check_not_shadowed
-
-        check_not_shadowed(root)  # a project folder named like a Tuneline package would run the wrong code
         overrides = parse_overrides(args.overrides)
         params = load_params(root / "params.yaml", overrides)  # validate before importing heavy machinery
         if args.command == "stage":
-            from flows.stages import run_stage, train
+            from tuneline.flows.stages import run_stage, train
 
             if args.params_file:  # a torchrun child: exactly the launcher's params
-                from tasks.config import Params
+                from tuneline.core.config.params import Params
 
                 params = Params.model_validate_json(args.params_file.read_text())
             if args.nproc_per_node is not None:
@@ -137,18 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tune":
             return _run_tune(params, root, args.workers, args.dashboard)
         if args.command == "dashboard":
-            from flows.environment import Environment
-            from tasks.tune.dashboard import serve_dashboard
-            from tasks.tune.storage import storage_url
+            from tuneline.flows.environment import Environment
+            from tuneline.tasks.tune.dashboard import serve_dashboard
+            from tuneline.tasks.tune.storage import storage_url
 
             study_dir = params.paths.resolve(root).study_db.parent
             return serve_dashboard(storage_url(params.tune, study_dir, Environment.read().tune_storage), args.host, args.port)
         if args.command == "models":
-            from flows.models_cli import run_models
+            from tuneline.flows.models_cli import run_models
 
             return run_models(args, params, root)
         return _run_pipeline(root, overrides, force=args.force, push_data=not args.no_push, debug=args.debug)
-    except TunelineError as exc:  # one line and one exit-code rule for every command (tasks/errors.py)
+    except TunelineError as exc:  # one line and one exit-code rule for every command (core/errors.py)
         return _report_failure(args.command, exc, args.debug)
     except Exception as exc:  # a stage's own error that predates TunelineError: one line, exit 1
         if type(exc).__module__.startswith("tasks."):
@@ -174,14 +172,14 @@ class _ExpectedFailureFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.errors import TunelineError
+        from tuneline.core.errors import TunelineError
 
         return not (record.exc_info and isinstance(record.exc_info[1], TunelineError))
 
 
 def _run_generator(command: str, root: Path, check: bool) -> int:
     """dvc.yaml, the code fingerprints and the config docs: files derived from the code, written or checked."""
-    from flows import config_docs, dvc_yaml
+    from tuneline.flows import config_docs, dvc_yaml
 
     if command == "code-fingerprint":
         for path in dvc_yaml.write_fingerprints(root):
@@ -205,8 +203,8 @@ def _run_generator(command: str, root: Path, check: bool) -> int:
 
 
 def _run_init(args) -> int:
-    from flows.init import init_project
-    from tasks.errors import TunelineError
+    from tuneline.flows.init import init_project
+    from tuneline.core.errors import TunelineError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -220,10 +218,10 @@ def _run_init(args) -> int:
 def _run_tune(params, root: Path, workers: int, dashboard_port: int | None = None) -> int:
     from contextlib import nullcontext
 
-    from flows.environment import Environment
-    from flows.stages import tune
-    from tasks.tune.live_dashboard import dashboard_beside
-    from tasks.tune.storage import storage_url
+    from tuneline.flows.environment import Environment
+    from tuneline.flows.stages import tune
+    from tuneline.tasks.tune.live_dashboard import dashboard_beside
+    from tuneline.tasks.tune.storage import storage_url
 
     if workers < 1:
         print("tuneline: error: --workers must be at least 1", file=sys.stderr)
@@ -241,7 +239,7 @@ def _run_tune(params, root: Path, workers: int, dashboard_port: int | None = Non
 
 
 def _run_pipeline(root: Path, overrides: dict, force: bool, push_data: bool, debug: bool = False) -> int:
-    from flows.pipeline import pipeline  # imports Prefect, which sets up its logging
+    from tuneline.flows.pipeline import pipeline  # imports Prefect, which sets up its logging
 
     if not debug:
         for handler in logging.getLogger().handlers:
@@ -249,7 +247,7 @@ def _run_pipeline(root: Path, overrides: dict, force: bool, push_data: bool, deb
     state = pipeline(overrides=overrides, project_dir=str(root), force=force, push_data=push_data,
                      return_state=True)
     if not state.is_completed():
-        from tasks.errors import TunelineError
+        from tuneline.core.errors import TunelineError
 
         error = state.result(raise_on_failure=False)
         if isinstance(error, TunelineError):  # with --debug, Prefect's failure lines above carry the tracebacks

@@ -6,7 +6,9 @@ function-level, so lazy imports count) while it stays inside a first-party packa
 resolved to the file Python would import (`importlib.util.find_spec(...).origin`, i.e. its `__file__`),
 so the hashed code is the code that runs: this checkout, an editable install, or site-packages. Only
 `.py` sources are returned (never `__pycache__`); packages' `__init__.py` files are included because
-importing a submodule runs them.
+importing a submodule runs them. Imports under `if TYPE_CHECKING:` and names used only in annotations run
+nothing, so they are not followed: stage code names the root `Params` that way, and its deps stay the
+sections it reads (core/config/<section>.py), not the server's.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from functools import cache
 from pathlib import Path
 
 # Tuneline's own packages; a user's modules (named in params) are followed within their own top package.
-FIRST_PARTY = ("flows", "tasks", "serving")
-WIRING_MODULE = "flows.stages"
+FIRST_PARTY = ("tuneline",)
+WIRING_MODULE = "tuneline.flows.stages"
 
 
 @cache
@@ -57,12 +59,39 @@ def imports_of(module: str) -> frozenset[tuple[str, tuple[str, ...]]]:
     if path is None:
         return frozenset()
     found: set[tuple[str, tuple[str, ...]]] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found.update((alias.name, ()) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             found.add((_absolute(node, module), tuple(alias.name for alias in node.names)))
     return frozenset(found)
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` / `if typing.TYPE_CHECKING:`: a block that never runs."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` that can run: `if TYPE_CHECKING:` bodies and annotations are left out."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if _is_type_checking(node):
+            todo.extend(node.orelse)
+            continue
+        for field, value in ast.iter_fields(node):
+            if field in ("annotation", "returns"):  # argument/variable annotations, return annotations
+                continue
+            if isinstance(value, ast.AST):
+                todo.append(value)
+            elif isinstance(value, list):
+                todo.extend(item for item in value if isinstance(item, ast.AST))
 
 
 def _imported_modules(base: str, names: tuple[str, ...]) -> list[str]:
@@ -99,7 +128,7 @@ def stage_entry_modules(stage: str) -> set[str]:
     path = module_file(WIRING_MODULE)
     tree = ast.parse(path.read_text(), filename=str(path))
     imported: dict[str, str] = {}
-    for node in tree.body:
+    for node in (n for n in tree.body if not _is_type_checking(n)):
         if isinstance(node, ast.ImportFrom):
             base = _absolute(node, WIRING_MODULE)
             if base.split(".")[0] not in FIRST_PARTY:
@@ -121,7 +150,7 @@ def stage_entry_modules(stage: str) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        for node in ast.walk(functions[name]):
+        for node in _runtime_nodes(functions[name]):
             if isinstance(node, ast.Name):
                 if node.id in functions:
                     todo.append(node.id)

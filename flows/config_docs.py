@@ -1,4 +1,4 @@
-"""params.yaml's comments and docs/configuration.md's knob table, generated from tasks/config.py.
+"""params.yaml's comments and docs/configuration.md's knob table, generated from core/config.py.
 
 The typed config is the one place a default and its description live. `tuneline config-docs` rewrites
 params.yaml (keeping the project's values, with each key's description as its comment, in the config's
@@ -15,16 +15,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from flows.environment import VARIABLES
-from tasks.atomic import write_bytes_atomic
-from tasks.config import Params, read_params_file
+from tuneline.flows.environment import VARIABLES
+from tuneline.core.atomic import write_bytes_atomic
+from tuneline.core.config.params import Params, read_params_file
 
 DOC_FILE = "docs/configuration.md"
 BEGIN, END = "<!-- knobs:begin -->", "<!-- knobs:end -->"
 COMMENT_COLUMN = 32
 
 PARAMS_HEADER = """\
-# GENERATED comments: each key's description comes from tasks/config.py (`tuneline config-docs` rewrites
+# GENERATED comments: each key's description comes from core/config.py (`tuneline config-docs` rewrites
 # them; the values are this project's choices). One section per stage. `tuneline run -S train.lr=0.01`
 # and the Prefect flow's `overrides` parameter override these keys; dvc.yaml templates its paths from `paths`.
 """
@@ -95,7 +95,7 @@ def render_knob_table() -> str:
 
 def _doc_with_table(text: str, path: Path) -> str:
     if BEGIN not in text or END not in text:
-        from tasks.config import ConfigError
+        from tuneline.core.config.base import ConfigError
 
         raise ConfigError(f"{path}: the markers {BEGIN} and {END} are missing: put them where the knob table goes")
     head, rest = text.split(BEGIN, 1)

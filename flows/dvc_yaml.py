@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from flows.code_deps import code_fingerprint, fingerprint_text, module_file, stage_code_files
-from tasks.atomic import write_bytes_atomic
+from tuneline.flows.code_deps import code_fingerprint, fingerprint_text, module_file, stage_code_files
+from tuneline.core.atomic import write_bytes_atomic
 
 FINGERPRINT_DIR = ".tuneline/code"
 
@@ -164,7 +164,7 @@ def code_deps(root: Path, stage: str) -> CodeDeps:
         sys.path.remove(str(root))
     missing = [name for name in modules if module_file(name) is None]
     if missing:
-        from tasks.config import ConfigError
+        from tuneline.core.config.base import ConfigError
 
         raise ConfigError(f"params.yaml: data.source names module {missing[0]!r}, which is not in {root} or installed: "
                           "create it or fix data.source")
@@ -250,7 +250,7 @@ def check_running_code(root: Path, stage: str) -> None:
     different copy of a module (DVC would hash the copy and the run would use the other), or when
     dvc.yaml is stale (the stage imports a file it does not list).
     """
-    from tasks.config import ConfigError
+    from tuneline.core.config.base import ConfigError
 
     root = Path(root).resolve()
     listed = _listed_deps(root, stage)

@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.shadowing import check_not_shadowed, shadowing_folders
-from tasks.config import ConfigError
+from tuneline.core.config.base import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +73,13 @@ FLOW_FILE = "tuneline_flow.py"
 FLOW_TEXT = '''\
 """This project's Prefect entry point: Tuneline's pipeline flow (installed package), run in this folder.
 
-Prefect puts this folder first on sys.path when it loads the entry point, so a folder of this project
-named like one of Tuneline's packages (tasks, flows, serving) would shadow it: that is refused up front.
+Tuneline installs one import name, `tuneline`, so this project's own folders (tasks/, serving/, ...) are
+simply yours.
 """
 
 from pathlib import Path
 
-from flows.shadowing import check_not_shadowed  # noqa: E402  (flows is Tuneline's: checked just below)
-
-check_not_shadowed(Path(__file__).parent)
-
-from flows.pipeline import pipeline  # noqa: E402,F401
+from tuneline.flows.pipeline import pipeline  # noqa: F401  (prefect.yaml's entry point names it here)
 
 if __name__ == "__main__":
     pipeline(project_dir=str(Path(__file__).parent))
@@ -174,11 +169,11 @@ def _check(result: subprocess.CompletedProcess, tool: str, args: tuple[str, ...]
 def init_project(target: Path, example: str = "mnist", data: str | None = None, remote: Path | None = None) -> Path:
     """Create the project at `target` (new, or a folder of the user's code); returns its path.
 
-    Refuses a folder that already holds a project, or whose folders would shadow Tuneline's packages. On any
+    Refuses a folder that already holds a project (any other folders and modules of yours are fine). On any
     failure, everything init created is removed again (the user's own files are never touched).
     """
-    from flows import dvc_yaml
-    from flows.config_docs import render_params
+    from tuneline.flows import dvc_yaml
+    from tuneline.flows.config_docs import render_params
 
     if example not in EXAMPLES:
         raise ConfigError(f"--example {example}: unknown; choose one of {', '.join(EXAMPLES)}")
@@ -188,7 +183,6 @@ def init_project(target: Path, example: str = "mnist", data: str | None = None, 
         if present := [name for name in ours if (target / name).exists()]:
             raise ConfigError(f"{target}: already has {', '.join(present)}: init writes a new project; pick a new "
                               "folder, or one with only your own code and data in it")
-        check_not_shadowed(target)
     values = _params(example, data, target)
     remote = Path(remote).expanduser().resolve() if remote else target.parent / f"{target.name}-dvc-remote"
     created_target = not target.exists()

@@ -17,8 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks.config import add_override_option
-from tasks.ship.registry import ALIASES
+from tuneline.core.config.overrides import add_override_option
+from tuneline.tasks.ship.registry import ALIASES
 
 COMMANDS = ("list", "show", "promote", "rollback", "register")
 
@@ -43,7 +43,7 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
 
 def _record(root: Path, params, registry) -> str:
     """`dvc add` the registry after a change; a project without DVC, or DVC busy, is a note, not a failure."""
-    from tasks.versioning import VersioningError, track_folder
+    from tuneline.tasks.versioning import VersioningError, track_folder
 
     try:
         with registry.locked():
@@ -73,8 +73,8 @@ def _print_table(rows: list[list[str]]) -> None:
 
 
 def run_models(args: argparse.Namespace, params, root: Path) -> int:
-    from flows.stages import model_name
-    from tasks.ship.registry import Registry, model_names
+    from tuneline.flows.stages import model_name
+    from tuneline.tasks.ship.registry import Registry, model_names
 
     folder = params.paths.resolve(root).registry
     command = args.models_command
@@ -95,7 +95,7 @@ def run_models(args: argparse.Namespace, params, root: Path) -> int:
         print(f"files verified: {', '.join(card['files'])} match their sha256 and are valid ONNX")
         return 0
     if command == "register":
-        from flows import stages
+        from tuneline.flows import stages
 
         result = stages.promote(params, root)
         print(result.reason)

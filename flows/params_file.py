@@ -8,11 +8,11 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from tasks.atomic import write_bytes_atomic
+from tuneline.core.atomic import write_bytes_atomic
 
 
 def write_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
-    """Set each dotted key in params.yaml (already validated by tasks.config) and replace the file atomically."""
+    """Set each dotted key in params.yaml (already validated by tuneline.core.config) and replace the file atomically."""
     yaml = YAML()  # round-trip mode: comments and key order survive
     yaml.preserve_quotes = True
     document = yaml.load(params_path.read_text())

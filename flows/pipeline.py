@@ -26,29 +26,29 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
-from flows import stages
-from flows.environment import Environment
-from flows.dvc_yaml import stale_diff as dvc_yaml_diff
-from flows.dvc_yaml import write as write_dvc_yaml
-from flows.dvc_yaml import write_fingerprints as refresh_code_fingerprints
-from flows.workspace import Workspace, open_workspace, save_experiment
-from tasks.atomic import write_bytes_atomic
-from tasks.config import Params, load_params
-from tasks.evaluate.gate import GateFailed
-from tasks.evaluate.report import EvalReport
-from tasks.ship.export_report import ExportReport
-from tasks.lineage import git_commit
-from tasks.ship.promote import PromoteResult
-from tasks.ship.registry import Registry
-from tasks.summary import render_summary, tuning_links
-from tasks.tune.pareto import pareto_markdown
-from tasks.tune.results import apply_best_params, tuning_summary
-from tasks.versioning import (commit_stage, data_version, push, restore_stage, stage_changed, stage_fingerprint,
+from tuneline.flows import stages
+from tuneline.flows.environment import Environment
+from tuneline.flows.dvc_yaml import stale_diff as dvc_yaml_diff
+from tuneline.flows.dvc_yaml import write as write_dvc_yaml
+from tuneline.flows.dvc_yaml import write_fingerprints as refresh_code_fingerprints
+from tuneline.flows.workspace import Workspace, open_workspace, save_experiment
+from tuneline.core.atomic import write_bytes_atomic
+from tuneline.core.config.params import Params, load_params
+from tuneline.tasks.evaluate.gate import GateFailed
+from tuneline.tasks.evaluate.report import EvalReport
+from tuneline.tasks.ship.export_report import ExportReport
+from tuneline.tasks.lineage import git_commit
+from tuneline.tasks.ship.promote import PromoteResult
+from tuneline.tasks.ship.registry import Registry
+from tuneline.tasks.summary import render_summary, tuning_links
+from tuneline.tasks.tune.pareto import pareto_markdown
+from tuneline.tasks.tune.results import apply_best_params, tuning_summary
+from tuneline.tasks.versioning import (commit_stage, data_version, push, restore_stage, stage_changed, stage_fingerprint,
                               track_folder)
 
 # Tasks are thin: no logic beyond calling the stage.
 _task_options = {"cache_policy": NO_CACHE, "persist_result": False}
-STAGE_LOGGER = "tasks"  # every stage module logs under it (tasks.train.epochs, tasks.evaluate.evaluate, ...)
+STAGE_LOGGER = "tuneline.tasks"  # every stage module logs under it (tuneline.tasks.train.epochs, tuneline.tasks.evaluate.evaluate, ...)
 
 
 def route_stage_logs(*_hook_args) -> None:

@@ -7,30 +7,35 @@ flows/environment.py: stage functions get both as arguments.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path
 
-from flows.environment import Environment
-from tasks.config import Params
-from tasks.train.distributed import NPROC_ENV, DistributedTrainingFailed, context, nproc_from_env, torchrun_command
-from tasks.evaluate.evaluate import EvaluateResult, run_evaluate
-from tasks.ship.export import ExportResult, run_export
-from tasks.data.fetch import FetchResult, resolve_mirror, run_fetch
-from tasks.lineage import Lineage, git_commit
-from tasks.data.prepare import PrepareResult, run_prepare
-from tasks.ship.promote import PromoteResult, run_promote
-from tasks.train.loop import TrainResult, read_history, run_train
-from tasks.tune.results import TuneResult, apply_best_params
-from tasks.tune.stage import run_tune
-from tasks.tune.storage import storage_url
-from tasks.versioning import data_version
+from tuneline.core.config.base import params_hash
+from tuneline.flows.environment import Environment
+from tuneline.tasks.train.distributed import NPROC_ENV, DistributedTrainingFailed, context, nproc_from_env, torchrun_command
+from tuneline.tasks.evaluate.evaluate import EvaluateResult, run_evaluate
+from tuneline.tasks.ship.export import ExportResult, run_export
+from tuneline.tasks.data.fetch import FetchResult, resolve_mirror, run_fetch
+from tuneline.tasks.lineage import Lineage, git_commit
+from tuneline.tasks.data.prepare import PrepareResult, run_prepare
+from tuneline.tasks.ship.promote import PromoteResult, run_promote
+from tuneline.tasks.train.loop import TrainResult, read_history, run_train
+from tuneline.tasks.tune.results import TuneResult, apply_best_params
+from tuneline.tasks.tune.stage import run_tune
+from tuneline.tasks.tune.storage import storage_url
+from tuneline.tasks.versioning import data_version
 
 # The stage table is defined once, in flows/dvc_yaml.py (dvc.yaml is generated from it).
-from flows.dvc_yaml import STAGE_NAMES as STAGES
-from flows.dvc_yaml import check_running_code
+from tuneline.flows.dvc_yaml import STAGE_NAMES as STAGES
+from tuneline.flows.dvc_yaml import check_running_code
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 
 def fetch(params: Params, root: Path, project: Path | None = None) -> FetchResult:
@@ -45,7 +50,7 @@ def prepare(params: Params, root: Path, project: Path | None = None) -> PrepareR
 
 
 def lineage(params: Params, root: Path) -> Lineage:
-    return Lineage(data_version=data_version(root, params.paths.raw), params_hash=params.params_hash(),
+    return Lineage(data_version=data_version(root, params.paths.raw), params_hash=params_hash(params),
                    git_commit=git_commit(root))
 
 
@@ -81,7 +86,7 @@ def train(params: Params, root: Path, project: Path | None = None, nproc_per_nod
 
 
 def _train_with_torchrun(params: Params, root: Path, project: Path | None, nproc: int) -> TrainResult:
-    """Launch `torchrun -m flows.cli stage train` on this node and read back what rank 0 wrote.
+    """Launch `torchrun -m tuneline.flows.cli stage train` on this node and read back what rank 0 wrote.
 
     The children get these exact params (overrides included) as a file rather than re-reading params.yaml.
     """

@@ -41,8 +41,8 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
-from flows.params_file import write_overrides
-from tasks.config import ConfigError
+from tuneline.flows.params_file import write_overrides
+from tuneline.core.config.base import ConfigError
 
 RUNS_DIR = ".tuneline/runs"
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _set_up(project: Path, workspace: Path, overrides: dict[str, Any]) -> None:
 
 def _share_dvc_cache_and_remotes(project: Path, workspace: Path) -> None:
     """The workspace uses the checkout's cache; remotes named by a relative path keep pointing where they did."""
-    from tasks.versioning import open_repo
+    from tuneline.tasks.versioning import open_repo
 
     with open_repo(project) as repo:
         cache_dir = repo.cache.local_cache_dir

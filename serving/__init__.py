@@ -5,7 +5,7 @@ swap), batcher (dynamic batching), binary + protocol (KServe V2 messages), image
 middleware (auth, limits, metrics, access log), metrics, logs, watcher (hot reload), app (routes), client
 (Python client), cli (`tuneline serve|predict`).
 
-Shared with the pipeline (and copied into the serving image with it): tasks/ship/registry_layout.py, the
-registry's on-disk layout, and tasks/ship/onnx_session.py, the ONNX Runtime session factory the export
+Shared with the pipeline (and copied into the serving image with it): core/registry_layout.py, the
+registry's on-disk layout, and core/onnx_session.py, the ONNX Runtime session factory the export
 gate measures latency with, so the server runs exactly what was gated.
 """

@@ -12,7 +12,7 @@ import ipaddress
 import re
 from pathlib import Path
 
-from serving.errors import Forbidden, ServingError, Unauthorized
+from tuneline.serving.errors import Forbidden, ServingError, Unauthorized
 
 ADMIN_ROUTE = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
 REGISTRY_PLACEHOLDER = "<registry>"

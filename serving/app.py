@@ -18,19 +18,19 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
-from serving import protocol, schemas
-from serving.binary import HEADER_LENGTH, OCTET_STREAM
-from serving.drain import Drain
-from serving.errors import BadRequest, NotFound, NotReady, ServingError
-from serving.grpc_server import start_grpc
-from serving.images import decode_image
-from serving.metrics import ServingMetrics
-from serving.middleware import Gatekeeper, InFlight, error_headers
-from serving.model_holder import ModelHolder
-from serving.settings import ServeSettings
-from serving.watcher import watch_champion
+from tuneline.serving import protocol, schemas
+from tuneline.serving.binary import HEADER_LENGTH, OCTET_STREAM
+from tuneline.serving.drain import Drain
+from tuneline.serving.errors import BadRequest, NotFound, NotReady, ServingError
+from tuneline.serving.grpc_server import start_grpc
+from tuneline.serving.images import decode_image
+from tuneline.serving.metrics import ServingMetrics
+from tuneline.serving.middleware import Gatekeeper, InFlight, error_headers
+from tuneline.serving.model_holder import ModelHolder
+from tuneline.serving.settings import ServeSettings
+from tuneline.serving.watcher import watch_champion
 
-log = logging.getLogger("serving.app")
+log = logging.getLogger("tuneline.serving.app")
 
 JSON = "application/json"
 
@@ -69,7 +69,7 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
             yield
         finally:
             # uvicorn calls this after in-flight requests have drained (or shutdown_timeout_s has passed);
-            # serving.drain began the drain (gRPC's stop among it) when the signal came.
+            # tuneline.serving.drain began the drain (gRPC's stop among it) when the signal came.
             await drain.finish()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from serving.errors import BadRequest
+from tuneline.serving.errors import BadRequest
 
 HEADER_LENGTH = "inference-header-content-length"  # HTTP header names are case-insensitive
 OCTET_STREAM = "application/octet-stream"

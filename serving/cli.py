@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.config import add_override_option, parse_overrides
+from tuneline.core.config.overrides import add_override_option, parse_overrides
 
 
 def add_commands(sub) -> None:
@@ -36,7 +36,7 @@ def add_commands(sub) -> None:
 
 
 def run_command(args: argparse.Namespace, root: Path) -> int:
-    from tasks.errors import InputError
+    from tuneline.core.errors import InputError
 
     try:
         return serve(args, root) if args.command == "serve" else predict(args, root)
@@ -46,8 +46,8 @@ def run_command(args: argparse.Namespace, root: Path) -> int:
 
 
 def _settings(args: argparse.Namespace, root: Path):
-    from serving.settings import build_settings, env_overrides
-    from tasks.config import load_params
+    from tuneline.serving.settings import build_settings, env_overrides
+    from tuneline.core.config.params import load_params
 
     serve_flags = ("host", "port", "grpc_port", "device", "model") if args.command == "serve" else ("host", "port", "device")
     flags = {f"serve.{k}": getattr(args, k) for k in serve_flags if getattr(args, k, None) is not None}
@@ -61,20 +61,20 @@ def serve(args: argparse.Namespace, root: Path) -> int:
     """Start the server; returns when it has shut down (SIGINT/SIGTERM drain in-flight requests first)."""
     import uvicorn
 
-    from serving.app import create_app
-    from serving.drain import DrainingServer
-    from serving.logs import configure_logging
-    from tasks.ship.onnx_session import resolve_providers
+    from tuneline.serving.app import create_app
+    from tuneline.serving.drain import DrainingServer
+    from tuneline.serving.logs import configure_logging
+    from tuneline.core.onnx_session import resolve_providers
 
     settings = _settings(args, root)
     configure_logging(settings.log_level)  # first: resolving serve.provider may log that it is ignored or fell back
     worker = getattr(args, "worker_index", None)
     if settings.workers > 1 and worker is None:  # this process only starts and watches the workers
-        from serving.workers import run_workers
+        from tuneline.serving.workers import run_workers
 
         return run_workers(settings, args, root)
     providers = resolve_providers(settings.device, settings.provider)  # DeviceError: refuse to start (one line, exit 2)
-    logging.getLogger("serving").info("device", extra={"event": "device", "requested": settings.device,
+    logging.getLogger("tuneline.serving").info("device", extra={"event": "device", "requested": settings.device,
                                                        "provider": settings.provider, "providers": providers})
     app = create_app(settings, providers)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
@@ -82,7 +82,7 @@ def serve(args: argparse.Namespace, root: Path) -> int:
                             log_level=settings.log_level)
     server_class = DrainingServer
     if worker is not None:
-        from serving.workers import worker_server
+        from tuneline.serving.workers import worker_server
 
         server_class = worker_server(app, config, settings, worker)  # its own SO_REUSEPORT listener on serve.port
     _freeze_start_up_objects()
@@ -106,8 +106,8 @@ def predict(args: argparse.Namespace, root: Path) -> int:
     """Classify each image with the server; one line per image; exit 1 if any failed."""
     import httpx
 
-    from serving.client import InferenceClient, ServerError
-    from serving.settings import TOKEN_ENV
+    from tuneline.serving.client import InferenceClient, ServerError
+    from tuneline.serving.settings import TOKEN_ENV
 
     if args.url:  # a client of a server somewhere: no project (params.yaml) needed
         url = args.url

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import orjson
 
-from serving.binary import (
+from tuneline.serving.binary import (
     DTYPES,
     HEADER_LENGTH,
     OCTET_STREAM,

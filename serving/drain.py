@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 
-log = logging.getLogger("serving.drain")
+log = logging.getLogger("tuneline.serving.drain")
 
 LINGER_S = 0.5  # longest an idle keep-alive connection stays open once draining starts (capped at 1/4 of the drain)
 

@@ -3,7 +3,7 @@
 A grpc.aio server in uvicorn's event loop, started and stopped by the app's lifespan when serve.grpc_port is
 set. It shares everything with REST: the model holder, each model's batcher (gRPC and REST requests join the
 same batches), the in-flight count, the bearer token, the size and concurrency limits, and the validation
-(serving.protocol.check_input / to_pixels), so a request gets the same answer, or the same error, either way.
+(tuneline.serving.protocol.check_input / to_pixels), so a request gets the same answer, or the same error, either way.
 ServingError's HTTP status maps to a gRPC code (400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, ...); INTERNAL is
 left for real bugs.
 
@@ -22,17 +22,17 @@ import time
 import grpc
 import numpy as np
 
-from serving import protocol
-from serving.admin import PathRedactor
-from serving.binary import tensor_bytes, tensor_from_bytes
-from serving.errors import BadRequest, Busy, NotFound, NotReady, ServingError, Unauthorized
-from serving.metrics import ServingMetrics
-from serving.middleware import InFlight
-from serving.model_holder import ModelHolder
-from serving.proto import SERVICE, messages
-from serving.settings import ServeSettings
+from tuneline.serving import protocol
+from tuneline.serving.admin import PathRedactor
+from tuneline.serving.binary import tensor_bytes, tensor_from_bytes
+from tuneline.serving.errors import BadRequest, Busy, NotFound, NotReady, ServingError, Unauthorized
+from tuneline.serving.metrics import ServingMetrics
+from tuneline.serving.middleware import InFlight
+from tuneline.serving.model_holder import ModelHolder
+from tuneline.serving.proto import SERVICE, messages
+from tuneline.serving.settings import ServeSettings
 
-log = logging.getLogger("serving.grpc")
+log = logging.getLogger("tuneline.serving.grpc")
 
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,

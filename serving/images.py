@@ -16,8 +16,8 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from serving.errors import BadRequest
-from tasks.data.spec import InputSpec
+from tuneline.serving.errors import BadRequest
+from tuneline.core.spec import InputSpec
 
 FORMATS = ("PNG", "JPEG")
 MAX_SIDE = 4096  # pixels; decoding a larger upload would cost memory for nothing at these input sizes

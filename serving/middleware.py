@@ -13,12 +13,12 @@ import time
 
 import orjson
 
-from serving.admin import PathRedactor, admin_refusal, is_admin_route
-from serving.errors import Busy, NotReady, PayloadTooLarge, ServingError, Unauthorized
-from serving.metrics import ServingMetrics
-from serving.settings import ServeSettings
+from tuneline.serving.admin import PathRedactor, admin_refusal, is_admin_route
+from tuneline.serving.errors import Busy, NotReady, PayloadTooLarge, ServingError, Unauthorized
+from tuneline.serving.metrics import ServingMetrics
+from tuneline.serving.settings import ServeSettings
 
-log = logging.getLogger("serving.access")
+log = logging.getLogger("tuneline.serving.access")
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # probes work without the token
 
@@ -40,7 +40,7 @@ def is_inference(method: str, path: str) -> bool:
 class Gatekeeper:
     def __init__(self, app, settings: ServeSettings, metrics: ServingMetrics, in_flight: InFlight, drain=None):
         self.app, self.settings, self.metrics, self.in_flight = app, settings, metrics, in_flight
-        self.drain = drain  # serving.drain.Drain: while draining, answers close their connection
+        self.drain = drain  # tuneline.serving.drain.Drain: while draining, answers close their connection
         self.token = settings.token.get_secret_value().encode() if settings.token else None
         self.admin_token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
         self.redactor = PathRedactor(settings.registry)

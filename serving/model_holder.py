@@ -2,7 +2,7 @@
 any versions loaded beside it. Load, verify, warm up, then swap atomically.
 
 Which file of a version is loaded follows serve.precision and the export's measurements (serving/precision.py);
-on a GPU provider the model runs through I/O binding with reused page-locked buffers (tasks/ship/io_binding.py).
+on a GPU provider the model runs through I/O binding with reused page-locked buffers (core/io_binding.py).
 A load happens off the event loop (checksum, session creation, warm-up), so the old champion keeps
 answering; the swap is one reference assignment on the event loop. Requests that already hold the old
 version (queued in its batcher) finish on it. A failed load leaves everything as it was and is reported
@@ -22,18 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.batcher import Batcher
-from serving.errors import BadRequest, LoadError, NotFound, NotReady, ServingError
-from serving.metrics import ServingMetrics
-from serving.precision import FileChoice, choose_file
-from serving.repository import RegistryReader, VerifiedModel, model_names
-from serving.settings import ServeSettings
-from tasks.data.spec import InputSpec, SpecError
-from tasks.ship.io_binding import BoundRunner, Runner, make_runner
-from tasks.ship.onnx_metadata import input_name, read_input_spec
-from tasks.ship.onnx_session import TENSORRT, DeviceError, open_session, tensorrt_options
+from tuneline.serving.batcher import Batcher
+from tuneline.serving.errors import BadRequest, LoadError, NotFound, NotReady, ServingError
+from tuneline.serving.metrics import ServingMetrics
+from tuneline.serving.precision import FileChoice, choose_file
+from tuneline.serving.repository import RegistryReader, VerifiedModel, model_names
+from tuneline.serving.settings import ServeSettings
+from tuneline.core.spec import InputSpec, SpecError
+from tuneline.core.io_binding import BoundRunner, Runner, make_runner
+from tuneline.core.onnx_metadata import input_name, read_input_spec
+from tuneline.core.onnx_session import TENSORRT, DeviceError, open_session, tensorrt_options
 
-log = logging.getLogger("serving.model")
+log = logging.getLogger("tuneline.serving.model")
 
 CHAMPION = "champion"
 
@@ -49,7 +49,7 @@ class LoadedModel:
     spec: InputSpec   # what the ONNX file declares: input shape, value range, class names
     metadata: dict[str, str]  # the ONNX file's metadata_props
     card: dict
-    runner: Runner     # the session's run path: plain on CPU, I/O binding on a GPU (tasks/ship/io_binding.py)
+    runner: Runner     # the session's run path: plain on CPU, I/O binding on a GPU (core/io_binding.py)
     choice: FileChoice  # which file of the version is served, and why (serve.precision)
     loaded_at: float = field(default_factory=time.time)
     batcher: Batcher | None = None

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.errors import LoadError
-from tasks.ship.onnx_session import GPU_PROVIDERS
-from tasks.ship.registry_layout import MODEL_FILE, VARIANT_FILES
+from tuneline.serving.errors import LoadError
+from tuneline.core.onnx_session import GPU_PROVIDERS
+from tuneline.core.registry_layout import MODEL_FILE, VARIANT_FILES
 
 FP16_FILE = VARIANT_FILES["fp16"]
 

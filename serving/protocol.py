@@ -13,9 +13,9 @@ from importlib import metadata as package_metadata
 import numpy as np
 import orjson
 
-from serving.binary import encode_body, split_body, tensor_bytes, tensor_from_bytes
-from serving.errors import BadRequest
-from serving.model_holder import LoadedModel
+from tuneline.serving.binary import encode_body, split_body, tensor_bytes, tensor_from_bytes
+from tuneline.serving.errors import BadRequest
+from tuneline.serving.model_holder import LoadedModel
 
 SERVER_NAME = "tuneline"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]

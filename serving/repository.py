@@ -1,6 +1,6 @@
 """Read-only view of the model registry (every model name in it), with the server's own checksum verification.
 
-The layout (models, folders, version ids, card and alias files) is tasks/ship/registry_layout.py, shared with
+The layout (models, folders, version ids, card and alias files) is core/registry_layout.py, shared with
 the registry's only writer, tasks/ship/registry.py; this module never writes. A registry in the old
 single-model layout is read as the model its cards name, and keeps being read correctly while the writer
 moves it under models/<name>/ (each path is resolved afresh on every call).
@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.errors import LoadError, NotFound
-from tasks.ship.registry_layout import LayoutError, RegistryLayout, RegistryTree
+from tuneline.serving.errors import LoadError, NotFound
+from tuneline.core.registry_layout import LayoutError, RegistryLayout, RegistryTree
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
     parameters: Parameters = Field(description="serving version, provider, lineage of the ONNX file")
     labels: list[str] = Field(description="class names, in the order of the logits")
-    input_spec: dict[str, Any] = Field(description="the input spec the model was trained on (tasks/data/spec.py): "
+    input_spec: dict[str, Any] = Field(description="the input spec the model was trained on (core/spec.py): "
                                                    "channels, height, width, class names, mean/std, value range")
     normalization: Any = None
     metrics: Any = None

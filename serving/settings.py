@@ -13,7 +13,9 @@ from typing import Any
 import yaml
 from pydantic import SecretStr
 
-from tasks.config import ConfigError, Params, ServeConfig
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.params import Params
+from tuneline.core.config.serve import ServeConfig
 
 ENV_PREFIX = "TUNELINE_SERVE_"
 TOKEN_ENV = ENV_PREFIX + "TOKEN"

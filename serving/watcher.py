@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from serving.errors import ServingError
-from serving.model_holder import CHAMPION, ModelHolder
+from tuneline.serving.errors import ServingError
+from tuneline.serving.model_holder import CHAMPION, ModelHolder
 
-log = logging.getLogger("serving.watcher")
+log = logging.getLogger("tuneline.serving.watcher")
 
 
 async def watch_champion(holder: ModelHolder, poll_s: float) -> None:

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import orjson
 
-from serving.admin import ADMIN_ROUTE
-from serving.drain import DrainingServer
-from serving.settings import ServeSettings
-from tasks.config import ConfigError
+from tuneline.serving.admin import ADMIN_ROUTE
+from tuneline.serving.drain import DrainingServer
+from tuneline.serving.settings import ServeSettings
+from tuneline.core.config.base import ConfigError
 
-log = logging.getLogger("serving.workers")
+log = logging.getLogger("tuneline.serving.workers")
 
 WORKER_HEADER = "X-Tuneline-Worker"  # the pid of the worker that answered (only when serve.workers > 1)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -89,7 +89,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 def worker_command(args: argparse.Namespace, root: Path, port: int, index: int) -> list[str]:
     """`tuneline serve` as the user ran it (flags and -S overrides), on the reserved port, as worker `index`."""
-    command = [sys.executable, "-m", "flows.cli", "--project", str(root), "serve"]
+    command = [sys.executable, "-m", "tuneline.flows.cli", "--project", str(root), "serve"]
     for flag in ("host", "device", "registry", "model"):
         value = getattr(args, flag, None)
         if value is not None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import csv
 from pathlib import Path
 
-from tasks.config import Params
-from tasks.evaluate.gate import GateVerdict, markdown_table
-from tasks.tune.pareto import pareto_markdown
+from tuneline.tasks.evaluate.gate import GateVerdict, markdown_table
+from tuneline.tasks.tune.pareto import pareto_markdown
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 
 def _promotion_lines(summary: dict) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.errors import StageFailed
+from tuneline.core.errors import StageFailed
 
 log = logging.getLogger(__name__)
 

@@ -101,9 +101,9 @@ def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build)
 @pytest.fixture(scope="session")
 def small_prepared_dir(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Path:
     """Real MNIST fetched once, then a stratified slice: 2,750 train / 250 val / 600 test images."""
-    from tasks.config import DataConfig
-    from tasks.data.fetch import run_fetch
-    from tasks.data.prepare import run_prepare
+    from tuneline.core.config.data import DataConfig
+    from tuneline.tasks.data.fetch import run_fetch
+    from tuneline.tasks.data.prepare import run_prepare
 
     base = tmp_path_factory.mktemp("mnist")
     cfg = DataConfig(limit_train=3000, limit_test=600)
@@ -115,9 +115,10 @@ def small_prepared_dir(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: P
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_prepared_dir: Path) -> Path:
     """A seed CNN trained for 2 epochs on the slice (≈93% test accuracy, ~10 s)."""
-    from tasks.config import ModelConfig, TrainConfig
-    from tasks.lineage import Lineage
-    from tasks.train.loop import run_train
+    from tuneline.core.config.model import ModelConfig
+    from tuneline.core.config.train import TrainConfig
+    from tuneline.tasks.lineage import Lineage
+    from tuneline.tasks.train.loop import run_train
 
     out = tmp_path_factory.mktemp("model")
     run_train(ModelConfig(), TrainConfig(epochs=2, batch_size=64, device="cpu"), small_prepared_dir,
@@ -129,9 +130,11 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_prepared_di
 def exported_model(tmp_path_factory: pytest.TempPathFactory, small_checkpoint: Path, small_prepared_dir: Path):
     """small_checkpoint evaluated and exported as the pipeline does: model.onnx, FP16 + INT8 variants, eval.json,
     export.json and the confusion picture, in one folder (an ExportResult; `.onnx_path.parent` is the folder)."""
-    from tasks.config import ExportConfig, GateConfig, TrainConfig
-    from tasks.evaluate.evaluate import run_evaluate
-    from tasks.ship.export import run_export
+    from tuneline.core.config.export import ExportConfig
+    from tuneline.core.config.gate import GateConfig
+    from tuneline.core.config.train import TrainConfig
+    from tuneline.tasks.evaluate.evaluate import run_evaluate
+    from tuneline.tasks.ship.export import run_export
 
     out = tmp_path_factory.mktemp("export")
     # Bars a 2-epoch model on a slice meets; latency generous: these tests are about files, not a loaded CPU's p99.
@@ -230,7 +233,7 @@ def write_raw_dir(raw_dir: Path, n_classes: int, counts: dict[str, int], seed: i
     labels cycling through the classes) and classes.json naming the classes c000, c001, ..."""
     import json
 
-    from tasks.data.idx import encode_idx
+    from tuneline.tasks.data.idx import encode_idx
 
     rng = np.random.default_rng(seed)
     raw_dir.mkdir(parents=True)
@@ -247,8 +250,8 @@ def write_raw_dir(raw_dir: Path, n_classes: int, counts: dict[str, int], seed: i
 def tiny_prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny synthetic data set, prepared: 917 train / 83 val / 300 test images of 10 classes (written as
     fetch's IDX files directly: no PNG round trip, so it takes a fraction of a second)."""
-    from tasks.config import DataConfig
-    from tasks.data.prepare import run_prepare
+    from tuneline.core.config.data import DataConfig
+    from tuneline.tasks.data.prepare import run_prepare
 
     base = tmp_path_factory.mktemp("tiny")
     run_prepare(DataConfig(), write_raw_dir(base / "raw", TINY_CLASSES, TINY_COUNTS), base / "prepared")
@@ -258,9 +261,10 @@ def tiny_prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_prepared_dir: Path) -> Path:
     """The article's MLP trained for one epoch on the tiny data set (≈100% val accuracy, a second or two)."""
-    from tasks.config import ModelConfig, TrainConfig
-    from tasks.lineage import Lineage
-    from tasks.train.loop import run_train
+    from tuneline.core.config.model import ModelConfig
+    from tuneline.core.config.train import TrainConfig
+    from tuneline.tasks.lineage import Lineage
+    from tuneline.tasks.train.loop import run_train
 
     out = tmp_path_factory.mktemp("tiny-model")
     run_train(ModelConfig(arch="seed_mlp", dropout=0.0), TrainConfig(epochs=1, batch_size=64, device="cpu"),
@@ -272,9 +276,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_prepared_dir:
 def tiny_onnx_model(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_prepared_dir: Path):
     """tiny_checkpoint evaluated and exported as the pipeline does (FP32 only, a short latency run): an
     ExportResult; `.onnx_path` is the file, and eval.json and export.json lie beside it."""
-    from tasks.config import ExportConfig, GateConfig, TrainConfig
-    from tasks.evaluate.evaluate import run_evaluate
-    from tasks.ship.export import run_export
+    from tuneline.core.config.export import ExportConfig
+    from tuneline.core.config.gate import GateConfig
+    from tuneline.core.config.train import TrainConfig
+    from tuneline.tasks.evaluate.evaluate import run_evaluate
+    from tuneline.tasks.ship.export import run_export
 
     out = tmp_path_factory.mktemp("tiny-export")
     gates = GateConfig(min_accuracy=0.9, min_class_recall=0.5, max_ece=0.5, max_latency_p99_ms=1000.0)

@@ -22,9 +22,9 @@ import pytest
 pytestmark = pytest.mark.fast
 
 REPO = Path(__file__).resolve().parents[1]
-FIRST_PARTY = {"flows", "tasks", "serving", "tests", "bench"}
+FIRST_PARTY = {"tuneline", "tests", "bench"}
 # folder -> the optional-dependency extras it may use besides [project] dependencies
-SCANNED = {"flows": (), "tasks": (), "serving": (), "bench": (), "tests": ("test",)}
+SCANNED = {"core": (), "flows": (), "tasks": (), "serving": (), "tuneline": (), "bench": (), "tests": ("test",)}
 
 
 def normalize(name: str) -> str:

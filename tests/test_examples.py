@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import load_params, parse_overrides
+from tuneline.core.config.overrides import parse_overrides
+from tuneline.core.config.params import load_params
 
 pytestmark = pytest.mark.fast
 REPO = Path(__file__).resolve().parents[1]

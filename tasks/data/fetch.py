@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.atomic import staged_dir
-from tasks.config import DataConfig
-from tasks.data.archive import read_tree
-from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, encode_idx, parse_idx, read_gzip
-from tasks.data.imagefolder import load_image_folder
-from tasks.data.loader import run_loader
+from tuneline.core.atomic import staged_dir
+from tuneline.core.config.data import DataConfig
+from tuneline.tasks.data.archive import read_tree
+from tuneline.tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, encode_idx, parse_idx, read_gzip
+from tuneline.tasks.data.imagefolder import load_image_folder
+from tuneline.tasks.data.loader import run_loader
 
 log = logging.getLogger(__name__)
 

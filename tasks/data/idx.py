@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.errors import InputError
+from tuneline.core.errors import InputError
 
 # An IDX magic number is 0x00 0x00 <element type> <number of dimensions>; the data is big-endian.
 IMAGES_MAGIC = 0x0803  # 2051: ubyte, 3 dimensions (count, rows, cols): MNIST's, and any gray image set

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.config import DataConfig
-from tasks.data.archive import SPLIT_NAMES, Entry
-from tasks.data.idx import DataError
+from tuneline.core.config.data import DataConfig
+from tuneline.tasks.data.archive import SPLIT_NAMES, Entry
+from tuneline.tasks.data.idx import DataError
 
 log = logging.getLogger(__name__)
 

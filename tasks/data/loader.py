@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.data.idx import DataError
+from tuneline.tasks.data.idx import DataError
 
 SPLITS = ("train", "val", "test")
 

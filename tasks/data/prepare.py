@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.atomic import staged_dir
-from tasks.config import DataConfig
-from tasks.data.spec import InputSpec
-from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, read_idx
+from tuneline.core.atomic import staged_dir
+from tuneline.core.config.data import DataConfig
+from tuneline.core.spec import InputSpec
+from tuneline.tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, read_idx
 
 log = logging.getLogger(__name__)
 

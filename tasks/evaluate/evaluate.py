@@ -1,6 +1,6 @@
 """Stage `evaluate`: checkpoint + test split -> metrics, confusion matrix (DVC plot + PNG) and gate verdicts.
 
-Metrics (tasks.evaluate.metrics: accuracy, macro-F1, per-class precision/recall, ECE) are written before the gates
+Metrics (tuneline.tasks.evaluate.metrics: accuracy, macro-F1, per-class precision/recall, ECE) are written before the gates
 are enforced, so a failed run still shows what the model reached.
 """
 
@@ -11,15 +11,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.atomic import staged_file
-from tasks.model.checkpoint import load_checkpoint
-from tasks.config import GateConfig, TrainConfig
-from tasks.evaluate.gate import GateFailed, GateVerdict, check_gates
-from tasks.evaluate.metrics import compute_metrics
-from tasks.evaluate.plots import render_confusion_png
-from tasks.evaluate.report import EvalReport
-from tasks.data.prepare import load_split
-from tasks.train.loop import predict_logits, resolve_device
+from tuneline.core.atomic import staged_file
+from tuneline.tasks.model.checkpoint import load_checkpoint
+from tuneline.core.config.gate import GateConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.evaluate.gate import GateFailed, GateVerdict, check_gates
+from tuneline.tasks.evaluate.metrics import compute_metrics
+from tuneline.tasks.evaluate.plots import render_confusion_png
+from tuneline.tasks.evaluate.report import EvalReport
+from tuneline.tasks.data.prepare import load_split
+from tuneline.tasks.train.loop import predict_logits, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from tasks.config import GateConfig
-from tasks.errors import StageFailed
+from tuneline.core.config.gate import GateConfig
+from tuneline.core.errors import StageFailed
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def failed(verdicts: list[GateVerdict]) -> bool:
 
 
 def check_gates(metrics: dict, cfg: GateConfig) -> list[GateVerdict]:
-    """The model-quality gates on the test metrics of tasks.evaluate.metrics.compute_metrics (run before export)."""
+    """The model-quality gates on the test metrics of tuneline.tasks.evaluate.metrics.compute_metrics (run before export)."""
     return [
         gate_min("gate.min_accuracy", "test accuracy", metrics["accuracy"], cfg.min_accuracy),
         gate_min("gate.min_class_recall", "lowest per-class recall", metrics["min_class_recall"], cfg.min_class_recall),

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tasks.atomic import staged_file
+from tuneline.core.atomic import staged_file
 
 CELL = 44             # pixels per cell
 MARGIN = 70           # room for the axis titles and class names, in pixels

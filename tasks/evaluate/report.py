@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.atomic import write_bytes_atomic
-from tasks.evaluate.gate import GateVerdict
+from tuneline.core.atomic import write_bytes_atomic
+from tuneline.tasks.evaluate.gate import GateVerdict
 
 # The headline numbers that travel with the model (ONNX metadata, registry card).
 HEADLINE = ("accuracy", "loss", "n_test", "macro_f1", "ece")
@@ -45,7 +45,7 @@ class EvalReport:
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any], gates: list[GateVerdict], lineage: dict[str, Any]) -> EvalReport:
-        """From tasks.evaluate.metrics.compute_metrics's dict plus the verdicts and the model's lineage."""
+        """From tuneline.tasks.evaluate.metrics.compute_metrics's dict plus the verdicts and the model's lineage."""
         details = {k: v for k, v in metrics.items() if k not in HEADLINE}
         return cls(**{k: metrics.get(k) for k in HEADLINE}, gates=list(gates), lineage=dict(lineage), details=details)
 
@@ -58,6 +58,6 @@ class EvalReport:
             lineage = data.pop("lineage", {})
             return cls.from_metrics(data, gates, lineage)
         except FileNotFoundError:
-            from tasks.errors import StageFailed
+            from tuneline.core.errors import StageFailed
 
             raise StageFailed(f"{path}: no evaluation report: run the evaluate stage first") from None

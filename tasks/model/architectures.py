@@ -1,7 +1,7 @@
 """The networks of the seed article and the fast CIFAR-class net, with input normalisation inside the module.
 
 Every model takes raw pixels (float, 0..255, shape [N, C, H, W] from the data's input spec,
-tasks/data/spec.py) and returns logits. Keeping the
+core/spec.py) and returns logits. Keeping the
 normalisation in the module means training, the ONNX graph and the server all see the same numbers
 and a client never has to know them.
 
@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from tasks.data.spec import InputSpec
-from tasks.model import external
-from tasks.model.fastnet import FastCNN
+from tuneline.core.spec import InputSpec
+from tuneline.tasks.model import external
+from tuneline.tasks.model.fastnet import FastCNN
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from tasks.atomic import staged_file
-from tasks.model.architectures import Classifier, ModelArgs, build_model
+from tuneline.core.atomic import staged_file
+from tuneline.tasks.model.architectures import Classifier, ModelArgs, build_model
 
 FORMAT = "tuneline.checkpoint/1"
 

@@ -2,7 +2,7 @@
 measured on the serving device (latency, throughput, size: gated), plus optional FP16/INT8 variants.
 
 The graph takes raw pixels (float32, 0..255, [batch, C, H, W] of the data's input spec) because normalisation
-is part of the model; the metadata carries the input spec and the model name (tasks/ship/onnx_metadata.py). The
+is part of the model; the metadata carries the input spec and the model name (core/onnx_metadata.py). The
 file is only renamed into place after `onnx.checker`, the ONNX Runtime parity check and the serving gates pass.
 Parity runs at batch sizes 1, 7 and 256, capped by the test split's size (at least one image is needed). A variant whose test accuracy drops more than export.max_quant_drop is rejected
 (deleted, with its drop recorded) but does not fail the run: the FP32 model is still good.
@@ -20,19 +20,20 @@ from pathlib import Path
 import onnx
 import torch
 
-from tasks.atomic import staged_dir, staged_file
-from tasks.ship.latency import INPUT_NAME, OUTPUT_NAME, measure_serving, onnx_accuracy
-from tasks.ship.onnx_session import Device, Provider, open_session
-from tasks.model.checkpoint import load_checkpoint
-from tasks.config import ExportConfig, GateConfig
-from tasks.evaluate.gate import GateFailed, GateVerdict, check_serving_gates, failed
-from tasks.data.idx import DataError
-from tasks.data.prepare import load_split
-from tasks.errors import StageFailed
-from tasks.evaluate.report import EvalReport
-from tasks.ship.export_report import ExportReport
-from tasks.ship.onnx_metadata import build_metadata
-from tasks.ship.quantize import VariantResult, build_variant, calibration_sample
+from tuneline.core.atomic import staged_dir, staged_file
+from tuneline.tasks.ship.latency import INPUT_NAME, OUTPUT_NAME, measure_serving, onnx_accuracy
+from tuneline.core.onnx_session import Device, Provider, open_session
+from tuneline.tasks.model.checkpoint import load_checkpoint
+from tuneline.core.config.export import ExportConfig
+from tuneline.core.config.gate import GateConfig
+from tuneline.tasks.evaluate.gate import GateFailed, GateVerdict, check_serving_gates, failed
+from tuneline.tasks.data.idx import DataError
+from tuneline.tasks.data.prepare import load_split
+from tuneline.core.errors import StageFailed
+from tuneline.tasks.evaluate.report import EvalReport
+from tuneline.tasks.ship.export_report import ExportReport
+from tuneline.core.onnx_metadata import build_metadata
+from tuneline.tasks.ship.quantize import VariantResult, build_variant, calibration_sample
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class ExportResult:
     max_abs_diff: dict[int, float]
     metadata: dict[str, str]
     onnx_accuracy: float = 0.0                  # the FP32 file's test accuracy through ONNX Runtime
-    serving: dict | None = None                 # tasks.ship.latency.measure_serving on the FP32 file
+    serving: dict | None = None                 # tuneline.tasks.ship.latency.measure_serving on the FP32 file
     variants: dict[str, VariantResult] | None = None
     verdicts: list[GateVerdict] | None = None   # serving gates + each variant's export.max_quant_drop
 

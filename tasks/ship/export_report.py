@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.atomic import write_bytes_atomic
-from tasks.evaluate.gate import GateVerdict
+from tuneline.core.atomic import write_bytes_atomic
+from tuneline.tasks.evaluate.gate import GateVerdict
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ExportReport:
     parity_max_abs_diff: dict[str, float]
     onnx_accuracy: float
     n_test: int
-    serving: dict[str, Any]                                    # tasks.ship.latency.measure_serving of model.onnx
+    serving: dict[str, Any]                                    # tuneline.tasks.ship.latency.measure_serving of model.onnx
     variants: dict[str, Any] = field(default_factory=dict)     # name -> VariantResult.to_dict()
     gates: list[GateVerdict] = field(default_factory=list)
 
@@ -43,7 +43,7 @@ class ExportReport:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            from tasks.errors import StageFailed
+            from tuneline.core.errors import StageFailed
 
             raise StageFailed(f"{path}: no export report: run the export stage first") from None
         data.pop("gates_passed", None)

@@ -1,7 +1,7 @@
 """ONNX Runtime on the serving device: accuracy of an ONNX file on real images, latency and throughput, size.
 
-Sessions come from tasks.ship.onnx_session, the server's own factory, and are run through
-tasks.ship.io_binding.make_runner, the server's own run path (I/O binding on a GPU), so the numbers gated here
+Sessions come from tuneline.core.onnx_session, the server's own factory, and are run through
+tuneline.core.io_binding.make_runner, the server's own run path (I/O binding on a GPU), so the numbers gated here
 are those of the set-up the server runs. `onnxruntime-gpu` silently falls back to CPU when CUDA cannot load, so the
 provider a session really got is read back from the session and recorded beside every number it produced.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.ship.io_binding import BoundRunner, make_runner
-from tasks.ship.onnx_metadata import INPUT_NAME, OUTPUT_NAME
-from tasks.ship.onnx_session import Device, Provider, open_session
+from tuneline.core.io_binding import BoundRunner, make_runner
+from tuneline.core.onnx_metadata import INPUT_NAME, OUTPUT_NAME
+from tuneline.core.onnx_session import Device, Provider, open_session
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME"]  # re-exported: export and quantize import them from here
 THROUGHPUT_BATCH = 256

@@ -25,17 +25,17 @@ from pathlib import Path
 
 import onnx
 
-from tasks.ship.latency import onnx_accuracy
-from tasks.config import GateConfig
-from tasks.evaluate.gate import GateFailed, GateVerdict, check_champion_gates, failed
-from tasks.data.prepare import load_split
-from tasks.errors import StageFailed
-from tasks.evaluate.report import EvalReport
-from tasks.ship.export_report import ExportReport
-from tasks.ship.onnx_metadata import describe_contract, read_input_spec
-from tasks.ship.onnx_session import Device
-from tasks.ship.registry import Registry, sha256_file
-from tasks.ship.registry_layout import MODEL_FILE, VARIANT_FILES
+from tuneline.tasks.ship.latency import onnx_accuracy
+from tuneline.core.config.gate import GateConfig
+from tuneline.tasks.evaluate.gate import GateFailed, GateVerdict, check_champion_gates, failed
+from tuneline.tasks.data.prepare import load_split
+from tuneline.core.errors import StageFailed
+from tuneline.tasks.evaluate.report import EvalReport
+from tuneline.tasks.ship.export_report import ExportReport
+from tuneline.core.onnx_metadata import describe_contract, read_input_spec
+from tuneline.core.onnx_session import Device
+from tuneline.tasks.ship.registry import Registry, sha256_file
+from tuneline.core.registry_layout import MODEL_FILE, VARIANT_FILES
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import onnx
 import torch
 
-from tasks.ship.latency import INPUT_NAME, onnx_accuracy, as_pixels
-from tasks.ship.onnx_session import Device
-from tasks.ship.registry_layout import VARIANT_FILES
-from tasks.evaluate.gate import GateVerdict, gate_max
+from tuneline.tasks.ship.latency import INPUT_NAME, onnx_accuracy, as_pixels
+from tuneline.core.onnx_session import Device
+from tuneline.core.registry_layout import VARIANT_FILES
+from tuneline.tasks.evaluate.gate import GateVerdict, gate_max
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class VariantResult:
     drop: float            # FP32 ONNX test accuracy minus the variant's (positive: worse)
     size_bytes: int
     verdict: GateVerdict   # export.max_quant_drop on `drop`
-    serving: dict | None = None  # tasks.ship.latency.measure_serving of a kept variant
+    serving: dict | None = None  # tuneline.tasks.ship.latency.measure_serving of a kept variant
 
     @property
     def kept(self) -> bool:

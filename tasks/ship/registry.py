@@ -1,7 +1,7 @@
 """A file-based model registry: models by name, each with versions, model cards and aliases (champion,
 challenger) that move atomically.
 
-The on-disk layout (models, folders, version ids, card and alias files) is tasks/ship/registry_layout.py, the
+The on-disk layout (models, folders, version ids, card and alias files) is core/registry_layout.py, the
 contract the server's read-only reader shares. This module is the only writer: registrations, alias changes and
 the one-time move of a single-model registry under models/<name>/ are serialised between processes by the
 registry's `.lock`. Versions are never modified or deleted,
@@ -22,9 +22,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from tasks.atomic import make_staging_dir, staged_file
-from tasks.errors import StageFailed
-from tasks.ship.registry_layout import (ALIASES, CARD_FILE, MODEL_FILE, MODEL_FILES, STAGING_PREFIX, LayoutError,
+from tuneline.core.atomic import make_staging_dir, staged_file
+from tuneline.core.errors import StageFailed
+from tuneline.core.registry_layout import (ALIASES, CARD_FILE, MODEL_FILE, MODEL_FILES, STAGING_PREFIX, LayoutError,
                                         RegistryLayout, RegistryTree, check_model_name)
 
 LOCK_TIMEOUT_S = 120.0  # registrations hold the lock for seconds (a copy and a rename), never minutes

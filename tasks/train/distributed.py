@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tasks.errors import StageFailed
+from tuneline.core.errors import StageFailed
 
 NPROC_ENV = "TUNELINE_NPROC_PER_NODE"  # the flow's train stage launches torchrun itself when this is > 1
 
@@ -104,10 +104,10 @@ def nproc_from_env(value: str | None) -> int:
 
 
 def torchrun_command(nproc_per_node: int, cli_args: list[str]) -> list[str]:
-    """`torchrun --standalone --nproc-per-node N -m flows.cli ARGS` with this interpreter (one node).
+    """`torchrun --standalone --nproc-per-node N -m tuneline.flows.cli ARGS` with this interpreter (one node).
 
     Several nodes: run torchrun yourself on each, with --nnodes, --node-rank and a rendezvous endpoint
     (README, "Scaling out").
     """
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-            "-m", "flows.cli", *cli_args]
+            "-m", "tuneline.flows.cli", *cli_args]

@@ -19,12 +19,13 @@ from typing import Protocol
 
 import torch
 
-from tasks.config import ModelConfig, TrainConfig
-from tasks.data.augment import augment_batch, flip_batch
-from tasks.data.prepare import load_manifest, load_split
-from tasks.model.architectures import Classifier, ModelArgs, build_model
-from tasks.model.external import freeze_backbone, load_initial_weights
-from tasks.train.distributed import DistContext, all_reduce_sum
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.data.augment import augment_batch, flip_batch
+from tuneline.tasks.data.prepare import load_manifest, load_split
+from tuneline.tasks.model.architectures import Classifier, ModelArgs, build_model
+from tuneline.tasks.model.external import freeze_backbone, load_initial_weights
+from tuneline.tasks.train.distributed import DistContext, all_reduce_sum
 
 log = logging.getLogger(__name__)
 

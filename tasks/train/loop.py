@@ -37,14 +37,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tasks.atomic import staged_file
-from tasks.model.checkpoint import save_checkpoint
-from tasks.config import ModelConfig, TrainConfig
-from tasks.train.distributed import DistContext, barrier, context, device_for, process_group
-from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
-from tasks.lineage import Lineage
-from tasks.model.architectures import Classifier
-from tasks.train.optim import LRSchedule, build_optimizer, optimizer_step
+from tuneline.core.atomic import staged_file
+from tuneline.tasks.model.checkpoint import save_checkpoint
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.train.distributed import DistContext, barrier, context, device_for, process_group
+from tuneline.tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.model.architectures import Classifier
+from tuneline.tasks.train.optim import LRSchedule, build_optimizer, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def run_train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, mode
     ctx = context()
     device = device_for(ctx, resolve_device(cfg.device))
     if not ctx.is_main:  # one voice: rank 0 logs the run, the others only warnings
-        logging.getLogger("tasks.train").setLevel(logging.WARNING)  # this module and the epoch loop
+        logging.getLogger("tuneline.tasks.train").setLevel(logging.WARNING)  # this module and the epoch loop
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
     with _determinism(cfg.deterministic), process_group(ctx, device):
         return _train(model_cfg, cfg, Path(prepared_dir), Path(model_path), Path(history_path), lineage,

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from tasks.config import TrainConfig
+from tuneline.core.config.train import TrainConfig
 
 OPTIMIZER_FAMILY = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}  # one family per pack
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "rmsprop": 2}  # state tensors per parameter tensor

@@ -57,12 +57,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from tasks.config import ModelConfig, TrainConfig
-from tasks.model.architectures import ModelArgs
-from tasks.train.epochs import EpochData, Stream, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
-from tasks.train.loop import _autocast, _determinism, resolve_device
-from tasks.train.optim import OPTIMIZER_FAMILY, OPTIMIZER_STATES, StackedOptimizer, StackedSchedules
-from tasks.data.prepare import load_manifest
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.model.architectures import ModelArgs
+from tuneline.tasks.train.epochs import EpochData, Stream, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
+from tuneline.tasks.train.loop import _autocast, _determinism, resolve_device
+from tuneline.tasks.train.optim import OPTIMIZER_FAMILY, OPTIMIZER_STATES, StackedOptimizer, StackedSchedules
+from tuneline.tasks.data.prepare import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ def _check_pack(members: list[Member]) -> tuple:
         other = group_key(m.model, m.train)
         if other != key:
             raise ValueError(f"train_packed: these configs cannot share a pack ({_key_difference(key, other)}): "
-                             "group them with tasks.train.packed.group_key")
+                             "group them with tuneline.tasks.train.packed.group_key")
     return key
 
 

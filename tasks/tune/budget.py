@@ -18,8 +18,8 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
-from tasks.config import TuneConfig
-from tasks.tune.stopping import patience_reason
+from tuneline.core.config.tune import TuneConfig
+from tuneline.tasks.tune.stopping import patience_reason
 
 log = logging.getLogger(__name__)
 

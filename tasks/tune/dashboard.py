@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tasks.config import ConfigError
-from tasks.tune.storage import open_storage, redact
+from tuneline.core.config.base import ConfigError
+from tuneline.tasks.tune.storage import open_storage, redact
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.tune.dashboard import DEFAULT_PORT, dashboard_url, serve_dashboard
+from tuneline.tasks.tune.dashboard import DEFAULT_PORT, dashboard_url, serve_dashboard
 
 WAIT_FOR_STORAGE_S = 600.0
 

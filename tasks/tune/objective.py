@@ -3,11 +3,16 @@ epoch, its timings and its failure reason."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pathlib import Path
 
-from tasks.config import Params, TuneConfig
-from tasks.tune.budget import NOT_RUN, BudgetTaken, taken_before, worker_id
-from tasks.tune.space import trial_params
+from tuneline.core.config.tune import TuneConfig
+from tuneline.tasks.tune.budget import NOT_RUN, BudgetTaken, taken_before, worker_id
+from tuneline.tasks.tune.space import trial_params
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 __all__ = ["make_objective", "worker_id"]
 
@@ -30,10 +35,10 @@ def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path)
     import optuna
     import torch
 
-    from tasks.train.loop import DivergedError
-    from tasks.tune.serving_cost import measure_trial_cost
-    from tasks.tune.study import is_multi_objective, latency_threads
-    from tasks.tune.trial_run import TrialTimes, train_trial
+    from tuneline.tasks.train.loop import DivergedError
+    from tuneline.tasks.tune.serving_cost import measure_trial_cost
+    from tuneline.tasks.tune.study import is_multi_objective, latency_threads
+    from tuneline.tasks.tune.trial_run import TrialTimes, train_trial
 
     multi = is_multi_objective(cfg)
 

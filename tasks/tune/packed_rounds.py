@@ -1,7 +1,7 @@
 """Packed trials (tune.packing): K trials trained together in one process, each slot refilled as soon as it frees.
 
 A pack starts with up to K trials of one group (same architecture, optimizer family, batch size and other
-shared settings: tasks.train.packed.group_key). At every epoch boundary each member reports its validation
+shared settings: tuneline.tasks.train.packed.group_key). At every epoch boundary each member reports its validation
 accuracy to Optuna and asks the pruner, as a trial trained alone would (trial.report / trial.should_prune, in
 row order); a member that is pruned, completes or diverges leaves, and its slot is refilled at once with the
 next trial that fits the pack (asked from the study, or taken from the backlog of trials asked earlier that
@@ -19,16 +19,21 @@ each refill.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import time
 import warnings
 from pathlib import Path
 
-from tasks.config import Params, TuneConfig
-from tasks.tune.budget import NOT_RUN, next_step, taken_before
-from tasks.tune.heartbeats import TrialHeartbeats
-from tasks.tune.objective import failure_reason, make_objective, worker_id
-from tasks.tune.space import trial_params
+from tuneline.core.config.tune import TuneConfig
+from tuneline.tasks.tune.budget import NOT_RUN, next_step, taken_before
+from tuneline.tasks.tune.heartbeats import TrialHeartbeats
+from tuneline.tasks.tune.objective import failure_reason, make_objective, worker_id
+from tuneline.tasks.tune.space import trial_params
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ WAIT_S = 1.0  # while others' running trials would complete the budget: how ofte
 
 def packing_size(cfg: TuneConfig, base: Params) -> int | None:
     """tune.packing resolved to the largest pack (before the memory cap), or None: one trial at a time."""
-    from tasks.train.loop import resolve_device
+    from tuneline.tasks.train.loop import resolve_device
 
     if cfg.packing == "auto":
         if resolve_device(base.train.device).type != "cuda":
@@ -133,7 +138,7 @@ def optimize_packed(study, base: Params, cfg: TuneConfig, prepared: Path, workdi
     """One worker, packed: train trials in packs of up to `pack_size` of one group, refilling freed slots, until
     budget.next_step says stop (or tune.timeout_s passes); failures from trial `first_number` on count toward
     tune.max_failures."""
-    from tasks.train.packed import group_key, pack_capacity
+    from tuneline.tasks.train.packed import group_key, pack_capacity
 
     solo = make_objective(base, cfg, prepared, workdir)
     started = time.monotonic()
@@ -190,7 +195,7 @@ def _train_pack(chunk: list, base: Params, prepared: Path, trials: _Trials, refi
     import optuna
     import torch
 
-    from tasks.train.packed import Member, train_packed
+    from tuneline.tasks.train.packed import Member, train_packed
 
     state = optuna.trial.TrialState
     running: dict[int, object] = {}  # trial number -> trial, for members not yet told

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.atomic import staged_file
-from tasks.config import GateConfig, TuneConfig
-from tasks.errors import StageFailed
+from tuneline.core.atomic import staged_file
+from tuneline.core.config.gate import GateConfig
+from tuneline.core.config.tune import TuneConfig
+from tuneline.core.errors import StageFailed
 
 PARETO_PLOT = "pareto.html"
 # objective -> (the gate that bounds it, the gate's key in params.yaml)

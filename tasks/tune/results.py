@@ -7,10 +7,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-from tasks.atomic import staged_file, write_bytes_atomic
-from tasks.config import GateConfig, Params, TuneConfig, build_params
+from tuneline.core.atomic import staged_file, write_bytes_atomic
+from tuneline.core.config.gate import GateConfig
+from tuneline.core.config.tune import TuneConfig
+from tuneline.core.config.overrides import with_overrides
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +123,7 @@ def write_results(study, cfg: TuneConfig, tuning_dir: Path, seconds: float, stop
 
 def _pick_from_front(study, cfg: TuneConfig, gate: GateConfig, tuning_dir: Path):
     """Multi-objective: (the trial tune.pick chose, best_params.json's extra keys: objectives, pick, pareto, plot)."""
-    from tasks.tune.pareto import front_rows, pick_trial, write_pareto_plot
+    from tuneline.tasks.tune.pareto import front_rows, pick_trial, write_pareto_plot
 
     front = front_rows(study, cfg.objectives)
     plot = write_pareto_plot(study, cfg, tuning_dir)  # before the pick: a failed pick still shows the front
@@ -131,7 +136,7 @@ def _pick_from_front(study, cfg: TuneConfig, gate: GateConfig, tuning_dir: Path)
 
 def dashboard_hint(study) -> dict:
     """How to watch the study live: the command and the page it serves on its default host and port."""
-    from tasks.tune.dashboard import DEFAULT_PORT, dashboard_url
+    from tuneline.tasks.tune.dashboard import DEFAULT_PORT, dashboard_url
 
     return {"command": "tuneline dashboard", "url": dashboard_url("127.0.0.1", DEFAULT_PORT, study._study_id)}
 
@@ -165,7 +170,7 @@ def apply_best_params(params: Params, best_params_path: Path) -> Params:
     best = json.loads(path.read_text())
     if not best.get("params"):
         return params
-    return build_params(params.model_dump(mode="json"), best["params"], source=str(path))
+    return with_overrides(params, best["params"], source=str(path))
 
 
 def tuning_summary(tuning_dir: Path, top: int = 5) -> dict:

@@ -2,7 +2,7 @@
 
 The same pieces as the export stage, reused rather than repeated: tasks/ship/export.py's exporter (FP32, one
 self-contained file) and tasks/ship/latency.py's measure_serving, whose sessions come from the server's own factory
-(tasks/ship/onnx_session.py open_session) on serve.device and serve.provider. The measurement runs in the trial's
+(core/onnx_session.py open_session) on serve.device and serve.provider. The measurement runs in the trial's
 own process after its training has finished, so the trial's own training never competes with it (other workers of
 `--workers N` on the same machine may: docs/tuning.md), with a fixed number of intra-op threads
 (tune.latency_threads).
@@ -10,15 +10,19 @@ own process after its training has finished, so the trial's own training never c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 import tempfile
 from pathlib import Path
 
 import torch
 
-from tasks.config import Params
-from tasks.ship.export import export_onnx_file
-from tasks.ship.latency import measure_serving
+from tuneline.tasks.ship.export import export_onnx_file
+from tuneline.tasks.ship.latency import measure_serving
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 COST_OBJECTIVES = ("latency_p99_ms", "size_mb")
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-from tasks.config import ConfigError, Params, SpaceDim, TuneConfig, build_params
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.tune import SpaceDim, TuneConfig
+from tuneline.core.config.overrides import with_overrides
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 TUNABLE_SECTIONS = ("model", "train")
 
@@ -17,7 +22,7 @@ def validate_space(base: Params, space: dict[str, SpaceDim]) -> None:
         probes = dim.choices if dim.type == "categorical" else [dim.low, dim.high]
         for value in probes:
             try:
-                build_params(base.model_dump(mode="json"), {key: value}, source="tune.space")
+                with_overrides(base, {key: value}, source="tune.space")
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{key}: value {value!r} is not valid: {exc}") from None
 
@@ -34,4 +39,4 @@ def suggest(trial, key: str, dim: SpaceDim) -> Any:
 def trial_params(base: Params, cfg: TuneConfig, trial) -> Params:
     """`base` with the trial's sampled values and tune.epochs on top."""
     sampled = {key: suggest(trial, key, dim) for key, dim in cfg.space.items()}
-    return build_params(base.model_dump(mode="json"), {**sampled, "train.epochs": cfg.epochs}, source="trial")
+    return with_overrides(base, {**sampled, "train.epochs": cfg.epochs}, source="trial")

@@ -19,6 +19,8 @@ params outside the space, trial settings, objective): rerunning continues the sa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import logging
 import tempfile
@@ -27,14 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import Params
-from tasks.data.prepare import SPLITS, load_manifest, stratified_take
-from tasks.tune.budget import next_step
-from tasks.tune.results import TuneResult, write_disabled, write_results, write_trials_table
-from tasks.tune.space import validate_space
-from tasks.tune.storage import storage_url
-from tasks.tune.study import create_study, is_multi_objective, load_study, study_identity, study_name
-from tasks.tune.workers import run_workers
+from tuneline.tasks.data.prepare import SPLITS, load_manifest, stratified_take
+from tuneline.tasks.tune.budget import next_step
+from tuneline.tasks.tune.results import TuneResult, write_disabled, write_results, write_trials_table
+from tuneline.tasks.tune.space import validate_space
+from tuneline.tasks.tune.storage import storage_url
+from tuneline.tasks.tune.study import create_study, is_multi_objective, load_study, study_identity, study_name
+from tuneline.tasks.tune.workers import run_workers
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ def run_tune(params: Params, prepared_dir: Path, tuning_dir: Path, data_version:
         try:
             run_workers(params, prepared, name, url, Path(tmp), workers, first_number)
         finally:
-            from tasks.tune.trial_run import forget_worker_data  # torch: imported when trials ran
+            from tuneline.tasks.tune.trial_run import forget_worker_data  # torch: imported when trials ran
 
             forget_worker_data()  # trials in this process kept the splits on the device
     study = load_study(name, url)

@@ -7,7 +7,8 @@ import time
 import warnings
 from pathlib import Path
 
-from tasks.config import ConfigError, TuneConfig
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.tune import TuneConfig
 
 STORAGE_ENV = "TUNELINE_TUNE_STORAGE"  # wins over tune.storage: keeps a database password out of params.yaml
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-from tasks.config import Params, TuneConfig
-from tasks.tune.storage import open_storage
+from tuneline.core.config.tune import TuneConfig
+from tuneline.tasks.tune.storage import open_storage
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 # What a trial maximises: its best validation accuracy over its epochs (tasks/tune/objective.py). Part of the
 # identity, so a study is never continued under a different objective.

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import ModelConfig, TrainConfig
-from tasks.train.distributed import DistContext
-from tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
-from tasks.train.loop import DivergedError, OneModel, _determinism, resolve_device
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.train.distributed import DistContext
+from tuneline.tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
+from tuneline.tasks.train.loop import DivergedError, OneModel, _determinism, resolve_device
 
 _DATA: dict[tuple, tuple] = {}  # this worker's prepared splits on the device: one data set at a time
 

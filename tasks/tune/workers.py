@@ -8,6 +8,8 @@ not the study.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -16,11 +18,14 @@ import signal
 import time
 from pathlib import Path
 
-from tasks.config import Params, TuneConfig
-from tasks.tune.budget import fail_trials_of, max_failures, next_step, worker_id
-from tasks.tune.objective import make_objective
-from tasks.tune.packed_rounds import optimize_packed, packing_size
-from tasks.tune.study import create_study
+from tuneline.core.config.tune import TuneConfig
+from tuneline.tasks.tune.budget import fail_trials_of, max_failures, next_step, worker_id
+from tuneline.tasks.tune.objective import make_objective
+from tuneline.tasks.tune.packed_rounds import optimize_packed, packing_size
+from tuneline.tasks.tune.study import create_study
+
+if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
+    from tuneline.core.config.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ def run_workers(params: Params, prepared: Path, name: str, url: str, workdir: Pa
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked CUDA/threads
 
     def start(slot: int):
-        proc = ctx.Process(target=_worker, args=(params.model_dump(mode="json"), cfg.model_dump(mode="json"),
+        proc = ctx.Process(target=_worker, args=(params, cfg,
                                                  str(prepared), name, url, str(workdir), first_number,
                                                  gpus[slot % len(gpus)] if len(gpus) > 1 else None))
         proc.start()
@@ -121,12 +126,12 @@ def _exit_reason(exitcode: int) -> str:
     return f"exited with status {exitcode}"
 
 
-def _worker(base_json: dict, cfg_json: dict, prepared: str, name: str, url: str, workdir: str, first_number: int,
+def _worker(base: Params, cfg: TuneConfig, prepared: str, name: str, url: str, workdir: str, first_number: int,
             gpu: str | None) -> None:
     if gpu is not None:  # pin this worker to one GPU before CUDA initialises
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     logging.basicConfig(level=logging.WARNING)
-    optimize(Params.model_validate(base_json), TuneConfig.model_validate(cfg_json), Path(prepared), name, url,
+    optimize(base, cfg, Path(prepared), name, url,
              Path(workdir), first_number)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.params_file import write_overrides
-from tasks.config import parse_overrides
+from tuneline.flows.params_file import write_overrides
+from tuneline.core.config.overrides import parse_overrides
 from tests.conftest import cli_env
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import code_deps, dvc_yaml
+from tuneline.flows import code_deps, dvc_yaml
 from tests.conftest import REPO, make_project
 
 # A placeholder for every stage output, so DVC can record all stages without running them.
@@ -104,7 +104,7 @@ def test_code_outside_the_project_is_covered_by_a_fingerprint(tmp_path: Path):
 
 
 def test_a_project_copy_that_differs_from_the_running_code_is_refused(tmp_path: Path):
-    from tasks.config import ConfigError
+    from tuneline.core.config.base import ConfigError
 
     project = make_project(tmp_path)
     dvc_yaml.check_running_code(project, "train")  # identical copy: fine

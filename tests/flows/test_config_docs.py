@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from flows import config_docs
-from tasks.config import Params, SpaceDim
+from tuneline.flows import config_docs
+from tuneline.core.config.params import Params
+from tuneline.core.config.tune import SpaceDim
 from tests.conftest import REPO
 
 TUNELINE = str(Path(sys.executable).parent / "tuneline")
@@ -60,7 +61,7 @@ def test_regenerating_keeps_the_projects_values(tmp_path: Path):
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("  epochs: 3 ", "  epochs: 7 "))
     config_docs.write(root)
-    from tasks.config import load_params
+    from tuneline.core.config.params import load_params
 
     assert load_params(params).train.epochs == 7
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.ship.registry import Registry
+from tuneline.tasks.ship.registry import Registry
 from tests.conftest import cli_env
 from tests.flows.test_pipeline import SLICE
 

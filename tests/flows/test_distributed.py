@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.config import load_params
-from tasks.lineage import Lineage
-from tasks.train.loop import run_train
+from tuneline.core.config.params import load_params
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.train.loop import run_train
 from tests.conftest import cli_env
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def test_two_gloo_processes_match_one_and_resume_its_checkpoint(ddp_project: Pat
 @pytest.mark.parametrize("args, message", [(["stage", "prepare", "--nproc-per-node", "2"], "applies to the train stage only"),
                                            (["stage", "train", "--nproc-per-node", "0"], "must be at least 1")])
 def test_nproc_applies_to_train_only_and_must_be_positive(tmp_path: Path, args, message, capsys, monkeypatch):
-    from flows.cli import main
+    from tuneline.flows.cli import main
 
     shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", tmp_path / "params.yaml")
     for key in ("PREFECT_HOME", "DVC_SITE_CACHE_DIR"):  # main() sets these for the project; keep ours
@@ -97,7 +97,7 @@ def test_nproc_applies_to_train_only_and_must_be_positive(tmp_path: Path, args, 
 
 
 def test_nproc_from_the_environment():
-    from tasks.train.distributed import nproc_from_env
+    from tuneline.tasks.train.distributed import nproc_from_env
 
     assert nproc_from_env(None) == 1 and nproc_from_env("") == 1 and nproc_from_env("4") == 4
     assert nproc_from_env("auto") == max(1, torch.cuda.device_count())  # every visible GPU, 1 on a CPU host

@@ -1,5 +1,5 @@
 """What a failed command prints: the one-line reason, then the details (a gate table) once, no traceback
-unless --debug; the exit code follows tasks/errors.py either way. (What `tuneline run` prints when a gate fails is
+unless --debug; the exit code follows core/errors.py either way. (What `tuneline run` prints when a gate fails is
 checked in test_pipeline.py, on its shared end-to-end story: a test here that used it kept a second xdist worker
 waiting for the story for two minutes.)"""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import _ExpectedFailureFilter
-from tasks.evaluate.gate import GateFailed, gate_min
+from tuneline.flows.cli import _ExpectedFailureFilter
+from tuneline.tasks.evaluate.gate import GateFailed, gate_min
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -44,7 +44,7 @@ def site_env(tmp_path: Path, mnist_mirror: Path) -> tuple[Path, dict]:
 
 
 def set_params(project: Path, values: dict) -> None:
-    from flows.params_file import write_overrides
+    from tuneline.flows.params_file import write_overrides
 
     write_overrides(project / "params.yaml", values)
 
@@ -75,7 +75,7 @@ def test_a_run_with_overrides_in_an_init_project_does_not_ask_git_for_the_code_f
     track it". They are outputs, which the workspace's own `code` stage writes."""
     import logging
 
-    from flows.workspace import open_workspace
+    from tuneline.flows.workspace import open_workspace
 
     site, env = site_env
     project = tmp_path / "proj"

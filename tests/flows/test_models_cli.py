@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from tasks.ship.registry import Registry
+from tuneline.flows.cli import main
+from tuneline.tasks.ship.registry import Registry
 from tests.tasks.registry_worker import tiny_model
 
 pytestmark = pytest.mark.fast

@@ -25,12 +25,12 @@ import pytest
 import torch
 import yaml
 
-from tasks.data.prepare import load_split
-from tasks.model.checkpoint import load_checkpoint
-from tasks.ship.onnx_session import open_session
-from tasks.ship.registry import Registry
-from flows.params_file import write_overrides
-from tasks.config import parse_overrides
+from tuneline.tasks.data.prepare import load_split
+from tuneline.tasks.model.checkpoint import load_checkpoint
+from tuneline.core.onnx_session import open_session
+from tuneline.tasks.ship.registry import Registry
+from tuneline.flows.params_file import write_overrides
+from tuneline.core.config.overrides import parse_overrides
 from tests.conftest import cli_env, make_project, once_per_session
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.workspace import RUNS_DIR, clean_stale, open_workspace
-from tasks.config import ConfigError, PathsConfig
+from tuneline.flows.workspace import RUNS_DIR, clean_stale, open_workspace
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.paths import PathsConfig
 from tests.conftest import make_project
 
 log = logging.getLogger("test")

@@ -38,7 +38,7 @@ NAMESPACE = "tuneline"
 
 @cache
 def params():
-    from tasks.config import load_params
+    from tuneline.core.config.params import load_params
 
     return load_params(REPO / "params.yaml")
 
@@ -46,8 +46,8 @@ def params():
 @cache
 def server_app():
     """The real app, built as `tuneline serve` builds it, with a token (probes must not need it)."""
-    from serving.app import create_app
-    from serving.settings import build_settings
+    from tuneline.serving.app import create_app
+    from tuneline.serving.settings import build_settings
 
     settings = build_settings(params(), REPO, {"TUNELINE_SERVE_TOKEN": "secret"}, registry=REPO / "no-registry")
     return create_app(settings, ["CPUExecutionProvider"])
@@ -59,15 +59,15 @@ def assert_probe(path: str, live: bool) -> None:
     from fastapi.testclient import TestClient
 
     app = server_app()
-    assert path in {route.path for route in app.routes}, f"{path}: no such route in serving.app"
+    assert path in {route.path for route in app.routes}, f"{path}: no such route in tuneline.serving.app"
     status = TestClient(app).get(path).status_code  # not entered: no lifespan, so no champion is loading
     assert status == (200 if live else 503), f"{path}: {status}"
 
 
 def serve_overrides(environ: dict[str, str]) -> dict:
     """TUNELINE_SERVE_* variables as the server reads them; unknown names and bad values raise ConfigError."""
-    from serving.settings import env_overrides
-    from tasks.config import load_params
+    from tuneline.serving.settings import env_overrides
+    from tuneline.core.config.params import load_params
 
     overrides = env_overrides(environ)
     load_params(REPO / "params.yaml", overrides)  # validates the values too
@@ -119,7 +119,7 @@ def test_training_image_runs_the_worker_and_has_tuneline():
     assert "/health" in healthcheck_command(TRAIN)[2] and "PREFECT_WORKER_WEBSERVER_PORT" in env(TRAIN)
     # `tuneline` (one-off runs: docker run IMAGE tuneline run) is the project's console script.
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["tuneline"] == "flows.cli:main"
+    assert scripts["tuneline"] == "tuneline.flows.cli:main"
     assert "pip install --no-deps -e /app" in installed
     # Flow runs work in the checkout: prefect.yaml's pull step names it through TUNELINE_PROJECT_DIR.
     assert env(TRAIN)["TUNELINE_PROJECT_DIR"] == last(TRAIN, "WORKDIR") == "/app"
@@ -128,7 +128,7 @@ def test_training_image_runs_the_worker_and_has_tuneline():
 
 
 def test_serving_image_runs_tuneline_serve_on_all_interfaces():
-    from flows.cli import _parser
+    from tuneline.flows.cli import _parser
 
     entrypoint, cmd = command_words(last(SERVE, "ENTRYPOINT")), command_words(last(SERVE, "CMD"))
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -156,10 +156,10 @@ def test_serving_image_leaves_out_only_what_the_server_never_imports():
     assert {"onnxruntime-gpu", "onnx", "fastapi", "uvicorn"} <= serving and not serving & training_only
     assert not serving & {"torch", "torchvision", "prefect", "dvc", "optuna"}  # the point of a separate image
     probe = ("import sys, pkgutil, importlib, serving\n"
-             "from flows.cli import _parser; _parser()\n"
+             "from tuneline.flows.cli import _parser; _parser()\n"
              "for m in pkgutil.iter_modules(serving.__path__): importlib.import_module('serving.' + m.name)\n"
-             "import uvicorn, httpx, tasks.ship.registry\n"
-             "from tasks.ship.onnx_session import resolve_providers; resolve_providers('auto')\n"
+             "import uvicorn, httpx, tuneline.tasks.ship.registry\n"
+             "from tuneline.core.onnx_session import resolve_providers; resolve_providers('auto')\n"
              "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = set(subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                                 check=True, timeout=60).stdout.split())
@@ -272,7 +272,7 @@ def tuneline_variables() -> list[tuple[str, str]]:
 
 
 def test_tuneline_variables_are_ones_the_code_reads():
-    from serving.settings import ENV_PREFIX
+    from tuneline.serving.settings import ENV_PREFIX
 
     variables = tuneline_variables()
     assert {"TUNELINE_TUNE_STORAGE", "TUNELINE_SERVE_HOST", "TUNELINE_SERVE_DEVICE"} <= {n for n, _ in variables}
@@ -364,7 +364,7 @@ def test_k8s_serving_matches_the_server_and_the_image():
 
 
 def _parser_command(args: list[str]) -> str:
-    from flows.cli import _parser
+    from tuneline.flows.cli import _parser
 
     return _parser().parse_args(args).command
 

@@ -23,14 +23,16 @@ from tests.serving.registry_helper import make_registry
 
 @pytest.fixture(scope="session")
 def onnx_model(request, tmp_path_factory, small_checkpoint: Path, small_prepared_dir: Path) -> Path:
-    """The 2-epoch seed CNN exported by tasks.ship.export.run_export, as the pipeline's export stage writes it."""
+    """The 2-epoch seed CNN exported by tuneline.tasks.ship.export.run_export, as the pipeline's export stage writes it."""
     try:  # the export tests' session fixture, when present, saves a second export
         return Path(request.getfixturevalue("exported_model").onnx_path)
     except pytest.FixtureLookupError:
         pass
-    from tasks.config import ExportConfig, GateConfig, TrainConfig
-    from tasks.evaluate.evaluate import run_evaluate
-    from tasks.ship.export import run_export
+    from tuneline.core.config.export import ExportConfig
+    from tuneline.core.config.gate import GateConfig
+    from tuneline.core.config.train import TrainConfig
+    from tuneline.tasks.evaluate.evaluate import run_evaluate
+    from tuneline.tasks.ship.export import run_export
 
     out = tmp_path_factory.mktemp("serving-model")
     run_evaluate(small_checkpoint, small_prepared_dir, out / "eval.json", out / "confusion.csv",
@@ -54,7 +56,7 @@ class Digits:
 def digits(onnx_model: Path, small_prepared_dir: Path) -> Digits:
     import onnxruntime as ort
 
-    from tasks.data.prepare import load_split
+    from tuneline.tasks.data.prepare import load_split
 
     images, labels = (t.numpy() for t in load_split(small_prepared_dir, "test"))
     images, labels = images[:256, 0], labels[:256]  # [N, 28, 28]: MNIST is one channel; tests add the axis as clients do
@@ -100,10 +102,10 @@ def run_server(registry: Path, wait_ready: bool = True, **settings) -> Iterator[
     """A real server on a free loopback port for `registry`; `settings` override ServeSettings fields."""
     import uvicorn
 
-    from serving.app import create_app
-    from serving.drain import DrainingServer
-    from serving.settings import ServeSettings
-    from tasks.ship.onnx_session import resolve_providers
+    from tuneline.serving.app import create_app
+    from tuneline.serving.drain import DrainingServer
+    from tuneline.serving.settings import ServeSettings
+    from tuneline.core.onnx_session import resolve_providers
 
     port = free_port()
     config = ServeSettings(registry=registry, port=port, **{"access_log": False, "reload_poll_s": 0.05, **settings})

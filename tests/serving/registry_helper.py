@@ -1,4 +1,4 @@
-"""Write a registry in the layout of tasks/ship/registry_layout.py (the server only reads it), for tests that
+"""Write a registry in the layout of core/registry_layout.py (the server only reads it), for tests that
 need what the writer refuses to produce: wrong checksums, corrupt cards and aliases.
 
 versions/<vNNNN>/{model.onnx, card.json} appear whole (staged folder, then rename); aliases are replaced
@@ -14,7 +14,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.ship.registry_layout import CARD_FILE, MODEL_FILE, STAGING_PREFIX, RegistryLayout
+from tuneline.core.registry_layout import CARD_FILE, MODEL_FILE, STAGING_PREFIX, RegistryLayout
 
 
 def _now() -> str:

@@ -85,8 +85,8 @@ def test_answers_never_show_the_registry_path(tmp_path, onnx_model):
 
 @pytest.mark.fast
 def test_admin_token_comes_from_the_environment_only(tmp_path):
-    from serving.settings import build_settings, env_overrides
-    from tasks.config import Params
+    from tuneline.serving.settings import build_settings, env_overrides
+    from tuneline.core.config.params import Params
 
     environ = {"TUNELINE_SERVE_ADMIN_TOKEN": "admin-token"}
     assert env_overrides(environ) == {}  # not a params key: a token in params.yaml would end up in git

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tasks.config import ModelConfig
-from tasks.ship.registry import Registry
+from tuneline.core.config.model import ModelConfig
+from tuneline.tasks.ship.registry import Registry
 from tests.serving.conftest import run_server
 from tests.tasks.ship.synthetic_models import synthetic_images, train_and_export, write_prepared
 

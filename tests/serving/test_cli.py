@@ -27,7 +27,7 @@ def test_serve_predict_and_sigterm(tmp_path, onnx_model, digits):
         images.append(path)
     port = free_port()
     env = {**os.environ, "TUNELINE_SERVE_TOKEN": "tok", "TUNELINE_SERVE_RELOAD_POLL_S": "0.5", "PYTHONUNBUFFERED": "1"}
-    tuneline = [sys.executable, "-m", "flows.cli", "--project", str(REPO)]
+    tuneline = [sys.executable, "-m", "tuneline.flows.cli", "--project", str(REPO)]
     server = subprocess.Popen([*tuneline, "serve", "--registry", str(registry), "--port", str(port),
                                "-S", "serve.max_batch_size=16"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -35,7 +35,7 @@ def test_serve_predict_and_sigterm(tmp_path, onnx_model, digits):
         wait_until(lambda: server.poll() is None and httpx.get(url + "/v2/health/ready").status_code == 200,
                    timeout=60, what="tuneline serve ready")
         # A client needs no project: predict with --url runs from a folder without params.yaml.
-        predicted = subprocess.run([sys.executable, "-m", "flows.cli", "predict", *map(str, images), "--url", url],
+        predicted = subprocess.run([sys.executable, "-m", "tuneline.flows.cli", "predict", *map(str, images), "--url", url],
                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
         assert predicted.returncode == 0, predicted.stderr
         lines = predicted.stdout.strip().splitlines()

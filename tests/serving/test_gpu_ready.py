@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.errors import LoadError
-from serving.model_holder import build_model
-from serving.precision import FP16_FILE, choose_file
-from serving.repository import RegistryReader
-from serving.settings import ServeSettings, build_settings, env_overrides
-from tasks.config import ConfigError, Params, build_params
-from tasks.ship.export_report import ExportReport
-from tasks.ship.io_binding import BoundRunner, make_runner, plain_runner
-from tasks.ship.onnx_session import CPU, CUDA, TENSORRT, open_session, resolve_providers
-from tasks.ship.registry import Registry
+from tuneline.serving.errors import LoadError
+from tuneline.serving.model_holder import build_model
+from tuneline.serving.precision import FP16_FILE, choose_file
+from tuneline.serving.repository import RegistryReader
+from tuneline.serving.settings import ServeSettings, build_settings, env_overrides
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.params import Params, build_params
+from tuneline.tasks.ship.export_report import ExportReport
+from tuneline.core.io_binding import BoundRunner, make_runner, plain_runner
+from tuneline.core.onnx_session import CPU, CUDA, TENSORRT, open_session, resolve_providers
+from tuneline.tasks.ship.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 NO_CUDA = resolve_providers("auto")[0] != CUDA
@@ -56,7 +57,7 @@ def test_provider_and_precision_come_from_the_environment_and_the_cache_dir_from
 def test_tuneline_serve_refuses_tensorrt_that_did_not_load_in_one_line(tmp_path, capsys):
     if resolve_providers("auto", "tensorrt")[0] == TENSORRT:
         pytest.skip("TensorRT loads here: nothing to refuse")
-    from flows.cli import main
+    from tuneline.flows.cli import main
 
     code = main(["--project", str(REPO), "serve", "--device", "cuda", "-S", "serve.provider=tensorrt",
                  "--registry", str(tmp_path)])
@@ -67,10 +68,10 @@ def test_tuneline_serve_refuses_tensorrt_that_did_not_load_in_one_line(tmp_path,
 
 
 def test_a_provider_is_ignored_on_cpu_and_a_fallback_under_auto_is_said(caplog):
-    from tasks.ship.onnx_session import _resolved
+    from tuneline.core.onnx_session import _resolved
 
     _resolved.cache_clear()  # each (device, provider) logs once per process
-    with caplog.at_level(logging.WARNING, logger="tasks.ship.onnx_session"):
+    with caplog.at_level(logging.WARNING, logger="tuneline.core.onnx_session"):
         assert resolve_providers("cpu", "tensorrt") == [CPU]
         served = resolve_providers("auto", "tensorrt")
     assert "serve.provider=tensorrt ignored: serve.device=cpu" in caplog.text

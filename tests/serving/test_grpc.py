@@ -19,7 +19,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tasks.ship.registry import Registry
+from tuneline.tasks.ship.registry import Registry
 from tests.serving.conftest import run_server, wait_until
 from tests.tasks.ship.synthetic_models import synthetic_images, train_and_export, write_prepared
 
@@ -231,10 +231,10 @@ def test_the_bearer_token_guards_grpc_as_it_guards_rest(tmp_path, onnx_model):
 
 @pytest.mark.fast
 def test_a_taken_grpc_port_fails_start_up_with_a_clear_error(tmp_path):
-    from serving.grpc_server import start_grpc
-    from serving.metrics import ServingMetrics
-    from serving.middleware import InFlight
-    from serving.settings import ServeSettings
+    from tuneline.serving.grpc_server import start_grpc
+    from tuneline.serving.metrics import ServingMetrics
+    from tuneline.serving.middleware import InFlight
+    from tuneline.serving.settings import ServeSettings
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -251,7 +251,7 @@ def test_the_descriptor_set_is_the_proto_and_speaks_tritons_wire_format(tmp_path
     the number and type of Triton's own definition (which tritonclient ships)."""
     from google.protobuf import descriptor_pb2
 
-    from serving.proto import DESCRIPTOR_SET, PROTO, messages
+    from tuneline.serving.proto import DESCRIPTOR_SET, PROTO, messages
 
     if subprocess.run([sys.executable, "-c", "import grpc_tools"], capture_output=True, check=False).returncode == 0:
         out = tmp_path / "set.binpb"

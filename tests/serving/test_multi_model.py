@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.client import InferenceClient
-from tasks.ship.registry import Registry
+from tuneline.serving.client import InferenceClient
+from tuneline.tasks.ship.registry import Registry
 from tests.serving.conftest import run_server, wait_until
 from tests.serving.registry_helper import make_registry
 from tests.tasks.ship.synthetic_models import synthetic_images, train_and_export, write_prepared

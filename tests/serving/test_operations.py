@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.client import InferenceClient, ServerError
-from serving.logs import JsonFormatter
+from tuneline.serving.client import InferenceClient, ServerError
+from tuneline.serving.logs import JsonFormatter
 from tests.serving.conftest import run_server, wait_until
 from tests.serving.registry_helper import make_registry
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.client import InferenceClient, ServerError, parse_infer_response
+from tuneline.serving.client import InferenceClient, ServerError, parse_infer_response
 
 INFER = "/v2/models/mnist/infer"
 

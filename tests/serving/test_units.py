@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.batcher import Batcher
-from serving.binary import encode_body, split_body, tensor_bytes, tensor_from_bytes
-from serving.errors import BadRequest, LoadError, NotFound
-from serving.repository import RegistryReader
-from serving.settings import build_settings, env_overrides
-from tasks.config import ConfigError, Params, build_params
-from tasks.ship.onnx_session import CUDA, DeviceError, resolve_providers
+from tuneline.serving.batcher import Batcher
+from tuneline.serving.binary import encode_body, split_body, tensor_bytes, tensor_from_bytes
+from tuneline.serving.errors import BadRequest, LoadError, NotFound
+from tuneline.serving.repository import RegistryReader
+from tuneline.serving.settings import build_settings, env_overrides
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.params import Params, build_params
+from tuneline.core.onnx_session import CUDA, DeviceError, resolve_providers
 from tests.serving.registry_helper import make_registry, register_version, set_alias
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +78,7 @@ def test_cuda_without_an_active_cuda_provider_refuses_to_start():
 def test_tuneline_serve_with_cuda_exits_2_with_the_reason(tmp_path, capsys):
     if resolve_providers("auto")[0] == CUDA:
         pytest.skip("CUDA is active here")
-    from flows.cli import main
+    from tuneline.flows.cli import main
 
     assert main(["--project", str(REPO), "serve", "--device", "cuda", "--registry", str(tmp_path)]) == 2
     assert "tuneline: error: serve.device=cuda" in capsys.readouterr().err
@@ -199,7 +200,7 @@ def test_a_lone_request_after_a_burst_is_not_held_for_the_batch_window():
 def test_a_quick_lone_request_runs_on_the_event_loop_a_slow_one_in_the_worker(run_s, on_loop, monkeypatch):
     # The threshold well above a no-op's run time even on busy cores (0.5 ms is not: a preempted worker thread
     # measures more), and the slow run well above the threshold: the rule is tested, not the machine's load.
-    monkeypatch.setattr("serving.batcher.INLINE_RUN_S", 0.05)
+    monkeypatch.setattr("tuneline.serving.batcher.INLINE_RUN_S", 0.05)
     threads = []
 
     def run(rows):

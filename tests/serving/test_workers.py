@@ -18,7 +18,7 @@ from tests.serving.registry_helper import make_registry
 from tests.serving.test_operations import _uint8_request
 
 REPO = Path(__file__).resolve().parents[2]
-TUNELINE = [sys.executable, "-m", "flows.cli", "--project", str(REPO)]
+TUNELINE = [sys.executable, "-m", "tuneline.flows.cli", "--project", str(REPO)]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNELINE_SERVE_RELOAD_POLL_S": "0.5", "TUNELINE_SERVE_THREADS": "1"}
 
 
@@ -79,7 +79,8 @@ def test_two_workers_share_the_port_answer_correctly_and_drain_on_sigterm(tmp_pa
 
 
 def test_bad_worker_settings_are_one_line_errors(tmp_path, onnx_model):
-    from tasks.config import ConfigError, load_params
+    from tuneline.core.config.base import ConfigError
+    from tuneline.core.config.params import load_params
 
     with pytest.raises(ConfigError, match=r"serve.workers: Input should be greater than or equal to 1"):
         load_params(REPO / "params.yaml", {"serve.workers": 0})

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.config import DataConfig
-from tasks.data.fetch import FetchResult, run_fetch
-from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
-from tasks.data.prepare import PrepareResult, run_prepare
+from tuneline.core.config.data import DataConfig
+from tuneline.tasks.data.fetch import FetchResult, run_fetch
+from tuneline.tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from tuneline.tasks.data.prepare import PrepareResult, run_prepare
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_MIRROR = REPO.parent / "shared" / "data" / "MNIST" / "raw"

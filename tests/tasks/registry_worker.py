@@ -1,6 +1,6 @@
 """Helpers for the registry tests: tiny valid ONNX files, and the body of each concurrent worker process.
 
-Kept out of the test module so spawned workers import only this and tasks.ship.registry (fast start).
+Kept out of the test module so spawned workers import only this and tuneline.tasks.ship.registry (fast start).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def tiny_model(path: Path, offset: float) -> Path:
 
 def register_then_promote(root: str, model: str, worker: int, barrier, results) -> None:
     """Register one model, wait for every worker, then all promote their own version at once."""
-    from tasks.ship.registry import Registry
+    from tuneline.tasks.ship.registry import Registry
 
     registry = Registry(Path(root))
     barrier.wait(timeout=60)  # a worker that failed breaks the barrier for all instead of leaving them waiting

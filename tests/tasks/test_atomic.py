@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from tasks.atomic import current_umask, staged_dir, staged_file, write_bytes_atomic
+from tuneline.core.atomic import current_umask, staged_dir, staged_file, write_bytes_atomic
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, Params, apply_overrides, build_params, load_params, parse_override, valid_keys
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.overrides import apply_overrides, parse_override, valid_keys
+from tuneline.core.config.params import Params, build_params, load_params
 
 pytestmark = pytest.mark.fast
 
@@ -91,6 +93,6 @@ def test_params_hash_follows_values_but_not_paths():
 
 def test_valid_keys_and_apply_overrides_do_not_mutate_input():
     raw = {"train": {"lr": 0.1}}
-    merged = apply_overrides(raw, {"train.epochs": 1})
+    merged = apply_overrides(raw, {"train.epochs": 1}, Params)
     assert raw == {"train": {"lr": 0.1}} and merged == {"train": {"lr": 0.1, "epochs": 1}}
-    assert "train.lr" in valid_keys() and "paths.onnx" in valid_keys()
+    assert "train.lr" in valid_keys(Params) and "paths.onnx" in valid_keys(Params)

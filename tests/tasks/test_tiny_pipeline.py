@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tasks.data.prepare import load_manifest, load_split
-from tasks.ship.registry import Registry
+from tuneline.tasks.data.prepare import load_manifest, load_split
+from tuneline.tasks.ship.registry import Registry
 from tests.conftest import TINY_CLASSES, TINY_COUNTS, label_of
 
 pytestmark = pytest.mark.fast
@@ -41,7 +41,7 @@ def test_tiny_model_learns_and_exports_with_parity(tiny_onnx_model, tiny_checkpo
 
 
 def test_tiny_model_registered_promoted_and_served(tiny_onnx_model, tiny_prepared_dir, tmp_path):
-    from serving.client import InferenceClient
+    from tuneline.serving.client import InferenceClient
     from tests.serving.conftest import run_server
 
     registry = Registry(tmp_path / "registry")

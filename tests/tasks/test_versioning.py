@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.versioning import commit_stage, track_folder
+from tuneline.tasks.versioning import commit_stage, track_folder
 
 DVC_YAML = "stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n"
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.config import DataConfig
-from tasks.data.fetch import MNIST_SHA256, resolve_mirror, run_fetch
-from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, encode_idx, read_idx
+from tuneline.core.config.data import DataConfig
+from tuneline.tasks.data.fetch import MNIST_SHA256, resolve_mirror, run_fetch
+from tuneline.tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, encode_idx, read_idx
 
 MNIST_FILES = {"train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}
 

@@ -17,7 +17,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-from flows.params_file import write_overrides
+from tuneline.flows.params_file import write_overrides
 from tests.conftest import cli_env
 from tests.tasks.data.test_imagefolder import write_colour_folder
 

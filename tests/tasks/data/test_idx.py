@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, encode_idx, parse_idx
+from tuneline.tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, encode_idx, parse_idx
 
 pytestmark = pytest.mark.fast
 

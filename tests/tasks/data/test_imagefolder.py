@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.config import DataConfig
-from tasks.data.fetch import run_fetch
-from tasks.data.idx import IMAGES_MAGIC, DataError, read_idx
-from tasks.data.prepare import load_spec, load_split, run_prepare
+from tuneline.core.config.data import DataConfig
+from tuneline.tasks.data.fetch import run_fetch
+from tuneline.tasks.data.idx import IMAGES_MAGIC, DataError, read_idx
+from tuneline.tasks.data.prepare import load_spec, load_split, run_prepare
 
 CIFAR = Path(__file__).resolve().parents[4] / "shared" / "data" / "cifar10" / "cifar10-jpg.tar.gz"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -78,7 +78,7 @@ def test_mixed_sizes_fail_in_one_line_without_image_size_and_are_resized_with_it
                                 "set data.image_size to resize them all")
     assert "\n" not in str(error.value) and not (tmp_path / "raw").exists()
 
-    with caplog.at_level(logging.INFO, logger="tasks.data.imagefolder"):
+    with caplog.at_level(logging.INFO, logger="tuneline.tasks.data.imagefolder"):
         result = fetch(tmp_path, tmp_path / "images", image_size=[16, 20])
     assert result.notes == ("resized 8 of 8 images to 16x20 (data.image_size)",)
     assert "resized 8 of 8 images to 16x20" in caplog.text
@@ -91,7 +91,7 @@ def test_non_image_files_are_skipped_and_logged(tmp_path, caplog):
         (tmp_path / "images" / name).write_text("not an image")
     (tmp_path / "images" / ".cache").mkdir()
     (tmp_path / "images" / ".cache" / "x.bin").write_text("hidden: not data at all")
-    with caplog.at_level(logging.INFO, logger="tasks.data.imagefolder"):
+    with caplog.at_level(logging.INFO, logger="tuneline.tasks.data.imagefolder"):
         result = fetch(tmp_path, tmp_path / "images")
     assert result.counts == {"all": 4}
     folder = tmp_path / "images"

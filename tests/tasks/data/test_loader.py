@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.config import ConfigError, DataConfig, build_params
-from tasks.data.fetch import run_fetch
-from tasks.data.idx import DataError
-from tasks.data.loader import check_loaded
-from tasks.data.prepare import load_spec, load_split, run_prepare
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.data import DataConfig
+from tuneline.core.config.params import build_params
+from tuneline.tasks.data.fetch import run_fetch
+from tuneline.tasks.data.idx import DataError
+from tuneline.tasks.data.loader import check_loaded
+from tuneline.tasks.data.prepare import load_spec, load_split, run_prepare
 
 _names = (f"userdata{n}" for n in itertools.count())  # a fresh module name per test: imports are cached
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.data.spec import InputSpec
+from tuneline.core.spec import InputSpec
 import torch
 
-from tasks.config import DataConfig
-from tasks.data.fetch import MNIST_SHA256, run_fetch
-from tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, encode_idx, read_idx
-from tasks.data.prepare import (
+from tuneline.core.config.data import DataConfig
+from tuneline.tasks.data.fetch import MNIST_SHA256, run_fetch
+from tuneline.tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, encode_idx, read_idx
+from tuneline.tasks.data.prepare import (
     TEST_FRACTION_WITHOUT_TEST_SET,
     load_manifest,
     load_split,

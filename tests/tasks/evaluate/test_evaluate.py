@@ -5,9 +5,10 @@ import pickle
 import pytest
 import torch
 
-from tasks.config import GateConfig, TrainConfig
-from tasks.evaluate.evaluate import compute_metrics, run_evaluate
-from tasks.evaluate.gate import GateFailed, check_champion_gates, check_gates, markdown_table
+from tuneline.core.config.gate import GateConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.evaluate.evaluate import compute_metrics, run_evaluate
+from tuneline.tasks.evaluate.gate import GateFailed, check_champion_gates, check_gates, markdown_table
 
 
 @pytest.mark.fast

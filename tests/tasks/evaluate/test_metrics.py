@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.evaluate.metrics import compute_metrics, expected_calibration_error, per_class_scores
-from tasks.evaluate.plots import render_confusion_png
+from tuneline.tasks.evaluate.metrics import compute_metrics, expected_calibration_error, per_class_scores
+from tuneline.tasks.evaluate.plots import render_confusion_png
 
 pytestmark = pytest.mark.fast
 

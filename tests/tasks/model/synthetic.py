@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.data.prepare import measure_spec
+from tuneline.tasks.data.prepare import measure_spec
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int] = (3, 12, 12), n_classes: int = 4,

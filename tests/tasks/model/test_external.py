@@ -7,13 +7,16 @@ import textwrap
 import pytest
 import torch
 
-from tasks.config import ConfigError, ModelConfig, TrainConfig, build_params
-from tasks.lineage import Lineage
-from tasks.model.architectures import ModelArgs, build_model, user_model_module
-from tasks.model.checkpoint import load_checkpoint
-from tasks.model.external import ModelBuildError, freeze_backbone, load_initial_weights
-from tasks.ship.export import export_onnx_file, check_parity
-from tasks.train.loop import run_train
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.params import build_params
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.model.architectures import ModelArgs, build_model, user_model_module
+from tuneline.tasks.model.checkpoint import load_checkpoint
+from tuneline.tasks.model.external import ModelBuildError, freeze_backbone, load_initial_weights
+from tuneline.tasks.ship.export import export_onnx_file, check_parity
+from tuneline.tasks.train.loop import run_train
 from tests.tasks.model.synthetic import write_prepared
 
 LINEAGE = Lineage("abc123.dir", "p" * 16, "c" * 40)
@@ -89,7 +92,7 @@ def test_weights_keep_matching_tensors_and_log_the_skipped(tmp_path, caplog):
     torch.manual_seed(2)
     model = build_model(rgb_args("torchvision:resnet18"))
     fresh_head = model.net.fc.weight.detach().clone()
-    with caplog.at_level(logging.INFO, logger="tasks.model.external"):
+    with caplog.at_level(logging.INFO, logger="tuneline.tasks.model.external"):
         loaded, skipped = load_initial_weights(model, tmp_path / "r18.pt")
     assert torch.equal(model.net.layer1[0].conv1.weight, donor.layer1[0].conv1.weight)
     assert torch.equal(model.net.bn1.running_mean, donor.bn1.running_mean)
@@ -145,12 +148,29 @@ def test_user_factory_with_a_wrong_signature_says_so(user_module):
 @pytest.mark.fast
 @pytest.mark.parametrize("arch, message", [
     ("resnet", r"model.arch: .*unknown architecture 'resnet': use a built-in .*torchvision:NAME .*module:function"),
-    ("torchvision:resnet1000", r"model.arch: .*unknown torchvision model 'resnet1000'"),
     ("my pkg:build", r"unknown architecture 'my pkg:build'"),
+    ("torchvision:", r"unknown architecture 'torchvision:'"),
 ])
-def test_arch_is_validated_at_config_time(arch, message):
+def test_arch_is_validated_by_its_form_at_config_time(arch, message):
     with pytest.raises(ConfigError, match=message):
         build_params({}, {"model.arch": arch})
+
+
+@pytest.mark.fast
+def test_an_unknown_torchvision_model_is_reported_by_the_stage_that_builds_it():
+    """The config checks names without importing model code (the server validates params with no PyTorch); the
+    model package, which knows torchvision's list, says which names exist."""
+    assert build_params({}, {"model.arch": "torchvision:resnet1000"}).model.arch == "torchvision:resnet1000"
+    with pytest.raises(ValueError, match=r"unknown torchvision model 'resnet1000'.*e.g. resnet1"):
+        build_model(rgb_args("torchvision:resnet1000"))
+
+
+@pytest.mark.fast
+def test_the_config_knows_exactly_the_built_in_architectures():
+    from tuneline.core.config.model import BUILTIN_ARCHITECTURES
+    from tuneline.tasks.model.architectures import ARCHITECTURES
+
+    assert tuple(ARCHITECTURES) == BUILTIN_ARCHITECTURES
 
 
 @pytest.mark.fast

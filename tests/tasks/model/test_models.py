@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tasks.model.architectures import ModelArgs, SeedCNN, SeedMLP, build_model
+from tuneline.tasks.model.architectures import ModelArgs, SeedCNN, SeedMLP, build_model
 
 pytestmark = pytest.mark.fast
 

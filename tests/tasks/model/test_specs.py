@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tasks.model.architectures import ARCHITECTURES, ModelArgs, build_model
-from tasks.ship.export import export_onnx_file, check_parity
+from tuneline.tasks.model.architectures import ARCHITECTURES, ModelArgs, build_model
+from tuneline.tasks.ship.export import export_onnx_file, check_parity
 
 SPECS = [(3, 12, 12, 4), (1, 28, 28, 10), (3, 32, 32, 10)]
 

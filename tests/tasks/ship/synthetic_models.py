@@ -1,7 +1,7 @@
 """Tiny models of any input spec, trained and exported as the pipeline does, for registry and serving tests.
 
 The data is written as prepare writes it (uint8 NCHW .npy splits + a manifest with the input spec measured by
-tasks.data.prepare.measure_spec), so no raw source is needed. Class k lights quadrant k % 4 of channel k % C:
+tuneline.tasks.data.prepare.measure_spec), so no raw source is needed. Class k lights quadrant k % 4 of channel k % C:
 a seed CNN learns it in one epoch.
 """
 
@@ -27,8 +27,8 @@ def synthetic_images(labels: np.ndarray, channels: int, size: int, rng: np.rando
 
 
 def write_prepared(folder: Path, channels: int, size: int, classes: list[str], seed: int = 0) -> Path:
-    """A prepared folder (as tasks.data.prepare writes it) of synthetic images of shape (channels, size, size)."""
-    from tasks.data.prepare import measure_spec
+    """A prepared folder (as tuneline.tasks.data.prepare writes it) of synthetic images of shape (channels, size, size)."""
+    from tuneline.tasks.data.prepare import measure_spec
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
@@ -52,11 +52,14 @@ def write_prepared(folder: Path, channels: int, size: int, classes: list[str], s
 def train_and_export(prepared: Path, out: Path, model_name: str, epochs: int = 2, model=None):
     """A model (default seed_cnn; `model` a ModelConfig) trained on `prepared`, evaluated and exported (FP32 only)
     under `model_name`: the ExportResult; eval.json and export.json lie beside its .onnx_path."""
-    from tasks.config import ExportConfig, GateConfig, ModelConfig, TrainConfig
-    from tasks.evaluate.evaluate import run_evaluate
-    from tasks.lineage import Lineage
-    from tasks.ship.export import run_export
-    from tasks.train.loop import run_train
+    from tuneline.core.config.export import ExportConfig
+    from tuneline.core.config.gate import GateConfig
+    from tuneline.core.config.model import ModelConfig
+    from tuneline.core.config.train import TrainConfig
+    from tuneline.tasks.evaluate.evaluate import run_evaluate
+    from tuneline.tasks.lineage import Lineage
+    from tuneline.tasks.ship.export import run_export
+    from tuneline.tasks.train.loop import run_train
 
     out.mkdir(parents=True, exist_ok=True)
     run_train(model or ModelConfig(arch="seed_cnn", dropout=0.0), TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, device="cpu"),

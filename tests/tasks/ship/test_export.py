@@ -5,16 +5,17 @@ import onnx
 import pytest
 import torch
 
-from tasks.model.checkpoint import load_checkpoint
-from tasks.config import ExportConfig, GateConfig
-from tasks.ship.export import VARIANTS_INDEX, ParityError, check_parity, run_export
-from tasks.ship.onnx_session import open_session
-from tasks.evaluate.gate import GateFailed
-from tasks.data.prepare import load_split
-from tasks.ship.quantize import build_variant
-from tasks.data.idx import DataError
-from tasks.data.spec import InputSpec
-from tasks.ship.onnx_metadata import read_input_spec
+from tuneline.tasks.model.checkpoint import load_checkpoint
+from tuneline.core.config.export import ExportConfig
+from tuneline.core.config.gate import GateConfig
+from tuneline.tasks.ship.export import VARIANTS_INDEX, ParityError, check_parity, run_export
+from tuneline.core.onnx_session import open_session
+from tuneline.tasks.evaluate.gate import GateFailed
+from tuneline.tasks.data.prepare import load_split
+from tuneline.tasks.ship.quantize import build_variant
+from tuneline.tasks.data.idx import DataError
+from tuneline.core.spec import InputSpec
+from tuneline.core.onnx_metadata import read_input_spec
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +151,10 @@ def test_failed_serving_gate_writes_the_report_and_exports_nothing(tmp_path, sma
                                                                    exported, monkeypatch):
     import shutil
 
-    import tasks.ship.export
+    import tuneline.tasks.ship.export
 
     # The exporter's output for this checkpoint is already on disk; reuse it (parity still runs for real) to save ~6 s.
-    monkeypatch.setattr(tasks.ship.export, "export_onnx_file", lambda model, example, path, opset: shutil.copyfile(
+    monkeypatch.setattr(tuneline.tasks.ship.export, "export_onnx_file", lambda model, example, path, opset: shutil.copyfile(
         exported.onnx_path, path))
     gates = GateConfig(max_size_mb=0.5)  # the seed CNN is ~4.5 MB
     with pytest.raises(GateFailed, match=r"gate gate.max_size_mb FAILED: ONNX file size, MB 4\.\d{4} vs "

@@ -12,12 +12,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.model_holder import build_model
-from serving.repository import RegistryReader
-from serving.settings import ServeSettings
-from tasks.ship.latency import measure_serving
-from tasks.ship.onnx_session import CUDA, DeviceError, open_session, resolve_providers
-from tasks.ship.registry import Registry
+from tuneline.serving.model_holder import build_model
+from tuneline.serving.repository import RegistryReader
+from tuneline.serving.settings import ServeSettings
+from tuneline.tasks.ship.latency import measure_serving
+from tuneline.core.onnx_session import CUDA, DeviceError, open_session, resolve_providers
+from tuneline.tasks.ship.registry import Registry
 
 # Session config entries that change how a session runs; ONNX Runtime has no call that lists the set ones.
 CONFIG_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning", "session.force_spinning_stop",

@@ -12,12 +12,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tasks.ship.latency import onnx_accuracy
-from tasks.config import GateConfig
-from tasks.evaluate.gate import GateFailed
-from tasks.data.prepare import load_split
-from tasks.ship.promote import PromoteError, run_promote
-from tasks.ship.registry import Registry
+from tuneline.tasks.ship.latency import onnx_accuracy
+from tuneline.core.config.gate import GateConfig
+from tuneline.tasks.evaluate.gate import GateFailed
+from tuneline.tasks.data.prepare import load_split
+from tuneline.tasks.ship.promote import PromoteError, run_promote
+from tuneline.tasks.ship.registry import Registry
 
 
 def biased(src: Path, dst: Path, shift: float) -> Path:

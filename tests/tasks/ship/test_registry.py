@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tasks.ship.registry import Registry, RegistryError, sha256_file
+from tuneline.tasks.ship.registry import Registry, RegistryError, sha256_file
 from tests.tasks.registry_worker import register_then_promote, tiny_model
 
 
@@ -177,7 +177,7 @@ def test_models_by_name_each_have_their_own_versions_and_champion(tmp_path):
 
 @pytest.mark.fast
 def test_an_old_single_model_registry_is_read_as_is_and_migrated_on_the_first_write(tmp_path):
-    from serving.repository import RegistryReader
+    from tuneline.serving.repository import RegistryReader
 
     root = tmp_path / "registry"
     model = tiny_model(tmp_path / "a.onnx", 1.0)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from serving.errors import LoadError, NotFound
-from serving.repository import RegistryReader
-from tasks.ship.registry import Registry, RegistryError
-from tasks.ship.registry_layout import RegistryLayout, format_version, is_version_id
+from tuneline.serving.errors import LoadError, NotFound
+from tuneline.serving.repository import RegistryReader
+from tuneline.tasks.ship.registry import Registry, RegistryError
+from tuneline.core.registry_layout import RegistryLayout, format_version, is_version_id
 
 # (folder name in versions/, is it a version)
 VERSION_IDS = [

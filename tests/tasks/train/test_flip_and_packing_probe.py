@@ -8,13 +8,15 @@ import textwrap
 import pytest
 import torch
 
-from tasks.config import ModelConfig, TrainConfig, build_params
-from tasks.data.augment import flip_batch
-from tasks.lineage import Lineage
-from tasks.train.loop import run_train
-from tasks.train.packed import Member, train_packed
-from tasks.tune.space import validate_space
-from tasks.tune.stage import run_tune
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.params import build_params
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.data.augment import flip_batch
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.train.loop import run_train
+from tuneline.tasks.train.packed import Member, train_packed
+from tuneline.tasks.tune.space import validate_space
+from tuneline.tasks.tune.stage import run_tune
 from tests.tasks.model.synthetic import write_prepared
 
 LINEAGE = Lineage("abc123.dir", "p" * 16, "c" * 40)

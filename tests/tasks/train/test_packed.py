@@ -14,14 +14,17 @@ import logging
 import pytest
 import torch
 
-from tasks.config import ConfigError, ModelConfig, TrainConfig, build_params
-from tasks.lineage import Lineage
-from tasks.model.architectures import ModelArgs, build_model
-from tasks.train.packed import Member, group_key, pack_capacity, train_packed
-from tasks.data.prepare import load_manifest
-from tasks.train.loop import run_train
-from tasks.tune.stage import run_tune, subset_prepared
-from tasks.tune.study import study_name
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.params import build_params
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.model.architectures import ModelArgs, build_model
+from tuneline.tasks.train.packed import Member, group_key, pack_capacity, train_packed
+from tuneline.tasks.data.prepare import load_manifest
+from tuneline.tasks.train.loop import run_train
+from tuneline.tasks.tune.stage import run_tune, subset_prepared
+from tuneline.tasks.tune.study import study_name
 
 TIMING = ("seconds", "images_per_s")
 
@@ -174,7 +177,7 @@ def test_pruned_members_leave_and_packs_refuse_mixed_shapes(tiny_dir):
 def test_pack_size_is_capped_by_memory_with_a_message(tiny_dir, caplog):
     mlp, train = ModelConfig(arch="seed_mlp"), TrainConfig(batch_size=256, device="cpu")
     assert pack_capacity(mlp, train, tiny_dir, requested=4) == 4  # ~2 MiB per model: plenty of RAM here
-    with caplog.at_level(logging.WARNING, logger="tasks.train.packed"):
+    with caplog.at_level(logging.WARNING, logger="tuneline.tasks.train.packed"):
         capped = pack_capacity(mlp, train, tiny_dir, requested=64, available=40 * 2**20)
     assert 1 <= capped < 64
     assert f"64 models per pack capped to {capped}: each seed_mlp model needs ~" in caplog.text

@@ -16,10 +16,11 @@ import pytest
 import torch
 from pydantic import Field
 
-from tasks.config import ModelConfig, TrainConfig
-from tasks.lineage import Lineage
-from tasks.train.loop import DivergedError, run_train
-from tasks.train.packed import (PACKING_ROLES, Member, group_key, pack_capacity, packing_roles, solo_settings,
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.train.loop import DivergedError, run_train
+from tuneline.tasks.train.packed import (PACKING_ROLES, Member, group_key, pack_capacity, packing_roles, solo_settings,
                                 train_packed)
 
 MLP = ModelConfig(arch="seed_mlp", dropout=0.0)
@@ -121,7 +122,7 @@ def test_a_solo_setting_trains_alone_instead_of_being_ignored(tiny, caplog):
     assert solo_settings(default) == [] and solo_settings(set_) == ["ema"]
     assert group_key(MLP, default) != group_key(MLP, set_)
     assert pack_capacity(MLP, default, tiny, requested=4) == 4
-    with caplog.at_level(logging.INFO, logger="tasks.train.packed"):
+    with caplog.at_level(logging.INFO, logger="tuneline.tasks.train.packed"):
         assert pack_capacity(MLP, set_, tiny, requested=4) == 1  # the tuner trains a pack of one with run_train
     assert "train.ema=0.9 trains alone: packed training does not implement it" in caplog.text
     with pytest.raises(ValueError, match=r"train.ema=0.9 runs solo .* train this config with run_train"):

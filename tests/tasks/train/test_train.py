@@ -3,10 +3,11 @@ import csv
 import pytest
 import torch
 
-from tasks.model.checkpoint import load_checkpoint
-from tasks.config import ModelConfig, TrainConfig
-from tasks.lineage import Lineage
-from tasks.train.loop import DivergedError, HISTORY_FIELDS, run_train
+from tuneline.tasks.model.checkpoint import load_checkpoint
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.train.loop import DivergedError, HISTORY_FIELDS, run_train
 
 LINEAGE = Lineage("abc123.dir", "p" * 16, "c" * 40)
 

@@ -5,15 +5,17 @@ import math
 import pytest
 import torch
 
-from tasks.data.augment import augment_batch
-from tasks.model.checkpoint import load_checkpoint
-from tasks.config import ModelConfig, TrainConfig, build_params
-from tasks.lineage import Lineage
-from tasks.model.architectures import ModelArgs, build_model
-from tasks.train.optim import LRSchedule, build_optimizer
-from tasks.data.prepare import load_split
-from tasks.train.loop import DivergedError, predict_logits, run_train
-from tasks.tune.space import validate_space
+from tuneline.tasks.data.augment import augment_batch
+from tuneline.tasks.model.checkpoint import load_checkpoint
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.params import build_params
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.model.architectures import ModelArgs, build_model
+from tuneline.tasks.train.optim import LRSchedule, build_optimizer
+from tuneline.tasks.data.prepare import load_split
+from tuneline.tasks.train.loop import DivergedError, predict_logits, run_train
+from tuneline.tasks.tune.space import validate_space
 
 LINEAGE = Lineage("abc123.dir", "p" * 16, "c" * 40)
 MLP = ModelConfig(arch="seed_mlp", dropout=0.0)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import ModelConfig, TrainConfig
-from tasks.lineage import Lineage
-from tasks.train.loop import run_train
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.train.loop import run_train
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = dict(epochs=6, batch_size=32, device="cpu", deterministic=True, scheduler="step", gamma=0.7)
@@ -21,9 +22,10 @@ MODEL = dict(arch="seed_mlp", dropout=0.5)  # dropout: the RNG state must resume
 CHILD = """
 import sys
 from pathlib import Path
-from tasks.config import ModelConfig, TrainConfig
-from tasks.lineage import Lineage
-from tasks.train.loop import run_train
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.train.loop import run_train
 prepared, out = Path(sys.argv[1]), Path(sys.argv[2])
 run_train(ModelConfig(**{model}), TrainConfig(**{config}), prepared, out / "model.pt", out / "history.csv",
           Lineage("abc123.dir", "p" * 16, "c" * 40))

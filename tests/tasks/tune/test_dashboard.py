@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import build_params
-from tasks.tune.study import create_study
+from tuneline.core.config.params import build_params
+from tuneline.tasks.tune.study import create_study
 
 REPO = Path(__file__).resolve().parents[3]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -53,7 +53,7 @@ def test_the_dashboard_lists_the_study_trials_in_a_headless_browser(tmp_path):
         study.tell(trial, value)
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "--project", str(tmp_path), "dashboard",
+    server = subprocess.Popen([sys.executable, "-m", "tuneline.flows.cli", "--project", str(tmp_path), "dashboard",
                                "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -77,7 +77,7 @@ def test_the_dashboard_lists_the_study_trials_in_a_headless_browser(tmp_path):
 
 def test_a_project_without_a_study_is_a_clear_error(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "--project", str(tmp_path), "dashboard"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "tuneline.flows.cli", "--project", str(tmp_path), "dashboard"], cwd=REPO,
                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 2
     assert out.stderr.strip() == (f"tuneline: dashboard failed: dashboard: no study storage at {tmp_path}/tuning/study.db: "

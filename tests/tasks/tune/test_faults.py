@@ -16,10 +16,10 @@ import time
 import optuna
 import pytest
 
-from tasks.config import build_params
-from tasks.tune.stage import TuneFailedError, run_tune
-from tasks.tune.storage import storage_url
-from tasks.tune.study import create_study, study_name
+from tuneline.core.config.params import build_params
+from tuneline.tasks.tune.stage import TuneFailedError, run_tune
+from tuneline.tasks.tune.storage import storage_url
+from tuneline.tasks.tune.study import create_study, study_name
 
 FAST = {"model.arch": "seed_mlp", "train.scheduler": "none", "train.device": "cpu", "tune.epochs": 1,
         "tune.limit_train": 1000, "tune.limit_val": 250, "tune.pruner": "none",
@@ -36,7 +36,7 @@ def finished_ok(trials):
 
 def faulty_run_train(monkeypatch, fails):
     """The real trial trainer, except that a trial whose lr makes `fails(lr)` true raises (an injected bug)."""
-    import tasks.tune.trial_run as trial_run
+    import tuneline.tasks.tune.trial_run as trial_run
 
     real = trial_run.train_trial
 
@@ -185,7 +185,7 @@ def test_every_storage_method_optuna_calls_through_its_cache_retries_a_lost_conn
 
     from optuna.storages import _cached_storage
 
-    from tasks.tune.storage import _reconnecting_storage_class
+    from tuneline.tasks.tune.storage import _reconnecting_storage_class
 
     called = set(re.findall(r"_backend\.(\w+)\(", inspect.getsource(_cached_storage)))
     storage_class = _reconnecting_storage_class()

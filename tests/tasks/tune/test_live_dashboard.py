@@ -7,7 +7,7 @@ import urllib.request
 
 import optuna
 
-from tasks.tune.live_dashboard import dashboard_beside
+from tuneline.tasks.tune.live_dashboard import dashboard_beside
 
 
 def free_port() -> int:

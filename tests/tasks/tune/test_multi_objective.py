@@ -6,13 +6,15 @@ import json
 
 import pytest
 
-import tasks.ship.latency
-from tasks.config import ConfigError, GateConfig, build_params
-from tasks.summary import render_summary
-from tasks.tune.pareto import NoTrialWithinGates, pick_trial
-from tasks.tune.results import apply_best_params, tuning_summary
-from tasks.tune.stage import run_tune
-from tasks.tune.study import study_identity, study_name
+import tuneline.tasks.ship.latency
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.gate import GateConfig
+from tuneline.core.config.params import build_params
+from tuneline.tasks.summary import render_summary
+from tuneline.tasks.tune.pareto import NoTrialWithinGates, pick_trial
+from tuneline.tasks.tune.results import apply_best_params, tuning_summary
+from tuneline.tasks.tune.stage import run_tune
+from tuneline.tasks.tune.study import study_identity, study_name
 
 # Trials that differ in serving cost: an MLP's hidden width sets its size (784 x hidden weights: 0.03 MB at 8,
 # 0.8 MB at 256) and its latency.
@@ -64,13 +66,13 @@ def dominated(row, rows):
 def test_accuracy_against_serving_cost_gives_a_front_and_train_uses_the_stated_pick(tmp_path, small_prepared_dir,
                                                                                    monkeypatch):
     opened = []
-    real = tasks.ship.latency.open_session
+    real = tuneline.tasks.ship.latency.open_session
 
     def spy(path, device="cpu", threads=0, **options):  # the real factory, recording how it was asked
         opened.append((device, threads))
         return real(path, device, threads, **options)
 
-    monkeypatch.setattr(tasks.ship.latency, "open_session", spy)
+    monkeypatch.setattr(tuneline.tasks.ship.latency, "open_session", spy)
     gate_mb = 0.2  # hidden widths up to about 60 are within it: the widest, most accurate models are not
     # Latency on busy shared cores is noisy: the front is asserted on accuracy and size, which are not; a third
     # objective can only add trials to the front, never take one away.
@@ -122,7 +124,7 @@ def test_a_multi_objective_study_with_several_params_writes_its_importance_plot(
     from optuna.distributions import CategoricalDistribution, FloatDistribution
     from optuna.trial import create_trial
 
-    from tasks.tune.results import _write_plots
+    from tuneline.tasks.tune.results import _write_plots
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     distributions = {"train.lr": FloatDistribution(1e-4, 1e-2, log=True),

@@ -13,13 +13,15 @@ from collections import Counter
 import optuna
 import pytest
 
-from tasks.config import ModelConfig, TrainConfig, build_params
-from tasks.train.packed import Member, train_packed
-from tasks.tune.packed_rounds import optimize_packed
-from tasks.tune.space import trial_params
-from tasks.tune.stage import subset_prepared
-from tasks.tune.study import create_study
-from tasks.tune.trial_run import train_trial
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.params import build_params
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.train.packed import Member, train_packed
+from tuneline.tasks.tune.packed_rounds import optimize_packed
+from tuneline.tasks.tune.space import trial_params
+from tuneline.tasks.tune.stage import subset_prepared
+from tuneline.tasks.tune.study import create_study
+from tuneline.tasks.tune.trial_run import train_trial
 
 ACC_TOL, LOSS_REL = 0.002, 1e-3
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from tasks.config import ConfigError, build_params
-from tasks.tune.study import _pruner, min_resource, rung_epochs
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.params import build_params
+from tuneline.tasks.tune.study import _pruner, min_resource, rung_epochs
 
 
 def tune(**overrides):

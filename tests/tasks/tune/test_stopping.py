@@ -3,9 +3,9 @@
 import optuna
 import pytest
 
-from tasks.config import build_params
-from tasks.tune.budget import next_step
-from tasks.tune.stopping import patience_reason
+from tuneline.core.config.params import build_params
+from tuneline.tasks.tune.budget import next_step
+from tuneline.tasks.tune.stopping import patience_reason
 
 COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
 

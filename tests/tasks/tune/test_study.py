@@ -3,9 +3,10 @@
 import optuna
 import pytest
 
-from tasks.config import TrainConfig, build_params
-from tasks.tune.stage import run_tune
-from tasks.tune.study import TRAIN_EXECUTION_KEYS, study_name
+from tuneline.core.config.params import build_params
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.tune.stage import run_tune
+from tuneline.tasks.tune.study import TRAIN_EXECUTION_KEYS, study_name
 
 SPACE = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
 FAST = {"model.arch": "seed_mlp", "train.scheduler": "none", "train.device": "cpu", "tune.space": SPACE,

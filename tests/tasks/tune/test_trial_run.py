@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ModelConfig, TrainConfig
-from tasks.lineage import Lineage
-from tasks.train.loop import run_train
-from tasks.tune import trial_run
-from tasks.tune.trial_run import TrialTimes, forget_worker_data, train_trial
+from tuneline.core.config.model import ModelConfig
+from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.lineage import Lineage
+from tuneline.tasks.train.loop import run_train
+from tuneline.tasks.tune import trial_run
+from tuneline.tasks.tune.trial_run import TrialTimes, forget_worker_data, train_trial
 
 
 def test_a_trial_trains_exactly_as_run_train_and_writes_nothing(tiny_prepared_dir: Path, tmp_path: Path):

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from tasks.config import ConfigError, build_params
-from tasks.tune.results import apply_best_params
-from tasks.tune.space import validate_space
-from tasks.tune.stage import run_tune
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.params import build_params
+from tuneline.tasks.tune.results import apply_best_params
+from tuneline.tasks.tune.space import validate_space
+from tuneline.tasks.tune.stage import run_tune
 
 FAST = {"model.arch": "seed_mlp", "train.scheduler": "none", "train.device": "cpu", "tune.epochs": 2,
         "tune.limit_train": 1000, "tune.limit_val": 250}
@@ -111,8 +112,8 @@ def test_best_params_are_applied_on_top_of_params(tmp_path):
 CHILD = """
 import sys
 from pathlib import Path
-from tasks.config import build_params
-from tasks.tune.stage import run_tune
+from tuneline.core.config.params import build_params
+from tuneline.tasks.tune.stage import run_tune
 params = build_params({{}}, {params})
 run_tune(params, Path(sys.argv[1]), Path(sys.argv[2]), data_version="abc.dir")
 """
@@ -134,8 +135,8 @@ def test_a_killed_study_continues_on_rerun_without_duplicates(tmp_path, small_pr
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(params=overrides), str(small_prepared_dir), str(tmp_path)],
                              cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     params = build_params({}, overrides)
-    from tasks.tune.storage import storage_url
-    from tasks.tune.study import study_name
+    from tuneline.tasks.tune.storage import storage_url
+    from tuneline.tasks.tune.study import study_name
 
     url, name = storage_url(params.tune, tmp_path), study_name(params, "abc.dir")
     deadline = time.monotonic() + 120

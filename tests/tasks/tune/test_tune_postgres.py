@@ -6,11 +6,12 @@ import csv
 import psycopg
 import pytest
 
-from tasks.config import ConfigError, build_params
-from flows.environment import Environment
-from tasks.tune.stage import run_tune
-from tasks.tune.storage import storage_url
-from tasks.tune.study import create_study
+from tuneline.core.config.base import ConfigError
+from tuneline.core.config.params import build_params
+from tuneline.flows.environment import Environment
+from tuneline.tasks.tune.stage import run_tune
+from tuneline.tasks.tune.storage import storage_url
+from tuneline.tasks.tune.study import create_study
 
 FAST = {"model.arch": "seed_mlp", "train.scheduler": "none", "train.device": "cpu", "tune.epochs": 1,
         "tune.limit_train": 1000, "tune.limit_val": 250, "tune.pruner": "none"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from tasks.data.spec import InputSpec, SpecError
+from tuneline.core.spec import InputSpec, SpecError
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 

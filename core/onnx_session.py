@@ -25,7 +25,7 @@ from typing import Literal
 
 import onnxruntime as ort
 
-from tasks.errors import InputError
+from tuneline.core.errors import InputError
 
 Device = Literal["auto", "cpu", "cuda"]  # serve.device
 Provider = Literal["auto", "cuda", "tensorrt"]  # serve.provider: which GPU provider leads under auto/cuda

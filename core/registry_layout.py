@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.config import MODEL_NAME_PATTERN, safe_model_name
+from tuneline.core.config.base import MODEL_NAME_PATTERN, safe_model_name
 
 MODELS_DIR = "models"
 VERSIONS_DIR = "versions"

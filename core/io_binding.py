@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.ship.onnx_session import GPU_PROVIDERS
+from tuneline.core.onnx_session import GPU_PROVIDERS
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 pixels [rows, ...] -> float32 logits [rows, ...]
 IDLE_BUFFERS = 4  # buffer sets kept between calls: one per run that can be in flight at once (worker + inline)

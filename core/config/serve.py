@@ -1,0 +1,49 @@
+"""serve: the inference server's settings.
+
+No stage imports this module: editing a field here reruns nothing. The three values the export gate and
+the tuner's latency objective measure with (serve.device, serve.provider, serve.threads) are params deps of
+those stages in dvc.yaml, so changing their values in params.yaml reruns exactly them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tuneline.core.config.base import MODEL_NAME_PATTERN, Section
+
+
+class ServeConfig(Section):
+    """The inference server (serving/); env TUNELINE_SERVE_<KEY> and `tuneline serve` flags override these."""
+
+    host: str = Field("127.0.0.1", description="loopback unless told otherwise")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="also serve the Open Inference Protocol over gRPC on this port (8001 is Triton's and KServe's); 0 = any free port, null = REST only")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda (cuda: refuse to start unless CUDA is really active)")
+    provider: Literal["auto", "cuda", "tensorrt"] = Field("auto", description="GPU execution provider under serve.device auto/cuda: auto = cuda (CUDA kernels) | tensorrt (TensorRT, CUDA then CPU behind it for what it cannot take); with serve.device=cuda one that does not load refuses the start; ignored on CPU")
+    precision: Literal["auto", "fp32", "fp16"] = Field("auto", description="auto: model.fp16.onnx only on a GPU provider when the export measured it there at least as fast and within export.max_quant_drop, else serve.model_file | fp32: serve.model_file | fp16: model.fp16.onnx")
+    trt_cache_dir: str = Field(".tuneline/tensorrt", description="TensorRT engine cache (serve.provider=tensorrt), one folder per model version and precision; relative to the project")
+    model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="serve only this model name (default: the champion of every model in the registry)")
+    model_file: str = Field("model.onnx", description="which file of a registry version to serve")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing serve.port (SO_REUSEPORT), each with its own event loop, models, batcher and serve.threads ONNX Runtime threads; 1 = one process")
+    batching: bool = Field(True, description="merge concurrent requests into one session run")
+    max_batch_size: int = Field(64, ge=1, description="rows per session run")
+    max_queue_delay_us: int = Field(2000, ge=0, description="longest a request waits for others to join its batch")
+    reload_poll_s: float = Field(2.0, ge=0.0, description="how often aliases/champion.json is checked; 0 = never")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger requests get 413")
+    max_concurrency: int = Field(256, ge=1, description="inference requests in flight before 429")
+    shutdown_timeout_s: float = Field(10.0, gt=0.0, description="drain time for in-flight requests on SIGTERM")
+    access_log: bool = Field(True, description="one JSON log line per request")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")
+    notify_url: str | None = Field(None, description="pipeline: after a promotion, POST this server's load endpoint")
+
+    @model_validator(mode="after")
+    def _precision_or_file(self) -> "ServeConfig":
+        # Two settings must not disagree on which file is served: a variant named in model_file is the choice.
+        if self.precision != "auto" and self.model_file != "model.onnx":
+            raise ValueError(f"serve.precision={self.precision} and serve.model_file={self.model_file} both choose "
+                             "the file: leave serve.precision at auto, or serve.model_file at model.onnx")
+        return self
+
