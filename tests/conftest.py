@@ -28,6 +28,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 DEFAULT_MIRROR = REPO.parent / "shared" / "data" / "MNIST" / "raw"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_module_of_ours_under_two_names():
+    """After the last test of a session (each xdist worker's too): no file of the package was imported under a name
+    other than its `tuneline.…` one, e.g. `tasks.config` from a checkout on sys.path beside `tuneline.tasks.config`
+    (two copies of every class in it). A stray shows as an error at the teardown of the session's last test."""
+    yield
+    from tests.module_copies import stray_modules
+
+    strays = stray_modules({name: getattr(module, "__file__", None) for name, module in list(sys.modules.items())})
+    assert not strays, "modules loaded under a second name: " + "; ".join(strays)
+
+
 @pytest.fixture(scope="session")
 def mnist_mirror() -> Path:
     """A folder holding the four real MNIST .gz files (TUNELINE_DATA_MIRROR, else ../shared/data/MNIST/raw)."""

@@ -32,6 +32,7 @@ from tuneline.tasks.ship.registry import Registry
 from tuneline.flows.params_file import write_overrides
 from tuneline.core.config.overrides import parse_overrides
 from tests.conftest import cli_env, make_project, once_per_session
+from tests.module_copies import module_log_env, stray_modules_in_log
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +45,9 @@ BIN = Path(sys.executable).parent
 GATE_ROW = "| `gate.min_accuracy` | test accuracy |"
 
 
-def tuneline(project: Path, mirror: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "tuneline"), *args], cwd=project, env=cli_env(mirror), capture_output=True,
-                          text=True, timeout=600)
+def tuneline(project: Path, mirror: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "tuneline"), *args], cwd=project, env=env or cli_env(mirror),
+                          capture_output=True, text=True, timeout=600)
 
 
 def sha256(path: Path) -> str:
@@ -88,6 +89,8 @@ def _run_story(folder: Path, mirror: Path) -> None:
     """Run the story's commands in order in a project copy under `folder`, keeping each step (never asserting:
     every step runs, whatever an earlier one did, and the tests judge)."""
     project = make_project(folder)
+    # Every Python process of the story logs the modules it loaded (tests/module_copies.py).
+    env = module_log_env(cli_env(mirror), folder / "module-log")
     # The project's own choices for this story live in its params.yaml; overrides are per-run experiments.
     write_overrides(project / "params.yaml", parse_overrides([*SLICE, "gate.min_accuracy=0.85"]))
     _keep(project, folder / "steps" / "initial", {"returncode": 0, "stdout": "", "stderr": "", "dvc_status": None})
@@ -102,12 +105,12 @@ def _run_story(folder: Path, mirror: Path) -> None:
     }
     for name, args in commands.items():
         if args is None:
-            _run_concurrently(project, mirror, folder / "steps")
+            _run_concurrently(project, env, folder / "steps")
             continue
-        done = tuneline(project, mirror, *args)
+        done = tuneline(project, mirror, *args, env=env)
         status = None
         if name in ("gate_passes", "rollback"):
-            checked = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=cli_env(mirror),
+            checked = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=env,
                                      capture_output=True, text=True)
             status = checked.stdout + checked.stderr
         _keep(project, folder / "steps" / name, {"returncode": done.returncode, "stdout": done.stdout,
@@ -125,11 +128,11 @@ def _keep(project: Path, state: Path, step: dict) -> None:
     (state / "step.json").write_text(json.dumps(step))
 
 
-def _run_concurrently(project: Path, mirror: Path, steps: Path) -> None:
+def _run_concurrently(project: Path, env: dict[str, str], steps: Path) -> None:
     """Two runs with different gates started together: each runs in its own workspace, judged by its own gate."""
     gates = {"concurrent_low": "gate.min_accuracy=0.5", "concurrent_high": "gate.min_accuracy=0.999"}
     children = {name: subprocess.Popen([str(BIN / "tuneline"), "run", "--no-push", "-S", gate], cwd=project,
-                                       env=cli_env(mirror), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for name, gate in gates.items()}
     for name, child in children.items():
         stdout, stderr = child.communicate(timeout=600)
@@ -153,6 +156,14 @@ def story(story_folder: Path) -> dict[str, Step]:
 def story_project(story_folder: Path) -> Path:
     """The story's project as the last step left it (its data/prepared is the same after every step)."""
     return story_folder / "project"
+
+
+def test_no_file_of_tuneline_is_loaded_under_two_names_in_any_process_of_the_runs(story_folder: Path):
+    """The CLI, Prefect's flow, each DVC stage command and the tuning workers import Tuneline only as `tuneline.…`
+    (a second name for one file is a second copy of every class in it)."""
+    processes, strays = stray_modules_in_log(story_folder / "module-log")
+    assert processes >= 10, f"only {processes} processes logged their modules: is the module log wired?"
+    assert not strays, "\n".join(strays)
 
 
 def test_a_gate_above_reach_fails_the_run_and_ships_nothing(story):

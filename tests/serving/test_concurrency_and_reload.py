@@ -158,7 +158,7 @@ def test_corrupt_model_wrong_checksum_and_corrupt_alias_keep_the_old_model(tmp_p
         set_alias(registry, wrong)
         wait_until(lambda: failures("checksum") == 1, what="checksum failure reported")
         by_id = httpx.post(running.url + "/v2/repository/models/mnist/load", json={"parameters": {"version": wrong}})
-        assert by_id.status_code == 400 and "does not match card.json" in by_id.json()["error"]
+        assert by_id.status_code == 400 and "does not match its card" in by_id.json()["error"]
         assert _infer_version(running.url, digits) == "v0001"
 
         # 3. a corrupt alias file

@@ -6,7 +6,7 @@ import pytest
 from tuneline.core.config.params import build_params
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.tune.stage import run_tune
-from tuneline.tasks.tune.study import TRAIN_EXECUTION_KEYS, study_name
+from tuneline.tasks.tune.study import TRAIN_EXECUTION_KEYS, create_study, study_name
 
 SPACE = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
 FAST = {"model.arch": "seed_mlp", "train.scheduler": "none", "train.device": "cpu", "tune.space": SPACE,
@@ -66,3 +66,21 @@ def test_execution_keys_name_real_train_settings():
     assert TRAIN_EXECUTION_KEYS <= set(fields)
     # Everything but epochs (replaced by tune.epochs) is a setting all trials of a pack share: execution, not a recipe.
     assert all(fields[k].json_schema_extra["packing"] == "shared" for k in TRAIN_EXECUTION_KEYS - {"epochs"})
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("objectives, names", [
+    (["accuracy"], ["val_accuracy"]),
+    (["accuracy", "latency_p99_ms", "size_mb"], ["val_accuracy", "latency_p99_ms", "size_mb"]),
+])
+def test_a_study_names_its_objectives_also_when_continued_from_storage(tmp_path, objectives, names):
+    # The dashboard labels its axes with these names ("Objective 0" without them).
+    cfg = build_params({}, {**FAST, "tune.objectives": objectives}).tune
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert create_study(cfg, "new", url).metric_names == names
+    assert optuna.load_study(study_name="new", storage=url).metric_names == names  # stored, not only in memory
+    # A study made before names were set (an older release's) gets them when a run continues it.
+    optuna.create_study(study_name="old", storage=url, directions=["maximize"] + ["minimize"] * (len(names) - 1))
+    assert optuna.load_study(study_name="old", storage=url).metric_names is None
+    create_study(cfg, "old", url)
+    assert optuna.load_study(study_name="old", storage=url).metric_names == names
