@@ -1,4 +1,4 @@
-"""params.yaml's comments and docs/configuration.md's knob table, generated from core/config.py.
+"""params.yaml's comments and docs/configuration.md's knob table, generated from core/config/.
 
 The typed config is the one place a default and its description live. `tuneline config-docs` rewrites
 params.yaml (keeping the project's values, with each key's description as its comment, in the config's
@@ -24,7 +24,7 @@ BEGIN, END = "<!-- knobs:begin -->", "<!-- knobs:end -->"
 COMMENT_COLUMN = 32
 
 PARAMS_HEADER = """\
-# GENERATED comments: each key's description comes from core/config.py (`tuneline config-docs` rewrites
+# GENERATED comments: each key's description comes from core/config/ (`tuneline config-docs` rewrites
 # them; the values are this project's choices). One section per stage. `tuneline run -S train.lr=0.01`
 # and the Prefect flow's `overrides` parameter override these keys; dvc.yaml templates its paths from `paths`.
 """
