@@ -1,5 +1,5 @@
-"""The model registry on disk: the one contract between its writer (tasks/ship/registry.py) and the inference
-server's read-only reader (serving/repository.py). Both find models, folders, version ids, cards and aliases here.
+"""The model registry on disk: the one contract between its writer (tasks/ship/registry.py) and its one reader
+(core/registry_reader.py, which the server uses too). Both find models, folders, version ids, cards and aliases here.
 
 A registry holds several models, each under its name (project.name: a data set and its input contract),
 each with its own versions and its own champion:

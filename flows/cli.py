@@ -1,12 +1,13 @@
 """`tuneline`: the command line.
 
     tuneline init DIR [--example mnist|cifar10] [--data PATH]   a new project of your own (git, DVC, Prefect set up)
+    tuneline upgrade                                      bring a project init'd by an earlier release up to this one
     tuneline run [-S key=value …] [--force] [--no-push]   the whole pipeline as a Prefect flow run
     tuneline stage NAME [-S key=value …]                  one stage (what dvc.yaml calls)
     tuneline stage train --nproc-per-node N               train with N DistributedDataParallel processes (torchrun)
     tuneline models list|show|promote|rollback|register   the model registry (flows/models_cli.py)
     tuneline dvc-yaml [--check]                           write (or check) dvc.yaml from the stage table
-    tuneline config-docs [--check]                        params.yaml comments + docs knob table from core/config.py
+    tuneline config-docs [--check]                        params.yaml comments + docs knob table from core/config/
     tuneline dashboard [--host H] [--port P] [-S …]        optuna-dashboard over the live study storage
                                                            (tuneline tune --dashboard [PORT]: beside the study)
     tuneline serve [--host H] [--port P] [--device D] [-S serve.key=value …]   the inference server (serving/)
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="the data: MNIST's folder of .gz files, or an image folder / .tar / .tar.gz / .zip of one")
     init.add_argument("--remote", type=Path, default=None, metavar="DIR",
                       help="the local DVC remote (default: DIR-dvc-remote beside the project)")
+    sub.add_parser("upgrade", help="rewrite what an earlier release's `tuneline init` wrote (flow file, prefect.yaml, "
+                                   "dvc.yaml) for this one; commits nothing")
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", choices=STAGE_NAMES)
@@ -78,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("code-fingerprint", help="refresh .tuneline/code/<stage>.json (dvc.yaml's `code` stage, when "
                                             "Tuneline's code lives outside the project)")
     docs = sub.add_parser("config-docs", help="write params.yaml's comments and docs/configuration.md's knob table "
-                                              "from core/config.py")
+                                              "from core/config/")
     docs.add_argument("--check", action="store_true", help="only compare: exit 1 when either is stale")
     run.add_argument("--no-push", action="store_true", help="skip the final `dvc push`")
     from tuneline.flows.models_cli import add_models_parser
@@ -106,12 +109,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "init":
         return _run_init(args)
+    if args.command == "upgrade":
+        return _run_upgrade(root, args.debug)
     if args.command in ("stage", "tune"):  # under `run`, Prefect's own logging set-up prints and ships the logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("tuneline.tasks").setLevel(logging.INFO)  # stage progress lines, under Prefect's handlers too
     for chatty in ("onnxscript", "onnx_ir", "httpx"):  # per-pass exporter notes and per-request lines
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
+        if args.command == "run":
+            from tuneline.flows.upgrade import check_upgraded
+
+            check_upgraded(root)  # an earlier release's project: one line naming `tuneline upgrade`, not an ImportError
         overrides = parse_overrides(args.overrides)
         params = load_params(root / "params.yaml", overrides)  # validate before importing heavy machinery
         if args.command == "stage":
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except TunelineError as exc:  # one line and one exit-code rule for every command (core/errors.py)
         return _report_failure(args.command, exc, args.debug)
     except Exception as exc:  # a stage's own error that predates TunelineError: one line, exit 1
-        if type(exc).__module__.startswith("tasks."):
+        if type(exc).__module__.startswith("tuneline.tasks."):
             return _report_failure(args.command, exc, args.debug)
         raise
 
@@ -212,6 +221,28 @@ def _run_init(args) -> int:
     except TunelineError as exc:
         return _report_failure("init", exc, args.debug)
     print(f"Tuneline project ready: {target} (example {args.example})\n  cd {target} && tuneline run")
+    return 0
+
+
+def _run_upgrade(root: Path, debug: bool) -> int:
+    from tuneline import __version__
+    from tuneline.core.errors import TunelineError
+    from tuneline.flows.upgrade import upgrade_project
+
+    try:
+        changes, notes = upgrade_project(root)
+    except TunelineError as exc:
+        return _report_failure("upgrade", exc, debug)
+    for note in notes:
+        print(f"note: {note}")
+    if not changes:
+        print(f"nothing to upgrade: {root} is up to date for Tuneline {__version__}")
+        return 0
+    print(f"upgraded {root} for Tuneline {__version__}:")
+    for change in changes:
+        print(f"  {change.path.relative_to(root)}: {change.why}")
+    if tracked := [str(change.path.relative_to(root)) for change in changes if change.commit]:
+        print(f"commit them: git add {' '.join(tracked)} && git commit -m 'tuneline upgrade'")
     return 0
 
 

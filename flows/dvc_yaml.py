@@ -59,7 +59,8 @@ STAGES: tuple[StageSpec, ...] = (
                       "continue."),
     StageSpec("train", deps=("${paths.prepared}", "${paths.tuning}/best_params.json"),
               params=("model", "train", "tune.enabled"), outs=("${paths.model}",),
-              plots=(_uncached("${paths.history}", x="epoch", y="val_accuracy"),)),
+              plots=(_uncached("${paths.history}", x="epoch", y="val_accuracy"),
+                     _uncached("${paths.train_curves_png}"))),
     StageSpec("evaluate", deps=("${paths.model}", "${paths.prepared}"),
               params=("gate.min_accuracy", "gate.min_class_recall", "gate.max_ece"),
               metrics=(_uncached("${paths.metrics}"),),
@@ -86,11 +87,19 @@ FOOTER = """\
 """
 
 
+# tuneline.<folder> is the repository's <folder>/ (pyproject.toml's package-dir); installed, it is tuneline/<folder>/.
+SOURCE_FOLDERS = ("core", "tasks", "flows", "serving")
+
+
 def _package_relative(path: Path) -> Path | None:
-    """tasks/train/loop.py for …/site-packages/tasks/train/loop.py: the path below the import root."""
+    """Where a source file lies in a checkout: tasks/train/loop.py for …/site-packages/tuneline/tasks/train/loop.py
+    (and for a checkout's own tasks/train/loop.py); a user's module keeps its path below its import root."""
     for parent in path.parents:
         if not (parent / "__init__.py").is_file():
-            return path.relative_to(parent)
+            parts = path.relative_to(parent).parts
+            if len(parts) > 2 and parts[0] == "tuneline" and parts[1] in SOURCE_FOLDERS:
+                return Path(*parts[1:])
+            return Path(*parts)
     return None
 
 
@@ -153,6 +162,15 @@ def user_modules(root: Path, stage: str) -> list[str]:
     return []
 
 
+def _holds_source_copy(root: Path, relative: Path) -> bool:
+    """For a file of Tuneline's: whether the project holds a copy of the package's source (a checkout or vendored
+    copy, with its tuneline/ root beside the folders), not folders of its own that merely share a name (a user's
+    tasks/train/loop.py is theirs). A user's module found in the project is always its copy."""
+    if relative.parts[0] not in (*SOURCE_FOLDERS, "tuneline"):
+        return True
+    return (root / "tuneline" / "__init__.py").is_file()
+
+
 def code_deps(root: Path, stage: str) -> CodeDeps:
     root = Path(root).resolve()
     inside, copies, outside = set(), [], []
@@ -172,7 +190,7 @@ def code_deps(root: Path, stage: str) -> CodeDeps:
         relative = _package_relative(path)
         if path.is_relative_to(root):
             inside.add(path.relative_to(root).as_posix())
-        elif relative is not None and (root / relative).is_file():
+        elif relative is not None and (root / relative).is_file() and _holds_source_copy(root, relative):
             inside.add(relative.as_posix())  # the project holds this code too: check_running_code compares them
             copies.append((root / relative, path))
         else:

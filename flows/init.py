@@ -104,7 +104,7 @@ definitions:
         PREFECT_SERVER_ANALYTICS_ENABLED: "false"
         DO_NOT_TRACK: "1"
         DVC_NO_ANALYTICS: "1"
-        PREFECT_LOGGING_EXTRA_LOGGERS: tasks
+        PREFECT_LOGGING_EXTRA_LOGGERS: tuneline
         TUNELINE_PROJECT_DIR: "{project}"
 
 deployments:

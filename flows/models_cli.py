@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from tuneline.core.config.overrides import add_override_option
-from tuneline.tasks.ship.registry import ALIASES
+from tuneline.core.registry_layout import ALIASES
 
 COMMANDS = ("list", "show", "promote", "rollback", "register")
 
@@ -73,21 +73,23 @@ def _print_table(rows: list[list[str]]) -> None:
 
 
 def run_models(args: argparse.Namespace, params, root: Path) -> int:
-    from tuneline.flows.stages import model_name
-    from tuneline.tasks.ship.registry import Registry, model_names
+    from tuneline.core.registry_reader import RegistryReader, model_names
 
     folder = params.paths.resolve(root).registry
     command = args.models_command
-    if command == "list":
+    if command == "list":  # core's reader only: listing imports none of the training stack
         names = [args.name] if args.name else model_names(folder)
-        rows = [_row(registry, v) for registry in (Registry(folder, n) for n in names) for v in registry.versions()]
+        readers = (RegistryReader(folder, n) for n in names)
+        rows = [_row(reader, v) for reader in readers for v in reader.versions()]
         if not rows:
             which = f"model {args.name!r}: " if args.name else ""
             print(f"registry {folder}: {which}no versions yet (`tuneline run` registers one after export)")
             return 0
         _print_table([["model", "version", "created", "accuracy", "macro_f1", "MB", "files", "aliases"], *rows])
         return 0
-    registry = Registry(folder, getattr(args, "name", None) or model_name(params))
+    from tuneline.tasks.ship.registry import Registry  # the writer, and verify's ONNX check
+
+    registry = Registry(folder, getattr(args, "name", None) or params.project.resolve_name(params.data))
     if command == "show":
         version = registry.resolve(args.version)
         card = registry.verify(version)

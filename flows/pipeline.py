@@ -188,8 +188,8 @@ def _run(params: Params, workspace: Workspace, force: bool, push_data: bool, log
     summary = _summarise(params, workspace, ran, pushed, promotion)
     if workspace.isolated:
         p = params.paths
-        logger.info(save_experiment(workspace, [p.export_metrics, p.confusion_png, f"{p.tuning}/best_params.json",
-                                                f"{p.tuning}/trials.csv"]))
+        logger.info(save_experiment(workspace, [p.export_metrics, p.confusion_png, p.train_curves_png,
+                                                f"{p.tuning}/best_params.json", f"{p.tuning}/trials.csv"]))
     return summary
 
 
@@ -224,11 +224,12 @@ def _summarise(params: Params, workspace: Workspace, ran: dict[str, str], pushed
         "champion": promotion.champion,
         "promotion": promotion.reason,
         "registry_path": str(paths.registry),
+        "model_name": promotion.name,
         "tuning": tuning,
     }
-    markdown = render_summary(params, summary, verdicts, history_path=root / p.history, pushed=pushed)
-    write_bytes_atomic(root / p.summary, markdown.encode())
-    create_markdown_artifact(markdown=markdown, key="tuneline-run-summary", description="Tuneline run summary")
+    write_bytes_atomic(paths.summary, render_summary(params, summary, verdicts, paths, pushed).encode())
+    create_markdown_artifact(markdown=render_summary(params, summary, verdicts, paths, pushed, inline_images=True),
+                             key="tuneline-run-summary", description="Tuneline run summary")
     if (root / p.history).is_file():
         create_table_artifact(table=list(csv.DictReader(open(root / p.history))), key="tuneline-train-history",
                               description="Per-epoch training metrics of the model this run shipped")

@@ -24,6 +24,7 @@ from tuneline.tasks.data.fetch import FetchResult, resolve_mirror, run_fetch
 from tuneline.tasks.lineage import Lineage, git_commit
 from tuneline.tasks.data.prepare import PrepareResult, run_prepare
 from tuneline.tasks.ship.promote import PromoteResult, run_promote
+from tuneline.tasks.train.curves import render_curves_png
 from tuneline.tasks.train.loop import TrainResult, read_history, run_train
 from tuneline.tasks.tune.results import TuneResult, apply_best_params
 from tuneline.tasks.tune.stage import run_tune
@@ -81,8 +82,11 @@ def train(params: Params, root: Path, project: Path | None = None, nproc_per_nod
     # Only rank 0 writes the model that records the lineage: the other ranks skip DVC's hash of the data.
     origin = lineage(params, root) if context().is_main else Lineage("-", "-", "-")
     # Checkpoints belong to the project: a run in a workspace of its own resumes from them when rerun.
-    return run_train(params.model, params.train, paths.prepared, paths.model,
-                     paths.history, origin, params=params.model_dump(mode="json"), checkpoint_dir=paths.checkpoints)
+    result = run_train(params.model, params.train, paths.prepared, paths.model,
+                       paths.history, origin, params=params.model_dump(mode="json"), checkpoint_dir=paths.checkpoints)
+    if context().is_main:  # one picture, from the history rank 0 wrote
+        render_curves_png(result.history, paths.train_curves_png)
+    return result
 
 
 def _train_with_torchrun(params: Params, root: Path, project: Path | None, nproc: int) -> TrainResult:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 # Distributions only the pipeline (train, tune, export, orchestration) uses; import names are the same.
 # psycopg: the driver of a PostgreSQL Optuna study (TUNELINE_TUNE_STORAGE), a tuning concern only.
-TRAINING_ONLY = frozenset({"torch", "torchvision", "onnxscript", "prefect", "dvc", "optuna", "plotly", "psycopg",
-                           "sqlalchemy", "psutil"})
+# optuna-dashboard (`tuneline dashboard`) requires optuna itself, so keeping it would bring the study stack along.
+TRAINING_ONLY = frozenset({"torch", "torchvision", "onnxscript", "prefect", "dvc", "optuna", "optuna-dashboard",
+                           "plotly", "psycopg", "sqlalchemy", "psutil"})
 
 
 def name_of(requirement: str) -> str:

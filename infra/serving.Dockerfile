@@ -23,11 +23,16 @@ RUN apt-get update \
  && groupadd --gid 1000 tuneline && useradd --uid 1000 --gid 1000 --create-home tuneline
 ENV PATH=/opt/venv/bin:$PATH
 
-# Dependencies in their own layer (cached across code edits), then the package itself without them.
+# Dependencies in their own layer (cached across code edits), then the package itself without them: every
+# folder pyproject.toml maps into `tuneline` (its package-dir), installed as a regular, non-editable package.
+# tasks/ and flows/ come along because `tuneline` (flows/cli.py) is the entry point, but `tuneline serve`
+# imports only tuneline.core and tuneline.serving (tests/serving/test_serving_venv.py builds this same install).
 COPY pyproject.toml infra/requirements.py /tmp/build/
 RUN python /tmp/build/requirements.py --serving /tmp/build/pyproject.toml > /tmp/build/requirements.txt \
  && pip install -r /tmp/build/requirements.txt
 COPY README.md /tmp/build/
+COPY tuneline /tmp/build/tuneline
+COPY core /tmp/build/core
 COPY flows /tmp/build/flows
 COPY tasks /tmp/build/tasks
 COPY serving /tmp/build/serving

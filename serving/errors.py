@@ -25,6 +25,12 @@ class NotFound(ServingError):
     status = 404
 
 
+class Conflict(ServingError):
+    """A well-formed request that the server's state refuses: unloading the champion."""
+
+    status = 409
+
+
 class PayloadTooLarge(ServingError):
     status = 413
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tuneline.serving.batcher import Batcher
-from tuneline.serving.errors import BadRequest, LoadError, NotFound, NotReady, ServingError
+from tuneline.serving.errors import BadRequest, Conflict, LoadError, NotFound, NotReady, ServingError
 from tuneline.serving.metrics import ServingMetrics
 from tuneline.serving.precision import FileChoice, choose_file
 from tuneline.serving.repository import RegistryReader, VerifiedModel, model_names
@@ -285,8 +285,7 @@ class ModelHolder:
     def unload(self, name: str, version: str) -> None:
         slot = self.slot(name)
         if slot.champion is not None and version == slot.champion.version:
-            raise LoadError(f"{name} {version} is the champion; promote another version instead of unloading it",
-                            "champion")
+            raise Conflict(f"{name} {version} is the champion; promote another version instead of unloading it")
         model = slot.others.pop(version, None)
         if model is None:
             raise NotFound(f"model {name!r} version {version!r} is not loaded")

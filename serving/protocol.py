@@ -104,6 +104,8 @@ def parse_infer_request(body: bytes, header_length: str | None, model: LoadedMod
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"id must be a string, got {request_id!r}")
     parameters = _object(doc.get("parameters"), "parameters")
+    # The message's own fields before the tensor: an error there is the same whichever model is asked.
+    outputs = requested_outputs(doc.get("outputs"), parameters)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise BadRequest(f"inputs must be a list holding the one input {model.input_name!r}; got "
@@ -129,7 +131,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: LoadedMod
             raise BadRequest(f"input {name!r} has neither \"data\" nor parameters.binary_data_size")
         array = _json_tensor(spec["data"], datatype, shape, name)
     pixels = to_pixels(array, datatype, shape, name, model)
-    return InferRequest(id=request_id, pixels=pixels, outputs=_requested_outputs(doc.get("outputs"), parameters))
+    return InferRequest(id=request_id, pixels=pixels, outputs=outputs)
 
 
 def check_input(name, datatype, shape, model: LoadedModel) -> list[int]:
@@ -154,7 +156,7 @@ def to_pixels(array: np.ndarray, datatype: str, shape: list[int], name: str, mod
     return pixels
 
 
-def _requested_outputs(requested, parameters: dict) -> list[tuple[str, bool]]:
+def requested_outputs(requested, parameters: dict) -> list[tuple[str, bool]]:
     binary_default = _bool(parameters.get("binary_data_output", False), "parameters.binary_data_output")
     if requested is None:
         return [(name, binary_default) for name in OUTPUT_DATATYPES]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 Parameters = dict[str, str | int | float | bool]
 
@@ -45,25 +45,35 @@ class ModelMetadata(BaseModel):
 
 
 class RequestInput(BaseModel):
-    name: str = Field(examples=["pixels"])
+    name: str = Field(examples=["pixels"], description="the model's input name (GET /v2/models/{name})")
     shape: list[int] = Field(examples=[[1, 1, 28, 28]], description="[N, C, H, W] as the model's metadata declares "
                                                                     "it, or flat [N, C*H*W]")
-    datatype: str = Field(examples=["UINT8"], description="FP32 or UINT8; raw pixels 0..255")
+    datatype: Literal["FP32", "UINT8"] = Field(examples=["UINT8"], description="raw pixels 0..255 either way")
     parameters: Parameters | None = Field(None, description='{"binary_data_size": n} when the tensor follows the '
                                                             "JSON as binary (Inference-Header-Content-Length)")
     data: list[Any] | None = Field(None, description="row-major values, flat or nested; absent for binary")
 
 
+class OutputParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # the classification extension's parameter is refused
+    binary_data: bool = Field(False, description="true: this output as binary")
+
+
 class RequestOutput(BaseModel):
-    name: str = Field(examples=["probabilities"], description="logits, probabilities or class")
-    parameters: Parameters | None = Field(None, description='{"binary_data": true} to get it as binary')
+    name: Literal["logits", "probabilities", "class"] = Field(examples=["probabilities"])
+    parameters: OutputParameters | None = None
+
+
+class RequestParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other request parameters are ignored
+    binary_data_output: bool = Field(False, description="true: every output as binary")
 
 
 class InferenceRequest(BaseModel):
     id: str | None = Field(None, description="echoed in the response")
-    parameters: Parameters | None = Field(None, description='{"binary_data_output": true}: every output as binary')
-    inputs: list[RequestInput]
-    outputs: list[RequestOutput] | None = Field(None, description="default: every output, as JSON")
+    parameters: RequestParameters | None = None
+    inputs: list[RequestInput] = Field(min_length=1, max_length=1, description="the model's one input")
+    outputs: list[RequestOutput] | None = Field(None, min_length=1, description="default: every output, as JSON")
 
 
 class ResponseOutput(BaseModel):
@@ -197,7 +207,9 @@ ANSWERS: dict[tuple[str, str], dict[str, tuple[str, str | None, dict | None]]] =
     ("/v2/repository/models/{name}/unload", "post"): {
         "200": ("unloaded (empty body)", EMPTY, None),
         "403": ("from a non-loopback client while the server has no admin token", _ERROR, None),
-        "404": ("unknown model name, or the version is not loaded", _ERROR, None)},
+        "404": ("unknown model name, or the version is not loaded", _ERROR, None),
+        "409": ("the version is the champion (promote another version instead), or serve.workers > 1", _ERROR,
+                None)},
     ("/classify", "post"): {"413": ("body larger than serve.max_body_bytes", _ERROR, None),
                             "429": ("too many requests in flight (serve.max_concurrency)", _ERROR, None)},
 }
@@ -231,15 +243,19 @@ def describe_answers(openapi: dict) -> dict:
     classify = openapi["paths"].get("/classify", {}).get("post")
     if classify is not None:
         classify["requestBody"] = classify_request_body()
+        for parameter in classify.get("parameters", []):
+            if parameter["name"] == "top_k":  # the handler checks it (protocol.parse_top_k): say so here
+                parameter["schema"]["minimum"] = 1
     return openapi
 
 
 def repository_request_bodies() -> dict[str, dict]:
     """load: an optional {"parameters": {"version": …}} (empty body: reload the champion alias); unload: required."""
     def body(required: bool) -> dict:
-        version = {"type": "string", "description": "a registry version id, e.g. v0002"}
+        version = {"type": "string", "description": "a registry version id", "examples": ["v0002"]}
         parameters = {"type": "object", "properties": {"version": version}, **({"required": ["version"]} if required else {})}
         schema = {"type": "object", "properties": {"parameters": parameters}, **({"required": ["parameters"]} if required else {})}
-        return {"required": required, "content": {"application/json": {"schema": schema}}}
+        example = {"parameters": {"version": "v0002"}}
+        return {"required": required, "content": {"application/json": {"schema": schema, "example": example}}}
 
     return {"/v2/repository/models/{name}/load": body(False), "/v2/repository/models/{name}/unload": body(True)}

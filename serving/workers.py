@@ -47,7 +47,7 @@ _PR_SET_PDEATHSIG = 1
 def check_workers(settings: ServeSettings) -> None:
     """Refuse what several workers cannot do (a one-line ConfigError)."""
     if settings.grpc_port is not None:
-        # serving/grpc_server.py binds without SO_REUSEPORT on purpose (a taken port must fail, not be shared),
+        # serving/grpc_v2.py binds without SO_REUSEPORT on purpose (a taken port must fail, not be shared),
         # so a second worker could not bind the same gRPC port.
         raise ConfigError(f"serve.workers={settings.workers} with serve.grpc_port={settings.grpc_port}: gRPC is served "
                           "by one process only; set serve.workers=1 to serve gRPC, or serve.grpc_port=null")

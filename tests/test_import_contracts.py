@@ -74,7 +74,7 @@ def violations(module: str, source: str, shown: str, is_package: bool = False) -
             found.append(f"{shown}:{line}: imports {base}: the package is tuneline.{base}")
         if under(base, "tuneline") and base != module:
             found += [f"{shown}:{line}: imports {base}.{name}: a private name of another module"
-                      for name in names if name.startswith("_")]
+                      for name in names if name.startswith("_") and not name.endswith("__")]  # __version__ is public
     return found
 
 

@@ -7,6 +7,14 @@ maps each onto its dotted name), so importing this package imports none of them.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+# A source checkout imported as it is (its folder on sys.path, e.g. PYTHONPATH=<checkout>) is self-contained:
+# tuneline.tasks, tuneline.core, ... resolve to the checkout's own folders beside this one, never to another
+# copy's (an editable install maps the same folders; a wheel has them inside tuneline/, where this adds nothing).
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "core").is_dir() and (_CHECKOUT / "core" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))
 
 try:
     __version__ = version("tuneline")

@@ -29,6 +29,7 @@ class ProjectPaths:
     onnx: Path
     summary: Path
     confusion_png: Path
+    train_curves_png: Path
     variants: Path
     export_metrics: Path
     tuning: Path
@@ -59,6 +60,7 @@ class PathsConfig(Section):
     onnx: str = Field("models/model.onnx", description="one self-contained ONNX file with metadata")
     summary: str = Field("reports/run_summary.md", description="the run summary (markdown), also a Prefect artifact")
     confusion_png: str = Field("metrics/confusion.png", description="the confusion matrix as a picture (DVC image plot)")
+    train_curves_png: str = Field("metrics/train_curves.png", description="loss and accuracy per epoch as a picture (DVC image plot)")
     variants: str = Field("models/variants", description="kept FP16/INT8 variants + variants.json (each one's accuracy drop, kept or not)")
     export_metrics: str = Field("metrics/export.json", description="parity, latency, throughput, size, variants, serving gates (DVC metrics)")
     tuning: str = Field("tuning", description="tune stage: best_params.json, trials.csv, plots; study.db (the default RDB)")

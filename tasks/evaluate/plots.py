@@ -34,11 +34,13 @@ def render_confusion_png(confusion: torch.Tensor, classes: list[str], path: Path
     cell = max(1, min(CELL, MAX_GRID // max(n, 1)))  # 300 classes: 5-pixel cells, not a 13,000-pixel picture
     labelled = cell >= LABELLED_CELL
     size = MARGIN + n * cell + 10
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
     small = ImageFont.load_default(size=10)
-    draw.text((MARGIN, 4), title or "confusion matrix (rows: actual, columns: predicted)", fill="black", font=font)
+    title = title or "confusion matrix (rows: actual, columns: predicted)"
+    width = max(size, MARGIN + round(font.getlength(title)) + 10)  # a few classes: wide enough for the whole title
+    image = Image.new("RGB", (width, size), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN, 4), title, fill="black", font=font)
     for i, row in enumerate(counts):
         total = max(sum(row), 1)
         for j, count in enumerate(row):

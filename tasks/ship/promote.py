@@ -34,8 +34,9 @@ from tuneline.tasks.evaluate.report import EvalReport
 from tuneline.tasks.ship.export_report import ExportReport
 from tuneline.core.onnx_metadata import describe_contract, read_input_spec
 from tuneline.core.onnx_session import Device
-from tuneline.tasks.ship.registry import Registry, sha256_file
+from tuneline.tasks.ship.registry import Registry
 from tuneline.core.registry_layout import MODEL_FILE, VARIANT_FILES
+from tuneline.core.registry_reader import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,17 @@
 """A file-based model registry: models by name, each with versions, model cards and aliases (champion,
 challenger) that move atomically.
 
-The on-disk layout (models, folders, version ids, card and alias files) is core/registry_layout.py, the
-contract the server's read-only reader shares. This module is the only writer: registrations, alias changes and
-the one-time move of a single-model registry under models/<name>/ are serialised between processes by the
-registry's `.lock`. Versions are never modified or deleted,
-so an alias, which only ever names a version that verified under the lock, never points at a missing or
-partial model. Every file is checked (valid ONNX, sha256 of its card) when registered and when loaded.
+The on-disk layout is core/registry_layout.py, and every read (names, versions, cards, aliases, checksums) is
+core/registry_reader.py's, the reader the server uses too; `Registry` adds the writes and the ONNX check. It is
+the only writer: registrations, alias changes and the one-time move of a single-model registry under
+models/<name>/ are serialised between processes by the registry's `.lock`. Versions are never modified or
+deleted, so an alias, which only ever names a version that verified under the lock, never points at a missing
+or partial model. Every file is checked (valid ONNX, size and sha256 of its card) when registered and when loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -24,22 +23,14 @@ from filelock import FileLock, Timeout
 
 from tuneline.core.atomic import make_staging_dir, staged_file
 from tuneline.core.errors import StageFailed
-from tuneline.core.registry_layout import (ALIASES, CARD_FILE, MODEL_FILE, MODEL_FILES, STAGING_PREFIX, LayoutError,
-                                        RegistryLayout, RegistryTree, check_model_name)
+from tuneline.core.registry_layout import CARD_FILE, MODEL_FILE, MODEL_FILES, STAGING_PREFIX, check_model_name
+from tuneline.core.registry_reader import RegistryReader, RegistryReadError, sha256_file
 
 LOCK_TIMEOUT_S = 120.0  # registrations hold the lock for seconds (a copy and a rename), never minutes
 
 
 class RegistryError(StageFailed, RuntimeError):
     """The registry refused an operation; the message says which file or alias and what to do."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_onnx(path: Path) -> None:
@@ -65,13 +56,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def model_names(root: Path) -> list[str]:
-    """The names of the models a registry folder holds (an old single-model registry's included)."""
-    return RegistryTree(Path(root)).names()
-
-
-class Registry:
-    """One model of a registry folder, by name. Reads need no lock (every write is a rename); writes take `.lock`.
+class Registry(RegistryReader):
+    """One model of a registry folder, by name: core's reader plus the writes. Reads need no lock (every write is
+    a rename); writes take `.lock`.
 
     `name` None means the registry's only model (what a single-model caller wants); it is an error when the
     registry holds several. A registry still in the old single-model layout is read as it is, and moved under
@@ -80,66 +67,14 @@ class Registry:
     """
 
     def __init__(self, root: Path, name: str | None = None, lock_timeout: float = LOCK_TIMEOUT_S):
-        self.root = Path(root)
-        self.tree = RegistryTree(self.root)
-        self._name = check_model_name(name) if name is not None else None
+        super().__init__(root, name)
         self._lock = FileLock(str(self.tree.lock_path), timeout=lock_timeout)  # re-entrant in this object
 
-    @property
-    def name(self) -> str | None:
-        """This model's name; for an unnamed Registry the registry's only model (None while it is empty)."""
-        if self._name is not None:
-            return self._name
-        names = self.tree.names()
-        if len(names) > 1:
-            raise RegistryError(f"registry {self.root} holds several models ({', '.join(names)}): name one "
-                                "(--name, project.name)")
-        return names[0] if names else None
+    def translate(self, error: RegistryReadError) -> Exception:
+        """Every refusal of a read is the pipeline's RegistryError (exit 1)."""
+        return RegistryError(str(error))
 
-    @property
-    def layout(self) -> RegistryLayout:
-        """This model's folders (the old top-level layout until it is migrated)."""
-        name = self.name
-        if name is None:  # an empty registry, unnamed: nothing to read yet
-            return RegistryLayout(self.tree.models_dir / ".none")
-        return self.tree.model(name)
-
-    # ----- reading -------------------------------------------------------------------------------------
-
-    def versions(self) -> list[str]:
-        """Version ids in registration order (staging folders and anything else are ignored)."""
-        return self.layout.versions()
-
-    def card(self, version: str) -> dict:
-        if not self.layout.has_version(version):
-            known = ", ".join(self.versions()) or "none yet"
-            raise RegistryError(f"registry {self.root}: no version {version!r} (versions: {known})")
-        try:
-            return self.layout.read_card(version)
-        except LayoutError as exc:
-            raise RegistryError(f"{exc}: restore it from DVC (`dvc checkout`)") from None
-
-    def alias(self, name: str) -> dict | None:
-        """The alias record, or None when the alias was never set."""
-        if name not in ALIASES:
-            raise RegistryError(f"unknown alias {name!r}: choose one of {', '.join(ALIASES)}")
-        try:
-            return self.layout.read_alias(name)
-        except LayoutError as exc:
-            raise RegistryError(f"{exc}: restore it from DVC (`dvc checkout`) or promote again") from None
-
-    def aliases_of(self, version: str) -> list[str]:
-        return [name for name in ALIASES if (self.alias(name) or {}).get("version") == version]
-
-    def resolve(self, ref: str) -> str:
-        """A version id from a version id or an alias name."""
-        if ref in ALIASES:
-            record = self.alias(ref)
-            if record is None:
-                raise RegistryError(f"registry {self.root}: alias {ref!r} is not set: promote a version first")
-            return record["version"]
-        self.card(ref)  # raises with the list of versions when unknown
-        return ref
+    # ----- reading (core's, plus the ONNX check) ----------------------------------------------------------
 
     def find(self, sha256: str) -> str | None:
         """The version whose model.onnx has this sha256, if any (re-registering the same file is a no-op)."""
@@ -149,19 +84,10 @@ class Registry:
         return None
 
     def verify(self, version: str) -> dict:
-        """Check every file of a version against its card (exists, sha256, valid ONNX); returns the card."""
-        card = self.card(version)
-        folder = self.layout.version_dir(version)
-        for name, entry in card["files"].items():
-            path = folder / name
-            if not path.is_file():
-                raise RegistryError(f"{path}: missing but listed in {version}/card.json: restore the registry "
-                                    "(`dvc checkout`)")
-            actual = sha256_file(path)
-            if actual != entry["sha256"]:
-                raise RegistryError(f"{path}: sha256 {actual[:12]}… does not match its card ({entry['sha256'][:12]}…): "
-                                    "the file was altered; restore it (`dvc checkout`) or register a new version")
-            check_onnx(path)
+        """Check every file of a version against its card (exists, size, sha256) and as ONNX; returns the card."""
+        card = super().verify(version)
+        for name in card["files"]:
+            check_onnx(self.layout.version_dir(version) / name)
         return card
 
     def model_path(self, ref: str = "champion", file: str = MODEL_FILE) -> Path:
@@ -223,11 +149,12 @@ class Registry:
             raise RegistryError(f"register: unexpected file name(s) {sorted(unknown)}: use {', '.join(MODEL_FILES)}")
         for source in files.values():
             check_onnx(Path(source))  # refuse before copying anything
-        if self._name is not None and name is not None and name != self._name:
-            raise RegistryError(f"register: card name {name!r} differs from the model {self._name!r} it is registered as")
-        if self._name is None:
-            self._name = check_model_name(name or self.name or "model")
-        name = self._name
+        if self.named is not None and name is not None and name != self.named:
+            raise RegistryError(f"register: card name {name!r} differs from the model {self.named!r} it is "
+                                "registered as")
+        if self.named is None:
+            self.named = check_model_name(name or self.name or "model")
+        name = self.named
         with self.locked():  # migrates an old layout first, so the staging folder lands in the final model folder
             self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
         # Staged beside the final folder (same file system, so the rename is atomic); the dot hides it from versions().

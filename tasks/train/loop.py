@@ -6,9 +6,10 @@ most of an epoch in Python). Augmentation runs on whole batches on the device; b
 channels_last on CUDA. Losses are summed on the device and read once per epoch, so the step loop
 never waits for the host.
 
-Every epoch ends with an atomic resume checkpoint (model, optimizer, schedule, RNG states, best metric,
-history); a rerun of the same config after a crash continues from it, and in deterministic mode ends
-with exactly the metrics of an uninterrupted run.
+Every epoch ends with an atomic resume checkpoint (tasks/train/resume.py: model, optimizer, schedule, RNG
+states, best metric, history); a rerun of the same config after a crash continues from it, and in
+deterministic mode ends with exactly the metrics of an uninterrupted run. The run's set-up (device, data,
+model, data streams) is tasks/train/setup.py's, shared with tuning trials and packs.
 
 Under `torchrun` the same loop trains with DistributedDataParallel (tasks/train/distributed.py): each rank
 takes its share of every global batch, rank 0 writes; a checkpoint resumes at any world size.
@@ -22,13 +23,8 @@ tasks/train/optim.py.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import csv
-import hashlib
-import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,19 +34,23 @@ import torch
 import torch.nn.functional as F
 
 from tuneline.core.atomic import staged_file
-from tuneline.tasks.model.checkpoint import save_checkpoint
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
-from tuneline.tasks.train.distributed import DistContext, barrier, context, device_for, process_group
-from tuneline.tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
 from tuneline.tasks.lineage import Lineage
 from tuneline.tasks.model.architectures import Classifier
+from tuneline.tasks.model.checkpoint import save_checkpoint
+from tuneline.tasks.train.distributed import DistContext, barrier, context
+from tuneline.tasks.train.epochs import Trainee, train_epochs
 from tuneline.tasks.train.optim import LRSchedule, build_optimizer, optimizer_step
+from tuneline.tasks.train.resume import ResumeMismatch, ResumeState, run_identity
+from tuneline.tasks.train.setup import RunSetup, autocast, memory_format, prepare_run, resolve_device
+
+__all__ = ["DivergedError", "HISTORY_FIELDS", "OneModel", "TrainResult", "predict_logits", "read_history",
+           "resolve_device", "run_train"]  # resolve_device: setup.py's, re-exported for evaluate and the benchmarks
 
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "images_per_s")
-RESUME_FORMAT = "tuneline.resume/1"
 EpochCallback = Callable[[dict, Classifier], None]
 
 
@@ -67,21 +67,6 @@ class TrainResult:
     device: str
     stopped_early: bool = False
     resumed_from_epoch: int = 0
-
-
-def resolve_device(requested: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; an explicit 'cuda' without a GPU is an error, not a fallback."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=auto or cpu")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast where it pays (CUDA) or where asked; plain fp32 otherwise."""
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 @torch.no_grad()
@@ -103,26 +88,6 @@ def read_history(path: Path) -> list[dict]:
     """The per-epoch records _write_history wrote, with their numbers as numbers again."""
     with open(path, newline="") as handle:
         return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
-def _resume_key(model_cfg: ModelConfig, cfg: TrainConfig, manifest: dict) -> str:
-    """A checkpoint is only resumed by a run of the same model, training config and data."""
-    payload = {"model": model_cfg.model_dump(), "train": cfg.model_dump(exclude={"resume"}), "data": manifest["files"]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def _determinism(enabled: bool):
-    """Deterministic kernels for the duration of one run (a process-wide switch, so it is restored after)."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-    torch.use_deterministic_algorithms(enabled)
-    torch.backends.cudnn.benchmark = not enabled
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 class _Progress:
@@ -171,7 +136,7 @@ class OneModel:
 
     def __init__(self, model: Classifier, cfg: TrainConfig, ctx: DistContext, device: torch.device, steps_per_epoch: int):
         self.model, self.cfg, self.device = model, cfg, device
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(cfg)
         step_model = _data_parallel(model, ctx, device)
         self.step_model = torch.compile(step_model) if cfg.compile else step_model
         self.optimizer = build_optimizer(cfg, model)
@@ -185,7 +150,7 @@ class OneModel:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         x = x.contiguous(memory_format=self.memory_format)
-        with _autocast(cfg, self.device):
+        with autocast(cfg, self.device):
             logits = self.step_model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         total = loss + cfg.l1 * sum(w.abs().sum() for w in self.l1_weights) if cfg.l1 else loss
@@ -196,7 +161,7 @@ class OneModel:
         return loss.detach().view(1)
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[list, list]:
-        with _autocast(self.cfg, self.device):
+        with autocast(self.cfg, self.device):
             logits = predict_logits(self.model, images, batch_size)
         return [float(F.cross_entropy(logits, labels))], [float((logits.argmax(1) == labels).float().mean())]
 
@@ -220,64 +185,45 @@ def run_train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, mode
     the benchmark measures test accuracy); an exception from it ends the run without a final model.
     """
     ctx = context()
-    device = device_for(ctx, resolve_device(cfg.device))
     if not ctx.is_main:  # one voice: rank 0 logs the run, the others only warnings
         logging.getLogger("tuneline.tasks.train").setLevel(logging.WARNING)  # this module and the epoch loop
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
-    with _determinism(cfg.deterministic), process_group(ctx, device):
-        return _train(model_cfg, cfg, Path(prepared_dir), Path(model_path), Path(history_path), lineage,
-                      params or {}, Path(checkpoint_dir) if checkpoint_dir else Path(model_path).parent / "checkpoints",
-                      show_progress and ctx.is_main, on_epoch, ctx, device)
+    with prepare_run(model_cfg, cfg, prepared_dir, ctx=ctx) as run:
+        return _train(run, model_cfg, cfg, Path(model_path), Path(history_path), lineage, params or {},
+                      Path(checkpoint_dir) if checkpoint_dir else Path(model_path).parent / "checkpoints",
+                      show_progress and ctx.is_main, on_epoch)
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_path: Path, history_path: Path,
+def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: Path, history_path: Path,
            lineage: Lineage, params: dict, checkpoint_dir: Path, show_progress: bool,
-           on_epoch: EpochCallback | None, ctx: DistContext, device: torch.device) -> TrainResult:
-    manifest, train_x, train_y, val_x, val_y = load_data(prepared_dir, device)
-    args = model_args(model_cfg, manifest)
-    model = build_member(model_cfg, cfg, args).to(device, memory_format=torch.channels_last if cfg.channels_last
-                                                   else torch.contiguous_format)
-    n_train = len(train_y)
-    one = OneModel(model, cfg, ctx, device, steps_per_epoch=len(batch_starts(n_train, cfg.batch_size, ctx.world_size)))
-    # The batch order is the same on every rank (each takes its share of it); augmentation and dropout
-    # draw per rank, so two ranks never apply the same random transform to their different images.
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(cfg.seed + ctx.rank)
-    if ctx.rank:
-        torch.manual_seed(cfg.seed + ctx.rank)
+           on_epoch: EpochCallback | None) -> TrainResult:
+    model, ctx, device, data = run.model, run.ctx, run.device, run.data
+    one = OneModel(model, cfg, ctx, device, steps_per_epoch=run.steps_per_epoch)
     trainee = Trainee(cfg, on_epoch=(lambda record: on_epoch(record, model)) if on_epoch is not None else None)
 
     resume_path = checkpoint_dir / "last.pt"
-    key = _resume_key(model_cfg, cfg, manifest)
+    identity = run_identity(model_cfg, cfg, run.manifest)
     start_epoch = 0
     if cfg.resume and resume_path.is_file():
-        state = torch.load(resume_path, map_location=device, weights_only=True)
-        if state.get("format") == RESUME_FORMAT and state.get("key") == key:
-            model.load_state_dict(state["model"])
-            one.optimizer.load_state_dict(state["optimizer"])
-            one.schedule.load_state_dict(state["schedule"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if device.type == "cuda" and state["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-            generator.set_state(state["rng"]["generator"])
-            trainee.history, trainee.best_metric = state["history"], state["best_metric"]
-            trainee.bad_epochs, trainee.best_state, start_epoch = state["bad_epochs"], state["best_state"], state["epoch"]
-            if ctx.rank:  # rank 0's saved streams, shifted per rank as at the start
-                torch.manual_seed(cfg.seed + ctx.rank + 1000 * start_epoch)
-                augment_generator.manual_seed(cfg.seed + ctx.rank + 1000 * start_epoch)
-            log.info("train: resuming from %s after epoch %d", resume_path, start_epoch)
+        try:
+            state = ResumeState.load(resume_path, identity, device)
+        except ResumeMismatch as exc:
+            log.info("train: not resuming, starting over: %s", exc)
         else:
-            log.info("train: ignoring %s: it belongs to a different config or data", resume_path)
+            state.restore(model, one.optimizer, one.schedule, data.generator, device, trainee)
+            start_epoch = state.epoch
+            run.seed_rank(epochs_done=start_epoch)  # rank 0's streams are the checkpoint's; the others move on
+            log.info("train: resuming from %s after epoch %d", resume_path, start_epoch)
 
-    log.info("train: %s on %s, %d train / %d val images, epochs %d..%d%s", args.arch, device, n_train, len(val_y),
-             start_epoch + 1, cfg.epochs,
+    log.info("train: %s on %s, %d train / %d val images, epochs %d..%d%s", run.args.arch, device, len(data.train_y),
+             len(data.val_y), start_epoch + 1, cfg.epochs,
              f", DistributedDataParallel over {ctx.world_size} processes ({dist_backend()})" if ctx.enabled else "")
 
     def save_resume(epoch: int) -> None:
         if ctx.is_main:
-            _save_resume(resume_path, key, epoch, model, one.optimizer, one.schedule, generator, device, trainee)
+            ResumeState.capture(identity, epoch, model, one.optimizer, one.schedule, data.generator, device,
+                                trainee).save(resume_path)
 
-    data = EpochData(train_x, train_y, val_x, val_y, args.n_classes, cfg, generator, augment_generator, ctx)
     with _Progress(show_progress, len(data.starts)) as progress:
         train_epochs(one, [trainee], data, "train", first_epoch=start_epoch + 1, progress=progress,
                      after_epoch=save_resume)
@@ -289,7 +235,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_p
     history = trainee.history
     if ctx.is_main:
         save_checkpoint(model_path, model, config={"model": model_cfg.model_dump(), "train": cfg.model_dump()},
-                        params=params, lineage=lineage.to_dict(), classes=manifest["classes"], history=history)
+                        params=params, lineage=lineage.to_dict(), classes=run.manifest["classes"], history=history)
         _write_history(history_path, history)
         resume_path.unlink(missing_ok=True)  # finished: a rerun starts over rather than "resuming" a done run
     barrier(ctx)  # every rank returns once the model is on disk
@@ -311,18 +257,3 @@ def _data_parallel(model: torch.nn.Module, ctx: DistContext, device: torch.devic
 
 def dist_backend() -> str:
     return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
-
-
-def _save_resume(path: Path, key: str, epoch: int, model, optimizer, schedule, generator, device,
-                 trainee: Trainee) -> None:
-    state = {
-        "format": RESUME_FORMAT, "key": key, "epoch": epoch,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        "history": copy.deepcopy(trainee.history), "best_metric": trainee.best_metric,
-        "best_state": trainee.best_state, "bad_epochs": trainee.bad_epochs,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with staged_file(path) as tmp:
-        torch.save(state, tmp)

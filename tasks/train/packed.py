@@ -6,11 +6,12 @@ stacked along a new leading dimension (`torch.func.stack_module_state`) and one 
 (`vmap` over `functional_call`: the first layer sees the one shared normalised batch, so it runs as one
 wide convolution / matmul; later convolutions become grouped convolutions, linear layers batched matmuls
 over weights stored input-major so they are read in place). The pack is the stacked strategy of the one
-training loop (tasks/train/loop.py: data order, divergence checks, history, early stopping, model
-construction are run_train's); its optimizer step is tasks/train/optim.py's StackedOptimizer, batched
-tensor ops whose hyperparameters are per-model tensors of shape [K]. Inside one pack each model has its
-own value of every `per_model` setting (learning rate and schedule, optimizer hyperparameters, L1, label
-smoothing, dropout rate, seed, divergence threshold, early stopping, epochs: the roles below).
+training loop (tasks/train/epochs.py: data order, divergence checks, history, early stopping are run_train's)
+and starts from run_train's set-up (tasks/train/setup.py: device, data, streams, model construction); its
+optimizer step is tasks/train/optim.py's StackedOptimizer, batched tensor ops whose hyperparameters are
+per-model tensors of shape [K]. Inside one pack each model has its own value of every `per_model` setting
+(learning rate and schedule, optimizer hyperparameters, L1, label smoothing, dropout rate, seed, divergence
+threshold, early stopping, epochs: the roles below).
 
 Each TrainConfig field declares its packing role beside its default (json_schema_extra={"packing": ...}):
 
@@ -60,10 +61,10 @@ from torch.func import functional_call, stack_module_state, vmap
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.model.architectures import ModelArgs
-from tuneline.tasks.train.epochs import EpochData, Stream, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
-from tuneline.tasks.train.loop import _autocast, _determinism, resolve_device
-from tuneline.tasks.train.optim import OPTIMIZER_FAMILY, OPTIMIZER_STATES, StackedOptimizer, StackedSchedules
 from tuneline.tasks.data.prepare import load_manifest
+from tuneline.tasks.train.epochs import Stream, Trainee, build_member, model_args, train_epochs
+from tuneline.tasks.train.optim import OPTIMIZER_FAMILY, OPTIMIZER_STATES, StackedOptimizer, StackedSchedules
+from tuneline.tasks.train.setup import RunSetup, autocast, prepare_run, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class _Pack:
 
     def __init__(self, members: list[Member], args: ModelArgs, device: torch.device, steps_per_epoch: int):
         train_cfgs = [m.train for m in members]
-        self.device, self.autocast, self.args = device, _autocast(train_cfgs[0], device), args
+        self.device, self.autocast, self.args = device, autocast(train_cfgs[0], device), args
         self.key = group_key(members[0].model, members[0].train)
         self.no_dropout = all(m.model.dropout == 0 for m in members)
         models = self._build(members)
@@ -363,21 +364,19 @@ def train_packed(members: list[Member], prepared_dir: Path, data_seed: int | str
     """
     _check_pack(members)
     shared = members[0].train
-    with _determinism(shared.deterministic):
-        return _train_packed(members, Path(prepared_dir), shared.seed if data_seed is None else data_seed, keep_states,
-                             refill)
-
-
-def _train_packed(members: list[Member], prepared_dir: Path, data_seed: int | str, keep_states: bool,
-                  refill: Refill | None) -> list[MemberResult]:
-    shared = members[0].train
-    device = resolve_device(shared.device)
-    manifest, train_x, train_y, val_x, val_y = load_data(prepared_dir, device)
-    args = replace(model_args(members[0].model, manifest), dropout=0.0)
-    pack = _Pack(members, args, device, steps_per_epoch=len(batch_starts(len(train_y), shared.batch_size)))
     own = data_seed == "own"
-    torch.manual_seed(shared.seed if own else data_seed)  # the pack's dropout masks
-    generator = torch.Generator(device=device).manual_seed(shared.seed if own else data_seed)
+    seed = shared.seed if data_seed is None or own else data_seed
+    # run_train's set-up, but the pack builds its models itself (K of them, stacked).
+    with prepare_run(members[0].model, shared, prepared_dir, data_seed=seed, build=False) as run:
+        return _train_packed(run, members, own, keep_states, refill)
+
+
+def _train_packed(run: RunSetup, members: list[Member], own: bool, keep_states: bool,
+                  refill: Refill | None) -> list[MemberResult]:
+    device = run.device
+    args = replace(run.args, dropout=0.0)
+    pack = _Pack(members, args, device, steps_per_epoch=run.steps_per_epoch)
+    torch.manual_seed(run.seed)  # the pack's dropout masks
     streams: dict[int, Stream] = {}  # data_seed="own": one stream per distinct seed of the first members
     results: list[MemberResult] = []
     everyone = list(members)
@@ -414,9 +413,9 @@ def _train_packed(members: list[Member], prepared_dir: Path, data_seed: int | st
         return [trainee(m, Stream.seeded(m.train.seed, device)) for m in joining]
 
     log.info("packed: %d x %s on %s, %d train / %d val images, %d epochs, data seed %s", len(members), args.arch,
-             device, len(train_y), len(val_y), max(m.train.epochs for m in members), data_seed)
-    data = EpochData(train_x, train_y, val_x, val_y, args.n_classes, shared, generator, generator)
-    train_epochs(pack, trainees, data, "packed", refill=join)
+             device, len(run.data.train_y), len(run.data.val_y), max(m.train.epochs for m in members),
+             "own" if own else run.seed)
+    train_epochs(pack, trainees, run.data, "packed", refill=join)
     return results
 
 
@@ -454,7 +453,7 @@ def _analytic_member_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, args:
         return t
 
     x = torch.zeros(train_cfg.batch_size, *args.image_shape, device=device)
-    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t), _autocast(train_cfg, device):
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t), autocast(train_cfg, device):
         out = model(x)
     state = OPTIMIZER_STATES[OPTIMIZER_FAMILY[train_cfg.optimizer]]
     return 4 * n_params * (2 + state) + sum(saved.values()) + 3 * out.numel() * 4

@@ -45,7 +45,7 @@ WAIT_S = 1.0  # while others' running trials would complete the budget: how ofte
 
 def packing_size(cfg: TuneConfig, base: Params) -> int | None:
     """tune.packing resolved to the largest pack (before the memory cap), or None: one trial at a time."""
-    from tuneline.tasks.train.loop import resolve_device
+    from tuneline.tasks.train.setup import resolve_device
 
     if cfg.packing == "auto":
         if resolve_device(base.train.device).type != "cuda":

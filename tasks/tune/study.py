@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from typing import Any, TYPE_CHECKING
 
 from tuneline.core.config.tune import TuneConfig
@@ -145,10 +146,21 @@ def create_study(cfg: TuneConfig, name: str, url: str):
 
     # Optuna cannot prune a multi-objective study (Trial.report raises there): its trials run to the end.
     pruner = optuna.pruners.NopPruner() if is_multi_objective(cfg) else _pruner(cfg)
-    return optuna.create_study(study_name=name, storage=open_storage(url),
-                               directions=[DIRECTIONS[name] for name in cfg.objectives],
-                               load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed),
-                               pruner=pruner)
+    study = optuna.create_study(study_name=name, storage=open_storage(url),
+                                directions=[DIRECTIONS[name] for name in cfg.objectives],
+                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed),
+                                pruner=pruner)
+    # Named on every open, a continued study included (one made before names were set gets them too), so
+    # optuna-dashboard's axes read val_accuracy / latency_p99_ms rather than "Objective 0".
+    with warnings.catch_warnings():  # experimental since Optuna 3.2: a warning on every run would be noise
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metric_names(cfg))
+    return study
+
+
+def metric_names(cfg: TuneConfig) -> list[str]:
+    """The study's objective names, in order: val_accuracy, then the serving costs tune.objectives adds."""
+    return [OBJECTIVE["metric"] if objective == "accuracy" else objective for objective in cfg.objectives]
 
 
 def load_study(name: str, url: str):

@@ -23,9 +23,9 @@ import torch
 
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
-from tuneline.tasks.train.distributed import DistContext
-from tuneline.tasks.train.epochs import EpochData, Trainee, batch_starts, build_member, load_data, model_args, train_epochs
-from tuneline.tasks.train.loop import DivergedError, OneModel, _determinism, resolve_device
+from tuneline.tasks.train.epochs import Trainee, load_data, train_epochs
+from tuneline.tasks.train.loop import DivergedError, OneModel
+from tuneline.tasks.train.setup import prepare_run
 
 _DATA: dict[tuple, tuple] = {}  # this worker's prepared splits on the device: one data set at a time
 
@@ -86,14 +86,8 @@ def train_trial(model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, on_epo
     """
     times = times if times is not None else TrialTimes()
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
-    with _determinism(cfg.deterministic):
-        manifest, train_x, train_y, val_x, val_y = worker_data(prepared, device)
-        args = model_args(model_cfg, manifest)
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = build_member(model_cfg, cfg, args).to(device, memory_format=memory_format)
-        one = _TimedModel(model, cfg, DistContext(), device, steps_per_epoch=len(batch_starts(len(train_y), cfg.batch_size)))
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)  # run_train's data order and augmentation
+    with prepare_run(model_cfg, cfg, prepared, load=worker_data) as run:  # run_train's set-up, cached splits
+        one = _TimedModel(run.model, cfg, run.ctx, run.device, steps_per_epoch=run.steps_per_epoch)
 
         def record(row: dict) -> None:
             times.epochs.append(row["epoch"])
@@ -102,11 +96,10 @@ def train_trial(model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, on_epo
             on_epoch(row)
 
         trainee = Trainee(cfg, on_epoch=record, track_best=False)  # a trial's weights are never kept
-        data = EpochData(train_x, train_y, val_x, val_y, args.n_classes, cfg, generator, generator)
         times.setup_s = time.perf_counter() - started
-        train_epochs(one, [trainee], data, "trial")
+        train_epochs(one, [trainee], run.data, "trial")
     if trainee.status == "diverged":
         raise DivergedError(trainee.reason)
     if on_trained is not None:
-        on_trained(model, val_x)
+        on_trained(run.model, run.data.val_x)
     return trainee.history

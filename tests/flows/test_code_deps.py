@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tuneline.flows import code_deps, dvc_yaml
 from tests.conftest import REPO, make_project
-
-# A placeholder for every stage output, so DVC can record all stages without running them.
-FAKE_OUTPUTS = ("data/raw/train.bin", "data/prepared/train.pt", "tuning/best_params.json", "tuning/trials.csv",
-                "models/model.pt", "metrics/train_history.csv", "metrics/eval.json", "metrics/confusion.csv",
-                "metrics/confusion.png", "models/model.onnx", "models/variants/variants.json", "metrics/export.json")
-
 
 def dvc(project: Path, *args: str) -> str:
     # The DVC CLI in a subprocess: in-process DVC keeps logging handlers bound to earlier tests' streams.
@@ -32,13 +28,28 @@ def changed_stages(project: Path) -> set[str]:
     return set(json.loads(dvc(project, "status", "--json") or "{}"))
 
 
+def placeholder_outputs(project: Path) -> None:
+    """A stand-in for every stage output dvc.yaml declares, so DVC can record all stages without running them."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                name = next(iter(entry)) if isinstance(entry, dict) else entry
+                path = project / re.sub(r"\$\{paths\.(\w+)\}", lambda m: params["paths"][m[1]], name)
+                if path.suffix:  # a file (json, csv, png, pt, onnx)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text("{}\n" if path.suffix == ".json" else f"placeholder {name}\n")
+                else:  # a folder output (data/raw, data/prepared, models/variants)
+                    path.mkdir(parents=True, exist_ok=True)
+                    (path / "placeholder").write_text("x\n")
+
+
 @pytest.fixture
 def recorded_project(tmp_path: Path) -> Path:
     """A project copy whose dvc.lock records every stage as up to date (outputs are placeholders)."""
     project = make_project(tmp_path)
-    for name in FAKE_OUTPUTS:
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        (project / name).write_text(f"placeholder {name}\n")
+    placeholder_outputs(project)
     dvc(project, "commit", "--force")
     assert changed_stages(project) == set()
     return project
@@ -124,3 +135,36 @@ def test_a_user_module_is_followed_within_its_own_package(tmp_path: Path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     files = {path.name for path in code_deps.stage_code_files("train", user_modules=["mymodels.net"])}
     assert {"net.py", "blocks.py", "layers.py", "__init__.py", "loop.py"} <= files and "unused.py" not in files
+
+
+# Each stage depends on its own config: the params schema is one module per section (core/config/), so the
+# server's section (serve.py) and the root schema (params.py) are no stage's code dep.
+def _edit_description(path: Path, field: str, addition: str) -> None:
+    """Append text to one field's description in a schema module (a docs-only edit of that field)."""
+    text = path.read_text()
+    pattern = re.compile(rf'(\n    {field}: [^\n]*?description="[^"]*)(")')
+    assert pattern.search(text), f"{path}: no field {field!r} with a description"
+    path.write_text(pattern.sub(lambda m: m[1] + addition + m[2], text, count=1))
+
+
+def test_editing_a_server_only_field_reruns_no_stage(recorded_project: Path):
+    _edit_description(recorded_project / "core" / "config" / "serve.py", "port", " (edited)")
+    _edit_description(recorded_project / "core" / "config" / "serve.py", "workers", " (edited)")
+    assert changed_stages(recorded_project) == set()
+
+
+def test_editing_a_train_field_reruns_the_stages_that_train(recorded_project: Path):
+    _edit_description(recorded_project / "core" / "config" / "train.py", "lr", " (edited)")
+    changed = changed_stages(recorded_project)
+    assert {"train", "tune"} <= changed and not changed & {"fetch", "prepare"}, changed
+
+
+def test_a_value_export_measures_with_reruns_export_only(recorded_project: Path):
+    params = recorded_project / "params.yaml"
+    params.write_text(re.sub(r"(\nserve:\n(?:  .*\n)*?  threads:) \d+", r"\1 3", params.read_text()))
+    assert "threads: 3" in params.read_text()
+    assert changed_stages(recorded_project) == {"export"}
+    subprocess.run(["git", "checkout", "-q", "--", "params.yaml"], cwd=recorded_project, check=True)
+    params.write_text(re.sub(r"(\nserve:\n(?:  .*\n)*?  port:) \d+", r"\1 9000", params.read_text()))
+    assert "port: 9000" in params.read_text()
+    assert changed_stages(recorded_project) == set()

@@ -24,9 +24,12 @@ TINY = {"data.limit_train": 1500, "data.limit_test": 300, "train.epochs": 1, "tr
 
 
 def installed_copy(dest: Path) -> Path:
+    """The package as site-packages holds it: tuneline/ with core, tasks, flows and serving inside (pyproject's
+    package-dir). First on PYTHONPATH it wins over the editable install's finder, which comes after sys.path."""
     site = dest / "site"
-    for package in ("tasks", "flows", "serving"):
-        shutil.copytree(REPO / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "tuneline", site / "tuneline", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("core", "tasks", "flows", "serving"):
+        shutil.copytree(REPO / package, site / "tuneline" / package, ignore=shutil.ignore_patterns("__pycache__"))
     return site
 
 
@@ -87,7 +90,8 @@ def test_a_run_with_overrides_in_an_init_project_does_not_ask_git_for_the_code_f
         assert yaml.safe_load((workspace.root / "params.yaml").read_text())["train"]["lr"] == 0.01
 
 
-def test_init_refuses_an_existing_project_a_shadowing_folder_and_missing_data(tmp_path: Path, site_env):
+def test_init_refuses_an_existing_project_and_missing_data_but_not_a_folder_named_like_tunelines(tmp_path: Path,
+                                                                                                   site_env):
     _, env = site_env
     tuneline = str(BIN / "tuneline")
     project = tmp_path / "proj"
@@ -99,9 +103,9 @@ def test_init_refuses_an_existing_project_a_shadowing_folder_and_missing_data(tm
     (mine / "tasks").mkdir(parents=True)
     (mine / "tasks" / "__init__.py").write_text("")
     (mine / "tasks" / "jobs.py").write_text("")
-    shadow = tool(tmp_path, env, tuneline, "init", str(mine), ok=False)
-    assert shadow.returncode == 2 and "tasks/ would shadow Tuneline's package" in shadow.stderr
-    assert sorted(p.name for p in mine.iterdir()) == ["tasks"]  # nothing written
+    tool(tmp_path, env, tuneline, "init", str(mine))  # Tuneline installs only `tuneline`: any folder name is fine
+    assert sorted(p.name for p in (mine / "tasks").iterdir()) == ["__init__.py", "jobs.py"]
+    assert tool(mine, env, "git", "ls-files", "tasks").stdout.split() == ["tasks/__init__.py", "tasks/jobs.py"]
 
     cifar = tool(tmp_path, env, tuneline, "init", str(tmp_path / "c10"), "--example", "cifar10", ok=False)
     assert cifar.returncode == 2 and "needs --data PATH" in cifar.stderr
@@ -142,7 +146,7 @@ def test_editing_installed_tuneline_code_or_the_users_network_retrains_while_dat
             assert f"Running stage '{stage}'" not in out and f"'{stage}' didn't change" in out
 
     # An edit to a module training imports, in the installed code: train and what follows rerun ...
-    optim = site / "tasks" / "train" / "optim.py"
+    optim = site / "tuneline" / "tasks" / "train" / "optim.py"
     optim.write_text(optim.read_text() + "\n# an edit to the installed Tuneline\n")
     assert_retrained_from_train_on(tool(project, env, str(BIN / "dvc"), "repro").stdout)
 
@@ -153,7 +157,7 @@ def test_editing_installed_tuneline_code_or_the_users_network_retrains_while_dat
     assert_retrained_from_train_on(tool(project, env, str(BIN / "dvc"), "repro").stdout)
 
     # An edit to the server's code retrains nothing.
-    app = site / "serving" / "app.py"
+    app = site / "tuneline" / "serving" / "app.py"
     app.write_text(app.read_text() + "\n# a server edit\n")
     last = tool(project, env, str(BIN / "dvc"), "repro")
     assert [line for line in last.stdout.splitlines() if line.startswith("Running stage")] == ["Running stage 'code':"]

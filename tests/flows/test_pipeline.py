@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import onnx
@@ -32,6 +33,7 @@ from tuneline.tasks.ship.registry import Registry
 from tuneline.flows.params_file import write_overrides
 from tuneline.core.config.overrides import parse_overrides
 from tests.conftest import cli_env, make_project, once_per_session
+from tests.tasks.test_summary import markdown_links
 from tests.module_copies import module_log_env, stray_modules_in_log
 
 pytestmark = pytest.mark.slow
@@ -298,6 +300,11 @@ def test_the_first_model_past_every_gate_becomes_champion_with_its_variants(stor
     assert int8["kept"] == ("model.int8.onnx" in card["files"]) == (int8["drop"] <= 0.005)
     summary = done.text("reports/run_summary.md")
     assert f"int8 variant**: test accuracy {int8['accuracy']:.4f}, drop {int8['drop']:+.4f}" in summary
+    # Its links open from reports/: the card (by model name), the ONNX file, the two pictures the stages drew.
+    links = markdown_links(summary)
+    assert {"../registry/models/mnist/versions/v0001/card.json", "../metrics/confusion.png",
+            "../metrics/train_curves.png"} <= set(links)
+    assert all((done.state / "reports" / unquote(link)).is_file() for link in links), links
     assert "ONNX Runtime** (CPUExecutionProvider): p50" in summary and "gate.max_latency_p99_ms" in summary
 
 

@@ -11,8 +11,6 @@ import importlib.util
 import json
 import posixpath
 import re
-import subprocess
-import sys
 import tomllib
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -23,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.blocked_imports import run_without_training_stack
 from tests.infra.infra_files import (INFRA, K8S_PREFECT_FILE, PREFECT_REQUIRED_MANIFEST, REPO, command_words,
                                      compose, compose_environment, contains, copy_sources, dockerignored, env,
                                      find, healthcheck_command, instructions, interpolate, last, manifests,
@@ -145,9 +144,51 @@ def test_serving_image_runs_tuneline_serve_on_all_interfaces():
     assert_probe(urlsplit(re.search(r"'(http://[^']+)'", check)[1]).path, live=False)
 
 
-def test_serving_image_leaves_out_only_what_the_server_never_imports():
-    """infra/requirements.py --serving drops the training stack: the server (CLI, app, model loading, the
-    CUDA probe, the client) must import none of it."""
+def installed_closure(names: set[str]) -> set[str]:
+    """`names` and every distribution they require, transitively, as installed here (extras left out)."""
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.distribution(name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not for this platform (onnxruntime beside onnxruntime-gpu)
+        todo += [r.name for r in map(Requirement, requires) if r.marker is None or r.marker.evaluate({"extra": ""})]
+    return seen
+
+
+# What the server does at start and per command, run with the training stack unimportable (tests/blocked_imports.py):
+# every serving and core module, params.yaml validated (ModelConfig's validator imported torch before issue 21),
+# the app built as `tuneline serve` builds it, the CUDA probe, `tuneline models list` and `predict`'s client.
+SERVER_PROBE = """
+import importlib, os, pkgutil, sys
+from pathlib import Path
+import tuneline.core, tuneline.serving
+for package in (tuneline.core, tuneline.serving):
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(module.name)
+from tuneline.flows.cli import _parser
+_parser()
+from tuneline.core.config.params import load_params
+from tuneline.core.onnx_session import resolve_providers
+from tuneline.serving.app import create_app
+from tuneline.serving.settings import build_settings, env_overrides
+repo = Path(sys.argv[1])
+params = load_params(repo / "params.yaml", env_overrides(os.environ))
+create_app(build_settings(params, repo, os.environ, registry=repo / "no-registry"), resolve_providers("auto"))
+import tuneline.flows.models_cli, tuneline.serving.client, uvicorn, httpx
+print(" ".join(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_serving_image_leaves_out_only_what_the_server_never_imports(tmp_path):
+    """infra/requirements.py --serving drops the training stack, and what it keeps requires none of it: the
+    server (CLI, params, app, model loading, the CUDA probe, the client) must run without it."""
     spec = importlib.util.spec_from_file_location("infra_requirements", INFRA / "requirements.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -155,20 +196,28 @@ def test_serving_image_leaves_out_only_what_the_server_never_imports():
     serving = {module.name_of(r) for r in module.requirements(REPO / "pyproject.toml", serving=True)}
     assert {"onnxruntime-gpu", "onnx", "fastapi", "uvicorn"} <= serving and not serving & training_only
     assert not serving & {"torch", "torchvision", "prefect", "dvc", "optuna"}  # the point of a separate image
-    probe = ("import sys, pkgutil, importlib, serving\n"
-             "from tuneline.flows.cli import _parser; _parser()\n"
-             "for m in pkgutil.iter_modules(serving.__path__): importlib.import_module('serving.' + m.name)\n"
-             "import uvicorn, httpx, tuneline.tasks.ship.registry\n"
-             "from tuneline.core.onnx_session import resolve_providers; resolve_providers('auto')\n"
-             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
-    loaded = set(subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
-                                check=True, timeout=60).stdout.split())
+    pulled_in = installed_closure(serving) & training_only  # optuna-dashboard requires optuna, for one
+    assert not pulled_in, f"the serving set requires {sorted(pulled_in)} (transitively): pip would install them"
+    run = run_without_training_stack(SERVER_PROBE, cwd=tmp_path, args=[str(REPO)])
+    assert run.returncode == 0, f"the server needs the training stack:\n{run.stderr[-3000:]}"
+    loaded = set(run.stdout.split())
     assert "onnxruntime" in loaded and "fastapi" in loaded
     assert not loaded & training_only, f"the server imports {loaded & training_only}: not in the serving image"
     # Lazy imports inside functions that the run above did not reach.
-    for source in (REPO / "serving").glob("*.py"):
+    for source in [*(REPO / "serving").rglob("*.py"), *(REPO / "core").rglob("*.py")]:
         imported = re.findall(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", source.read_text(), re.M)
         assert not set(imported) & training_only, f"{source.name} imports {set(imported) & training_only}"
+
+
+def test_serving_image_installs_every_folder_the_package_maps():
+    """The image installs the package from the folders pyproject.toml's package-dir maps onto `tuneline`;
+    a folder left out of its COPY lines (or its .dockerignore) would be missing from the install."""
+    mapped = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied = {source for source in copy_sources(SERVE) if (REPO / source).is_dir()}
+    assert mapped <= copied, f"infra/serving.Dockerfile does not COPY {sorted(mapped - copied)}"
+    assert not any(dockerignored(SERVE, folder + "/__init__.py") for folder in mapped)
+    installed = " ".join(args for key, args in instructions(SERVE) if key == "RUN")
+    assert "pip install --no-deps /tmp/build" in installed  # a regular install, as pyproject maps it
 
 
 # ----- compose -------------------------------------------------------------------------------------------

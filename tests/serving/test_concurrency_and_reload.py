@@ -191,7 +191,7 @@ def test_load_and_unload_versions_by_id(tmp_path, onnx_model, digits):
         assert unload.status_code == 200
         assert httpx.post(url + "/v2/models/mnist/versions/v0001/infer", json=body).status_code == 503
         champion = httpx.post(url + "/v2/repository/models/mnist/unload", json={"parameters": {"version": "v0002"}})
-        assert champion.status_code == 400 and "is the champion" in champion.json()["error"]
+        assert champion.status_code == 409 and "is the champion" in champion.json()["error"]
         missing = httpx.post(url + "/v2/repository/models/mnist/load", json={"parameters": {"version": "v0009"}})
         assert missing.status_code == 404
         assert httpx.post(url + "/v2/repository/models/cifar/load").status_code == 404

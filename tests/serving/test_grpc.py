@@ -231,18 +231,18 @@ def test_the_bearer_token_guards_grpc_as_it_guards_rest(tmp_path, onnx_model):
 
 @pytest.mark.fast
 def test_a_taken_grpc_port_fails_start_up_with_a_clear_error(tmp_path):
-    from tuneline.serving.grpc_server import start_grpc
-    from tuneline.serving.metrics import ServingMetrics
-    from tuneline.serving.middleware import InFlight
+    from tuneline.serving.dataplane import DataPlane
+    from tuneline.serving.grpc_v2 import start_grpc
     from tuneline.serving.settings import ServeSettings
 
+    cpu = ["CPUExecutionProvider"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         settings = ServeSettings(registry=tmp_path, grpc_port=taken.getsockname()[1])
         with pytest.raises(OSError, match=r"serve.grpc_port: cannot listen on 127.0.0.1:\d+"):
-            asyncio.run(start_grpc(None, settings, ServingMetrics(), InFlight()))
-    assert asyncio.run(start_grpc(None, ServeSettings(registry=tmp_path), ServingMetrics(), InFlight())) is None
+            asyncio.run(start_grpc(DataPlane(settings, cpu)))
+    assert asyncio.run(start_grpc(DataPlane(ServeSettings(registry=tmp_path), cpu))) is None
 
 
 @pytest.mark.fast

@@ -150,7 +150,7 @@ def test_access_log_and_model_events_are_structured(one_version, digits, caplog)
     caplog.set_level(logging.INFO)
     with run_server(one_version, access_log=True) as running:
         httpx.post(running.url + INFER, content=_uint8_request(digits.images[0]), headers={"x-request-id": "abc"})
-    records = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name.startswith("serving")]
+    records = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name.startswith("tuneline.serving")]
     loaded = next(r for r in records if r.get("event") == "model_loaded")
     assert loaded["version"] == "v0001" and loaded["provider"] == "CPUExecutionProvider" and loaded["load_ms"] > 0
     request = next(r for r in records if r.get("event") == "request" and r["path"] == INFER)

@@ -50,6 +50,14 @@ def test_confusion_picture(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["confusion.png"]  # written atomically, no temp left
 
 
+def test_a_confusion_picture_of_two_classes_shows_its_whole_title(tmp_path):
+    path = render_confusion_png(torch.tensor([[5, 1], [0, 4]]), ["cat", "dog"], tmp_path / "confusion.png",
+                                title="test accuracy 0.9000 on 10 images (rows: actual, columns: predicted)")
+    image = Image.open(path).convert("L")
+    title_strip = image.crop((image.width - 8, 0, image.width, 20))  # the title's line, at the right edge
+    assert min(title_strip.getdata()) > 200  # background only: the title ends before the edge, not cut by it
+
+
 def test_a_confusion_picture_of_300_classes_stays_small(tmp_path):
     # A 44-pixel cell per class would be a 13,000-pixel square (≈0.5 GB in memory) for 300 classes.
     confusion = torch.eye(300, dtype=torch.long) * 5

@@ -99,7 +99,7 @@ def test_accuracy_against_serving_cost_gives_a_front_and_train_uses_the_stated_p
     assert trained.model.kwargs["hidden"] == expected["model.kwargs.hidden"]
     # The front is shown: a self-contained plot next to the tuning outputs and a table in the run summary.
     assert (tmp_path / "pareto.html").stat().st_size > 100_000
-    markdown = "\n".join(render_summary_tuning(params, tuning_summary(tmp_path)))
+    markdown = "\n".join(render_summary_tuning(params, tuning_summary(tmp_path), tmp_path))
     assert f"Train uses trial {expected['number']}" in markdown
     assert "| number | accuracy | latency_p99_ms | size_mb | model.kwargs.hidden |" in markdown
     assert "tuneline dashboard" in markdown and "pareto.html" in markdown
@@ -111,10 +111,10 @@ def test_accuracy_against_serving_cost_gives_a_front_and_train_uses_the_stated_p
     assert most["trial"] == result.pareto[0]["number"]
 
 
-def render_summary_tuning(params, tuning):
+def render_summary_tuning(params, tuning, root):
     summary = {"accuracy": 0.9, "gates_passed": True, "data_version": "abc.dir", "params_hash": "p", "git_commit": "c",
                "onnx_path": "model.onnx", "stages": {}, "tuning": tuning}
-    return render_summary(params, summary, [], history_path="missing.csv", pushed="").splitlines()
+    return render_summary(params, summary, [], params.paths.resolve(root), pushed="").splitlines()
 
 
 def test_a_multi_objective_study_with_several_params_writes_its_importance_plot(tmp_path):

@@ -1,9 +1,10 @@
 """The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`), served beside REST.
 
 A grpc.aio server in uvicorn's event loop, started and stopped by the app's lifespan when serve.grpc_port is
-set. It shares everything with REST: the model holder, each model's batcher (gRPC and REST requests join the
-same batches), the in-flight count, the bearer token, the size and concurrency limits, and the validation
-(tuneline.serving.protocol.check_input / to_pixels), so a request gets the same answer, or the same error, either way.
+set. An adapter over the data plane (serving/dataplane.py) like the REST routes: the models, each model's
+batcher (gRPC and REST requests join the same batches), the in-flight count, the bearer token, the size and
+concurrency limits, and the validation (tuneline.serving.protocol.check_input / to_pixels) are shared, so a
+request gets the same answer, or the same error, either way.
 ServingError's HTTP status maps to a gRPC code (400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, ...); INTERNAL is
 left for real bugs.
 
@@ -14,28 +15,30 @@ that is unknown or not loaded, as Triton does: clients use it as a probe.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import grpc
 import numpy as np
+from fastapi import FastAPI
 
 from tuneline.serving import protocol
 from tuneline.serving.admin import PathRedactor
 from tuneline.serving.binary import tensor_bytes, tensor_from_bytes
-from tuneline.serving.errors import BadRequest, Busy, NotFound, NotReady, ServingError, Unauthorized
-from tuneline.serving.metrics import ServingMetrics
-from tuneline.serving.middleware import InFlight
-from tuneline.serving.model_holder import ModelHolder
+from tuneline.serving.dataplane import DataPlane
+from tuneline.serving.errors import BadRequest, Busy, ServingError, Unauthorized
 from tuneline.serving.proto import SERVICE, messages
-from tuneline.serving.settings import ServeSettings
 
 log = logging.getLogger("tuneline.serving.grpc")
 
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-         404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
+         413: grpc.StatusCode.RESOURCE_EXHAUSTED,
          429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # probes work without the token, as on REST
 TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents"}  # where each accepted datatype's values go
@@ -44,30 +47,25 @@ TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents"}  # where each 
 class InferenceService:
     """The RPC implementations; each takes the request message and returns the response message."""
 
-    def __init__(self, holder: ModelHolder, settings: ServeSettings, metrics: ServingMetrics, in_flight: InFlight):
-        self.holder, self.settings, self.metrics, self.in_flight = holder, settings, metrics, in_flight
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+        self.settings, self.metrics, self.in_flight = dataplane.settings, dataplane.metrics, dataplane.in_flight
         self.m = messages()
 
     async def ServerLive(self, request):  # the protocol's method names
         return self.m.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request):
-        return self.m.ServerReadyResponse(ready=self.holder.ready)
+        return self.m.ServerReadyResponse(ready=self.dataplane.ready())
 
     async def ModelReady(self, request):
-        try:
-            self.holder.get(request.name, request.version or None)
-        except (NotFound, NotReady):
-            return self.m.ModelReadyResponse(ready=False)
-        return self.m.ModelReadyResponse(ready=True)
+        return self.m.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version or None))
 
     async def ServerMetadata(self, request):
-        return self.m.ServerMetadataResponse(**protocol.server_metadata())
+        return self.m.ServerMetadataResponse(**self.dataplane.server_metadata())
 
     async def ModelMetadata(self, request):
-        model = self.holder.get(_model_name(request.name), request.version or None)
-        versions = sorted({m.version for m in self.holder.slot(model.name).loaded()}, key=lambda v: int(v[1:]))
-        meta = protocol.model_metadata(model, versions)
+        meta = self.dataplane.model_metadata(_model_name(request.name), request.version or None)
         tensor = self.m.ModelMetadataResponse.TensorMetadata
         return self.m.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                                             inputs=[tensor(**t) for t in meta["inputs"]],
@@ -81,12 +79,12 @@ class InferenceService:
         self.in_flight.count += 1  # the batcher reads it: gRPC requests count as REST ones do
         self.metrics.in_flight.inc()
         try:
-            model = self.holder.get(_model_name(request.model_name), request.model_version or None)
+            model = self.dataplane.model(_model_name(request.model_name), request.model_version or None)
             pixels = _pixels(request, model)
             requested = [{"name": o.name, "parameters": {k: _parameter(v) for k, v in o.parameters.items()}}
                          for o in request.outputs]
-            outputs = protocol._requested_outputs(requested or None, {})  # the REST checks and messages
-            results = await model.batcher.submit(pixels)
+            outputs = protocol.requested_outputs(requested or None, {})  # the REST checks and messages
+            results = await self.dataplane.infer(model, pixels)
         finally:
             self.in_flight.count -= 1
             self.metrics.in_flight.dec()
@@ -213,9 +211,23 @@ class GrpcServer:
         log.info("grpc stopped", extra={"event": "grpc_stopped", "port": self.port})
 
 
-async def start_grpc(holder: ModelHolder, settings: ServeSettings, metrics: ServingMetrics,
-                     in_flight: InFlight) -> GrpcServer | None:
+def register(app: FastAPI, dataplane: DataPlane) -> Callable[[], AbstractAsyncContextManager[None]]:
+    """The gRPC listener for the app's lifespan: started with the app (app.state.grpc_port: its port, or None),
+    and told to refuse new RPCs as soon as the drain begins (those in progress finish)."""
+    @contextlib.asynccontextmanager
+    async def serving() -> AsyncIterator[None]:
+        server = await start_grpc(dataplane)  # a port it cannot bind fails start-up
+        app.state.grpc_port = server.port if server else None
+        if server is not None:
+            dataplane.drain.on_begin(lambda: server.stop(dataplane.settings.shutdown_timeout_s))
+        yield
+
+    return serving
+
+
+async def start_grpc(dataplane: DataPlane) -> GrpcServer | None:
     """Start the gRPC server in the running event loop; None when serve.grpc_port is not set (null)."""
+    settings = dataplane.settings
     if settings.grpc_port is None:
         return None
     server = grpc.aio.server(options=[
@@ -223,7 +235,7 @@ async def start_grpc(holder: ModelHolder, settings: ServeSettings, metrics: Serv
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),  # else a second server would share a port that is taken instead of failing
     ])
-    server.add_generic_rpc_handlers((_handlers(InferenceService(holder, settings, metrics, in_flight)),))
+    server.add_generic_rpc_handlers((_handlers(InferenceService(dataplane)),))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     address = f"{host}:{settings.grpc_port}"
     try:
