@@ -67,6 +67,13 @@ def route_stage_logs(*_hook_args) -> None:
         stage_logger.addHandler(handler)
 
 
+def skip_stage(root: Path, name: str, force: bool) -> bool:
+    """The skip decision before each stage: True only when `dvc status` reports nothing for it (deps, params *and*
+    outs), so a deleted or edited output is never taken as cached. False also makes the flow refresh the stage's
+    Prefect cache, whose key (below) sees deps and params only."""
+    return not force and not stage_changed(root, name)
+
+
 def _stage_cache_key(context, arguments: dict) -> str | None:
     """A stage's Prefect cache key is DVC's view of its inputs: dep hashes (data and code) + params values.
 
@@ -128,6 +135,22 @@ def notify_server(params: Params, promotion: PromoteResult) -> str:
     return f"inference server {url}: loaded {answer.get('name', name)} version {answer.get('version')} as {answer.get('role')}"
 
 
+def _notify(params: Params, promotion: PromoteResult, logger) -> str:
+    """Notify the server, after the promotion is recorded: a server that cannot be reached is a warning, not a failed
+    run (the champion is promoted and tracked either way, and the server's registry watch picks it up)."""
+    state = notify_server(params, promotion, return_state=True)
+    if state.is_completed():
+        return state.result()
+    reason = state.message or state.name
+    try:
+        state.result()
+    except Exception as exc:  # the last retry's error
+        reason = str(getattr(exc, "reason", None) or exc)
+    logger.warning(f"inference server {params.serve.notify_url}: not notified of {promotion.version} ({reason}); "
+                   "it loads the champion at its next registry poll (serve.reload_poll_s), or POST its load route")
+    return "inference server not notified (see the warning above)"
+
+
 @task(name="dvc-push", retries=2, retry_delay_seconds=[2, 10], **_task_options)
 def dvc_push(root: Path) -> str:
     return push(root)
@@ -170,7 +193,7 @@ def _run(params: Params, workspace: Workspace, force: bool, push_data: bool, log
     refresh_code_fingerprints(root)  # code outside the project: its hashes are deps too (flows/dvc_yaml.py)
     try:
         for name in stages.STAGES:
-            unchanged = not force and not stage_changed(root, name)
+            unchanged = skip_stage(root, name, force)
             state = dvc_stage.with_options(refresh_cache=not unchanged)(name, params, root, project, force,
                                                                        unchanged, return_state=True)
             ran[name] = "cached" if state.name == "Cached" else state.result()
@@ -181,8 +204,11 @@ def _run(params: Params, workspace: Workspace, force: bool, push_data: bool, log
                                  key="tuneline-run-summary",
                                  description="Tuneline run: failed gate")
         raise
-    logger.info(notify_server(params, promotion) if promotion.promoted else "not promoted: no server to notify")
     logger.info(track_registry(params, project))
+    if promotion.promoted:
+        logger.info(_notify(params, promotion, logger))
+    else:
+        logger.info("not promoted: no server to notify")
     pushed = dvc_push(root) if push_data else "dvc push: skipped (push_data=False)"
     logger.info(pushed)
     summary = _summarise(params, workspace, ran, pushed, promotion)

@@ -157,6 +157,15 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory, small_checkpoint: P
                       out / "model.onnx", variants_dir=out / "variants", report_path=out / "export.json", gate_cfg=gates)
 
 
+def require_or_skip(reason: str, variable: str | None = None) -> None:
+    """Skip for a missing tool or missing data, except where it is required: under CI=true (.ci/run exports it) or
+    `variable`=1 (TUNELINE_REQUIRE_POSTGRES, TUNELINE_REQUIRE_CHROMIUM) the skip is a failure. Not for GPU skips:
+    CI has no GPU."""
+    if os.environ.get("CI", "").lower() == "true" or (variable and os.environ.get(variable) == "1"):
+        pytest.fail(f"{reason} (required here: CI=true{f' or {variable}=1' if variable else ''})", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """A real PostgreSQL server on loopback for the session (see tests/pg_server.py), stopped at the end."""
@@ -166,9 +175,7 @@ def postgres_server():
     if bindir is None:
         reason = ("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's `postgresql` package "
                   "(`apt-get install -y postgresql`; .ci/run does)")
-        if os.environ.get("TUNELINE_REQUIRE_POSTGRES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        require_or_skip(reason, "TUNELINE_REQUIRE_POSTGRES")
     server = pg_server.start(bindir)
     try:
         yield server

@@ -21,10 +21,24 @@ class Item:
         return name if name in self.markers else None
 
 
+def check_accepts(rule) -> None:
+    """A fast test on synthetic data, and unmarked tests that need MNIST or PostgreSQL: all kept, in order, as they
+    were (the rule refuses loudly or not at all: it never drops a test from the run)."""
+    items = [Item("t::a", ["tmp_path", "tiny_onnx_model"]), Item("t::b", ["mnist_mirror"], markers=set()),
+             Item("t::c", ["postgres_server"], markers={"slow"})]
+    before = [(i.nodeid, list(i.fixturenames), set(i.markers)) for i in items]
+    assert rule(None, items) is None
+    assert [(i.nodeid, list(i.fixturenames), set(i.markers)) for i in items] == before
+
+
+def drops_heavy_tests(config, items):  # a mutant: deselects what needs real data instead of saying so
+    items[:] = [i for i in items if not {"mnist_mirror", "postgres_server"} & set(i.fixturenames)]
+
+
 def test_a_fast_test_on_synthetic_data_is_accepted():
-    pytest_collection_modifyitems(None, [Item("t::a", ["tmp_path", "tiny_onnx_model"]),
-                                         Item("t::b", ["mnist_mirror"], markers=set()),
-                                         Item("t::c", ["postgres_server"], markers={"slow"})])
+    check_accepts(pytest_collection_modifyitems)
+    with pytest.raises(AssertionError):
+        check_accepts(drops_heavy_tests)
 
 
 @pytest.mark.parametrize(("item", "why"), [

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serving.registry_helper import make_registry
+from tests.serving.registry_helper import make_registry, write_other_weights
 
 
 @pytest.fixture(scope="session")
@@ -52,17 +52,53 @@ class Digits:
         return self.logits.argmax(1)
 
 
-@pytest.fixture(scope="session")
-def digits(onnx_model: Path, small_prepared_dir: Path) -> Digits:
+def reference_logits(onnx_path: Path, images: np.ndarray) -> np.ndarray:
+    """What ONNX Runtime gives for uint8 `images` [N, C, H, W] run directly on the file (CPU): the reference a
+    served answer must equal."""
     import onnxruntime as ort
 
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return session.run([session.get_outputs()[0].name], {session.get_inputs()[0].name: images.astype(np.float32)})[0]
+
+
+def converted_upload(picture: bytes, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """What prepare makes of a picture, and so what /classify must feed the model (docs/data.md): PIL's `mode`
+    ("L" or "RGB"), bilinear resize to `size` (width, height); uint8 [1, C, H, W]."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(picture)).convert(mode)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return (pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))[None]
+
+
+@pytest.fixture(scope="session")
+def digits(onnx_model: Path, small_prepared_dir: Path) -> Digits:
     from tuneline.tasks.data.prepare import load_split
 
     images, labels = (t.numpy() for t in load_split(small_prepared_dir, "test"))
     images, labels = images[:256, 0], labels[:256]  # [N, 28, 28]: MNIST is one channel; tests add the axis as clients do
-    session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"pixels": images[:, None].astype(np.float32)})
-    return Digits(images, labels, logits)
+    return Digits(images, labels, reference_logits(onnx_model, images[:, None]))
+
+
+@dataclass(frozen=True)
+class OtherModel:
+    path: Path          # onnx_model with other weights (registry_helper.write_other_weights)
+    logits: np.ndarray  # what ONNX Runtime gives for digits.images run directly on it
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory, onnx_model: Path, digits: Digits) -> OtherModel:
+    """onnx_model with other weights, for reloads that must change what is served, not just the version label;
+    its logits differ from onnx_model's on every digit (checked here, so no test can pass on a coincidence)."""
+    path = write_other_weights(onnx_model, tmp_path_factory.mktemp("other-weights") / "model.onnx")
+    logits = reference_logits(path, digits.images[:, None])
+    same = [i for i in range(len(logits)) if np.allclose(logits[i], digits.logits[i], atol=1e-3)]
+    assert not same, f"digits {same}: the two models give the same logits"
+    return OtherModel(path, logits)
 
 
 def free_port() -> int:

@@ -21,6 +21,29 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def write_other_weights(onnx_path: Path, dest: Path, seed: int = 1) -> Path:
+    """A copy of the model with other weights: every weight tensor (2+ dims: linear and conv kernels) multiplied
+    element-wise by a seeded factor in [0.5, 1.5). Graph, input spec and metadata are unchanged, so the server
+    takes it for the same model; only its logits tell the two apart (tests compare them with ONNX Runtime run
+    directly on each file)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    rng = np.random.default_rng(seed)
+    changed = 0
+    for tensor in model.graph.initializer:
+        weights = numpy_helper.to_array(tensor)
+        if weights.dtype == np.float32 and weights.ndim >= 2:
+            scaled = weights * rng.uniform(0.5, 1.5, weights.shape).astype(np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(scaled, tensor.name))
+            changed += 1
+    assert changed, f"{onnx_path}: no float32 weight tensor among the initializers to change"
+    onnx.save(model, str(dest))
+    return dest
+
+
 def register_version(registry: Path, onnx_path: Path, name: str = "mnist", model_bytes: bytes | None = None,
                      card_sha256: str | None = None) -> str:
     """Add the next version holding `onnx_path` (or `model_bytes`); `card_sha256` forces a wrong checksum."""

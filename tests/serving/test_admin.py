@@ -7,6 +7,7 @@ import socket
 import httpx
 import pytest
 
+from tests.conftest import require_or_skip
 from tests.serving.conftest import run_server
 from tests.serving.registry_helper import make_registry, register_version
 
@@ -33,7 +34,7 @@ def two_versions(tmp_path_factory, onnx_model):
 def test_without_an_admin_token_load_and_unload_are_loopback_only(two_versions):
     address = _non_loopback_address()
     if address is None:
-        pytest.skip("this machine has no non-loopback IPv4 address")
+        require_or_skip("this machine has no non-loopback IPv4 address: the refusal needs a client outside 127/8")
     with run_server(two_versions, host="0.0.0.0") as running:
         remote = f"http://{address}:{running.port}"
         for path, body in ((LOAD, {}), (LOAD, V1), (UNLOAD, V1)):

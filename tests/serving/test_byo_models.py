@@ -16,7 +16,7 @@ from torch import nn
 
 from tuneline.core.config.model import ModelConfig
 from tuneline.tasks.ship.registry import Registry
-from tests.serving.conftest import run_server
+from tests.serving.conftest import converted_upload, reference_logits, run_server
 from tests.tasks.ship.synthetic_models import synthetic_images, train_and_export, write_prepared
 
 CLASSES = ["red", "green", "blue", "white"]
@@ -56,7 +56,13 @@ def test_a_user_factory_and_a_torchvision_model_go_from_training_to_the_server(t
         assert answer.status_code == 200, answer.text
         predicted = answer.json()["outputs"][2]["data"]
         assert sum(p == t for p, t in zip(predicted, labels.tolist())) >= 3, predicted  # it learnt the colours
+        # Each class is the file's own answer: ONNX Runtime run directly on the exported file, same input.
+        assert predicted == reference_logits(exported.onnx_path, images).argmax(1).tolist()
         picture = io.BytesIO()
         Image.fromarray(images[1].transpose(1, 2, 0)).resize((48, 48), Image.Resampling.NEAREST).save(picture, "PNG")
         classified = httpx.post(f"{running.url}/classify", files={"file": ("x.png", picture.getvalue())}).json()
-        assert classified["label"] in CLASSES and set(classified["probabilities"]) == set(CLASSES)
+        logits = reference_logits(exported.onnx_path, converted_upload(picture.getvalue(), "RGB", (16, 16)))[0]
+        expected = int(logits.argmax())
+        assert (classified["class"], classified["label"]) == (expected, CLASSES[expected]), classified
+        probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        assert np.allclose([classified["probabilities"][c] for c in CLASSES], probabilities, atol=1e-4)

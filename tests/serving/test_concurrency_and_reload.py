@@ -1,15 +1,22 @@
-"""64 concurrent clients each get their own rows; promoting a champion under that load fails no request;
-a corrupt model, a wrong checksum or a corrupt alias keeps the old model serving."""
+"""64 concurrent clients each get their own rows; promoting a champion with other weights under that load fails no
+request, and every answer is exactly one model's logits for its input, labelled with that model's version; a corrupt
+model, a wrong checksum or a corrupt alias keeps the old model serving.
+
+Versions that must be told apart hold different weights (registry_helper.write_other_weights): a reload that
+changed the version label but kept the old session would pass a test on byte-identical copies, and fails these.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import sys
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.serving.conftest import run_server, wait_until
 from tests.serving.registry_helper import make_registry, register_version, set_alias
@@ -43,9 +50,12 @@ def _logits(response: httpx.Response) -> np.ndarray:
     return np.frombuffer(response.content[int(length):], dtype="<f4").reshape(head["outputs"][0]["shape"])
 
 
-async def _client_loop(url: str, digits, client: int, steps: int | None, stop: asyncio.Event, seen: list,
-                       failures: list) -> None:
-    """One client on its own keep-alive connection (one pool of 64 would cost httpcore O(n) per request)."""
+async def _client_loop(url: str, digits, references: dict[str, np.ndarray], client: int, steps: int | None,
+                       stop: asyncio.Event, seen: list, failures: list) -> None:
+    """One client on its own keep-alive connection (one pool of 64 would cost httpcore O(n) per request).
+
+    `references` maps each version that may answer to its logits for digits.images (ONNX Runtime on its file): an
+    answer must equal exactly the reference of the version it is labelled with, for all its rows."""
     step = 0
     async with httpx.AsyncClient(timeout=30, verify=False) as http:  # plain http: skip loading CA certificates
         while (steps is None and not stop.is_set()) or (steps is not None and step < steps):
@@ -58,16 +68,20 @@ async def _client_loop(url: str, digits, client: int, steps: int | None, stop: a
                 else:
                     length = int(response.headers.get("inference-header-content-length", len(response.content)))
                     head = json.loads(response.content[:length])
-                    if head["id"] != f"{client}-{step}" or not np.allclose(_logits(response), digits.logits[index],
-                                                                           atol=1e-4):
-                        failures.append(f"{client}-{step}: response does not match its own input")
-                    seen.append(head["model_version"])
+                    logits, version = _logits(response), head["model_version"]
+                    matches = [v for v, reference in references.items()
+                               if np.allclose(logits, reference[index], atol=1e-4)]
+                    if head["id"] != f"{client}-{step}" or matches != [version]:
+                        failures.append(f"{client}-{step}: labelled {version}, its logits for its own input are "
+                                        f"{', '.join(matches) or 'no one model'}'s")
+                    seen.append(version)
             except httpx.HTTPError as exc:
                 failures.append(f"{client}-{step}: {type(exc).__name__} {exc}")
             step += 1
 
 
-def _load(url: str, digits, steps: int | None = None, during=None) -> tuple[list, list]:
+def _load(url: str, digits, references: dict[str, np.ndarray], steps: int | None = None,
+          during=None) -> tuple[list, list]:
     """CLIENTS concurrent clients; `steps` requests each, or until `during` (a coroutine) has finished.
 
     Clients and server share this process: a short GIL switch interval keeps the two event loops from
@@ -76,14 +90,16 @@ def _load(url: str, digits, steps: int | None = None, during=None) -> tuple[list
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0002)
     try:
-        return asyncio.run(_load_async(url, digits, steps, during))
+        return asyncio.run(_load_async(url, digits, references, steps, during))
     finally:
         sys.setswitchinterval(interval)
 
 
-async def _load_async(url: str, digits, steps: int | None, during) -> tuple[list, list]:
+async def _load_async(url: str, digits, references: dict[str, np.ndarray], steps: int | None,
+                      during) -> tuple[list, list]:
     seen, failures, stop = [], [], asyncio.Event()
-    clients = [asyncio.create_task(_client_loop(url, digits, c, steps, stop, seen, failures)) for c in range(CLIENTS)]
+    clients = [asyncio.create_task(_client_loop(url, digits, references, c, steps, stop, seen, failures))
+               for c in range(CLIENTS)]
     if during is not None:
         await during(seen)
         stop.set()
@@ -94,7 +110,7 @@ async def _load_async(url: str, digits, steps: int | None, during) -> tuple[list
 def test_64_concurrent_clients_each_get_their_own_rows_batched(server, digits):
     runs_before = server.metric("tuneline_batch_size_rows_count")
     rows_before = server.metric("tuneline_batch_size_rows_sum")
-    seen, failures = (_load(server.url + "/v2/models/mnist/infer", digits, steps=4))
+    seen, failures = _load(server.url + "/v2/models/mnist/infer", digits, {"v0002": digits.logits}, steps=4)
     assert failures == [] and len(seen) == CLIENTS * 4
     runs = server.metric("tuneline_batch_size_rows_count") - runs_before
     rows = server.metric("tuneline_batch_size_rows_sum") - rows_before
@@ -102,12 +118,34 @@ def test_64_concurrent_clients_each_get_their_own_rows_batched(server, digits):
     assert runs < CLIENTS * 4, f"{runs} session runs for {CLIENTS * 4} requests: no request shared a batch"
 
 
-def test_promoting_a_champion_under_load_fails_no_request(tmp_path, onnx_model, digits):
-    registry = make_registry(tmp_path, onnx_model)  # v0001 champion
+def keep_the_old_session(monkeypatch) -> None:
+    """Mutant: a reload that loads and labels the new version but keeps answering with the first session loaded."""
+    from tuneline.serving import model_holder
+
+    real, first = model_holder.build_model, []
+
+    def build_model(*args, **kwargs):
+        model = real(*args, **kwargs)
+        first.append(first[0] if first else model)
+        return dataclasses.replace(model, session=first[0].session, runner=first[0].runner)
+
+    monkeypatch.setattr(model_holder, "build_model", build_model)
+
+
+MUTANT = pytest.mark.xfail(strict=True, raises=AssertionError, reason="the mutant must fail this test")
+
+
+@pytest.mark.parametrize("mutant", [None, pytest.param(keep_the_old_session, marks=MUTANT, id="keeps-old-session")])
+def test_promoting_a_champion_under_load_switches_the_logits_and_fails_no_request(tmp_path, onnx_model, other_model,
+                                                                                  digits, mutant, monkeypatch):
+    if mutant:
+        mutant(monkeypatch)
+    registry = make_registry(tmp_path, onnx_model)  # v0001 champion: the digits model
+    references = {"v0001": digits.logits, "v0002": other_model.logits}
     with run_server(registry, reload_poll_s=0.05) as running:
         async def promote(seen: list) -> None:
             await asyncio.sleep(0.3)  # load is flowing
-            version = register_version(registry, onnx_model)
+            version = register_version(registry, other_model.path)  # v0002: other weights
             set_alias(registry, version)
             mark = len(seen)
             deadline = asyncio.get_running_loop().time() + 20
@@ -115,11 +153,12 @@ def test_promoting_a_champion_under_load_fails_no_request(tmp_path, onnx_model, 
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.2)  # and a little more traffic on the new champion
 
-        seen, failures = (_load(running.url + "/v2/models/mnist/infer", digits, during=promote))
-        assert failures == []
+        seen, failures = _load(running.url + "/v2/models/mnist/infer", digits, references, during=promote)
+        assert failures == [], f"{len(failures)} of {len(seen)} answers wrong, e.g. {failures[:3]}"
         assert seen[0] == "v0001" and seen[-1] == "v0002", (seen[:3], seen[-3:])
         switch = seen.index("v0002")
         assert "v0001" not in seen[switch + CLIENTS:]  # after the swap only requests already queued finish on v0001
+        assert np.allclose(_infer(running.url, digits)[1], other_model.logits[0], atol=1e-4)
         meta = httpx.get(running.url + "/v2/models/mnist").json()
         assert meta["parameters"]["version"] == "v0002" and meta["versions"] == ["v0002"]
         assert running.metric('tuneline_model_info{name="mnist",provider="CPUExecutionProvider",role="champion",'
@@ -129,15 +168,21 @@ def test_promoting_a_champion_under_load_fails_no_request(tmp_path, onnx_model, 
         assert running.metric('tuneline_model_loads_total{result="success"}') == 2
 
 
-def _infer_version(url: str, digits) -> str:
+def _infer(url: str, digits, path: str = "/v2/models/mnist/infer") -> tuple[str, np.ndarray]:
+    """The version label and logits of one answer for digits.images[0]."""
     body = {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "UINT8",
-                        "data": digits.images[0].ravel().tolist()}]}
-    response = httpx.post(url + "/v2/models/mnist/infer", json=body)
+                        "data": digits.images[0].ravel().tolist()}], "outputs": [{"name": "logits"}]}
+    response = httpx.post(url + path, json=body)
     assert response.status_code == 200, response.text
-    return response.json()["model_version"]
+    return response.json()["model_version"], _logits(response)[0]
 
 
-def test_corrupt_model_wrong_checksum_and_corrupt_alias_keep_the_old_model(tmp_path, onnx_model, digits):
+def _infer_version(url: str, digits) -> str:
+    return _infer(url, digits)[0]
+
+
+def test_corrupt_model_wrong_checksum_and_corrupt_alias_keep_the_old_model(tmp_path, onnx_model, other_model,
+                                                                           digits):
     registry = make_registry(tmp_path, onnx_model)  # v0001 champion
     data = onnx_model.read_bytes()
     with run_server(registry, reload_poll_s=0.05) as running:
@@ -166,15 +211,19 @@ def test_corrupt_model_wrong_checksum_and_corrupt_alias_keep_the_old_model(tmp_p
         wait_until(lambda: failures("alias") == 1, what="corrupt alias reported")
         assert _infer_version(running.url, digits) == "v0001"
 
-        # 4. a good version again: served
-        good = register_version(registry, onnx_model)
+        assert np.allclose(_infer(running.url, digits)[1], digits.logits[0], atol=1e-4)  # and its weights
+
+        # 4. a good version again (other weights): served, with its own logits
+        good = register_version(registry, other_model.path)
         set_alias(registry, good)
         wait_until(lambda: _infer_version(running.url, digits) == good, what="good version served")
+        assert np.allclose(_infer(running.url, digits)[1], other_model.logits[0], atol=1e-4)
         assert running.metric('tuneline_model_loads_total{result="failure"}') >= 4
 
 
-def test_load_and_unload_versions_by_id(tmp_path, onnx_model, digits):
-    registry = make_registry(tmp_path, onnx_model, versions=2)  # v0002 champion, v0001 not loaded
+def test_load_and_unload_versions_by_id(tmp_path, onnx_model, other_model, digits):
+    registry = make_registry(tmp_path, other_model.path)  # v0001: other weights, not loaded once v0002 is champion
+    set_alias(registry, register_version(registry, onnx_model))  # v0002 champion: the digits model
     with run_server(registry, reload_poll_s=0) as running:
         url = running.url
         body = {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "UINT8",
@@ -183,9 +232,10 @@ def test_load_and_unload_versions_by_id(tmp_path, onnx_model, digits):
         load = httpx.post(url + "/v2/repository/models/mnist/load", json={"parameters": {"version": "v0001"}})
         assert load.status_code == 200 and load.json()["role"] == "loaded"
         assert load.json()["provider"] == "CPUExecutionProvider"
-        answer = httpx.post(url + "/v2/models/mnist/versions/v0001/infer", json=body).json()
-        assert answer["model_version"] == "v0001"
-        assert _infer_version(url, digits) == "v0002"  # the champion is unchanged
+        version, logits = _infer(url, digits, "/v2/models/mnist/versions/v0001/infer")
+        assert version == "v0001" and np.allclose(logits, other_model.logits[0], atol=1e-4)  # v0001's own weights
+        version, logits = _infer(url, digits)
+        assert version == "v0002" and np.allclose(logits, digits.logits[0], atol=1e-4)  # the champion is unchanged
         assert httpx.get(url + "/v2/models/mnist").json()["versions"] == ["v0001", "v0002"]
         unload = httpx.post(url + "/v2/repository/models/mnist/unload", json={"parameters": {"version": "v0001"}})
         assert unload.status_code == 200

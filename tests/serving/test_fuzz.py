@@ -2,7 +2,8 @@
 
 Every operation in the schema gets seeded, generated requests (valid ones, and ones that break the schema) sent
 over real HTTP to a server with the real exported MNIST model; every answer must be a non-5xx status the schema
-declares, with a declared content type and a body its schema accepts. The whole run is capped at FUZZ_BUDGET_S.
+declares, with a declared content type and a body its schema accepts. Past FUZZ_BUDGET_S each operation left
+gets a floor of examples instead of none, and an operation sent fewer than MIN_REQUESTS fails the test.
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ FUZZ_BUDGET_S = 45.0  # the issue's cap is 60 s; measured here: see docs/serving
 # Examples per operation: with the model's real name/version in the path (reaching the body parsers), and with
 # generated path parameters too (unknown models and versions).
 EXAMPLES = {"real path": {"positive": 40, "negative": 25}, "any path": {"positive": 3, "negative": 2}}  # ~18 s: the suite budget
+# Once the budget is spent, each operation still left gets FLOOR instead of nothing (6 s for all 14 here), so a slow
+# runner tests every operation, each less; each must have been sent at least MIN_REQUESTS requests (one on the real
+# path, one generated: an operation without parameters or body has one distinct request per path), else the test
+# fails naming it.
+FLOOR = {"real path": {"positive": 4, "negative": 2}, "any path": {"positive": 2, "negative": 1}}
+MIN_REQUESTS = 2
+
+
+def planned(elapsed_s: float, budget_s: float) -> dict:
+    """The examples the next operation gets: all of EXAMPLES within the budget, FLOOR after it."""
+    return EXAMPLES if elapsed_s <= budget_s else FLOOR
+
+
+def drop_after_budget(elapsed_s: float, budget_s: float) -> dict:
+    """Mutant: the old plan, where the operations after the budget got no examples at all."""
+    return EXAMPLES if elapsed_s <= budget_s else {}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +45,9 @@ def fuzz_server(tmp_path_factory, onnx_model):
         yield running
 
 
-def test_schema_fuzz_gives_no_5xx_and_answers_as_declared(fuzz_server):
+def fuzz(url: str, budget_s: float, plan=planned) -> tuple[dict[str, int], list[str], float]:
+    """Seeded schemathesis cases for every operation of the server's schema: requests sent per operation, the
+    failures (each naming its operation) and the seconds it took."""
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, seed, settings
     from hypothesis.errors import Unsatisfiable
@@ -40,18 +59,17 @@ def test_schema_fuzz_gives_no_5xx_and_answers_as_declared(fuzz_server):
     )
 
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-    url = fuzz_server.url
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     started = time.monotonic()
     failures: list[str] = []
-    sent = 0
+    sent: dict[str, int] = {}
     for result in schema.get_all_operations():
         operation = result.ok()
+        name = f"{operation.method.upper()} {operation.path}"
+        sent[name] = 0
         real = {k: v for k, v in {"name": "mnist", "version": "v0002"}.items() if "{" + k + "}" in operation.path}
-        for where, modes in EXAMPLES.items():
+        for where, modes in plan(time.monotonic() - started, budget_s).items():
             for mode, examples in modes.items():
-                if time.monotonic() - started > FUZZ_BUDGET_S:
-                    break
                 strategy = operation.as_strategy(schemathesis.GenerationMode(mode),
                                                  path_parameters=real if where == "real path" and real else None)
 
@@ -59,19 +77,41 @@ def test_schema_fuzz_gives_no_5xx_and_answers_as_declared(fuzz_server):
                 @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
                           suppress_health_check=list(HealthCheck))
                 @given(case=strategy)
-                def fuzz(case):
-                    nonlocal sent
-                    sent += 1
+                def run(case):
+                    sent[name] += 1
                     case.validate_response(case.call(base_url=url, timeout=10), checks=checks)
 
                 try:
-                    fuzz()
+                    run()
                 except Unsatisfiable:  # negative mode on an operation with nothing to break (no parameters, no body)
                     pass
-                except Exception as exc:  # noqa: BLE001 - collect every operation's failure, then report them all
-                    failures.append(f"{operation.method.upper()} {operation.path} ({where}, {mode}): "
-                                    f"{str(exc).strip()[:1500]}")
-    elapsed = time.monotonic() - started
-    print(f"fuzz: {sent} requests over {len(list(schema.get_all_operations()))} operations in {elapsed:.1f} s")
+                # Collect every operation's failure, then report them all. schemathesis raises several failures of
+                # one case as a FailureGroup, a BaseExceptionGroup: `except Exception` alone would let it end the run.
+                except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001
+                    failures.append(f"{name} ({where}, {mode}): {str(exc).strip()[:1500]}")
+    return sent, failures, time.monotonic() - started
+
+
+def starved(sent: dict[str, int]) -> list[str]:
+    """Operations sent fewer than MIN_REQUESTS requests."""
+    return [f"{name} ({count} requests)" for name, count in sent.items() if count < MIN_REQUESTS]
+
+
+def test_schema_fuzz_gives_no_5xx_and_answers_as_declared(fuzz_server):
+    sent, failures, elapsed = fuzz(fuzz_server.url, FUZZ_BUDGET_S)
+    print(f"fuzz: {sum(sent.values())} requests over {len(sent)} operations in {elapsed:.1f} s: {sent}")
     assert not failures, "\n\n".join(failures)
-    assert sent > 200 and elapsed < 60
+    assert not starved(sent), f"operations that got too few examples: {starved(sent)}"
+    assert sum(sent.values()) > 200 and elapsed < 60
+
+
+MUTANT = pytest.mark.xfail(strict=True, raises=AssertionError, reason="the mutant must fail this test")
+
+
+@pytest.mark.parametrize("plan", [planned, pytest.param(drop_after_budget, marks=MUTANT, id="drop-after-budget")])
+def test_a_spent_budget_still_gives_every_operation_its_floor(fuzz_server, plan):
+    """A runner so slow that the budget is spent before the first operation (budget 0): every one still gets FLOOR
+    (the mutant, the plan before issue 22, sent none)."""
+    sent, failures, elapsed = fuzz(fuzz_server.url, 0.0, plan)
+    assert not failures, "\n\n".join(failures)
+    assert not starved(sent), f"operations that got too few examples: {starved(sent)}"

@@ -5,6 +5,7 @@ Runtime run directly on the files), typed and raw tensors, and bad input answere
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-grpcclient = pytest.importorskip("tritonclient.grpc")
+import tritonclient.grpc as grpcclient  # the `test` extra: a missing client fails, it never skips
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -253,12 +254,13 @@ def test_the_descriptor_set_is_the_proto_and_speaks_tritons_wire_format(tmp_path
 
     from tuneline.serving.proto import DESCRIPTOR_SET, PROTO, messages
 
-    if subprocess.run([sys.executable, "-c", "import grpc_tools"], capture_output=True, check=False).returncode == 0:
-        out = tmp_path / "set.binpb"
-        subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO.parent}", "--include_imports",
-                        f"--descriptor_set_out={out}", str(PROTO)], check=True)
-        fresh, committed = (descriptor_pb2.FileDescriptorSet.FromString(p.read_bytes()) for p in (out, DESCRIPTOR_SET))
-        assert fresh == committed, "regenerate serving/proto/grpc_predict_v2.binpb (command in the .proto)"
+    # protoc comes from grpcio-tools (the `test` extra): always compared, never skipped when it is missing.
+    assert importlib.util.find_spec("grpc_tools"), "grpc_tools not importable: pip install -e '.[test]' (grpcio-tools)"
+    out = tmp_path / "set.binpb"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO.parent}", "--include_imports",
+                    f"--descriptor_set_out={out}", str(PROTO)], check=True)
+    fresh, committed = (descriptor_pb2.FileDescriptorSet.FromString(p.read_bytes()) for p in (out, DESCRIPTOR_SET))
+    assert fresh == committed, "regenerate serving/proto/grpc_predict_v2.binpb (command in the .proto)"
     ours = messages()
 
     def fields(descriptor) -> dict:

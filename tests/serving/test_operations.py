@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import time
+import threading
 
 import httpx
 import numpy as np
@@ -166,11 +166,48 @@ def test_batching_off_still_answers_each_request(one_version, digits):
         assert running.metric('tuneline_batch_size_rows_count{model="mnist",version="v0001"}') >= 1
 
 
-def test_readiness_waits_for_warm_up(one_version):
-    start = time.perf_counter()
+def ready_before_warm_up(monkeypatch) -> None:
+    """Mutant: a readiness probe that answers 200 as soon as a model name is known, before its load and warm-up."""
+    from tuneline.serving.model_holder import ModelHolder
+
+    monkeypatch.setattr(ModelHolder, "ready", property(lambda self: bool(self.slots)))
+
+
+MUTANT = pytest.mark.xfail(strict=True, raises=AssertionError, reason="the mutant must fail this test")
+
+
+@pytest.mark.parametrize("mutant", [None, pytest.param(ready_before_warm_up, marks=MUTANT, id="ready-before-warm")])
+def test_readiness_waits_for_warm_up(one_version, digits, mutant, monkeypatch):
+    """Live at once; ready only once the champion is loaded and warmed: the warm-up's first session run is held
+    (a real run, started only when the test releases it) and the server must answer 503 until it has finished."""
+    from tuneline.serving.model_holder import LoadedModel
+
+    if mutant:
+        mutant(monkeypatch)
+    warming, release = threading.Event(), threading.Event()
+    run = LoadedModel.run
+
+    def held_run(self, pixels):
+        if not release.is_set():  # the warm-up (no request can reach a model before it is the champion)
+            warming.set()
+            release.wait(20)
+        return run(self, pixels)
+
+    monkeypatch.setattr(LoadedModel, "run", held_run)
     with run_server(one_version, wait_ready=False) as running:
-        # Live at once; ready only once the champion is loaded and warmed (warm-up runs before the swap).
-        assert httpx.get(running.url + "/v2/health/live").status_code == 200
+        try:
+            assert warming.wait(20), "the warm-up never ran"
+            assert httpx.get(running.url + "/v2/health/live").status_code == 200
+            for path in ("/v2/health/ready", "/v2/models/mnist/ready"):
+                held = httpx.get(running.url + path)
+                assert held.status_code == 503, f"{path} answered {held.status_code} during the warm-up"
+            infer = httpx.post(running.url + INFER, content=_uint8_request(digits.images[0]))
+            assert infer.status_code == 503 and "not ready" in infer.json()["error"]
+            assert running.metric("tuneline_ready") == 0
+        finally:
+            release.set()
         wait_until(lambda: httpx.get(running.url + "/v2/health/ready").status_code == 200, what="ready")
-        assert running.holder.slots["mnist"].champion is not None and running.holder.slots["mnist"].champion.batcher is not None
-    assert time.perf_counter() - start < 20
+        assert httpx.get(running.url + "/v2/models/mnist/ready").status_code == 200
+        answer = httpx.post(running.url + INFER, content=_uint8_request(digits.images[0]))
+        assert answer.status_code == 200 and answer.json()["outputs"][2]["data"] == [int(digits.classes[0])]
+        assert running.metric("tuneline_ready") == 1

@@ -9,6 +9,11 @@ from tuneline.core.config.gate import GateConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.evaluate.evaluate import compute_metrics, run_evaluate
 from tuneline.tasks.evaluate.gate import GateFailed, check_champion_gates, check_gates, markdown_table
+from tuneline.tasks.evaluate.metrics import ECE_BINS
+from tuneline.tasks.data.prepare import load_split
+from tuneline.tasks.model.checkpoint import load_checkpoint
+from tuneline.tasks.train.loop import predict_logits
+from tests.tasks.evaluate.test_metrics import ece_by_definition
 
 
 @pytest.mark.fast
@@ -63,8 +68,14 @@ def test_evaluate_writes_metrics_and_confusion_then_passes(tmp_path, small_check
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     names = [g["name"] for g in result.metrics["gates"]]
     assert names == ["gate.min_accuracy", "gate.min_class_recall", "gate.max_ece"]
-    assert 0 < result.metrics["macro_f1"] <= 1 and 0 <= result.metrics["ece"] < 0.2
     assert result.metrics["min_class_recall"] == min(c["recall"] for c in result.metrics["per_class"].values())
+    # ECE and macro-F1 exactly: recomputed from the model's logits and from the written confusion pairs, by the
+    # definitions (gate.max_ece decides shipping, so a range check would let a wrong formula through).
+    model, checkpoint = load_checkpoint(small_checkpoint, "cpu")
+    images, labels = load_split(small_prepared_dir, "test")
+    probs = predict_logits(model, images, TrainConfig().eval_batch_size).softmax(1)
+    assert result.metrics["ece"] == pytest.approx(ece_by_definition(probs, labels, ECE_BINS), abs=1e-6)
+    assert result.metrics["ece"] < 0.2  # the gate above passed on it
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["accuracy"] == result.metrics["accuracy"] >= 0.8
     assert saved["lineage"]["data_version"] == "abc123.dir"
@@ -72,6 +83,13 @@ def test_evaluate_writes_metrics_and_confusion_then_passes(tmp_path, small_check
     assert len(rows) == 600 and set(rows[0]) == {"actual", "predicted"}
     agree = sum(r["actual"] == r["predicted"] for r in rows) / len(rows)
     assert agree == pytest.approx(saved["accuracy"])
+    f1 = []
+    for name in checkpoint["classes"]:  # every class is in the slice's test split
+        hits = sum(r["actual"] == r["predicted"] == name for r in rows)
+        precision = hits / max(sum(r["predicted"] == name for r in rows), 1)
+        recall = hits / sum(r["actual"] == name for r in rows)
+        f1.append(2 * precision * recall / (precision + recall) if hits else 0.0)
+    assert saved["macro_f1"] == pytest.approx(sum(f1) / len(f1), abs=1e-6)
 
 
 def test_failed_gate_raises_after_writing_the_metrics(tmp_path, small_checkpoint, small_prepared_dir):

@@ -165,3 +165,35 @@ def test_failed_serving_gate_writes_the_report_and_exports_nothing(tmp_path, sma
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "variants").exists()
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["gates_passed"] is False and report["gates"][1]["margin"] < 0
+
+
+def latency_not_gated(monkeypatch) -> None:
+    """Mutant: an export whose serving gates leave the p99 latency out (every fixture's 1000 ms bar hid it)."""
+    import tuneline.tasks.ship.export
+
+    real = tuneline.tasks.ship.export.check_serving_gates
+    monkeypatch.setattr(tuneline.tasks.ship.export, "check_serving_gates",
+                        lambda bench, cfg: [v for v in real(bench, cfg) if v.name != "gate.max_latency_p99_ms"])
+
+
+@pytest.mark.parametrize("mutant", [None, pytest.param(latency_not_gated, id="latency-not-gated", marks=pytest.mark.xfail(
+    strict=True, raises=(AssertionError, pytest.fail.Exception), reason="the mutant must fail this test"))])
+def test_a_latency_bar_no_model_meets_fails_the_export_with_the_measured_p99(tmp_path, tiny_checkpoint,
+                                                                            tiny_prepared_dir, tiny_onnx_model,
+                                                                            mutant, monkeypatch):
+    if mutant:
+        mutant(monkeypatch)
+    gates = GateConfig(max_latency_p99_ms=1e-6)  # a nanosecond: no session run is that fast
+    with pytest.raises(GateFailed) as failure:
+        run_export(ExportConfig(int8=False, latency_runs=10), tiny_checkpoint, tiny_prepared_dir,
+                   tiny_onnx_model.onnx_path.parent / "eval.json", tmp_path / "model.onnx",
+                   report_path=tmp_path / "export.json", gate_cfg=gates)
+    report = json.loads((tmp_path / "export.json").read_text())
+    serving, verdict = report["serving"], report["gates"][0]
+    assert (verdict["name"], verdict["passed"], verdict["threshold"]) == ("gate.max_latency_p99_ms", False, 1e-6)
+    assert verdict["value"] == round(serving["latency_p99_ms"], 6) > 0 and report["gates_passed"] is False
+    p99 = serving["latency_p99_ms"]
+    assert str(failure.value) == (f"gate gate.max_latency_p99_ms FAILED: p99 latency at batch 1, ms "
+                                  f"({serving['provider']}) {p99:.4f} vs threshold 0.0000 (margin {1e-6 - p99:+.4f}): "
+                                  "the model is not exported")
+    assert not (tmp_path / "model.onnx").exists()

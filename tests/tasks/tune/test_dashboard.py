@@ -18,6 +18,7 @@ import pytest
 
 from tuneline.core.config.params import build_params
 from tuneline.tasks.tune.study import create_study
+from tests.conftest import require_or_skip
 
 REPO = Path(__file__).resolve().parents[3]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,10 +40,8 @@ def rendered_text(url: str) -> str:
 
 def test_the_dashboard_lists_the_study_trials_in_a_headless_browser(tmp_path):
     if CHROMIUM is None:  # CI installs it (.ci/run) and sets TUNELINE_REQUIRE_CHROMIUM=1: missing there is a failure
-        reason = "Debian's `chromium` is not installed (`apt-get install -y chromium`; .ci/run installs it)"
-        if os.environ.get("TUNELINE_REQUIRE_CHROMIUM") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        require_or_skip("Debian's `chromium` is not installed (`apt-get install -y chromium`; .ci/run installs it)",
+                        "TUNELINE_REQUIRE_CHROMIUM")
     study_db = tmp_path / "tuning" / "study.db"
     study_db.parent.mkdir()
     (tmp_path / "params.yaml").write_text("{}\n")  # every default: the study lives in tuning/study.db
