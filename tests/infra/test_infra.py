@@ -328,7 +328,7 @@ def test_tuneline_variables_are_ones_the_code_reads():
     for name, value in variables:
         if name.startswith(ENV_PREFIX) and value:
             serve_overrides({name: value})  # a name and a value the server accepts
-    python = "\n".join(p.read_text() for d in ("flows", "tasks", "serving") for p in (REPO / d).rglob("*.py"))
+    python = "\n".join(p.read_text() for d in ("core", "flows", "tasks", "serving") for p in (REPO / d).rglob("*.py"))
     read = set(re.findall(r'"(TUNELINE_[A-Z_]+)"', python))
     read |= set(re.findall(r"\{\{ \$(TUNELINE_[A-Z_]+) \}\}", (REPO / "prefect.yaml").read_text()))
     for name, _ in variables:
