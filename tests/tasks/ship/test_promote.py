@@ -8,9 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from tuneline.tasks.ship.latency import onnx_accuracy
 from tuneline.core.config.gate import GateConfig
@@ -18,19 +16,16 @@ from tuneline.tasks.evaluate.gate import GateFailed
 from tuneline.tasks.data.prepare import load_split
 from tuneline.tasks.ship.promote import PromoteError, run_promote
 from tuneline.tasks.ship.registry import Registry
+from tests.tasks.ship.logit_bias import with_logit_bias
 
 
 def biased(src: Path, dst: Path, shift: float) -> Path:
     """The same network with `shift` added to class 0's logit: a deliberately worse model (real ONNX, real scores)."""
-    proto = onnx.load(str(src))
-    last_gemm = [n for n in proto.graph.node if n.op_type == "Gemm"][-1]
-    for init in proto.graph.initializer:
-        if init.name == last_gemm.input[2]:
-            bias = numpy_helper.to_array(init).copy()
-            bias[0] += shift
-            init.CopyFrom(numpy_helper.from_array(bias.astype(np.float32), init.name))
-    onnx.save_model(proto, str(dst))
-    return dst
+
+    def shift_class_0(bias: np.ndarray) -> None:
+        bias[0] += shift
+
+    return with_logit_bias(src, dst, shift_class_0)
 
 
 @pytest.fixture
