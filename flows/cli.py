@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     root = args.project.resolve()
     _default_environment(root)
+    if args.command == "run":  # before Prefect is imported: the temporary server it starts reads the same setting
+        from tuneline.flows.prefect_logging import quiet_server_pool_logs
+
+        quiet_server_pool_logs(Path(os.environ["PREFECT_HOME"]))
     if args.command in ("serve", "predict"):  # their own settings (env + flags) and logging (JSON lines)
         from tuneline.serving.cli import run_command
 
