@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path

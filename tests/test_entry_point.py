@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
 
 pytestmark = pytest.mark.fast
 

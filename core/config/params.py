@@ -18,7 +18,7 @@ from tuneline.core.config.data import DataConfig
 from tuneline.core.config.export import ExportConfig
 from tuneline.core.config.gate import GateConfig
 from tuneline.core.config.model import ModelConfig
-from tuneline.core.config.overrides import validate_params, valid_keys
+from tuneline.core.config.overrides import validate_params
 from tuneline.core.config.paths import PathsConfig
 from tuneline.core.config.project import ProjectConfig
 from tuneline.core.config.serve import ServeConfig
@@ -40,11 +40,6 @@ class Params(Section):
     def params_hash(self) -> str:
         """Short sha256 of everything that shapes the model (core/config/base.py: params_hash)."""
         return params_hash(self)
-
-
-def params_keys() -> list[str]:
-    """Every dotted key a params file or an override may set, e.g. ['data.mirror', …, 'train.lr']."""
-    return valid_keys(Params)
 
 
 def build_params(raw: dict[str, Any] | None, overrides: dict[str, Any] | None = None, source: str = "params") -> Params:

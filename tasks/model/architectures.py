@@ -140,7 +140,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"seed_cnn": SeedCNN, "seed_mlp": Se
 
 def arch_kind(arch: str) -> str:
     """'builtin' | 'torchvision' | 'factory'; a one-line ValueError for a name that is none of them."""
-    return external.arch_kind(arch, tuple(ARCHITECTURES))
+    return external.arch_kind(arch)
 
 
 def user_model_module(arch: str) -> str | None:

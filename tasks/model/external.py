@@ -32,39 +32,36 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import re
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tuneline.core.config.model import TORCHVISION_PREFIX, check_arch_name
+
 log = logging.getLogger(__name__)
 
-TORCHVISION_PREFIX = "torchvision:"
-_FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
 class ModelBuildError(ValueError):
     """The model named by model.arch cannot be built (not importable, wrong signature, wrong output)."""
 
 
-def arch_kind(arch: str, builtins: tuple[str, ...]) -> str:
-    """'builtin' | 'torchvision' | 'factory' for a valid model.arch; ValueError (one line) otherwise."""
-    if arch in builtins:
-        return "builtin"
-    if arch.startswith(TORCHVISION_PREFIX):
+def arch_kind(arch: str) -> str:
+    """'builtin' | 'torchvision' | 'factory' for a valid model.arch; ValueError (one line) otherwise.
+
+    The form is the config's check (core/config/model.py: check_arch_name); what only the model package can know,
+    whether torchvision has the named model, is checked here."""
+    kind = check_arch_name(arch)
+    if kind == "torchvision":
         name = arch[len(TORCHVISION_PREFIX):]
         available = torchvision_models()
         if name not in available:
             close = [m for m in available if m.startswith(name[:4])][:6] if name else []
             raise ValueError(f"unknown torchvision model {name!r}: name a classification model of torchvision.models"
                              + (f" (e.g. {', '.join(close)})" if close else ", e.g. torchvision:resnet18"))
-        return "torchvision"
-    if _FACTORY.match(arch):
-        return "factory"
-    raise ValueError(f"unknown architecture {arch!r}: use a built-in ({' | '.join(builtins)}), torchvision:NAME "
-                     "(e.g. torchvision:resnet18) or your own factory as module:function (e.g. mypkg.nets:build)")
+    return kind
 
 
 def torchvision_models() -> list[str]:
@@ -80,9 +77,11 @@ def user_model_module(arch: str) -> str | None:
     The pipeline makes that module's source file a DVC dependency of the stages that build the model
     (flows/code_deps.py: stage_code_files(stage, user_modules=...)).
     """
-    if arch.startswith(TORCHVISION_PREFIX) or not _FACTORY.match(arch):
+    try:
+        kind = check_arch_name(arch)
+    except ValueError:
         return None
-    return arch.split(":", 1)[0]
+    return arch.split(":", 1)[0] if kind == "factory" else None
 
 
 def import_factory(arch: str, project_dir: Path | None = None):

@@ -6,7 +6,6 @@ import base64
 import csv
 import json
 import re
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest

@@ -14,7 +14,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from tuneline.core.config.params import build_params
 from tuneline.tasks.tune.study import create_study
