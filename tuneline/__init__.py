@@ -6,7 +6,6 @@ The repository keeps them in the top-level folders core/, tasks/, flows/ and ser
 maps each onto its dotted name), so importing this package imports none of them.
 """
 
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 # A source checkout imported as it is (its folder on sys.path, e.g. PYTHONPATH=<checkout>) is self-contained:
@@ -16,7 +15,16 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 if not (Path(__file__).parent / "core").is_dir() and (_CHECKOUT / "core" / "__init__.py").is_file():
     __path__.append(str(_CHECKOUT))
 
-try:
-    __version__ = version("tuneline")
-except PackageNotFoundError:  # a source tree that is not installed
-    __version__ = "0+unknown"
+
+
+def __getattr__(name: str) -> str:
+    """`tuneline.__version__`, looked up on first use: every process of a run imports this package, and reading
+    the installed metadata costs about 25 ms that only `tuneline --version`-like callers need."""
+    if name != "__version__":
+        raise AttributeError(f"module 'tuneline' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tuneline")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "0+unknown"
