@@ -23,6 +23,7 @@ from tuneline.tasks.ship.export import ExportResult, run_export
 from tuneline.tasks.data.fetch import FetchResult, resolve_mirror, run_fetch
 from tuneline.tasks.lineage import Lineage, git_commit
 from tuneline.tasks.data.prepare import PrepareResult, run_prepare
+from tuneline.tasks.data.stream import DataAccess
 from tuneline.tasks.ship.promote import PromoteResult, run_promote
 from tuneline.tasks.train.curves import render_curves_png
 from tuneline.tasks.train.loop import TrainResult, read_history, run_train
@@ -83,7 +84,8 @@ def train(params: Params, root: Path, project: Path | None = None, nproc_per_nod
     origin = lineage(params, root) if context().is_main else Lineage("-", "-", "-")
     # Checkpoints belong to the project: a run in a workspace of its own resumes from them when rerun.
     result = run_train(params.model, params.train, paths.prepared, paths.model,
-                       paths.history, origin, params=params.model_dump(mode="json"), checkpoint_dir=paths.checkpoints)
+                       paths.history, origin, params=params.model_dump(mode="json"), checkpoint_dir=paths.checkpoints,
+                       access=DataAccess.from_config(params.data))
     if context().is_main:  # one picture, from the history rank 0 wrote
         render_curves_png(result.history, paths.train_curves_png)
     return result
@@ -116,7 +118,7 @@ def evaluate(params: Params, root: Path, project: Path | None = None, enforce: b
     paths = params.paths.resolve(root)
     return run_evaluate(paths.model, paths.prepared, paths.metrics,
                         paths.confusion, params.gate, params.train, enforce=enforce,
-                        confusion_png=paths.confusion_png)
+                        confusion_png=paths.confusion_png, access=DataAccess.from_config(params.data))
 
 
 def export(params: Params, root: Path, project: Path | None = None) -> ExportResult:
@@ -125,7 +127,8 @@ def export(params: Params, root: Path, project: Path | None = None) -> ExportRes
                       paths.metrics, paths.onnx,
                       variants_dir=paths.variants, report_path=paths.export_metrics,
                       gate_cfg=params.gate, device=params.serve.device, threads=params.serve.threads,
-                      provider=params.serve.provider, model_name=model_name(params))
+                      provider=params.serve.provider, model_name=model_name(params),
+                      access=DataAccess.from_config(params.data))
 
 
 def model_name(params: Params) -> str:
@@ -141,7 +144,7 @@ def promote(params: Params, root: Path, project: Path | None = None, run_id: str
                        paths.prepared, paths.metrics,
                        paths.export_metrics,
                        variants_dir=paths.variants, name=model_name(params), run_id=run_id,
-                       device=params.serve.device)
+                       device=params.serve.device, access=DataAccess.from_config(params.data))
 
 
 def run_stage(name: str, params: Params, root: Path, project: Path | None = None):

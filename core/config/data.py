@@ -23,6 +23,11 @@ class DataConfig(Section):
     seed: int = Field(0, description="split seed")
     limit_train: int | None = Field(None, gt=0, description="keep only this many training images (stratified), for quick runs and tests")
     limit_test: int | None = Field(None, gt=0, description="keep only this many test images (stratified)")
+    shard_mb: float = Field(64.0, gt=0, description="prepare: largest prepared shard, MB (docs/data.md: prepared shards)")
+    prepare_tasks: Literal["local", "prefect"] = Field("local", description="prepare: write the shards in this process (local) or as Prefect tasks mapped over the shards (prefect)")
+    prepare_task_runner: str | None = Field(None, description="prepare_tasks=prefect: module:Class of a Prefect task runner, e.g. prefect_dask:DaskTaskRunner (null: Prefect's thread pool)")
+    resident_max_mb: float | None = Field(None, ge=0, description="a split up to this size is held whole on the device, a larger one streams from its shards; null: derived from free device (or host) memory, stated in the log; 0: always stream")
+    loader_workers: int | None = Field(None, ge=0, description="streaming: loader worker processes (null: 0 when training on the CPU, whose cores train; up to 4 on a GPU)")
 
     @field_validator("source")
     @classmethod
@@ -30,6 +35,13 @@ class DataConfig(Section):
         if value in ("mnist", "imagefolder") or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             return value
         raise ValueError(f"{value!r}: expected mnist, imagefolder or module:function (e.g. mypkg.data:load)")
+
+    @field_validator("prepare_task_runner")
+    @classmethod
+    def _task_runner(cls, value: str | None) -> str | None:
+        if value is None or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            return value
+        raise ValueError(f"{value!r}: expected module:Class, e.g. prefect_dask:DaskTaskRunner")
 
     @field_validator("image_size")
     @classmethod

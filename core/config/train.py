@@ -15,6 +15,7 @@ class TrainConfig(Section):
     # Flat keys on purpose: every knob is one `-S train.key=value` away, as DVC spells overrides.
     epochs: int = Field(3, ge=1, description="passes over the training split", json_schema_extra={"packing": "per_model"})
     batch_size: int = Field(128, ge=1, description="images per optimizer step (the global batch under DDP)", json_schema_extra={"packing": "shared"})
+    images_per_epoch: int | None = Field(None, gt=0, description="train on this many images per epoch (the first of the epoch's shuffled order; null: the whole split), for data far larger than an epoch's budget", json_schema_extra={"packing": "shared"})
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="sgd | adam | adamw | rmsprop", json_schema_extra={"packing": "per_model"})
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate", json_schema_extra={"packing": "per_model"})
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd and rmsprop: momentum factor", json_schema_extra={"packing": "per_model"})

@@ -119,3 +119,32 @@ def check_pair(images: np.ndarray, labels: np.ndarray, images_path: Path, labels
             f"{labels_path}: label {int(labels[bad])} at index {bad} is out of range 0..{n_classes - 1}: "
             "the file is corrupt; re-fetch it"
         )
+
+
+def map_idx_images(path: Path) -> np.ndarray:
+    """An uncompressed IDX image file as a read-only memory map ([N, rows, cols] or [N, rows, cols, channels]):
+    prepare gathers a shard at a time from it, so the pixels are never all in memory at once."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            if len(head) < 4:
+                raise DataError(f"{path}: truncated IDX header ({len(head)} bytes, need 16): re-fetch the file")
+            (magic,) = struct.unpack(">i", head)
+            if magic not in IMAGE_MAGICS:
+                raise DataError(f"{path}: wrong magic number {magic} (expected {IMAGES_MAGIC} for IDX images): "
+                                "is this the right file?")
+            ndim = magic & 0xFF
+            dims = handle.read(4 * ndim)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing: run `tuneline stage fetch` (or `dvc repro`) first") from None
+    header_size = 4 + 4 * ndim
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({4 + len(dims)} bytes, need {header_size}): re-fetch the file")
+    shape = struct.unpack(f">{ndim}i", dims)
+    expected, size = header_size + int(np.prod(shape)), path.stat().st_size
+    if size != expected:
+        state = "truncated" if size < expected else "has trailing bytes"
+        raise DataError(f"{path}: {state} (expected {expected} bytes, got {size}): re-fetch the file")
+    if shape[0] == 0:
+        return np.empty(shape, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=header_size, shape=shape)

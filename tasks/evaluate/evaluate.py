@@ -19,8 +19,8 @@ from tuneline.tasks.evaluate.gate import GateFailed, GateVerdict, check_gates
 from tuneline.tasks.evaluate.metrics import compute_metrics
 from tuneline.tasks.evaluate.plots import render_confusion_png
 from tuneline.tasks.evaluate.report import EvalReport
-from tuneline.tasks.data.prepare import load_split
-from tuneline.tasks.train.loop import predict_logits, resolve_device
+from tuneline.tasks.data.stream import DataAccess, SplitReader
+from tuneline.tasks.train.loop import predict_split, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,12 @@ class EvaluateResult:
 
 def run_evaluate(model_path: Path, prepared_dir: Path, metrics_path: Path, confusion_path: Path,
                  gate_cfg: GateConfig, train_cfg: TrainConfig, enforce: bool = True,
-                 confusion_png: Path | None = None) -> EvaluateResult:
+                 confusion_png: Path | None = None, access: DataAccess = DataAccess()) -> EvaluateResult:
     """Score the model on the test split, write metrics + confusion pairs (+ picture); GateFailed on a failed gate."""
     device = resolve_device(train_cfg.device)
     model, checkpoint = load_checkpoint(model_path, device)
-    images, labels = (t.to(device) for t in load_split(prepared_dir, "test"))
-    logits = predict_logits(model, images, train_cfg.eval_batch_size)
+    test = SplitReader(prepared_dir, "test", device, access)  # resident or streamed: data.resident_max_mb
+    logits, labels = predict_split(model, test, train_cfg.eval_batch_size)
     classes = checkpoint["classes"]
     metrics, confusion = compute_metrics(logits, labels, classes)
     verdicts = check_gates(metrics, gate_cfg)

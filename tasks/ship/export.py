@@ -21,23 +21,25 @@ import onnx
 import torch
 
 from tuneline.core.atomic import staged_dir, staged_file
-from tuneline.tasks.ship.latency import INPUT_NAME, OUTPUT_NAME, measure_serving, onnx_accuracy
+from tuneline.tasks.ship.latency import INPUT_NAME, OUTPUT_NAME, THROUGHPUT_BATCH, measure_serving, split_accuracy
 from tuneline.core.onnx_session import Device, Provider, open_session
 from tuneline.tasks.model.checkpoint import load_checkpoint
 from tuneline.core.config.export import ExportConfig
 from tuneline.core.config.gate import GateConfig
 from tuneline.tasks.evaluate.gate import GateFailed, GateVerdict, check_serving_gates, failed
 from tuneline.tasks.data.idx import DataError
-from tuneline.tasks.data.prepare import load_split
+from tuneline.tasks.data.stream import DataAccess, SplitReader
 from tuneline.core.errors import StageFailed
 from tuneline.tasks.evaluate.report import EvalReport
 from tuneline.tasks.ship.export_report import ExportReport
 from tuneline.core.onnx_metadata import build_metadata
-from tuneline.tasks.ship.quantize import VariantResult, build_variant, calibration_sample
+from tuneline.tasks.ship.quantize import VariantResult, build_variant
 
 log = logging.getLogger(__name__)
 
 PARITY_BATCHES = (1, 7, 256)  # capped by the test split's size: see parity_batches
+SAMPLE_IMAGES = max(*PARITY_BATCHES, THROUGHPUT_BATCH)  # test images for parity and the serving measurements
+CALIBRATION_SEED = 0  # the INT8 calibration sample's: the same file from the same data
 VARIANTS_INDEX = "variants.json"  # inside the variants folder: every variant built, kept or not, with its drop
 
 
@@ -92,16 +94,20 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor, 
 def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_path: Path, onnx_path: Path, *,
                variants_dir: Path | None = None, report_path: Path | None = None,
                gate_cfg: GateConfig | None = None, device: Device = "cpu", threads: int = 0,
-               provider: Provider = "auto", model_name: str = "model") -> ExportResult:
+               provider: Provider = "auto", model_name: str = "model",
+               access: DataAccess = DataAccess()) -> ExportResult:
     """Export, annotate, check, measure and atomically place the ONNX model (+ variants when `variants_dir`).
 
     `device`, `threads` and `provider` are the server's (serve.device, serve.threads, serve.provider): latency is
     measured as it will be served.
     With `gate_cfg`, a serving gate that fails raises GateFailed after writing `report_path`: nothing is placed.
     `model_name` (project.name) is recorded in the metadata beside the input spec.
+    The test split is read as `access` says (resident or streamed batch by batch: tasks/data/stream.py); the parity
+    check and the serving measurements use its first SAMPLE_IMAGES images.
     """
     model, checkpoint = load_checkpoint(model_path, "cpu")
-    images, labels = load_split(prepared_dir, "test")
+    test = SplitReader(prepared_dir, "test", torch.device("cpu"), access)
+    images, labels = test.take(SAMPLE_IMAGES)
     if len(images) == 0:
         raise DataError(f"export: {prepared_dir} has no test images: the parity check and the serving measurements "
                          "need at least one; give the data a test split (or raise data.limit_test if it is set)")
@@ -123,7 +129,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
         diffs = check_parity(model, tmp, images, cfg.parity_atol)
         log.info("export: %s (opset %d), parity max |diff| %s", onnx_path, cfg.opset,
                  ", ".join(f"batch {b}: {d:.1e}" for b, d in diffs.items()))
-        accuracy = onnx_accuracy(tmp, images, labels, device)
+        accuracy = split_accuracy(tmp, test, device)
         serving = measure_serving(tmp, images, device, cfg.latency_runs, threads, provider)
         log.info("export: ONNX Runtime on %s: test accuracy %.4f, p50 %.3f ms / p99 %.3f ms at batch 1, "
                  "%.0f images/s at batch %d, %.2f MB", serving["provider"], accuracy, serving["latency_p50_ms"],
@@ -131,13 +137,13 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
                  serving["size_bytes"] / 1e6)
         verdicts = check_serving_gates(serving, gate_cfg) if gate_cfg is not None else []
         report = ExportReport(opset=cfg.opset, parity_max_abs_diff={str(b): d for b, d in diffs.items()},
-                              onnx_accuracy=round(accuracy, 6), n_test=int(labels.numel()), serving=serving)
+                              onnx_accuracy=round(accuracy, 6), n_test=len(test), serving=serving)
         if failed(verdicts):
             _write_report(report_path, replace(report, gates=verdicts))
             raise GateFailed(verdicts)
         variants: dict[str, VariantResult] = {}
         if variants_dir is not None:
-            variants = _build_variants(cfg, tmp, Path(variants_dir), metadata, accuracy, prepared_dir, images, labels,
+            variants = _build_variants(cfg, tmp, Path(variants_dir), metadata, accuracy, prepared_dir, test, images,
                                        device, threads, provider)
             verdicts = verdicts + [v.verdict for v in variants.values()]
             report = replace(report, variants={name: v.to_dict() for name, v in variants.items()})
@@ -147,22 +153,23 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
 
 
 def _build_variants(cfg: ExportConfig, fp32_path: Path, variants_dir: Path, metadata: dict[str, str],
-                    accuracy: float, prepared_dir: Path, images, labels, device: Device,
+                    accuracy: float, prepared_dir: Path, test: SplitReader, sample: torch.Tensor, device: Device,
                     threads: int, provider: Provider) -> dict[str, VariantResult]:
     """Each enabled variant, built and gated in a staged folder that replaces `variants_dir` whole."""
     enabled = [name for name in ("fp16", "int8") if getattr(cfg, name)]
     calibration = None
     if "int8" in enabled:
-        train_images, _ = load_split(prepared_dir, "train")
-        calibration = calibration_sample(train_images, cfg.calibration_images)
+        # A seeded sample gathered from the shards: the train split is never read whole for it.
+        train = SplitReader(prepared_dir, "train", torch.device("cpu"), resident=False)
+        calibration = train.sample(cfg.calibration_images, seed=CALIBRATION_SEED)
     results = {}
     with staged_dir(variants_dir) as staging:
         for name in enabled:
-            results[name] = build_variant(name, fp32_path, staging, metadata, accuracy, images, labels,
+            results[name] = build_variant(name, fp32_path, staging, metadata, accuracy, test, None,
                                           cfg.max_quant_drop, device, calibration)
             if results[name].kept:  # its serving cost too, for choosing serve.model_file (not gated)
                 results[name] = replace(results[name], serving=measure_serving(
-                    staging / results[name].file, images, device, cfg.latency_runs, threads, provider))
+                    staging / results[name].file, sample, device, cfg.latency_runs, threads, provider))
         # Always written, so the folder exists (a DVC output) and says what was built even when nothing was kept.
         index = {name: r.to_dict() for name, r in results.items()}
         (staging / VARIANTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

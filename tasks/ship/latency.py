@@ -17,6 +17,7 @@ import torch
 from tuneline.core.io_binding import BoundRunner, make_runner
 from tuneline.core.onnx_metadata import INPUT_NAME, OUTPUT_NAME
 from tuneline.core.onnx_session import Device, Provider, open_session
+from tuneline.tasks.data.stream import TensorSplit
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME"]  # re-exported: export and quantize import them from here
 THROUGHPUT_BATCH = 256
@@ -36,9 +37,19 @@ def onnx_logits(session, images: torch.Tensor, batch_size: int = 1000) -> np.nda
 
 def onnx_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor, device: Device = "cpu") -> float:
     """Top-1 accuracy of the ONNX file on uint8 images [N, C, H, W] with integer labels [N]."""
+    return split_accuracy(path, TensorSplit(images, labels), device)
+
+
+def split_accuracy(path: Path, split, device: Device = "cpu", batch_size: int = 1000) -> float:
+    """Top-1 accuracy of the ONNX file on a split read batch by batch (a SplitReader on the CPU streams it, so
+    memory does not grow with the split)."""
     session = open_session(path, device)
-    predicted = onnx_logits(session, images).argmax(1)
-    return float((predicted == labels.numpy()).mean())
+    correct = seen = 0
+    for images, labels in split.batches(batch_size):
+        predicted = onnx_logits(session, images.cpu(), batch_size).argmax(1)
+        correct += int((predicted == labels.cpu().numpy()).sum())
+        seen += len(labels)
+    return correct / max(seen, 1)
 
 
 def measure_serving(path: Path, images: torch.Tensor, device: Device, latency_runs: int, threads: int = 0,

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import torch
 
-from tuneline.tasks.ship.latency import onnx_accuracy
+from tuneline.tasks.ship.latency import split_accuracy
 from tuneline.core.config.gate import GateConfig
 from tuneline.tasks.evaluate.gate import GateFailed, GateVerdict, check_champion_gates, failed
-from tuneline.tasks.data.prepare import load_split
+from tuneline.tasks.data.stream import DataAccess, SplitReader
 from tuneline.core.errors import StageFailed
 from tuneline.tasks.evaluate.report import EvalReport
 from tuneline.tasks.ship.export_report import ExportReport
@@ -71,7 +72,7 @@ def _kept_variants(variants_dir: Path | None) -> dict[str, Path]:
     return {name: Path(variants_dir) / name for name in VARIANT_FILES.values() if (Path(variants_dir) / name).is_file()}
 
 
-def _compare(registry: Registry, onnx_path: Path, challenger: float, images, labels, cfg: GateConfig,
+def _compare(registry: Registry, onnx_path: Path, challenger: float, test: SplitReader, cfg: GateConfig,
              device: Device) -> tuple[dict | None, list[GateVerdict]]:
     record = registry.alias("champion")
     if record is None:
@@ -84,16 +85,16 @@ def _compare(registry: Registry, onnx_path: Path, challenger: float, images, lab
                            f"{describe_contract(theirs)} but this model takes {describe_contract(ours)}: a champion "
                            "is only challenged by a model of the same input contract; set project.name to register "
                            "this one as a model of its own")
-    champion = onnx_accuracy(champion_path, images, labels, device)
+    champion = split_accuracy(champion_path, test, device)
     comparison = {"champion": record["version"], "champion_accuracy": round(champion, 6),
                   "challenger_accuracy": round(challenger, 6), "change": round(challenger - champion, 6),
-                  "n_test": int(labels.numel())}
+                  "n_test": len(test)}
     return comparison, check_champion_gates(challenger, champion, cfg)
 
 
 def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_dir: Path, eval_metrics_path: Path,
                 export_metrics_path: Path, *, variants_dir: Path | None = None, name: str = "model",
-                run_id: str | None = None, device: Device = "cpu") -> PromoteResult:
+                run_id: str | None = None, device: Device = "cpu", access: DataAccess = DataAccess()) -> PromoteResult:
     """Register `onnx_path` (+ kept variants) as a version of model `name` (project.name) and promote it when it
     beats that model's champion; see the module docstring."""
     registry = Registry(registry_dir, name)
@@ -105,14 +106,14 @@ def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_d
         return PromoteResult(existing, registered=False, promoted=False, champion=champion, name=name,
                              registered_path=registry.layout.version_dir(existing) / MODEL_FILE,
                              reason=f"{onnx_path.name} is already registered as {existing} ({aliases}): unchanged")
-    images, labels = load_split(prepared_dir, "test")
-    challenger = onnx_accuracy(onnx_path, images, labels, device)
+    test = SplitReader(prepared_dir, "test", torch.device("cpu"), access)  # resident or streamed: data.resident_max_mb
+    challenger = split_accuracy(onnx_path, test, device)
     evaluation = EvalReport.read(Path(eval_metrics_path))
     export = ExportReport.read(Path(export_metrics_path))
     metadata = _metadata(onnx_path)
     lineage = {**evaluation.lineage, "params": json.loads(metadata.get("params", "{}"))}
     with registry.locked():
-        comparison, verdicts = _compare(registry, onnx_path, challenger, images, labels, cfg, device)
+        comparison, verdicts = _compare(registry, onnx_path, challenger, test, cfg, device)
         if failed(verdicts):
             raise GateFailed(verdicts, consequence=f"nothing is registered or promoted; champion "
                                                    f"{comparison['champion']} stays")
@@ -125,7 +126,7 @@ def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_d
                                     metrics=metrics, gates=gates, lineage=lineage, run_id=run_id)
         if comparison is None:
             promoted, reason = True, f"{version} promoted to champion: the first model (no champion yet), " \
-                                     f"test accuracy {challenger:.4f} on {labels.numel()} images"
+                                     f"test accuracy {challenger:.4f} on {len(test)} images"
         else:
             improvement = verdicts[1]  # gate.min_improvement
             numbers = (f"test accuracy {challenger:.4f} vs champion {comparison['champion']} "

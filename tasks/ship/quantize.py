@@ -16,7 +16,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from tuneline.tasks.ship.latency import INPUT_NAME, onnx_accuracy, as_pixels
+from tuneline.tasks.data.stream import TensorSplit
+from tuneline.tasks.ship.latency import INPUT_NAME, as_pixels, split_accuracy
 from tuneline.core.onnx_session import Device
 from tuneline.core.registry_layout import VARIANT_FILES
 from tuneline.tasks.evaluate.gate import GateVerdict, gate_max
@@ -103,16 +104,13 @@ def _finish(path: Path, metadata: dict[str, str], variant: str, extra: dict[str,
     onnx.save_model(proto, str(path), save_as_external_data=False)
 
 
-def calibration_sample(train_images: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
-    """A fixed random sample of training images (seeded, so the INT8 file is reproducible)."""
-    generator = torch.Generator().manual_seed(seed)
-    return train_images[torch.randperm(len(train_images), generator=generator)[:count]]
-
-
 def build_variant(name: str, fp32_path: Path, out_dir: Path, metadata: dict[str, str], base_accuracy: float,
-                  test_images: torch.Tensor, test_labels: torch.Tensor, max_drop: float, device: Device,
+                  test_images, test_labels: torch.Tensor | None, max_drop: float, device: Device,
                   calibration_images: torch.Tensor | None = None) -> VariantResult:
-    """Make one variant in `out_dir`, score it on the test split, gate its drop; a rejected file is deleted."""
+    """Make one variant in `out_dir`, score it on the test split, gate its drop; a rejected file is deleted.
+
+    The test split is `test_images` with `test_labels` (tensors), or a split reader (tasks/data/stream.py) when
+    `test_labels` is None."""
     path = Path(out_dir) / VARIANT_FILES[name]
     if name == "int8":
         if calibration_images is None or not len(calibration_images):
@@ -124,7 +122,8 @@ def build_variant(name: str, fp32_path: Path, out_dir: Path, metadata: dict[str,
         make_fp16(fp32_path, path)
         extra = {"quantization": "fp16 weights and compute, float32 inputs/outputs"}
     _finish(path, metadata, name, extra)
-    accuracy = onnx_accuracy(path, test_images, test_labels, device)
+    test = test_images if test_labels is None else TensorSplit(test_images, test_labels)
+    accuracy = split_accuracy(path, test, device)
     drop = base_accuracy - accuracy
     verdict = gate_max("export.max_quant_drop", f"{name} test accuracy drop vs fp32", drop, max_drop, blocking=False)
     result = VariantResult(name, path.name, accuracy, drop, path.stat().st_size, verdict)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +22,8 @@ import torch
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.data.augment import augment_batch, flip_batch
-from tuneline.tasks.data.prepare import load_manifest, load_split
+from tuneline.tasks.data.prepare import load_manifest
+from tuneline.tasks.data.stream import DataAccess, EpochPlan, SplitReader, epoch_seed
 from tuneline.tasks.model.architectures import Classifier, ModelArgs, build_model
 from tuneline.tasks.model.external import freeze_backbone, load_initial_weights
 from tuneline.tasks.train.distributed import DistContext, all_reduce_sum
@@ -48,18 +49,11 @@ def build_member(model_cfg: ModelConfig, train_cfg: TrainConfig, args: ModelArgs
     return model
 
 
-def load_data(prepared_dir: Path, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
-    """The manifest and the train and val splits, on `device` (uint8 images, int64 labels)."""
+def load_data(prepared_dir: Path, device: torch.device, access: DataAccess = DataAccess()
+              ) -> tuple[dict, SplitReader, SplitReader]:
+    """The manifest and the train and val splits, each resident on `device` or streamed from its shards."""
     manifest = load_manifest(prepared_dir)
-    train_x, train_y = (t.to(device) for t in load_split(prepared_dir, "train"))
-    val_x, val_y = (t.to(device) for t in load_split(prepared_dir, "val"))
-    return manifest, train_x, train_y, val_x, val_y
-
-
-def batch_starts(n_train: int, batch_size: int, world_size: int = 1) -> list[int]:
-    # Batches of one are skipped: batch norm cannot normalise a single sample (nor a rank's share of two).
-    return [s for s in range(0, n_train, batch_size) if min(batch_size, n_train - s) >= 2 * world_size]
+    return manifest, SplitReader(prepared_dir, "train", device, access), SplitReader(prepared_dir, "val", device, access)
 
 
 def diverged(train_loss: float, cfg: TrainConfig, n_classes: int, epoch: int, lr: float) -> str | None:
@@ -115,7 +109,7 @@ class Strategy(Protocol):
 
     def begin_epoch(self) -> list[float]: ...  # train mode; each row's lr at the epoch's start
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...  # one update; per-row data losses [K]
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[list, list]: ...
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, list]: ...  # val
     def after_epoch(self, row: int, val_accuracy: float) -> None: ...  # per-epoch schedules (plateau)
     def weights(self, row: int) -> dict[str, torch.Tensor]: ...  # a copy of a row's state dict
     def keep(self, rows: list[int]) -> None: ...  # drop every other row
@@ -137,12 +131,11 @@ class Stream:
 
 @dataclass
 class EpochData:
-    """The splits on the device and how each epoch walks them (shared by every model of the loop)."""
+    """The splits (resident or streaming, tasks/data/stream.py) and how each epoch walks them (shared by every
+    model of the loop)."""
 
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
+    train: SplitReader
+    val: SplitReader
     n_classes: int
     cfg: TrainConfig  # batch size, augmentation, eval batch size: shared by every model
     generator: torch.Generator  # the batch order (the same on every rank)
@@ -150,22 +143,32 @@ class EpochData:
     ctx: DistContext = DistContext()
 
     @property
-    def starts(self) -> list[int]:
-        return batch_starts(len(self.train_y), self.cfg.batch_size, self.ctx.world_size)
-
-    @property
     def stream(self) -> Stream:
         return Stream(self.generator, self.augment_generator)
 
-    def batch(self, order: torch.Tensor, start: int, stream: Stream) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the batch at `start` of `order`, as float pixels (augmented) and labels."""
-        cfg, ctx = self.cfg, self.ctx
-        idx = order[start:start + cfg.batch_size][ctx.rank::ctx.world_size]
-        x = augment_batch(self.train_x[idx].float(), cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale,
-                          stream.augment)
+    def plan(self, stream: Stream) -> EpochPlan:
+        """This rank's walk through the epoch `stream` draws next (one draw from its order generator)."""
+        return self._plan(epoch_seed(stream.order))
+
+    def _plan(self, seed: int) -> EpochPlan:
+        return EpochPlan.make(self.train.shard_counts, seed, self.cfg.batch_size, self.ctx.rank, self.ctx.world_size,
+                              limit=self.cfg.images_per_epoch)
+
+    @property
+    def steps(self) -> int:
+        """Steps per epoch (the same every epoch: it depends on the counts, not on the draw)."""
+        return self._plan(0).steps
+
+    def augment(self, x: torch.Tensor, stream: Stream) -> torch.Tensor:
+        """uint8 records -> float pixels, randomly transformed as train.augment_* say (on the device)."""
+        cfg = self.cfg
+        x = augment_batch(x.float(), cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale, stream.augment)
         if cfg.augment_flip:
             x = flip_batch(x, stream.augment)
-        return x, self.train_y[idx]
+        return x
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.val.batches(self.cfg.eval_batch_size)
 
 
 class _NoProgress:
@@ -191,8 +194,7 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
     progress = progress or _NoProgress()  # anything with epoch(epoch, epochs) and advance(): run_train's bar
     live = [i for i, t in enumerate(trainees) if t.status == "running"]  # the trainee of each row
     epoch_of = {i: first_epoch for i in live}  # each trainee's current epoch
-    n_train, starts = len(data.train_y), data.starts
-    device = data.train_x.device
+    device = data.train.device
 
     def finish(i: int, row: int, status: str, reason: str = "") -> None:
         t = trainees[i]
@@ -220,19 +222,21 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
             if stream not in streams:
                 streams.append(stream)
             row_stream.append(streams.index(stream))
-        orders = [torch.randperm(n_train, device=device, generator=s.order) for s in streams]
+        plans = [data.plan(s) for s in streams]
         by_row = torch.tensor(row_stream, device=device)
-        loss_sum = torch.zeros(len(live), device=device)  # summed on the device: no host sync per step
-        for start in starts:
-            batches = [data.batch(order, start, stream) for order, stream in zip(orders, streams)]
+        loss_sum = torch.zeros(len(live) + 1, device=device)  # summed on the device: no host sync per step
+        for step in zip(*(data.train.walk(plan) for plan in plans)):
+            batches = [(data.augment(x, stream), y) for (x, y), stream in zip(step, streams)]
             if len(batches) == 1:
                 x, y = batches[0]
             else:  # one batch per row: [K, B, ...]
                 x = torch.stack([b[0] for b in batches]).index_select(0, by_row)
                 y = torch.stack([b[1] for b in batches]).index_select(0, by_row)
-            loss_sum += strategy.step(x, y) * y.shape[-1]
+            loss_sum[:-1] += strategy.step(x, y) * y.shape[-1]
+            loss_sum[-1] += y.shape[-1]
             progress.advance()
-        train_losses = [float(v) / n_train for v in all_reduce_sum(loss_sum, data.ctx).tolist()]
+        *sums, n_train = all_reduce_sum(loss_sum, data.ctx).tolist()  # n_train: images trained on, all ranks
+        train_losses = [v / max(n_train, 1) for v in sums]
 
         # Divergence is judged per model; a diverged model leaves before validation, the others go on.
         keep_rows = []
@@ -247,7 +251,7 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
 
         # Every rank validates the whole split (identical weights -> identical numbers), so early stopping
         # and the plateau schedule decide the same on all ranks without another exchange.
-        val_losses, val_accuracies = strategy.evaluate(data.val_x, data.val_y, data.cfg.eval_batch_size) if live else ([], [])
+        val_losses, val_accuracies = strategy.evaluate(data.val_batches()) if live else ([], [])
         seconds = time.perf_counter() - started
         keep_rows = []
         for row, i in enumerate(list(live)):
@@ -257,6 +261,7 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
                               "val_loss": round(val_losses[row], 6), "val_accuracy": round(val_accuracies[row], 6),
                               "lr": lrs[row], "seconds": round(seconds, 3), "images_per_s": round(n_train / seconds, 1)})
             stop = bool(t.on_epoch(t.history[-1])) if t.on_epoch is not None else False
+            stop = stop and epoch_of[i] < t.train.epochs  # a last epoch is trained: pruning it saves nothing
             if t.improved(val_accuracies[row], val_losses[row]) and t.track_best and t.train.restore_best:
                 t.best_state = strategy.weights(row)
             if t.patience_spent:

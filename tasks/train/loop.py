@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tuneline.core.atomic import staged_file
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.data.stream import DataAccess
 from tuneline.tasks.lineage import Lineage
 from tuneline.tasks.model.architectures import Classifier
 from tuneline.tasks.model.checkpoint import save_checkpoint
@@ -45,7 +46,7 @@ from tuneline.tasks.train.optim import LRSchedule, build_optimizer, optimizer_st
 from tuneline.tasks.train.resume import ResumeMismatch, ResumeState, run_identity
 from tuneline.tasks.train.setup import RunSetup, autocast, memory_format, prepare_run, resolve_device
 
-__all__ = ["DivergedError", "HISTORY_FIELDS", "OneModel", "TrainResult", "predict_logits", "read_history",
+__all__ = ["DivergedError", "HISTORY_FIELDS", "OneModel", "TrainResult", "predict_logits", "predict_split", "read_history",
            "resolve_device", "run_train"]  # resolve_device: setup.py's, re-exported for evaluate and the benchmarks
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,18 @@ def predict_logits(model: Classifier, images: torch.Tensor, batch_size: int) -> 
     model.eval()
     return torch.cat([model(images[i:i + batch_size].float()).float()
                       for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def predict_split(model: Classifier, split, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits, labels) for every record of a split reader (tasks/data/stream.py), batch by batch: a streamed
+    split is never whole in memory, only its logits are (classes per record)."""
+    model.eval()
+    logits, labels = [], []
+    for images, y in split.batches(batch_size):
+        logits.append(model(images.float()).float())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -160,10 +173,19 @@ class OneModel:
         self.schedule.after_step()
         return loss.detach().view(1)
 
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[list, list]:
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, list]:
+        self.model.eval()
+        loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
         with autocast(self.cfg, self.device):
-            logits = predict_logits(self.model, images, batch_size)
-        return [float(F.cross_entropy(logits, labels))], [float((logits.argmax(1) == labels).float().mean())]
+            for images, labels in batches:
+                logits = self.model(images.float()).float()
+                loss += F.cross_entropy(logits, labels, reduction="sum")
+                correct += (logits.argmax(1) == labels).sum()
+                seen += len(labels)
+        return [float(loss) / max(seen, 1)], [float(correct) / max(seen, 1)]
 
     def after_epoch(self, row: int, val_accuracy: float) -> None:
         self.schedule.after_epoch(val_accuracy)
@@ -178,8 +200,11 @@ class OneModel:
 def run_train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, model_path: Path,
               history_path: Path, lineage: Lineage, params: dict | None = None,
               checkpoint_dir: Path | None = None, show_progress: bool | None = None,
-              on_epoch: EpochCallback | None = None) -> TrainResult:
+              on_epoch: EpochCallback | None = None, access: DataAccess = DataAccess()) -> TrainResult:
     """Train on the prepared train split, validate each epoch, write the checkpoint and history atomically.
+
+    `access` (data.resident_max_mb, data.loader_workers) says whether the splits are held on the device or
+    streamed from their shards; either way the batches are the same (tasks/data/stream.py).
 
     `on_epoch(record, model)` is called after each epoch's validation (the tuner reports to Optuna there,
     the benchmark measures test accuracy); an exception from it ends the run without a final model.
@@ -188,7 +213,7 @@ def run_train(model_cfg: ModelConfig, cfg: TrainConfig, prepared_dir: Path, mode
     if not ctx.is_main:  # one voice: rank 0 logs the run, the others only warnings
         logging.getLogger("tuneline.tasks.train").setLevel(logging.WARNING)  # this module and the epoch loop
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
-    with prepare_run(model_cfg, cfg, prepared_dir, ctx=ctx) as run:
+    with prepare_run(model_cfg, cfg, prepared_dir, ctx=ctx, access=access) as run:
         return _train(run, model_cfg, cfg, Path(model_path), Path(history_path), lineage, params or {},
                       Path(checkpoint_dir) if checkpoint_dir else Path(model_path).parent / "checkpoints",
                       show_progress and ctx.is_main, on_epoch)
@@ -215,8 +240,8 @@ def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: 
             run.seed_rank(epochs_done=start_epoch)  # rank 0's streams are the checkpoint's; the others move on
             log.info("train: resuming from %s after epoch %d", resume_path, start_epoch)
 
-    log.info("train: %s on %s, %d train / %d val images, epochs %d..%d%s", run.args.arch, device, len(data.train_y),
-             len(data.val_y), start_epoch + 1, cfg.epochs,
+    log.info("train: %s on %s, %d train / %d val images, epochs %d..%d%s", run.args.arch, device, len(data.train),
+             len(data.val), start_epoch + 1, cfg.epochs,
              f", DistributedDataParallel over {ctx.world_size} processes ({dist_backend()})" if ctx.enabled else "")
 
     def save_resume(epoch: int) -> None:
@@ -224,7 +249,7 @@ def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: 
             ResumeState.capture(identity, epoch, model, one.optimizer, one.schedule, data.generator, device,
                                 trainee).save(resume_path)
 
-    with _Progress(show_progress, len(data.starts)) as progress:
+    with _Progress(show_progress, data.steps) as progress:
         train_epochs(one, [trainee], data, "train", first_epoch=start_epoch + 1, progress=progress,
                      after_epoch=save_resume)
     if trainee.status == "diverged":

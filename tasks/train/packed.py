@@ -49,7 +49,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -62,6 +62,7 @@ from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.model.architectures import ModelArgs
 from tuneline.tasks.data.prepare import load_manifest
+from tuneline.tasks.data.stream import DataAccess
 from tuneline.tasks.train.epochs import Stream, Trainee, build_member, model_args, train_epochs
 from tuneline.tasks.train.optim import OPTIMIZER_FAMILY, OPTIMIZER_STATES, StackedOptimizer, StackedSchedules
 from tuneline.tasks.train.setup import RunSetup, autocast, prepare_run, resolve_device
@@ -296,17 +297,23 @@ class _Pack:
         return loss.detach()
 
     @torch.no_grad()
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[list, list]:
-        """Per-model validation loss and accuracy, in eval mode, batch by batch (as predict_logits)."""
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, list]:
+        """Per-model validation loss and accuracy, in eval mode, batch by batch (as OneModel.evaluate)."""
         self.base.eval()
+        loss_sum = correct = None
+        seen = 0
         with self.autocast:
-            logits = torch.cat([self.forward(images[i:i + batch_size].float()).float()
-                                for i in range(0, len(images), batch_size)], dim=1)
-        k = logits.shape[0]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat(k), reduction="none")
-        loss = loss.view(k, -1).mean(1)
-        accuracy = (logits.argmax(-1) == labels).float().mean(1)
-        return loss.tolist(), accuracy.tolist()
+            for images, labels in batches:
+                logits = self.forward(images.float()).float()  # [K, B, classes]
+                k = logits.shape[0]
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat(k), reduction="none")
+                batch_loss, batch_correct = loss.view(k, -1).sum(1), (logits.argmax(-1) == labels).sum(1)
+                loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+                correct = batch_correct if correct is None else correct + batch_correct
+                seen += len(labels)
+        seen = max(seen, 1)
+        return (loss_sum / seen).tolist(), (correct.double() / seen).tolist()
 
     def after_epoch(self, row: int, val_accuracy: float) -> None:
         self.schedules.after_epoch(self.members[row], val_accuracy)
@@ -349,7 +356,8 @@ def _check_pack(members: list[Member]) -> tuple:
 
 
 def train_packed(members: list[Member], prepared_dir: Path, data_seed: int | str | None = None,
-                 keep_states: bool = False, refill: Refill | None = None) -> list[MemberResult]:
+                 keep_states: bool = False, refill: Refill | None = None,
+                 access: DataAccess = DataAccess()) -> list[MemberResult]:
     """Train every member together on the prepared train split; validate each epoch; results in member order.
 
     Every member must share `group_key`. Nothing is written to disk (tuning trials need only their metrics);
@@ -367,7 +375,7 @@ def train_packed(members: list[Member], prepared_dir: Path, data_seed: int | str
     own = data_seed == "own"
     seed = shared.seed if data_seed is None or own else data_seed
     # run_train's set-up, but the pack builds its models itself (K of them, stacked).
-    with prepare_run(members[0].model, shared, prepared_dir, data_seed=seed, build=False) as run:
+    with prepare_run(members[0].model, shared, prepared_dir, data_seed=seed, build=False, access=access) as run:
         return _train_packed(run, members, own, keep_states, refill)
 
 
@@ -413,7 +421,7 @@ def _train_packed(run: RunSetup, members: list[Member], own: bool, keep_states: 
         return [trainee(m, Stream.seeded(m.train.seed, device)) for m in joining]
 
     log.info("packed: %d x %s on %s, %d train / %d val images, %d epochs, data seed %s", len(members), args.arch,
-             device, len(run.data.train_y), len(run.data.val_y), max(m.train.epochs for m in members),
+             device, len(run.data.train), len(run.data.val), max(m.train.epochs for m in members),
              "own" if own else run.seed)
     train_epochs(pack, trainees, run.data, "packed", refill=join)
     return results
@@ -493,7 +501,7 @@ def unpackable_reason(model_cfg: ModelConfig, train_cfg: TrainConfig, args: Mode
             pack = _Pack([Member(model_cfg, train_cfg)] * 2, args, device, steps_per_epoch=1)
             pack.begin_epoch()
             losses = pack.step(x, y)
-            pack.evaluate(x, y, 2)
+            pack.evaluate([(x, y)])
         if tuple(losses.shape) != (2,):
             return f"a pack of 2 gave losses of shape {tuple(losses.shape)}, not (2,)"
     except Exception as exc:  # noqa: BLE001 - any failure of the probe means: do not pack this model

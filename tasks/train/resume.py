@@ -24,6 +24,7 @@ import torch
 from tuneline.core.atomic import staged_file
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.data.shards import data_files
 from tuneline.tasks.train.epochs import Trainee
 
 RESUME_FORMAT = "tuneline.resume/1"
@@ -37,7 +38,7 @@ def run_identity(model_cfg: ModelConfig, train_cfg: TrainConfig, manifest: dict)
     """What a checkpoint must have been written by to be resumed: the model and train config (train.resume aside:
     it says whether to resume, not what is trained) and the prepared data's file hashes, as canonical JSON."""
     payload = {"model": model_cfg.model_dump(), "train": train_cfg.model_dump(exclude={"resume"}),
-               "data": manifest["files"]}
+               "data": data_files(manifest)}
     return json.dumps(payload, sort_keys=True)
 
 

@@ -21,11 +21,12 @@ import torch
 
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.data.stream import DataAccess, SplitReader
 from tuneline.tasks.model.architectures import Classifier, ModelArgs
 from tuneline.tasks.train.distributed import DistContext, device_for, process_group
 from tuneline.tasks.train.epochs import EpochData, build_member, load_data, model_args
 
-Splits = tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # manifest, train x/y, val x/y
+Splits = tuple[dict, SplitReader, SplitReader]  # manifest, train, val (each resident or streaming)
 RANK_EPOCH_STRIDE = 1000  # a resumed rank > 0 reseeds with seed + rank + this × epochs done: fresh draws, not replays
 
 
@@ -76,7 +77,7 @@ class RunSetup:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.data.starts)
+        return self.data.steps
 
     def seed_rank(self, epochs_done: int = 0) -> None:
         """Ranks > 0 draw their own augmentation and dropout (two ranks never apply the same random transform to
@@ -90,18 +91,19 @@ class RunSetup:
 
 @contextlib.contextmanager
 def prepare_run(model_cfg: ModelConfig, train_cfg: TrainConfig, prepared: Path, *, ctx: DistContext = DistContext(),
-                load: Callable[[Path, torch.device], Splits] = load_data, data_seed: int | None = None,
-                build: bool = True) -> Iterator[RunSetup]:
+                load: Callable[[Path, torch.device, DataAccess], Splits] = load_data, data_seed: int | None = None,
+                build: bool = True, access: DataAccess = DataAccess()) -> Iterator[RunSetup]:
     """The set-up of one run, inside its process-wide state (deterministic kernels, the torchrun process group),
     which is restored when the block ends.
 
-    `load(prepared, device)` gives the splits (a tuning worker passes its per-process cache); `data_seed` seeds
+    `load(prepared, device, access)` gives the splits, each resident or streaming as `access` (data.resident_max_mb,
+    data.loader_workers) decides (a tuning worker passes its per-process cache); `data_seed` seeds
     the batch order and augmentation (default train.seed); `build=False` leaves the model to the caller (a pack
     builds K of them with build_member, as this does one).
     """
     device = device_for(ctx, resolve_device(train_cfg.device))
     with determinism(train_cfg.deterministic), process_group(ctx, device):
-        manifest, train_x, train_y, val_x, val_y = load(Path(prepared), device)
+        manifest, train, val = load(Path(prepared), device, access)
         args = model_args(model_cfg, manifest)
         model = (build_member(model_cfg, train_cfg, args).to(device, memory_format=memory_format(train_cfg))
                  if build else None)  # build_member seeds the global RNG with train.seed first
@@ -109,7 +111,7 @@ def prepare_run(model_cfg: ModelConfig, train_cfg: TrainConfig, prepared: Path, 
         # The batch order is the same on every rank (each takes its share of it); augmentation draws per rank.
         order = torch.Generator(device=device).manual_seed(seed)
         augment = order if not ctx.enabled else torch.Generator(device=device).manual_seed(seed + ctx.rank)
-        data = EpochData(train_x, train_y, val_x, val_y, args.n_classes, train_cfg, order, augment, ctx)
+        data = EpochData(train, val, args.n_classes, train_cfg, order, augment, ctx)
         run = RunSetup(device, ctx, seed, manifest, args, data, model)
         run.seed_rank()
         yield run

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pathlib import Path
 
 from tuneline.core.config.tune import TuneConfig
+from tuneline.tasks.data.stream import DataAccess
 from tuneline.tasks.tune.budget import NOT_RUN, BudgetTaken, taken_before, worker_id
 from tuneline.tasks.tune.space import trial_params
 
@@ -57,14 +58,16 @@ def make_objective(base: Params, cfg: TuneConfig, prepared: Path, workdir: Path)
             if multi:  # Optuna has no intermediate values (nor pruning) for multi-objective studies
                 return
             trial.report(record["val_accuracy"], record["epoch"])
-            if trial.should_prune():
+            # Not on the last epoch: its training is done, so pruning it would save nothing and lose a result.
+            if record["epoch"] < params.train.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {record['epoch']}: val_accuracy {record['val_accuracy']:.4f} behind the other trials")
 
         def measure(model, val_images) -> None:  # after training: this trial trains no more while it measures
             cost.update(measure_trial_cost(model, val_images, params, latency_threads(base)))
 
         try:
-            train_trial(params.model, params.train, prepared, report, times, on_trained=measure if multi else None)
+            train_trial(params.model, params.train, prepared, report, times, on_trained=measure if multi else None,
+                        access=DataAccess.from_config(params.data))
         except DivergedError as exc:
             trial.set_user_attr("reason", f"diverged: {exc}")
             raise

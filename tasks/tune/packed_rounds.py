@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 from tuneline.core.config.tune import TuneConfig
+from tuneline.tasks.data.stream import DataAccess
 from tuneline.tasks.tune.budget import NOT_RUN, next_step, taken_before
 from tuneline.tasks.tune.heartbeats import TrialHeartbeats
 from tuneline.tasks.tune.objective import failure_reason, make_objective, worker_id
@@ -231,7 +232,7 @@ def _train_pack(chunk: list, base: Params, prepared: Path, trials: _Trials, refi
 
     members = [member(trial, params) for trial, params in chunk]
     try:
-        train_packed(members, prepared, data_seed="own", refill=join)
+        train_packed(members, prepared, data_seed="own", refill=join, access=DataAccess.from_config(base.data))
     except torch.cuda.OutOfMemoryError as exc:
         reason = f"out of GPU memory in a pack of {len(chunk)}: {str(exc).splitlines()[0]}; lower tune.packing"
         _fail_all(trials, running, reason)

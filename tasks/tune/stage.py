@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneline.tasks.data.prepare import SPLITS, load_manifest, stratified_take
+from tuneline.core.atomic import staged_dir
+from tuneline.tasks.data.prepare import SPLITS, load_manifest, open_split, stratified_take
+from tuneline.tasks.data.shards import FORMAT, gather_rows, shard_plan, split_entry, write_shard
 from tuneline.tasks.tune.budget import next_step
 from tuneline.tasks.tune.results import TuneResult, write_disabled, write_results, write_trials_table
 from tuneline.tasks.tune.space import validate_space
@@ -123,19 +125,29 @@ class TuneFailedError(RuntimeError):
 
 
 def subset_prepared(prepared_dir: Path, dest: Path, limit_train: int | None, limit_val: int | None, seed: int) -> Path:
-    """A stratified slice of the prepared splits for cheap trials (same manifest, smaller arrays)."""
+    """A stratified slice of the prepared splits for cheap trials (same manifest, fewer records, in shards of the
+    same size), gathered shard by shard: the prepared data is never whole in memory. No limits: `prepared_dir`."""
+    if limit_train is None and limit_val is None:
+        return Path(prepared_dir)
     manifest = load_manifest(prepared_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    limits = {"train": limit_train, "val": limit_val, "test": None}
-    for split in SPLITS:
-        images = np.load(prepared_dir / f"{split}-images.npy")
-        labels = np.load(prepared_dir / f"{split}-labels.npy")
-        limit = limits[split]
-        if limit is not None and limit < labels.size:
-            keep, _ = stratified_take(labels, limit, seed)
-            images, labels = images[keep], labels[keep]
-        np.save(dest / f"{split}-images.npy", images)
-        np.save(dest / f"{split}-labels.npy", labels)
-    # The trial data's "files" identify the slice, so resume checkpoints never cross slices.
-    (dest / "manifest.json").write_text(json.dumps({**manifest, "files": {"slice": [limit_train, limit_val, manifest["files"]]}}))
-    return dest
+    limits = {"train": limit_train, "val": limit_val, "test": 0}  # trials never read the test split
+    splits = {}
+    with staged_dir(Path(dest)) as staging:
+        for split in SPLITS:
+            source = open_split(prepared_dir, split)
+            labels, limit = source.labels(), limits[split]
+            rows = np.arange(labels.size)
+            if limit is not None and limit < labels.size:
+                rows = stratified_take(labels, limit, seed)[0] if limit else rows[:0]
+            shards = []
+            for index, (start, stop) in enumerate(shard_plan(rows.size, source.record_bytes,
+                                                             manifest.get("shard_mb", 64.0))):
+                x, y = gather_rows(source, rows[start:stop])
+                shards.append(write_shard(staging, split, index, x, y, source.layout))
+            splits[split] = split_entry(shards)
+            source.close()
+        counts = {split: entry["count"] for split, entry in splits.items()}
+        (staging / "manifest.json").write_text(json.dumps({
+            **manifest, "format": FORMAT, "record": source.layout.to_dict(), "splits": splits, "counts": counts,
+            "slice": {"train": limit_train, "val": limit_val}}))
+    return Path(dest)

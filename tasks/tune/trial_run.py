@@ -23,26 +23,31 @@ import torch
 
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
+from tuneline.tasks.data.prepare import load_manifest
+from tuneline.tasks.data.shards import data_fingerprint
+from tuneline.tasks.data.stream import DataAccess
 from tuneline.tasks.train.epochs import Trainee, load_data, train_epochs
 from tuneline.tasks.train.loop import DivergedError, OneModel
 from tuneline.tasks.train.setup import prepare_run
 
-_DATA: dict[tuple, tuple] = {}  # this worker's prepared splits on the device: one data set at a time
+_DATA: dict[tuple, tuple] = {}  # this worker's prepared splits (readers): one data set at a time
+SERVING_COST_IMAGES = 1024  # validation images a multi-objective trial's latency is measured on
 
 
-def _data_key(prepared: Path, device: torch.device) -> tuple:
+def _data_key(prepared: Path, device: torch.device, access: DataAccess) -> tuple:
     # The files' identity, not just the folder's name: a new tune call may prepare other data at the same path.
-    files = [prepared / name for name in ("manifest.json", "train-images.npy", "train-labels.npy",
-                                          "val-images.npy", "val-labels.npy")]
-    return (str(prepared.resolve()), str(device), *((f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    manifest = prepared / "manifest.json"
+    return (str(prepared.resolve()), str(device), access, manifest.stat().st_mtime_ns,
+            data_fingerprint(load_manifest(prepared)))
 
 
-def worker_data(prepared: Path, device: torch.device) -> tuple:
-    """(manifest, train_x, train_y, val_x, val_y) on `device`, loaded on a worker's first trial and kept."""
-    key = _data_key(Path(prepared), device)
+def worker_data(prepared: Path, device: torch.device, access: DataAccess = DataAccess()) -> tuple:
+    """(manifest, train, val) on `device` (resident or streaming), opened on a worker's first trial and kept: every
+    trial of this process, and every member of a pack, reads through the same readers."""
+    key = _data_key(Path(prepared), device, access)
     if key not in _DATA:
         _DATA.clear()  # a different data set (or device): drop the old tensors first, they may be large
-        _DATA[key] = load_data(Path(prepared), device)
+        _DATA[key] = load_data(Path(prepared), device, access)
     return _DATA[key]
 
 
@@ -66,17 +71,18 @@ class _TimedModel(OneModel):
 
     val_s = 0.0
 
-    def evaluate(self, images, labels, batch_size):
+    def evaluate(self, batches):
         started = time.perf_counter()
         try:
-            return super().evaluate(images, labels, batch_size)
+            return super().evaluate(batches)
         finally:
             self.val_s += time.perf_counter() - started
 
 
 def train_trial(model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, on_epoch: Callable[[dict], None],
                 times: TrialTimes | None = None,
-                on_trained: Callable[[torch.nn.Module, torch.Tensor], None] | None = None) -> list[dict]:
+                on_trained: Callable[[torch.nn.Module, torch.Tensor], None] | None = None,
+                access: DataAccess = DataAccess()) -> list[dict]:
     """Train one trial's config on `prepared` (cached per worker) and return its per-epoch history.
 
     `on_epoch(record)` runs after each epoch's validation (the objective reports to the pruner there and
@@ -86,7 +92,7 @@ def train_trial(model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, on_epo
     """
     times = times if times is not None else TrialTimes()
     started = time.perf_counter()
-    with prepare_run(model_cfg, cfg, prepared, load=worker_data) as run:  # run_train's set-up, cached splits
+    with prepare_run(model_cfg, cfg, prepared, load=worker_data, access=access) as run:  # run_train's set-up, cached splits
         one = _TimedModel(run.model, cfg, run.ctx, run.device, steps_per_epoch=run.steps_per_epoch)
 
         def record(row: dict) -> None:
@@ -101,5 +107,5 @@ def train_trial(model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, on_epo
     if trainee.status == "diverged":
         raise DivergedError(trainee.reason)
     if on_trained is not None:
-        on_trained(run.model, run.data.val_x)
+        on_trained(run.model, run.data.val.take(SERVING_COST_IMAGES)[0])
     return trainee.history

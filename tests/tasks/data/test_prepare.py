@@ -18,6 +18,7 @@ from tuneline.tasks.data.fetch import MNIST_SHA256, run_fetch
 from tuneline.tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, encode_idx, read_idx
 from tuneline.tasks.data.prepare import (
     TEST_FRACTION_WITHOUT_TEST_SET,
+    TRAIN_ORDER_STREAM,
     load_manifest,
     load_split,
     run_prepare,
@@ -25,7 +26,7 @@ from tuneline.tasks.data.prepare import (
 )
 from tests.conftest import label_of, write_image_folder
 
-SPLIT_FILES = ["manifest.json", "test-images.npy", "test-labels.npy", "train-images.npy", "train-labels.npy", "val-images.npy", "val-labels.npy"]
+SPLIT_FILES = ["manifest.json", "test", "train", "val"]  # a folder of shards per split (tasks/data/shards.py)
 DIGITS = [str(d) for d in range(10)]
 
 
@@ -87,8 +88,10 @@ def test_full_prepare_is_stratified(prepared_full, raw_arrays):
 
 
 def test_full_prepare_train_and_val_partition_the_raw_training_set(prepared_full, raw_arrays):
-    """train/val are exactly the seeded stratified split of the raw training set, in the raw order."""
+    """train/val are exactly the seeded stratified split of the raw training set: val in the raw order, train in
+    the seeded shuffled order prepare stores it in (so every shard holds every class in proportion)."""
     val_idx, train_idx = stratified_take(raw_arrays["train_labels"], 5000, seed=0)
+    train_idx = train_idx[np.random.default_rng((0, TRAIN_ORDER_STREAM)).permutation(train_idx.size)]
     splits = splits_of(prepared_full.prepared_dir)
     for split, idx in (("train", train_idx), ("val", val_idx)):
         images, labels = splits[split]
@@ -130,9 +133,11 @@ def test_full_prepare_manifest(prepared_full, raw_dir):
     assert norm == {"mean": [round(float(train_pixels.mean()), 6)], "std": [round(float(train_pixels.std()), 6)]}
     spec = InputSpec.from_manifest(manifest)
     assert spec.shape == (1, 28, 28) and spec.class_names == tuple(DIGITS) and spec.mean == tuple(norm["mean"])
-    # Every written tensor file is listed with its sha256.
-    assert sorted(manifest["files"]) == SPLIT_FILES[1:]
-    for name, digest in manifest["files"].items():
+    # Every written shard file is listed with its sha256, and nothing else was written.
+    listed = {name: digest for entry in manifest["splits"].values() for shard in entry["shards"]
+              for name, digest in zip(shard["files"].values(), shard["sha256"].values())}
+    assert sorted(listed) == sorted(str(p.relative_to(prepared_dir)) for p in prepared_dir.rglob("*.npy"))
+    for name, digest in listed.items():
         assert sha256(prepared_dir / name) == digest
 
 
@@ -180,7 +185,10 @@ def test_same_seed_gives_identical_tensors(prepared_limited, raw_dir, tmp_path):
         assert torch.equal(first[split][1], second[split][1]), split
     # Byte-identical files (so DVC sees an unchanged output) and an identical manifest.
     assert again.manifest == prepared_limited.manifest
-    for name in SPLIT_FILES:
+    files = sorted(p.relative_to(again.prepared_dir) for p in again.prepared_dir.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(prepared_limited.prepared_dir)
+                           for p in prepared_limited.prepared_dir.rglob("*") if p.is_file())
+    for name in files:
         assert sha256(again.prepared_dir / name) == sha256(prepared_limited.prepared_dir / name), name
 
 
@@ -362,7 +370,7 @@ def test_successful_prepare_replaces_previous_prepared_dir_whole(raw_arrays, tmp
 
 @pytest.mark.fast
 def test_load_split_and_manifest_missing_say_run_prepare(tmp_path):
-    with pytest.raises(DataError, match=at(tmp_path / "train-images.npy", r"missing: run `tuneline stage prepare`")):
+    with pytest.raises(DataError, match=at(tmp_path / "manifest.json", r"missing: run `tuneline stage prepare`")):
         load_split(tmp_path, "train")
     with pytest.raises(DataError, match=at(tmp_path / "manifest.json", r"missing: run `tuneline stage prepare`")):
         load_manifest(tmp_path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tuneline.tasks.data.prepare import measure_spec
+from tuneline.tasks.data.shards import FORMAT, RecordLayout, split_entry, write_shard
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int] = (3, 12, 12), n_classes: int = 4,
@@ -29,20 +30,20 @@ def synthetic_images(n: int, shape: tuple[int, int, int] = (3, 12, 12), n_classe
 
 def write_prepared(out: Path, shape: tuple[int, int, int] = (3, 12, 12), n_classes: int = 4,
                    counts: dict[str, int] | None = None) -> Path:
-    """`out` as a prepared folder: {split}-images.npy (uint8 NCHW), {split}-labels.npy, manifest.json."""
+    """`out` as a prepared folder: one shard per split (tasks/data/shards.py) and manifest.json."""
     counts = counts or {"train": 96, "val": 32, "test": 32}
     classes = [f"class{k}" for k in range(n_classes)]
     out.mkdir(parents=True, exist_ok=True)
-    files, spec = {}, None
+    layout = RecordLayout("uint8", tuple(shape))
+    splits, spec = {}, None
     for seed, (split, n) in enumerate(counts.items()):
         images, labels = synthetic_images(n, shape, n_classes, seed)
         if split == "train":
             spec = measure_spec(images, classes)
-        np.save(out / f"{split}-images.npy", images, allow_pickle=False)
-        np.save(out / f"{split}-labels.npy", labels, allow_pickle=False)
-        files[f"{split}-images.npy"] = files[f"{split}-labels.npy"] = f"{split}-{seed}-{n}"
-    manifest = {"source": "synthetic", "classes": classes, "input_spec": spec.to_dict(),
-                "image_shape": list(spec.shape), "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-                "counts": dict(counts), "files": files}
+        splits[split] = split_entry([write_shard(out, split, 0, images, labels, layout)])
+    manifest = {"format": FORMAT, "source": "synthetic", "classes": classes, "record": layout.to_dict(),
+                "input_spec": spec.to_dict(), "image_shape": list(spec.shape),
+                "normalization": {"mean": list(spec.mean), "std": list(spec.std)}, "counts": dict(counts),
+                "splits": splits}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out

@@ -5,6 +5,7 @@ import onnx
 import pytest
 import torch
 
+from tests.prepared_edit import keep_records
 from tuneline.tasks.model.checkpoint import load_checkpoint
 from tuneline.core.config.export import ExportConfig
 from tuneline.core.config.gate import GateConfig
@@ -72,9 +73,7 @@ def _cut_test_split(source, prepared, n: int) -> None:
     import shutil
 
     shutil.copytree(source, prepared)
-    for kind in ("images", "labels"):
-        path = prepared / f"test-{kind}.npy"
-        np.save(path, np.load(path)[:n])
+    keep_records(prepared, "test", slice(0, n))
 
 
 def test_a_small_test_split_exports_with_parity_capped_by_its_size(exported, tmp_path, small_checkpoint,

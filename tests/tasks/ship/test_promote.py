@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.prepared_edit import keep_records
 from tuneline.tasks.ship.latency import onnx_accuracy
 from tuneline.core.config.gate import GateConfig
 from tuneline.tasks.evaluate.gate import GateFailed
@@ -101,9 +102,7 @@ def test_champion_is_rescored_on_this_runs_test_set(promote, exported_model, sma
     # This run's test split is another 300 images: the champion is scored on those, not on its card's numbers.
     prepared = tmp_path / "prepared"
     shutil.copytree(small_prepared_dir, prepared)
-    for kind in ("images", "labels"):
-        path = prepared / f"test-{kind}.npy"
-        np.save(path, np.load(path)[300:])
+    keep_records(prepared, "test", slice(300, None))
     images, labels = load_split(prepared, "test")
     result = promote(good, GateConfig(max_regression=1.0), prepared=prepared)
     assert result.comparison["n_test"] == 300

@@ -21,7 +21,7 @@ from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.lineage import Lineage
 from tuneline.tasks.model.architectures import ModelArgs, build_model
 from tuneline.tasks.train.packed import Member, group_key, pack_capacity, train_packed
-from tuneline.tasks.data.prepare import load_manifest
+from tuneline.tasks.data.prepare import load_manifest, load_split
 from tuneline.tasks.train.loop import run_train
 from tuneline.tasks.tune.stage import run_tune, subset_prepared
 from tuneline.tasks.tune.study import study_name
@@ -134,7 +134,7 @@ def confidence(state, prepared):
     model = build_model(ModelArgs(arch="seed_mlp", dropout=0.0, n_classes=10, image_shape=(1, 28, 28),
                                   **load_manifest(prepared)["normalization"]))
     model.load_state_dict(state)
-    images = torch.from_numpy(np.load(prepared / "val-images.npy")).float()
+    images = load_split(prepared, "val")[0].float()
     return model.eval()(images).softmax(1).max(1).values.mean().item()
 
 

@@ -9,6 +9,7 @@ packing applies it.
 """
 
 import json
+import shutil
 import logging
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import torch
 from pydantic import Field
 
+from tests.prepared_edit import keep_records
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.lineage import Lineage
@@ -51,7 +53,7 @@ PROBES = {
     "plateau_patience": ({**FROZEN, "epochs": 3, "scheduler": "plateau"}, 0),
     "plateau_factor": ({**FROZEN, "epochs": 3, "scheduler": "plateau", "plateau_patience": 0}, 0.1),
     "early_stopping_patience": ({**FROZEN, "epochs": 3}, 1),
-    "early_stopping_metric": ({"epochs": 2, "early_stopping_min_delta": 0.05}, "val_loss"),
+    "early_stopping_metric": ({"epochs": 2, "early_stopping_min_delta": 0.1}, "val_loss"),
     "early_stopping_min_delta": ({"epochs": 3, "early_stopping_patience": 1}, 10.0),
     "divergence_factor": ({"optimizer": "sgd", "lr": 5.0}, 1e6),
     "restore_best": ({"epochs": 2, "early_stopping_min_delta": 10.0}, False),
@@ -66,12 +68,10 @@ def per_model_fields() -> list[str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, small_prepared_dir):
     """The first 384 train / 250 val images of the session's slice."""
-    dest = tmp_path_factory.mktemp("roles")
+    dest = tmp_path_factory.mktemp("roles") / "prepared"
+    shutil.copytree(small_prepared_dir, dest)
     for split, n in (("train", 384), ("val", 250)):
-        for part in ("images", "labels"):
-            np.save(dest / f"{split}-{part}.npy", np.load(small_prepared_dir / f"{split}-{part}.npy")[:n])
-    manifest = json.loads((small_prepared_dir / "manifest.json").read_text())
-    (dest / "manifest.json").write_text(json.dumps({**manifest, "files": {"first": [384, 250, manifest["files"]]}}))
+        keep_records(dest, split, slice(0, n))
     return dest
 
 
@@ -88,6 +88,8 @@ def alternative(name: str):
     default = getattr(BASE, name)
     if isinstance(default, bool):
         candidates = [not default]
+    elif default is None:  # an optional number: off by default
+        candidates = [1000, 0.5]
     elif isinstance(default, str):  # a Literal: its other choices
         candidates = list(TrainConfig.model_fields[name].annotation.__args__)
     else:

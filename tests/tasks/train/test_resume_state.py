@@ -3,6 +3,7 @@ of another run saying what differs, reads checkpoints in the layout older releas
 mid-way then resumed ends with the weights of one that never stopped (the SIGKILL version, on real MNIST, is
 tests/tasks/train/test_train_resume.py)."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.data.prepare import load_manifest
+from tuneline.tasks.data.stream import DataAccess
 from tuneline.tasks.lineage import Lineage
 from tuneline.tasks.model.checkpoint import save_checkpoint
 from tuneline.tasks.train.epochs import Trainee
@@ -28,9 +30,9 @@ def started_run(prepared: Path, steps: int):
     """A run set up as run_train sets one up, trained `steps` batches, with some early-stopping bookkeeping."""
     with prepare_run(MODEL, CFG, prepared) as run:
         one = OneModel(run.model, CFG, run.ctx, run.device, run.steps_per_epoch)
-        order = torch.randperm(len(run.data.train_y), generator=run.data.generator)
-        for start in run.data.starts[:steps]:
-            one.step(*run.data.batch(order, start, run.data.stream))
+        stream = run.data.stream
+        for _, (x, y) in zip(range(steps), run.data.train.walk(run.data.plan(stream))):
+            one.step(run.data.augment(x, stream), y)
     trainee = Trainee(CFG)
     if steps:
         trainee.history = [{"epoch": 1, "val_accuracy": 0.5}]
@@ -76,8 +78,10 @@ def test_a_checkpoint_of_another_run_is_refused_saying_what_differs(tiny_prepare
     with pytest.raises(ResumeMismatch, match=rf"{path}: a resume checkpoint of another run \(train\.lr: 0\.001 in "
                                              r"the checkpoint, 0\.01 in this run\)"):
         ResumeState.load(path, other_lr)
-    other_data = run_identity(MODEL, CFG, {"files": {**run.manifest["files"], "train-images.npy": "0" * 64}})
-    with pytest.raises(ResumeMismatch, match=r"data\.train-images\.npy: '[0-9a-f]{64}' in the checkpoint, '0+' in "):
+    changed = copy.deepcopy(run.manifest)
+    changed["splits"]["train"]["shards"][0]["sha256"]["x"] = "0" * 64
+    other_data = run_identity(MODEL, CFG, changed)
+    with pytest.raises(ResumeMismatch, match=r"data\.train/00000\.x\.npy: '[0-9a-f]{64}' in the checkpoint, '0+' in "):
         ResumeState.load(path, other_data)
     # Whether to resume is not part of what is trained: train.resume does not change the identity.
     assert run_identity(MODEL, CFG.model_copy(update={"resume": False}), run.manifest) == \
@@ -109,7 +113,9 @@ class Interrupted(Exception):
     pass
 
 
-def test_a_run_stopped_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(tiny_prepared_dir, tmp_path):
+@pytest.mark.parametrize("access", [DataAccess(), DataAccess(resident_max_mb=0, loader_workers=1)],
+                         ids=["resident", "streaming"])
+def test_a_run_stopped_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(tiny_prepared_dir, tmp_path, access):
     def stop_in_epoch_2(record, model):  # raised before epoch 2's checkpoint: the one after epoch 1 remains
         if record["epoch"] == 2:
             raise Interrupted
@@ -117,14 +123,14 @@ def test_a_run_stopped_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(ti
     cfg = CFG.model_copy(update={"epochs": 2})
     with pytest.raises(Interrupted):
         run_train(MODEL, cfg, tiny_prepared_dir, tmp_path / "a.pt", tmp_path / "a.csv", LINEAGE,
-                  checkpoint_dir=tmp_path / "ckpt", on_epoch=stop_in_epoch_2)
+                  checkpoint_dir=tmp_path / "ckpt", on_epoch=stop_in_epoch_2, access=access)
     identity = run_identity(MODEL, cfg, load_manifest(tiny_prepared_dir))
     assert ResumeState.load(tmp_path / "ckpt" / "last.pt", identity).epoch == 1
     torch.manual_seed(999)  # whatever the process drew since, the resumed run draws what the checkpoint says
     resumed = run_train(MODEL, cfg, tiny_prepared_dir, tmp_path / "a.pt", tmp_path / "a.csv", LINEAGE,
-                        checkpoint_dir=tmp_path / "ckpt")
+                        checkpoint_dir=tmp_path / "ckpt", access=access)
     straight = run_train(MODEL, cfg, tiny_prepared_dir, tmp_path / "b.pt", tmp_path / "b.csv", LINEAGE,
-                         checkpoint_dir=tmp_path / "other")
+                         checkpoint_dir=tmp_path / "other", access=access)
 
     assert resumed.resumed_from_epoch == 1 and straight.resumed_from_epoch == 0
     untimed = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]

@@ -20,7 +20,7 @@ from tuneline.tasks.tune.study import study_identity, study_name
 # 0.8 MB at 256) and its latency.
 WIDTHS = {"model.kwargs.hidden": {"type": "int", "low": 8, "high": 256, "log": True}}
 TINY = {"model.arch": "tests.tasks.tune.width_mlp:build", "model.dropout": 0.0, "train.scheduler": "none",
-        "train.device": "cpu", "train.lr": 3e-3, "tune.epochs": 1, "tune.limit_train": 1000, "tune.limit_val": 250,
+        "train.device": "cpu", "train.lr": 3e-3, "tune.epochs": 2, "tune.limit_train": 1000, "tune.limit_val": 250,
         "tune.space": WIDTHS}
 
 

@@ -18,14 +18,14 @@ def test_a_trial_trains_exactly_as_run_train_and_writes_nothing(tiny_prepared_di
                       augment_rotate_deg=5.0)
     solo = run_train(model_cfg, cfg, tiny_prepared_dir, tmp_path / "m.pt", tmp_path / "h.csv", Lineage("t", "t", "t"),
                      show_progress=False)
+    before = sorted(tiny_prepared_dir.rglob("*"))
     seen, times = [], TrialTimes()
     history = train_trial(model_cfg, cfg, tiny_prepared_dir, seen.append, times)
     keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr")
     assert [{k: h[k] for k in keys} for h in history] == [{k: h[k] for k in keys} for h in solo.history]
     assert [r["epoch"] for r in seen] == [1, 2] and times.epochs == [1, 2]
     assert times.setup_s > 0 and times.train_s > 0 and times.val_s > 0
-    assert sorted(p.name for p in tiny_prepared_dir.iterdir()) == sorted(  # nothing written beside the data
-        ["manifest.json"] + [f"{s}-{k}.npy" for s in ("train", "val", "test") for k in ("images", "labels")])
+    assert sorted(tiny_prepared_dir.rglob("*")) == before  # nothing written beside the data
 
 
 def test_the_worker_loads_the_splits_once_and_reloads_changed_data(tiny_prepared_dir: Path, tmp_path: Path,
@@ -44,7 +44,7 @@ def test_the_worker_loads_the_splits_once_and_reloads_changed_data(tiny_prepared
     other = tmp_path / "prepared"
     shutil.copytree(tiny_prepared_dir, other)
     train_trial(ModelConfig(arch="seed_mlp"), cfg, other, lambda r: None)
-    (other / "val-labels.npy").touch()  # rewritten in place: a new data set at the same path
+    (other / "manifest.json").touch()  # prepared again in place: a new data set at the same path
     train_trial(ModelConfig(arch="seed_mlp"), cfg, other, lambda r: None)
     assert len(loads) == 3
     forget_worker_data()
