@@ -245,8 +245,10 @@ def main() -> int:
     import onnxruntime as ort
 
     name, row = model_contract(args.model)
-    images = np.load(args.prepared / "test-images.npy")[:N_IMAGES]  # real test images of the model's data set
-    images = np.ascontiguousarray(images.reshape(len(images), *row))  # prepared before specs: [N, H, W]
+    from tuneline.tasks.data.shards import first_records  # numpy only: no torch in this process
+
+    images = first_records(args.prepared, "test", N_IMAGES)[0]  # real test images of the model's data set
+    images = np.ascontiguousarray(images.reshape(len(images), *row))
     check = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
     (logits,) = check.run(None, {"pixels": images.astype(np.float32)})
     expected = logits.argmax(1)

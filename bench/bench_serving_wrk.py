@@ -145,7 +145,9 @@ def main() -> int:
     import onnxruntime as ort
 
     name, row = model_contract(args.model)
-    images = np.ascontiguousarray(np.load(args.prepared / "test-images.npy")[:N_IMAGES].reshape(-1, *row))
+    from tuneline.tasks.data.shards import first_records  # numpy only: no torch in this process
+
+    images = np.ascontiguousarray(first_records(args.prepared, "test", N_IMAGES)[0].reshape(-1, *row))
     check = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
     (logits,) = check.run(None, {check.get_inputs()[0].name: images.astype(np.float32)})
     expected = logits.argmax(1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ class SplitShards:
         self.count = sum(s.count for s in self.shards)
         self.starts = np.concatenate([[0], np.cumsum([s.count for s in self.shards])]).astype(np.int64)
         self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._maps: dict[int, list] = {}  # each open shard's mmap objects, to hand their pages back (release)
 
     def __len__(self) -> int:
         return self.count
@@ -206,7 +208,9 @@ class SplitShards:
     def _column(self, shard: int, column: str) -> np.ndarray:
         path = self._check(shard, column)
         try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            self._maps.setdefault(shard, []).append(getattr(array, "_mmap", None))
+            return array
         except (ValueError, OSError) as exc:
             raise DataError(f"{path}: unreadable shard ({exc}): run `tuneline stage prepare` again") from None
 
@@ -225,8 +229,16 @@ class SplitShards:
                             f"{self.shards[index].count}: run `tuneline stage prepare` again")
         self._open[index] = columns
         while len(self._open) > OPEN_SHARDS:
-            self._open.popitem(last=False)  # unmapped when nothing else holds it: its pages leave this process
+            evicted, _ = self._open.popitem(last=False)  # unmapped once nothing else holds it
+            self._maps.pop(evicted, None)
         return columns
+
+    def release(self, index: int) -> None:
+        """Hand shard `index`'s touched pages back to the page cache: a mapped page counts in this process's
+        memory until then, so a reader gathering across a 64 MB shard would otherwise hold all 64 MB."""
+        for mapping in self._maps.get(index, []):
+            if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def gather(self, index: int, rows: np.ndarray | slice) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
         """Records `rows` (indices or a slice) of shard `index`, copied out of the mapping: (x, y)."""
@@ -235,8 +247,11 @@ class SplitShards:
         if self.layout.ragged:
             values, offsets = columns["x"], columns["x_offsets"]
             picked = range(len(offsets) - 1)[rows] if isinstance(rows, slice) else rows
-            return [np.array(values[offsets[r]:offsets[r + 1]]) for r in picked], y
-        return np.array(columns["x"][rows]), y
+            x = [np.array(values[offsets[r]:offsets[r + 1]]) for r in picked]
+        else:
+            x = np.array(columns["x"][rows])
+        self.release(index)
+        return x, y
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
         """Records start..stop of the split (in stored order), across shard boundaries."""
@@ -270,6 +285,7 @@ class SplitShards:
 
     def close(self) -> None:
         self._open.clear()
+        self._maps.clear()
 
 
 def gather_rows(shards: SplitShards, rows: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
@@ -291,6 +307,15 @@ def gather_rows(shards: SplitShards, rows: np.ndarray) -> tuple[np.ndarray | lis
         else:
             x[at[by_offset]] = xs
     return x, y
+
+
+def first_records(prepared_dir: Path, split: str, n: int) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+    """The first n records of a prepared split and their labels, numpy only (benchmarks, serving checks)."""
+    manifest_path = Path(prepared_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path}: missing: run `tuneline stage prepare` (or `dvc repro`) first")
+    split_shards = SplitShards(Path(prepared_dir), split, json.loads(manifest_path.read_text()))
+    return split_shards.read(0, min(n, split_shards.count))
 
 
 def data_files(manifest: dict) -> dict[str, str]:

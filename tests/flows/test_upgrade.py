@@ -269,9 +269,10 @@ def assert_serves(project: Path, env: dict, champion: str, tmp_path: Path) -> No
     from PIL import Image
 
     from tests.serving.conftest import free_port, wait_until
+    from tuneline.tasks.data.shards import first_records
 
     image = tmp_path / "digit.png"
-    Image.fromarray(np.load(project / "data" / "prepared" / "test-images.npy")[0, 0]).save(image)
+    Image.fromarray(first_records(project / "data" / "prepared", "test", 1)[0][0, 0]).save(image)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([str(BIN / "tuneline"), "serve", "--port", str(port)], cwd=project, env=env,
