@@ -50,5 +50,6 @@ class TrainConfig(Section):
     channels_last: bool = Field(True, description="NHWC memory layout for convolutions (faster on GPUs)", json_schema_extra={"packing": "shared"})
     compile: bool = Field(False, description="torch.compile the model (pays a one-off compile time)", json_schema_extra={"packing": "shared"})
     resume: bool = Field(True, description="continue from the last epoch checkpoint of the same config", json_schema_extra={"packing": "shared"})
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="also write the resume checkpoint every N steps inside an epoch, so a run stopped mid-epoch continues from there (null: at epoch ends only)", json_schema_extra={"packing": "shared"})
     eval_batch_size: int = Field(1000, ge=1, description="images per forward pass when validating and evaluating", json_schema_extra={"packing": "shared"})
 

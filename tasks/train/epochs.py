@@ -179,9 +179,21 @@ class _NoProgress:
         pass
 
 
+@dataclass(frozen=True)
+class MidEpoch:
+    """Where a run stopped inside an epoch: the epoch's plan seed, the steps done and what they summed so far."""
+
+    plan_seed: int
+    step: int
+    sums: list[float]  # the per-row train-loss sums and, last, the images trained on
+    lrs: list[float]   # each row's lr at the epoch's start (the history records it)
+
+
 def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, name: str, first_epoch: int = 1,
                  progress=None, after_epoch: Callable[[int], None] | None = None,
-                 refill: Callable[[int], list[Trainee]] | None = None) -> None:
+                 refill: Callable[[int], list[Trainee]] | None = None,
+                 after_steps: tuple[int, Callable[[int, MidEpoch], None]] | None = None,
+                 resume: MidEpoch | None = None) -> None:
     """Train every running trainee (row r of `strategy` is the r-th of them) until each completes, stops early,
     is pruned or diverges; each ends with its status set and `on_end` called. `after_epoch(epoch)` runs after
     each epoch's bookkeeping while any trainee is still in it (run_train writes its resume checkpoint there).
@@ -190,6 +202,10 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
     join from the next step, whose models it has already added to the strategy as its last rows. Each trainee
     counts its own epochs (a newcomer starts at epoch 1) and walks the data by its own `stream` (None: the
     loop's), so a trainee that joins late sees the batches it would see alone; rows on one stream share a batch.
+
+    `after_steps=(n, save)` (one stream only: run_train) calls `save(epoch, MidEpoch)` every n steps inside an
+    epoch, and `resume` continues the first epoch from such a record: the same plan from its step on, so a run
+    stopped mid-epoch ends as if it had not stopped.
     """
     progress = progress or _NoProgress()  # anything with epoch(epoch, epochs) and advance(): run_train's bar
     live = [i for i, t in enumerate(trainees) if t.status == "running"]  # the trainee of each row
@@ -222,10 +238,21 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
             if stream not in streams:
                 streams.append(stream)
             row_stream.append(streams.index(stream))
-        plans = [data.plan(s) for s in streams]
+        if resume is not None:  # the stopped epoch: its plan, from the step it reached
+            if len(streams) != 1:
+                raise ValueError("train_epochs: a mid-epoch resume takes one data stream")
+            seeds, first_step, lrs = [resume.plan_seed], resume.step, list(resume.lrs)
+            loss_sum = torch.tensor(resume.sums, device=device)
+            for _ in range(first_step):
+                progress.advance()
+        else:
+            seeds, first_step = [epoch_seed(s.order) for s in streams], 0
+            loss_sum = torch.zeros(len(live) + 1, device=device)  # summed on the device: no host sync per step
+        resume = None
+        plans = [data._plan(seed) for seed in seeds]
         by_row = torch.tensor(row_stream, device=device)
-        loss_sum = torch.zeros(len(live) + 1, device=device)  # summed on the device: no host sync per step
-        for step in zip(*(data.train.walk(plan) for plan in plans)):
+        every, save = after_steps if after_steps is not None and len(streams) == 1 else (0, None)
+        for k, step in enumerate(zip(*(data.train.walk(plan, first_step) for plan in plans)), start=first_step + 1):
             batches = [(data.augment(x, stream), y) for (x, y), stream in zip(step, streams)]
             if len(batches) == 1:
                 x, y = batches[0]
@@ -235,6 +262,8 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
             loss_sum[:-1] += strategy.step(x, y) * y.shape[-1]
             loss_sum[-1] += y.shape[-1]
             progress.advance()
+            if every and k % every == 0 and k < plans[0].steps:  # the epoch's end has its own checkpoint
+                save(epoch, MidEpoch(seeds[0], k, loss_sum.tolist(), list(lrs)))
         *sums, n_train = all_reduce_sum(loss_sum, data.ctx).tolist()  # n_train: images trained on, all ranks
         train_losses = [v / max(n_train, 1) for v in sums]
 

@@ -41,7 +41,7 @@ from tuneline.tasks.lineage import Lineage
 from tuneline.tasks.model.architectures import Classifier
 from tuneline.tasks.model.checkpoint import save_checkpoint
 from tuneline.tasks.train.distributed import DistContext, barrier, context
-from tuneline.tasks.train.epochs import Trainee, train_epochs
+from tuneline.tasks.train.epochs import MidEpoch, Trainee, train_epochs
 from tuneline.tasks.train.optim import LRSchedule, build_optimizer, optimizer_step
 from tuneline.tasks.train.resume import ResumeMismatch, ResumeState, run_identity
 from tuneline.tasks.train.setup import RunSetup, autocast, memory_format, prepare_run, resolve_device
@@ -228,7 +228,7 @@ def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: 
 
     resume_path = checkpoint_dir / "last.pt"
     identity = run_identity(model_cfg, cfg, run.manifest)
-    start_epoch = 0
+    start_epoch, mid_epoch = 0, None
     if cfg.resume and resume_path.is_file():
         try:
             state = ResumeState.load(resume_path, identity, device)
@@ -236,22 +236,24 @@ def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: 
             log.info("train: not resuming, starting over: %s", exc)
         else:
             state.restore(model, one.optimizer, one.schedule, data.generator, device, trainee)
-            start_epoch = state.epoch
+            start_epoch, mid_epoch = state.epoch, state.resume_point
             run.seed_rank(epochs_done=start_epoch)  # rank 0's streams are the checkpoint's; the others move on
-            log.info("train: resuming from %s after epoch %d", resume_path, start_epoch)
+            log.info("train: resuming from %s after epoch %d%s", resume_path, start_epoch,
+                     f" and {mid_epoch.step} step(s) of epoch {start_epoch + 1}" if mid_epoch else "")
 
     log.info("train: %s on %s, %d train / %d val images, epochs %d..%d%s", run.args.arch, device, len(data.train),
              len(data.val), start_epoch + 1, cfg.epochs,
              f", DistributedDataParallel over {ctx.world_size} processes ({dist_backend()})" if ctx.enabled else "")
 
-    def save_resume(epoch: int) -> None:
-        if ctx.is_main:
-            ResumeState.capture(identity, epoch, model, one.optimizer, one.schedule, data.generator, device,
-                                trainee).save(resume_path)
+    def save_resume(epoch: int, mid: MidEpoch | None = None) -> None:
+        if ctx.is_main:  # after `epoch` (or `mid.step` steps into it): epochs done, then the steps
+            ResumeState.capture(identity, epoch if mid is None else epoch - 1, model, one.optimizer, one.schedule,
+                                data.generator, device, trainee, mid_epoch=mid).save(resume_path)
 
+    every = cfg.checkpoint_every_steps
     with _Progress(show_progress, data.steps) as progress:
         train_epochs(one, [trainee], data, "train", first_epoch=start_epoch + 1, progress=progress,
-                     after_epoch=save_resume)
+                     after_epoch=save_resume, after_steps=(every, save_resume) if every else None, resume=mid_epoch)
     if trainee.status == "diverged":
         raise DivergedError(trainee.reason)
 

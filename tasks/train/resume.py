@@ -25,7 +25,7 @@ from tuneline.core.atomic import staged_file
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.data.shards import data_files
-from tuneline.tasks.train.epochs import Trainee
+from tuneline.tasks.train.epochs import MidEpoch, Trainee
 
 RESUME_FORMAT = "tuneline.resume/1"
 
@@ -35,10 +35,11 @@ class ResumeMismatch(ValueError):
 
 
 def run_identity(model_cfg: ModelConfig, train_cfg: TrainConfig, manifest: dict) -> str:
-    """What a checkpoint must have been written by to be resumed: the model and train config (train.resume aside:
-    it says whether to resume, not what is trained) and the prepared data's file hashes, as canonical JSON."""
-    payload = {"model": model_cfg.model_dump(), "train": train_cfg.model_dump(exclude={"resume"}),
-               "data": data_files(manifest)}
+    """What a checkpoint must have been written by to be resumed: the model and train config (train.resume and
+    train.checkpoint_every_steps aside: they say whether and how often to checkpoint, not what is trained) and the
+    prepared data's file hashes, as canonical JSON."""
+    train = train_cfg.model_dump(exclude={"resume", "checkpoint_every_steps"})
+    payload = {"model": model_cfg.model_dump(), "train": train, "data": data_files(manifest)}
     return json.dumps(payload, sort_keys=True)
 
 
@@ -75,17 +76,21 @@ class ResumeState:
     best_state: dict[str, torch.Tensor] | None
     bad_epochs: int
     identity: str | None = None  # run_identity(...) it was written for; None in checkpoints of older releases
+    mid_epoch: dict | None = None  # taken inside epoch `epoch` + 1: epochs.MidEpoch's fields (None: at an epoch end)
 
     @classmethod
     def capture(cls, identity: str, epoch: int, model: torch.nn.Module, optimizer, schedule,
-                generator: torch.Generator, device: torch.device, trainee: Trainee) -> ResumeState:
-        """The state of a run after `epoch` (its model, optimizer, schedule, RNG streams, trainee's bookkeeping)."""
+                generator: torch.Generator, device: torch.device, trainee: Trainee,
+                mid_epoch: MidEpoch | None = None) -> ResumeState:
+        """The state of a run after `epoch` (its model, optimizer, schedule, RNG streams, trainee's bookkeeping),
+        and `mid_epoch` steps into the next one."""
         rng = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         return cls(key=identity_key(identity), epoch=epoch, model=model.state_dict(),
                    optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), rng=rng,
                    history=copy.deepcopy(trainee.history), best_metric=trainee.best_metric,
-                   best_state=trainee.best_state, bad_epochs=trainee.bad_epochs, identity=identity)
+                   best_state=trainee.best_state, bad_epochs=trainee.bad_epochs, identity=identity,
+                   mid_epoch=asdict(mid_epoch) if mid_epoch is not None else None)
 
     def save(self, path: Path) -> None:
         """Write it atomically: a run killed mid-write leaves the previous epoch's checkpoint, never half of one."""
@@ -109,7 +114,12 @@ class ResumeState:
             raise ResumeMismatch(f"{path}: a resume checkpoint of another run ({what})")
         state.pop("format")
         state.setdefault("identity", None)
+        state.setdefault("mid_epoch", None)
         return cls(**state)
+
+    @property
+    def resume_point(self) -> MidEpoch | None:
+        return MidEpoch(**self.mid_epoch) if self.mid_epoch else None
 
     def restore(self, model: torch.nn.Module, optimizer, schedule, generator: torch.Generator,
                 device: torch.device, trainee: Trainee) -> None:

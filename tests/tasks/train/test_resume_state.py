@@ -139,3 +139,39 @@ def test_a_run_stopped_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(ti
     b = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+class Stopped(Exception):
+    pass
+
+
+@pytest.mark.parametrize("access", [DataAccess(), DataAccess(resident_max_mb=0)], ids=["resident", "streaming"])
+def test_a_run_stopped_mid_epoch_resumes_from_its_step_checkpoint_to_the_weights_of_an_uninterrupted_run(
+        tiny_prepared_dir, tmp_path, access, monkeypatch):
+    cfg = CFG.model_copy(update={"epochs": 2, "checkpoint_every_steps": 5})  # 15 steps an epoch: 5 and 10 inside
+    saved = []
+    real_save = ResumeState.save
+
+    def save_then_maybe_stop(self, path):
+        real_save(self, path)
+        saved.append((self.epoch, (self.mid_epoch or {}).get("step")))
+        if saved[-1] == (1, 10):  # epoch 2, 10 steps in: the process "dies" right after this checkpoint
+            raise Stopped
+
+    monkeypatch.setattr(ResumeState, "save", save_then_maybe_stop)
+    with pytest.raises(Stopped):
+        run_train(MODEL, cfg, tiny_prepared_dir, tmp_path / "a.pt", tmp_path / "a.csv", LINEAGE,
+                  checkpoint_dir=tmp_path / "ckpt", access=access)
+    assert saved == [(0, 5), (0, 10), (1, None), (1, 5), (1, 10)]
+    monkeypatch.setattr(ResumeState, "save", real_save)
+    torch.manual_seed(999)  # whatever the process drew since, the resumed run draws what the checkpoint says
+    resumed = run_train(MODEL, cfg, tiny_prepared_dir, tmp_path / "a.pt", tmp_path / "a.csv", LINEAGE,
+                        checkpoint_dir=tmp_path / "ckpt", access=access)
+    straight = run_train(MODEL, CFG.model_copy(update={"epochs": 2}), tiny_prepared_dir, tmp_path / "b.pt",
+                         tmp_path / "b.csv", LINEAGE, checkpoint_dir=tmp_path / "other", access=access)
+    assert resumed.resumed_from_epoch == 1
+    untimed = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+    assert untimed(resumed.history) == untimed(straight.history)
+    a = torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
