@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("dir", type=Path, help="the project folder (new, or one holding only your own code and data)")
     init.add_argument("--example", default="mnist", help="starting params: mnist (default) | cifar10")
     init.add_argument("--data", default=None, metavar="PATH",
-                      help="the data: MNIST's folder of .gz files, or an image folder / .tar / .tar.gz / .zip of one")
+                      help="the data: MNIST's folder of .gz files, or an image folder / .tar / .tar.gz / .zip of one; "
+                           "a path or a URL (https://, s3://, …)")
     init.add_argument("--remote", type=Path, default=None, metavar="DIR",
                       help="the local DVC remote (default: DIR-dvc-remote beside the project)")
     sub.add_parser("upgrade", help="rewrite what an earlier release's `tuneline init` wrote (flow file, prefect.yaml, "

@@ -24,6 +24,7 @@ import yaml
 
 from tuneline.flows.code_deps import code_fingerprint, fingerprint_text, module_file, stage_code_files
 from tuneline.core.atomic import write_bytes_atomic
+from tuneline.tasks.data.remote import is_url
 
 FINGERPRINT_DIR = ".tuneline/code"
 
@@ -51,7 +52,7 @@ STAGES: tuple[StageSpec, ...] = (
               outs=("${paths.raw}",),
               comment="Deps follow data.source: an image folder or archive, a loader's module (source_deps, user_modules)."),
     StageSpec("prepare", deps=("${paths.raw}",),
-              params=("data.val_fraction", "data.seed", "data.limit_train", "data.limit_test"),
+              params=("data.val_fraction", "data.seed", "data.limit_train", "data.limit_test", "data.shard_mb"),
               outs=("${paths.prepared}",)),
     StageSpec("tune", deps=("${paths.prepared}",), params=("tune", "model", "train"),
               outs=(_uncached("${paths.tuning}/best_params.json"), _uncached("${paths.tuning}/trials.csv")),
@@ -140,9 +141,11 @@ def source_deps(root: Path, stage: str) -> list[str]:
     """Data deps that exist only for some params: fetch of an image folder depends on the folder or archive
     itself (templated, so dvc.yaml changes only when the kind of source does; DVC hashes a path outside the
     project too), so deleting images from it makes `dvc status` list fetch; tune and train depend on the
-    `model.weights` file they start from."""
+    `model.weights` file they start from. A data.image_folder URL is no dep: DVC cannot hash a folder behind a
+    URL (docs/data.md says how to version one)."""
     data = _data_params(root)
-    if stage == "fetch" and data.get("source") == "imagefolder" and data.get("image_folder"):
+    folder = str(data.get("image_folder") or "")
+    if stage == "fetch" and data.get("source") == "imagefolder" and folder and not is_url(folder):
         return ["${data.image_folder}"]
     # Fine-tuning starts from model.weights: a new state dict there is a new starting point for tune and train.
     if stage in ("tune", "train") and _section(root, "model").get("weights"):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.core.config.base import ConfigError
+from tuneline.tasks.data.remote import is_url
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,14 @@ def _params(example: str, data: str | None, target: Path) -> dict[str, Any]:
     import copy
 
     values = copy.deepcopy(EXAMPLES[example])
-    if data is not None:
+    if data is not None and is_url(data):  # read where it lies by fetch (tasks/data/remote.py): nothing to check here
+        shown = data
+    elif data is not None:
         path = Path(data).expanduser().resolve()
         if not path.exists():
-            raise ConfigError(f"--data {data}: not found: give the data set's folder or archive")
+            raise ConfigError(f"--data {data}: not found: give the data set's folder or archive (or its URL)")
         shown = path.relative_to(target).as_posix() if path.is_relative_to(target) else str(path)
+    if data is not None:
         key = "mirror" if values["data"]["source"] == "mnist" else "image_folder"
         values["data"][key] = shown
     elif values["data"]["source"] != "mnist":

@@ -1,6 +1,6 @@
 """Uploaded PNG/JPEG -> the raw uint8 pixels the model takes ([1, C, H, W] from the model's input spec).
 
-Converted as prepare converted the training images (tasks/data/imagefolder.py): to the spec's colour (PIL's
+Converted as fetch converted the training images (tasks/data/decode.py: conform): to the spec's colour (PIL's
 "L" or "RGB") and size (bilinear resize), whatever the upload's colour and size.
 
 Ink polarity: MNIST digits are light strokes on a dark ground, while a digit drawn or photographed on paper

@@ -15,7 +15,7 @@ class DataConfig(Section):
 
     source: str = Field("mnist", description="mnist | imagefolder | module:function (your own loader, docs/data.md)")
     mirror: str | None = Field(None, description="folder or URL holding the four MNIST .gz files; env TUNELINE_DATA_MIRROR wins")
-    image_folder: str | None = Field(None, description="for source=imagefolder: a folder (or .tar/.tar.gz/.zip of one) of class sub-folders of PNG/JPEG images, optionally under train/ val/ test/")
+    image_folder: str | None = Field(None, description="for source=imagefolder: a folder (or .tar/.tar.gz/.zip of one) of class sub-folders of PNG/JPEG images, optionally under train/ val/ test/; a path or a URL (https://, s3://, gs://: read where it lies)")
     channels: Literal["auto", 1, 3] = Field("auto", description="imagefolder: auto (3 if any image is colour, else 1) | 1 (gray) | 3 (RGB)")
     image_size: int | tuple[int, int] | None = Field(None, description="imagefolder: null = keep (all images must share one size) | side | [height, width]: resize to it")
     options: dict[str, Any] = Field(default_factory=dict, description="source=module:function: keyword arguments passed to your loader")

@@ -4,8 +4,9 @@ MNIST comes from a mirror (a folder or URL holding the four standard .gz files) 
 of official mirrors, and is checked against the content checksums below: the decompressed bytes are
 the same on every mirror, while the gzip bytes are not, so the DVC hash of `paths.raw` (the data
 version) does not depend on where the data came from. An image folder (class sub-folders of PNG/JPEG, or an
-archive of them; tasks/data/imagefolder.py) and a user's `module:function` loader (tasks/data/loader.py)
-are decoded, checked and written in the same IDX layout (`write_raw`), so `prepare` has one code path.
+archive of them, local or at a URL; tasks/data/imagefolder.py) is streamed into the same IDX layout a
+user's `module:function` loader's arrays are written in (`write_raw`; tasks/data/loader.py), so `prepare`
+has one code path. Everything is written to a staging folder that replaces `paths.raw` only once complete.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import numpy as np
 
 from tuneline.core.atomic import staged_dir
 from tuneline.core.config.data import DataConfig
-from tuneline.tasks.data.archive import read_tree
 from tuneline.tasks.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, check_pair, encode_idx, parse_idx, read_gzip
-from tuneline.tasks.data.imagefolder import load_image_folder
+from tuneline.tasks.data.imagefolder import fetch_image_folder
 from tuneline.tasks.data.loader import run_loader
+from tuneline.tasks.data.remote import is_url
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +116,19 @@ def write_raw(staging: Path, sets: dict[str, tuple[np.ndarray, np.ndarray]], cla
         (staging / f"{stem}images-idx{images.ndim}-ubyte").write_bytes(encode_idx(images))
         # Labels past 255 are written as 16- or 32-bit IDX integers (tasks/data/idx.py).
         (staging / f"{stem}labels-idx1-ubyte").write_bytes(encode_idx(np.asarray(labels, dtype=np.int64)))
+    _write_meta(staging, classes, source)
+
+
+def _write_meta(staging: Path, classes: list[str], source: str) -> None:
     (staging / "classes.json").write_text(json.dumps(classes))
     (staging / "source.json").write_text(json.dumps({"source": source}) + "\n")
 
 
-def _fetch_image_folder(cfg: DataConfig, folder: Path, staging: Path) -> tuple[dict[str, int], list[str]]:
-    decoded = load_image_folder(read_tree(folder), cfg, str(folder))
-    write_raw(staging, decoded.sets, decoded.classes, "imagefolder")
-    return {split: int(labels.size) for split, (_, labels) in decoded.sets.items()}, decoded.notes
+def _fetch_image_folder(source: str, cfg: DataConfig, staging: Path) -> tuple[dict[str, int], list[str]]:
+    """The same files write_raw() writes, streamed: the images are never all in memory (imagefolder.py)."""
+    fetched = fetch_image_folder(source, cfg, staging)
+    _write_meta(staging, fetched.classes, "imagefolder")
+    return fetched.counts, fetched.notes
 
 
 def _fetch_loader(cfg: DataConfig, project_dir: Path, staging: Path) -> dict[str, int]:
@@ -136,7 +142,7 @@ def run_fetch(cfg: DataConfig, raw_dir: Path, mirror: str | None = None, project
 
     `project_dir` (default: the working directory, where DVC runs a stage) is where a relative
     data.image_folder lies, as dvc.yaml's `${data.image_folder}` dep resolves it, and where a
-    `module:function` loader is imported from.
+    `module:function` loader is imported from. A data.image_folder URL (`scheme://…`) is read where it lies.
     """
     raw_dir = Path(raw_dir)
     project_dir = Path(project_dir) if project_dir is not None else Path.cwd()
@@ -153,7 +159,10 @@ def run_fetch(cfg: DataConfig, raw_dir: Path, mirror: str | None = None, project
             if not cfg.image_folder:
                 raise DataError("data.image_folder: not set; data.source=imagefolder needs a folder of class sub-folders "
                                 "(or an archive of one)")
-            counts, notes = _fetch_image_folder(cfg, project_dir / Path(cfg.image_folder).expanduser(), staging)
+            folder = cfg.image_folder
+            if not is_url(folder):
+                folder = str(project_dir / Path(folder).expanduser())
+            counts, notes = _fetch_image_folder(folder, cfg, staging)
             source = f"imagefolder:{cfg.image_folder}"
     log.info("fetch: %s -> %s %s", source, raw_dir, counts)
     return FetchResult(raw_dir=raw_dir, source=source, counts=counts, notes=tuple(notes))

@@ -173,6 +173,7 @@ def test_memory_does_not_grow_with_the_set(tmp_path):
     assert large < 4 << 20, large  # one chunk of names, one image, one write buffer (1 MB)
 
 
+@pytest.mark.fast
 def test_worker_pool_keeps_a_bounded_number_of_chunks_in_flight(monkeypatch):
     monkeypatch.setattr(workers, "IN_PROCESS_MAX", 0)
     png = io.BytesIO()
@@ -227,6 +228,7 @@ def http_root(tmp_path):
         server.server_close()
 
 
+@pytest.mark.fast
 def test_a_folder_and_an_archive_at_a_url_give_the_local_bytes_without_a_copy_on_disk(tmp_path, http_root):
     url, requests = http_root
     written = write_mixed_folder(tmp_path / "www" / "images")
@@ -248,11 +250,16 @@ def test_a_folder_and_an_archive_at_a_url_give_the_local_bytes_without_a_copy_on
                for p, _ in written)
 
 
-def test_a_missing_url_is_named(tmp_path, http_root):
+@pytest.mark.fast
+def test_a_missing_url_and_a_zip_on_a_server_without_ranges_are_named(tmp_path, http_root):
     url, _ = http_root
     for missing in (f"{url}/nothing/", f"{url}/nothing.tar.gz"):
         with pytest.raises(DataError, match=rf"^{re.escape(missing)}: image folder not found"):
             fetch(tmp_path, missing, "raw")
+    (tmp_path / "www" / "set.zip").write_bytes(b"PK" * 100)  # http.server answers no range request
+    with pytest.raises(DataError, match=rf"^{re.escape(url)}/set\.zip: cannot read the archive \(.*\): check the URL, "
+                                        r".*a \.zip needs a server that answers range requests"):
+        fetch(tmp_path, f"{url}/set.zip", "raw")
     assert not (tmp_path / "raw").exists()
 
 
@@ -270,6 +277,7 @@ def test_a_url_is_no_dvc_dep_of_fetch(tmp_path):
 # --- nothing half-written --------------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_an_image_failing_late_in_the_decode_pass_leaves_the_previous_raw_folder(tmp_path, in_workers):
     written = write_mixed_folder(tmp_path / "images")
     raw = tmp_path / "data" / "raw"

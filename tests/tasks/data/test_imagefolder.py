@@ -178,7 +178,8 @@ def test_archive_gives_the_same_prepared_bytes_as_the_folder(tmp_path, make):
         result = fetch(tmp_path, source, name=f"raw-{name}")
         assert result.counts == {"train": 16, "test": 4}
         prepared = run_prepare(DataConfig(), result.raw_dir, tmp_path / f"prepared-{name}")
-        outputs[name] = {p.name: p.read_bytes() for p in sorted(prepared.prepared_dir.iterdir())}
+        root = prepared.prepared_dir
+        outputs[name] = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     assert outputs["archive"] == outputs["folder"]
 
 

@@ -15,16 +15,24 @@ from tuneline.tasks.data.prepare import run_prepare
 from tests.conftest import REPO, TINY_CLASSES, write_raw_dir
 
 CHILD = """
-import json, sys
+import json, sys, time
 from pathlib import Path
 from prefect.client.orchestration import get_client
 from tuneline.core.config.data import DataConfig
 from tuneline.tasks.data.prepare import run_prepare
 
 raw, out, runner = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] or None
-run_prepare(DataConfig(shard_mb=0.1, prepare_tasks="prefect", prepare_task_runner=runner), raw, out)
-with get_client(sync_client=True) as client:
-    print(json.dumps(sorted(run.name for run in client.read_task_runs())))
+result = run_prepare(DataConfig(shard_mb=0.1, prepare_tasks="prefect", prepare_task_runner=runner), raw, out)
+expected = sum(len(entry["shards"]) for entry in result.manifest["splits"].values())
+# Task runs reach the API as events, a moment after the flow returns: wait until every one is there and named.
+deadline = time.monotonic() + 30
+while True:
+    with get_client(sync_client=True) as client:
+        names = sorted(run.name for run in client.read_task_runs())
+    if (len(names) >= expected and all(n.count("-") >= 3 for n in names)) or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps(names))
 """
 
 
