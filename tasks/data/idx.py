@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -148,3 +149,28 @@ def map_idx_images(path: Path) -> np.ndarray:
     if shape[0] == 0:
         return np.empty(shape, dtype=np.uint8)
     return np.memmap(path, dtype=np.uint8, mode="r", offset=header_size, shape=shape)
+
+
+def read_idx_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (ascending) of an uncompressed IDX image file, read with one pread per run of consecutive rows:
+    no memory map, so the process holds only what it returns (a mapping would also hold the neighbouring pages
+    the kernel maps around every row it touches: up to 64 KB a row)."""
+    shape = map_idx_images(path).shape  # checks the header and the size
+    row_bytes = int(np.prod(shape[1:]))
+    header_size = 4 + 4 * len(shape)
+    out = np.empty((len(rows), *shape[1:]), dtype=np.uint8)
+    flat = out.reshape(len(rows), row_bytes)
+    if not len(rows):
+        return out
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read each
+    with open(path, "rb", buffering=0) as handle:
+        fd = handle.fileno()
+        for start, stop in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+            view = memoryview(flat[start:stop]).cast("B")
+            offset, done = header_size + int(rows[start]) * row_bytes, 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise DataError(f"{path}: truncated while reading row {int(rows[start])}: re-fetch the file")
+                done += got
+    return out

@@ -6,7 +6,7 @@ size); normalisation statistics are computed on the training split and recorded 
 training, export and serving all use the same numbers.
 
 Prepare streams: the split is decided from the labels alone (8 bytes an image), then each shard is an
-independent task that gathers its images from a memory map of the raw IDX file, writes its `.npy` files
+independent task that reads its images' rows of the raw IDX file, writes its `.npy` files
 (tasks/data/shards.py) and returns its pixel moments. So memory holds one shard at a time, whatever the data's
 size, and the tasks can run anywhere: in this process (`data.prepare_tasks: local`) or fanned out by Prefect
 (`prefect`, tasks/data/fanout.py) on the task runner `data.prepare_task_runner` names (Dask, Ray).
@@ -27,7 +27,7 @@ import torch
 from tuneline.core.atomic import staged_dir
 from tuneline.core.config.data import DataConfig
 from tuneline.core.spec import InputSpec
-from tuneline.tasks.data.idx import LABELS_MAGIC, DataError, check_pair, map_idx_images, read_idx
+from tuneline.tasks.data.idx import LABELS_MAGIC, DataError, check_pair, map_idx_images, read_idx, read_idx_rows
 from tuneline.tasks.data.shards import (FORMAT, RecordLayout, Shard, SplitShards, sha256_file, shard_plan,
                                         split_entry, write_shard)
 
@@ -198,13 +198,13 @@ class ShardDone:
 
 
 def write_shard_task(task: ShardTask) -> ShardDone:
-    """Gather the shard's images from the raw file (in file order: sequential reads), store them in the task's
-    order, write the shard; the memory map is dropped on return, so its pages leave this process."""
-    images = map_idx_images(task.images_path)
+    """Gather the shard's images from the raw file (in file order: forward reads, one per run of consecutive rows),
+    store them in the task's order, write the shard. Memory: the shard, about three times over."""
     by_file = np.argsort(task.rows, kind="stable")
-    gathered = np.empty((len(task.rows), *images.shape[1:]), dtype=np.uint8)
-    gathered[by_file] = images[task.rows[by_file]]
-    del images
+    in_file_order = read_idx_rows(task.images_path, task.rows[by_file])
+    gathered = np.empty_like(in_file_order)
+    gathered[by_file] = in_file_order
+    del in_file_order
     records = to_nchw(gathered)
     shard = write_shard(task.staging, task.split, task.index, records, task.labels, task.layout)
     return ShardDone(task.split, task.index, shard, pixel_moments(records))
