@@ -41,7 +41,9 @@ def test_prepare_shards_run_as_mapped_prefect_tasks_and_write_what_a_local_prepa
     local = run_prepare(DataConfig(shard_mb=0.1), raw, tmp_path / "local")
     runner = "prefect_dask:DaskTaskRunner" if importlib.util.find_spec("prefect_dask") else ""
     env = {**__import__("os").environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           # The embedded server's start waits 20 s by default: too little on two busy cores (seen in CI).
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     env.pop("PREFECT_API_URL", None)  # the embedded API, as `tuneline run` uses by default
     done = subprocess.run([sys.executable, "-c", CHILD, str(raw), str(tmp_path / "mapped"), runner], env=env,
                           capture_output=True, text=True, timeout=300)
