@@ -28,8 +28,8 @@ from tuneline.core.atomic import staged_dir
 from tuneline.core.config.data import DataConfig
 from tuneline.core.spec import InputSpec
 from tuneline.tasks.data.idx import LABELS_MAGIC, DataError, check_pair, map_idx_images, read_idx, read_idx_rows
-from tuneline.tasks.data.shards import (FORMAT, RecordLayout, Shard, SplitShards, sha256_file, shard_plan,
-                                        split_entry, write_shard)
+from tuneline.tasks.data.shards import (FORMAT, RecordLayout, Shard, SplitShards, large_buffers_straight_to_the_os,
+                                        sha256_file, shard_plan, split_entry, write_shard)
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,9 @@ def shard_tasks(cfg: DataConfig, splits: dict[str, SplitRows], shape: tuple[int,
     for split in SPLITS:
         rows = splits[split]
         for index, (start, stop) in enumerate(shard_plan(rows.rows.size, record_bytes, cfg.shard_mb)):
-            tasks.append(ShardTask(rows.raw.images_path, rows.rows[start:stop], rows.labels[start:stop], split, index,
+            # Each task its own small arrays (a view would keep the whole split's index alive once per shard).
+            part = rows.rows[start:stop].copy()
+            tasks.append(ShardTask(rows.raw.images_path, part, rows.raw.labels[part], split, index,
                                    staging, layout))
     return tasks
 
@@ -256,6 +258,7 @@ def run_shard_tasks(cfg: DataConfig, tasks: list[ShardTask]) -> list[ShardDone]:
 def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareResult:
     """Validate `raw_dir`, split it and write `prepared_dir` atomically (temp dir, then rename)."""
     raw_dir, prepared_dir = Path(raw_dir), Path(prepared_dir)
+    large_buffers_straight_to_the_os()  # shard after shard of buffers: keep the heap from fragmenting
     raw, classes, source, image_shape = _load_raw(raw_dir)
     splits = _splits(cfg, raw, len(classes))
     shape = (1, *image_shape) if len(image_shape) == 2 else (image_shape[2], *image_shape[:2])

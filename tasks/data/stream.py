@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneline.tasks.data.shards import SplitShards, gather_rows
+from tuneline.tasks.data.shards import SplitShards, gather_rows, large_buffers_straight_to_the_os
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +74,6 @@ class DataAccess:
                  "within" if held else "over", budget, why,
                  f"held on {device}" if held else f"streamed from its shards ({self.workers(device)} loader workers)")
         return held
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-LARGE_BUFFER = 1 << 20
-
-
-def _large_buffers_straight_to_the_os() -> None:
-    """Serve allocations of LARGE_BUFFER and more with their own mappings, returned when freed. glibc raises its
-    threshold for that to the size of the last large buffer freed (up to 32 MB), after which a stream of
-    batch-sized buffers is carved from the heap, which fragments and grows with every batch: a streamed
-    evaluation of 57,000 64x64 images crept from 0.6 to 0.93 GB, and stays at 0.76 GB with a fixed threshold."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LARGE_BUFFER)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator has its own policy
 
 
 # --- The epoch plan ------------------------------------------------------------------------------------------
@@ -195,7 +178,7 @@ class SplitReader:
         self.resident = resident
         self.x = self.y = None
         if not resident:
-            _large_buffers_straight_to_the_os()
+            large_buffers_straight_to_the_os()
         # Every file's checksum, once, here: forked loader workers inherit the result instead of each re-reading.
         self.shards.verify()
         if resident:
