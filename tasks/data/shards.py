@@ -49,7 +49,9 @@ def large_buffers_straight_to_the_os() -> None:
     """Serve allocations of LARGE_BUFFER and more with their own mappings, returned when freed. glibc raises its
     threshold for that to the size of the last large buffer freed (up to 32 MB), after which a stream of
     batch-sized buffers is carved from the heap, which fragments and grows with every batch: a streamed
-    evaluation of 57,000 64x64 images crept from 0.6 to 0.93 GB, and stays at 0.76 GB with a fixed threshold."""
+    evaluation of 57,000 64x64 images crept from 0.6 to 0.93 GB, and stays at 0.76 GB with a fixed threshold.
+    Process-wide and costly where large tensors come and go at a high rate (training: every activation then
+    pays a fresh mapping), so only stages that read and score call it."""
     try:
         import ctypes
 

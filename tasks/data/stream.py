@@ -28,6 +28,7 @@ import torch
 
 from tuneline.tasks.data.shards import SplitShards, gather_rows, large_buffers_straight_to_the_os
 
+
 log = logging.getLogger(__name__)
 
 RESIDENT_SHARE = 0.5  # of free device (or host) memory, when data.resident_max_mb is not set
@@ -166,6 +167,13 @@ class _PlanBatches(torch.utils.data.Dataset):
 class SplitReader:
     """A prepared split for one stage: resident (on the device) or streaming (shards through a DataLoader)."""
 
+    def scoring_stage(self) -> None:
+        """A stage that only scores a streamed split (evaluate, export, promote): give its batch-sized buffers
+        their own mappings (large_buffers_straight_to_the_os), so the heap does not creep batch by batch. Not
+        for training: there every activation would pay a fresh mapping (streamed training ran at half speed)."""
+        if not self.resident:
+            large_buffers_straight_to_the_os()
+
     def __init__(self, prepared_dir: Path, split: str, device: torch.device, access: DataAccess = DataAccess(),
                  resident: bool | None = None):
         from tuneline.tasks.data.prepare import load_manifest
@@ -177,8 +185,6 @@ class SplitReader:
             resident = access.resident(self.shards.nbytes, self.device, f"{split} split ({self.shards.count} records)")
         self.resident = resident
         self.x = self.y = None
-        if not resident:
-            large_buffers_straight_to_the_os()
         # Every file's checksum, once, here: forked loader workers inherit the result instead of each re-reading.
         self.shards.verify()
         if resident:

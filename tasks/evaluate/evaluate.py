@@ -51,6 +51,7 @@ def run_evaluate(model_path: Path, prepared_dir: Path, metrics_path: Path, confu
     device = resolve_device(train_cfg.device)
     model, checkpoint = load_checkpoint(model_path, device)
     test = SplitReader(prepared_dir, "test", device, access)  # resident or streamed: data.resident_max_mb
+    test.scoring_stage()
     logits, labels = predict_split(model, test, train_cfg.eval_batch_size)
     classes = checkpoint["classes"]
     metrics, confusion = compute_metrics(logits, labels, classes)

@@ -107,6 +107,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
     """
     model, checkpoint = load_checkpoint(model_path, "cpu")
     test = SplitReader(prepared_dir, "test", torch.device("cpu"), access)
+    test.scoring_stage()
     images, labels = test.take(SAMPLE_IMAGES)
     if len(images) == 0:
         raise DataError(f"export: {prepared_dir} has no test images: the parity check and the serving measurements "

@@ -107,6 +107,7 @@ def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_d
                              registered_path=registry.layout.version_dir(existing) / MODEL_FILE,
                              reason=f"{onnx_path.name} is already registered as {existing} ({aliases}): unchanged")
     test = SplitReader(prepared_dir, "test", torch.device("cpu"), access)  # resident or streamed: data.resident_max_mb
+    test.scoring_stage()
     challenger = split_accuracy(onnx_path, test, device)
     evaluation = EvalReport.read(Path(eval_metrics_path))
     export = ExportReport.read(Path(export_metrics_path))
