@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tuneline.core.registry_reader import sha256_file  # one streaming sha256 for every file Tuneline checks
 from tuneline.tasks.data.idx import DataError
 
 FORMAT = "tuneline-shards/1"
@@ -58,14 +59,6 @@ def large_buffers_straight_to_the_os() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LARGE_BUFFER)
     except (OSError, AttributeError):
         pass  # not glibc: its allocator has its own policy
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
