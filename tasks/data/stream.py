@@ -28,7 +28,6 @@ import torch
 
 from tuneline.tasks.data.shards import SplitShards, gather_rows, large_buffers_straight_to_the_os
 
-
 log = logging.getLogger(__name__)
 
 RESIDENT_SHARE = 0.5  # of free device (or host) memory, when data.resident_max_mb is not set
