@@ -89,6 +89,12 @@ def _member_parts(archive: str, name: str) -> tuple[str, ...]:
 # --- folders -------------------------------------------------------------------------------------------------------
 
 
+def _data_name(archive: str, member_name: str) -> str | None:
+    """A member's path below the archive's root ("a/b.png"), or None for the root itself and hidden entries."""
+    parts = _member_parts(archive, member_name)
+    return "/".join(parts) if parts and not _hidden(parts) else None
+
+
 def _walk_folder(folder: str) -> tuple[list[str], list[str]]:
     """Files and folders below `folder`, depth first with names sorted (which is sorted path order), hidden
     ones pruned; linked folders are neither listed nor walked (as Path.rglob), linked files are files."""
@@ -162,10 +168,9 @@ def _tar_members(source: str, want: Callable[[int, str], bool]) -> Iterator[Memb
         while (member := tar.next()) is not None:
             ordinal += 1
             tar.members.clear()  # a stream is read once: keep no TarInfo (a million would hold ~0.5 GB)
-            parts = _member_parts(source, member.name)
-            if not parts or _hidden(parts):
+            name = _data_name(source, member.name)
+            if name is None:
                 continue
-            name = "/".join(parts)
             if member.isdir():
                 yield ordinal, name, True, None
             elif member.isfile():  # links and special files are never data
@@ -175,10 +180,9 @@ def _tar_members(source: str, want: Callable[[int, str], bool]) -> Iterator[Memb
 def _zip_members(source: str, want: Callable[[int, str], bool]) -> Iterator[Member]:
     with _open(source, seekable=True) as raw, zipfile.ZipFile(raw) as zf:
         for ordinal, info in enumerate(zf.infolist()):
-            parts = _member_parts(source, info.filename)
-            if not parts or _hidden(parts):
+            name = _data_name(source, info.filename)
+            if name is None:
                 continue
-            name = "/".join(parts)
             if info.is_dir():
                 yield ordinal, name, True, None
             else:

@@ -9,6 +9,7 @@ train_packed); its optimizer math is tasks/train/optim.py's. `build_member` is h
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -148,16 +149,18 @@ class EpochData:
 
     def plan(self, stream: Stream) -> EpochPlan:
         """This rank's walk through the epoch `stream` draws next (one draw from its order generator)."""
-        return self._plan(epoch_seed(stream.order))
+        return self.plan_of(epoch_seed(stream.order))
 
-    def _plan(self, seed: int) -> EpochPlan:
+    def plan_of(self, seed: int) -> EpochPlan:
+        """The walk of the epoch drawn as `seed` (a resumed epoch's seed comes from its checkpoint)."""
         return EpochPlan.make(self.train.shard_counts, seed, self.cfg.batch_size, self.ctx.rank, self.ctx.world_size,
                               limit=self.cfg.images_per_epoch)
 
-    @property
+    @functools.cached_property
     def steps(self) -> int:
-        """Steps per epoch (the same every epoch: it depends on the counts, not on the draw)."""
-        return self._plan(0).steps
+        """Steps per epoch (the same every epoch: it depends on the counts, not on the draw); a plan is built once
+        for it, not at every call."""
+        return self.plan_of(0).steps
 
     def augment(self, x: torch.Tensor, stream: Stream) -> torch.Tensor:
         """uint8 records -> float pixels, randomly transformed as train.augment_* say (on the device)."""
@@ -249,7 +252,7 @@ def train_epochs(strategy: Strategy, trainees: list[Trainee], data: EpochData, n
             seeds, first_step = [epoch_seed(s.order) for s in streams], 0
             loss_sum = torch.zeros(len(live) + 1, device=device)  # summed on the device: no host sync per step
         resume = None
-        plans = [data._plan(seed) for seed in seeds]
+        plans = [data.plan_of(seed) for seed in seeds]
         by_row = torch.tensor(row_stream, device=device)
         every, save = after_steps if after_steps is not None and len(streams) == 1 else (0, None)
         for k, step in enumerate(zip(*(data.train.walk(plan, first_step) for plan in plans)), start=first_step + 1):
