@@ -128,6 +128,7 @@ def test_a_killed_study_continues_on_rerun_without_duplicates(tmp_path, small_pr
     from pathlib import Path
 
     import optuna
+    import sqlalchemy
 
     # Trials of about a second (the whole train slice, 4 epochs): long enough to be caught mid-trial.
     overrides = {**FAST, "tune.n_trials": 6, "tune.epochs": 4, "tune.limit_train": None, "tune.pruner": "none"}
@@ -140,19 +141,33 @@ def test_a_killed_study_continues_on_rerun_without_duplicates(tmp_path, small_pr
 
     url, name = storage_url(params.tune, tmp_path), study_name(params, "abc.dir")
     deadline = time.monotonic() + 120
-    finished, running = [], []
-    # Let it finish two trials, then kill it in the middle of the next: only once a trial is RUNNING (a kill in
-    # the gap between two trials, now a few milliseconds long, would leave nothing to recover).
-    while len(finished) < 2 or not running:
+
+    def trials_now():
+        try:
+            return optuna.load_study(study_name=name, storage=url).trials
+        except KeyError:  # the study is not created yet
+            return []
+        except sqlalchemy.exc.OperationalError:  # frozen while it held the database's write lock: let it go on
+            return []
+
+    def caught_mid_trial(trials):
+        # Two trials finished and one RUNNING with its params drawn (a trial killed before it drew them is retried
+        # with fresh ones; a kill in the gap between two trials, a few milliseconds, would leave nothing to recover).
+        finished = [t for t in trials if t.state.is_finished()]
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.params]
+        return len(finished) >= 2 and running
+
+    # Let it finish two trials, then kill it in the middle of the next. The child is frozen (SIGSTOP) before the
+    # storage is read again, so the trial seen RUNNING cannot finish between that read and the kill.
+    while True:
         assert child.poll() is None and time.monotonic() < deadline, "the study ended or stalled before 2 trials"
         time.sleep(0.05)
-        try:
-            trials = optuna.load_study(study_name=name, storage=url).trials
-        except KeyError:  # the study is not created yet
+        if not caught_mid_trial(trials_now()):
             continue
-        finished = [t for t in trials if t.state.is_finished()]
-        # ... and has its params (a trial killed before it drew them is retried with fresh ones)
-        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.params]
+        child.send_signal(signal.SIGSTOP)
+        if caught_mid_trial(trials_now()):
+            break
+        child.send_signal(signal.SIGCONT)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     result = run_tune(params, small_prepared_dir, tmp_path, data_version="abc.dir")
