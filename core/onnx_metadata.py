@@ -14,24 +14,39 @@ import json
 from tuneline.core.spec import InputSpec, SpecError
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+# The graph's input per modality: raw pixels, raw samples, token ids (core/spec.py).
+GRAPH_INPUTS = {"image": ("pixels", "float32"), "audio": ("samples", "float32"), "text": ("tokens", "int64")}
+TOKENIZER_KEY = "tokenizer"  # a text model's tokenizer JSON (core/text.py), whose sha256 the spec names
 
 
 def build_metadata(checkpoint: dict, model_name: str, metrics: dict) -> dict[str, str]:
     """metadata_props for a checkpoint (its model_args + classes carry the spec) named `model_name`."""
-    args = checkpoint["model_args"]
-    channels = int(args["image_shape"][0])
-    per_channel = [list(v) if isinstance(v, (list, tuple)) else [float(v)] * channels for v in (args["mean"], args["std"])]
-    spec = InputSpec(channels=channels, height=int(args["image_shape"][1]), width=int(args["image_shape"][2]),
-                     class_names=tuple(str(c) for c in checkpoint["classes"]), mean=tuple(per_channel[0]),
-                     std=tuple(per_channel[1]))
+    args = dict(checkpoint["model_args"])
+    modality = args.get("modality", "image")
+    extra: dict[str, str] = {}
+    if modality != "image":
+        spec = InputSpec.from_dict(args["input"]["spec"])
+        if spec.text is not None:
+            extra[TOKENIZER_KEY] = args["input"]["tokenizer"]
+            # The tokenizer is its own key: not twice in the file.
+            args["input"] = {k: v for k, v in args["input"].items() if k != "tokenizer"}
+    else:
+        channels = int(args["image_shape"][0])
+        per_channel = [list(v) if isinstance(v, (list, tuple)) else [float(v)] * channels
+                       for v in (args["mean"], args["std"])]
+        spec = InputSpec(channels=channels, height=int(args["image_shape"][1]), width=int(args["image_shape"][2]),
+                         class_names=tuple(str(c) for c in checkpoint["classes"]), mean=tuple(per_channel[0]),
+                         std=tuple(per_channel[1]))
+    name, dtype = GRAPH_INPUTS[spec.modality]
     lineage = checkpoint["lineage"]
     return {
         "model_name": model_name,
         "input_spec": json.dumps(spec.to_dict()),
         "labels": json.dumps(list(spec.class_names)),
-        "input": json.dumps({"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", *spec.shape],
+        "input": json.dumps({"name": name, "dtype": dtype, "shape": ["batch", *spec.shape],
                              "range": list(spec.value_range), "layout": spec.layout}),
         "normalization": json.dumps({"mean": list(spec.mean), "std": list(spec.std), "applied_in_graph": True}),
+        **extra,
         "model_args": json.dumps(args),
         "data_version": lineage["data_version"],
         "params_hash": lineage["params_hash"],
@@ -65,6 +80,19 @@ def read_input_spec(metadata: dict[str, str], where: str = "model") -> InputSpec
                          mean=mean, std=std, value_range=tuple(declared.get("range", (0, 255))))
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecError(f"{where}: metadata 'input' is malformed ({exc!r}): re-export it") from None
+
+
+def read_tokenizer_json(metadata: dict[str, str], spec: InputSpec, where: str = "model") -> str:
+    """A text model's tokenizer JSON, checked against the sha256 its spec names (core/text.py)."""
+    import hashlib
+
+    text = metadata.get(TOKENIZER_KEY)
+    if spec.text is None or text is None:
+        raise SpecError(f"{where}: a text model without its tokenizer: re-export it with `tuneline stage export`")
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != spec.text.sha256:
+        raise SpecError(f"{where}: the tokenizer does not match the one the input spec names (sha256 "
+                        f"{spec.text.sha256[:12]}…): re-export it with `tuneline stage export`")
+    return text
 
 
 def input_name(metadata: dict[str, str], where: str = "model") -> str:

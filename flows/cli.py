@@ -1,6 +1,6 @@
 """`tuneline`: the command line.
 
-    tuneline init DIR [--example mnist|cifar10] [--data PATH]   a new project of your own (git, DVC, Prefect set up)
+    tuneline init DIR [--example NAME] [--data PATH]      a new project of your own (git, DVC, Prefect set up)
     tuneline upgrade                                      bring a project init'd by an earlier release up to this one
     tuneline run [-S key=value …] [--force] [--no-push]   the whole pipeline as a Prefect flow run
     tuneline stage NAME [-S key=value …]                  one stage (what dvc.yaml calls)
@@ -48,10 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="create a project of your own: params.yaml, dvc.yaml, prefect.yaml, git + DVC")
     init.add_argument("dir", type=Path, help="the project folder (new, or one holding only your own code and data)")
-    init.add_argument("--example", default="mnist", help="starting params: mnist (default) | cifar10")
+    init.add_argument("--example", default=None,
+                      help="starting params: mnist | cifar10 | speech | sst2 (default: what --data holds decides; "
+                           "mnist without --data)")
     init.add_argument("--data", default=None, metavar="PATH",
-                      help="the data: MNIST's folder of .gz files, or an image folder / .tar / .tar.gz / .zip of one; "
-                           "a path or a URL (https://, s3://, …)")
+                      help="the data: MNIST's folder of .gz files; a folder (or .tar / .tar.gz / .zip) of class "
+                           "folders of images, or of audio clips; a TSV/CSV/JSONL file or a folder of train.* and "
+                           "dev.*/test.* ones; a path, or for images a URL (https://, s3://, …)")
     init.add_argument("--remote", type=Path, default=None, metavar="DIR",
                       help="the local DVC remote (default: DIR-dvc-remote beside the project)")
     sub.add_parser("upgrade", help="rewrite what an earlier release's `tuneline init` wrote (flow file, prefect.yaml, "
@@ -225,7 +228,8 @@ def _run_init(args) -> int:
         target = init_project(args.dir, args.example, args.data, args.remote)
     except TunelineError as exc:
         return _report_failure("init", exc, args.debug)
-    print(f"Tuneline project ready: {target} (example {args.example})\n  cd {target} && tuneline run")
+    started = args.example or ("chosen from --data" if args.data else "mnist")
+    print(f"Tuneline project ready: {target} (example {started})\n  cd {target} && tuneline run")
     return 0
 
 

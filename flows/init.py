@@ -1,9 +1,14 @@
 """`tuneline init DIR`: a project of the user's own, outside this repository, ready to `tuneline run`.
 
 It writes params.yaml (an example's settings, with gates that suit it: MNIST's 0.99 accuracy gate would
-fail every CIFAR-10 run), dvc.yaml (generated for this project: Tuneline's installed code is outside it,
-so the `code` stage fingerprints it), prefect.yaml (with an entry point that exists in the folder), a
-.gitignore and a .dvcignore; then `git init`, `dvc init`, a local DVC remote and the first commit.
+fail every CIFAR-10 run). The examples are mnist (the default), cifar10, speech (spoken digits, FSDD) and sst2
+(sentence sentiment); `--data PATH` fills the example's path key. With `--data` and no `--example`, the data
+decides: flows/recognise.py looks at what PATH holds (MNIST's .gz files, class folders of images, audio clips,
+TSV/CSV/JSONL text) and the example follows it (mnist, image defaults, speech, sst2-like text settings).
+
+It also writes dvc.yaml (generated for this project: Tuneline's installed code is outside it, so the `code`
+stage fingerprints it), prefect.yaml (with an entry point that exists in the folder), a .gitignore and a
+.dvcignore; then `git init`, `dvc init`, a local DVC remote and the first commit.
 
 Nothing is left half-made: if any step fails, every file and folder init created is removed again.
 """
@@ -46,7 +51,34 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                                              "train.batch_size": {"type": "categorical", "choices": [128]}}},
         "gate": {"min_accuracy": 0.75, "min_class_recall": 0.5, "max_ece": 0.15, "max_regression": 0.01},
     },
+    # Spoken digits (FSDD: 8 kHz clips named {digit}_{speaker}_{index}.wav, index 0-4 the test split) with a small
+    # audio CNN; starting values, to be tuned.
+    "speech": {
+        "project": {"name": "speech"},
+        "data": {"source": "audio", "sample_rate": 8000, "label_pattern": "{label}_{speaker}_{index}",
+                 "test_rule": "index < 5", "clip_seconds": 1.0, "val_fraction": 0.1},
+        "model": {"arch": "audio_cnn", "dropout": 0.1},
+        "train": {"epochs": 12, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-3,
+                  "scheduler": "onecycle", "augment_time_shift": 0.1, "augment_noise": 0.005, "eval_batch_size": 500},
+        "tune": {"enabled": False},
+        "gate": {"min_accuracy": 0.9, "min_class_recall": 0.8, "max_ece": 0.15, "max_regression": 0.01},
+    },
+    # Sentence sentiment (SST-2: TSVs whose text column is `sentence` in train, `content` in dev, the test split)
+    # with a text CNN; starting values, to be tuned.
+    "sst2": {
+        "project": {"name": "sst2"},
+        "data": {"source": "text", "text_column": ["sentence", "content"], "label_column": "label",
+                 "class_names": {"0": "negative", "1": "positive"}, "val_fraction": 0.05},
+        "model": {"arch": "text_cnn", "dropout": 0.5},
+        "train": {"epochs": 4, "batch_size": 64, "optimizer": "adam", "lr": 1e-3, "scheduler": "none",
+                  "eval_batch_size": 1000},
+        "tune": {"enabled": False},
+        "gate": {"min_accuracy": 0.75, "min_class_recall": 0.6, "max_ece": 0.2, "max_regression": 0.02},
+    },
 }
+
+# The data key --data fills, by data.source.
+PATH_KEYS = {"mnist": "mirror", "imagefolder": "image_folder", "audio": "audio_folder", "text": "text_files"}
 
 GITIGNORE = """\
 # Tuneline project: data and models are DVC's (dvc.lock, registry.dvc); git keeps code, params and metrics.
@@ -129,24 +161,66 @@ deployments:
 """
 
 
-def _params(example: str, data: str | None, target: Path) -> dict[str, Any]:
+def _params(example: str | None, data: str | None, target: Path) -> tuple[str, dict[str, Any]]:
+    """(what the project starts from, for messages; its params): `example`'s, else what `data` holds."""
     import copy
 
-    values = copy.deepcopy(EXAMPLES[example])
+    if example is None and data is None:
+        example = "mnist"
     if data is not None and is_url(data):  # read where it lies by fetch (tasks/data/remote.py): nothing to check here
-        shown = data
+        shown = where = data
     elif data is not None:
         path = Path(data).expanduser().resolve()
         if not path.exists():
             raise ConfigError(f"--data {data}: not found: give the data set's folder or archive (or its URL)")
-        shown = path.relative_to(target).as_posix() if path.is_relative_to(target) else str(path)
-    if data is not None:
-        key = "mirror" if values["data"]["source"] == "mnist" else "image_folder"
-        values["data"][key] = shown
-    elif values["data"]["source"] != "mnist":
-        raise ConfigError(f"tuneline init --example {example}: needs --data PATH (the data set's folder, or a .tar, "
-                          ".tar.gz or .zip of it)")
-    return values
+        where = str(path)
+        shown = path.relative_to(target).as_posix() if path.is_relative_to(target) else where
+    if example is not None:
+        values = copy.deepcopy(EXAMPLES[example])
+        if data is not None:
+            values["data"][PATH_KEYS[values["data"]["source"]]] = shown
+        elif values["data"]["source"] != "mnist":
+            raise ConfigError(f"tuneline init --example {example}: needs --data PATH (the data set's folder, or a "
+                              ".tar, .tar.gz or .zip of it)")
+        return example, values
+    from tuneline.flows.recognise import recognise_data
+
+    found = recognise_data(where)
+    found[PATH_KEYS[found["source"]]] = shown
+    return _following(found)
+
+
+def _following(found: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The params a recognised `data:` section starts from: its source's example, with the data as found."""
+    import copy
+
+    source = found["source"]
+    if source == "imagefolder":  # any images: the defaults (cifar10's settings and gates suit CIFAR, not any set)
+        return "defaults, imagefolder data", {"data": found}
+    example = {"mnist": "mnist", "audio": "speech", "text": "sst2"}[source]
+    values = copy.deepcopy(EXAMPLES[example])
+    data = values["data"]
+    if source == "audio":
+        # the clips' own rate and labels, not FSDD's; FSDD's split rule only for FSDD-shaped names
+        if found.get("label_pattern") != data["label_pattern"]:
+            data.pop("test_rule")
+        data.pop("label_pattern")
+        data.pop("sample_rate")
+    elif source == "text":  # sst2's settings, not its names: the model is named after the data, classes by label
+        values.pop("project")
+        for key in ("text_column", "label_column", "class_names"):
+            data.pop(key)
+        example = "sst2's settings, text data"
+    data.update(found)
+    return example, values
+
+
+def _model_name(values: dict[str, Any]) -> str:
+    """project.name, else the data set's (an image folder's stem, `text`): what the registry calls the model."""
+    from tuneline.core.config.params import Params
+
+    params = Params.model_validate(values)
+    return params.project.resolve_name(params.data)
 
 
 def _git(cwd: Path, *args: str) -> None:
@@ -170,8 +244,11 @@ def _check(result: subprocess.CompletedProcess, tool: str, args: tuple[str, ...]
         raise RuntimeError(f"tuneline init: `{tool} {' '.join(args)}` failed: {detail[-1] if detail else result.returncode}")
 
 
-def init_project(target: Path, example: str = "mnist", data: str | None = None, remote: Path | None = None) -> Path:
+def init_project(target: Path, example: str | None = None, data: str | None = None,
+                 remote: Path | None = None) -> Path:
     """Create the project at `target` (new, or a folder of the user's code); returns its path.
+
+    `example` None: mnist without `data`, else the example that what `data` holds follows (flows/recognise.py).
 
     Refuses a folder that already holds a project (any other folders and modules of yours are fine). On any
     failure, everything init created is removed again (the user's own files are never touched).
@@ -179,7 +256,7 @@ def init_project(target: Path, example: str = "mnist", data: str | None = None, 
     from tuneline.flows import dvc_yaml
     from tuneline.flows.config_docs import render_params
 
-    if example not in EXAMPLES:
+    if example is not None and example not in EXAMPLES:
         raise ConfigError(f"--example {example}: unknown; choose one of {', '.join(EXAMPLES)}")
     target = Path(target).expanduser().resolve()
     ours = ["params.yaml", "dvc.yaml", "prefect.yaml", FLOW_FILE, ".gitignore", ".dvcignore", ".git", ".dvc"]
@@ -187,14 +264,14 @@ def init_project(target: Path, example: str = "mnist", data: str | None = None, 
         if present := [name for name in ours if (target / name).exists()]:
             raise ConfigError(f"{target}: already has {', '.join(present)}: init writes a new project; pick a new "
                               "folder, or one with only your own code and data in it")
-    values = _params(example, data, target)
+    example, values = _params(example, data, target)
     remote = Path(remote).expanduser().resolve() if remote else target.parent / f"{target.name}-dvc-remote"
     created_target = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     try:
         (target / "params.yaml").write_text(render_params(values))
         (target / FLOW_FILE).write_text(FLOW_TEXT)
-        (target / "prefect.yaml").write_text(PREFECT_TEXT.format(name=values["project"]["name"], project=target,
+        (target / "prefect.yaml").write_text(PREFECT_TEXT.format(name=_model_name(values), project=target,
                                                                  flow_file=FLOW_FILE))
         (target / ".gitignore").write_text(GITIGNORE)
         _git(target, "init", "-q")

@@ -152,6 +152,16 @@ def run_fetch(cfg: DataConfig, raw_dir: Path, mirror: str | None = None, project
         if cfg.source == "mnist":
             counts = _fetch_mnist(mirror, staging)
             source = f"mnist:{mirror or 'official mirrors'}"
+        elif cfg.source in ("audio", "text"):
+            from tuneline.tasks.data.records import fetch_audio, fetch_text
+
+            given = cfg.audio_folder if cfg.source == "audio" else cfg.text_files
+            if not given:
+                key = "audio_folder" if cfg.source == "audio" else "text_files"
+                raise DataError(f"data.{key}: not set; data.source={cfg.source} needs it (docs/data.md)")
+            where = given if is_url(given) else str(project_dir / Path(given).expanduser())
+            counts, _, notes = (fetch_audio if cfg.source == "audio" else fetch_text)(cfg, where, staging)
+            source = f"{cfg.source}:{given}"
         elif cfg.loader:
             counts = _fetch_loader(cfg, project_dir, staging)
             source = cfg.loader

@@ -259,6 +259,10 @@ def run_prepare(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> PrepareRe
     """Validate `raw_dir`, split it and write `prepared_dir` atomically (temp dir, then rename)."""
     raw_dir, prepared_dir = Path(raw_dir), Path(prepared_dir)
     large_buffers_straight_to_the_os()  # shard after shard of buffers: keep the heap from fragmenting
+    from tuneline.tasks.data.prepare_records import is_records, run_prepare_records
+
+    if is_records(raw_dir):  # speech or text
+        return run_prepare_records(cfg, raw_dir, prepared_dir)
     raw, classes, source, image_shape = _load_raw(raw_dir)
     splits = _splits(cfg, raw, len(classes))
     shape = (1, *image_shape) if len(image_shape) == 2 else (image_shape[2], *image_shape[:2])

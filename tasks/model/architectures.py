@@ -1,9 +1,11 @@
-"""The networks of the seed article and the fast CIFAR-class net, with input normalisation inside the module.
+"""The networks of the seed article and the fast CIFAR-class net, with input normalisation inside the module,
+and the built-in audio (tasks/model/audio.py) and text (tasks/model/text.py) networks.
 
-Every model takes raw pixels (float, 0..255, shape [N, C, H, W] from the data's input spec,
+Every image model takes raw pixels (float, 0..255, shape [N, C, H, W] from the data's input spec,
 core/spec.py) and returns logits. Keeping the
 normalisation in the module means training, the ONNX graph and the server all see the same numbers
-and a client never has to know them.
+and a client never has to know them. An audio model takes raw samples (float32 [N, samples], -1..1) and computes
+its features inside; a text model takes token ids (int64 [N, max_length]) of the data's tokenizer.
 
 `model.arch` is a built-in name (ARCHITECTURES), `torchvision:NAME` or a user's `module:function`
 (tasks/model/external.py; docs/models.md). Built-ins are called as
@@ -20,7 +22,9 @@ from torch import nn
 
 from tuneline.core.spec import InputSpec
 from tuneline.tasks.model import external
+from tuneline.tasks.model.audio import AUDIO_ARCHITECTURES
 from tuneline.tasks.model.fastnet import FastCNN
+from tuneline.tasks.model.text import TEXT_ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,14 @@ class ModelArgs:
     arch: str
     dropout: float
     n_classes: int
-    image_shape: tuple[int, int, int]          # (channels, height, width) of one input row
+    image_shape: tuple[int, ...]               # one input row: (channels, height, width), (samples,) or (max_length,)
     mean: float | tuple[float, ...]            # per channel, of pixels scaled to 0..1, measured on the training split
     std: float | tuple[float, ...]
     kwargs: dict = field(default_factory=dict)  # passed to the architecture's builder (model.kwargs)
+    modality: str = "image"                    # image | audio | text (core/spec.py)
+    # audio: {"sample_rate", "spec"}; text: {"vocab_size", "pad_id", "spec", "tokenizer" (its JSON: the model carries
+    # its tokenizer)}. "spec" is the data's input spec (InputSpec.to_dict), which export writes into the ONNX file.
+    input: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,17 +54,33 @@ class ModelArgs:
 
         return cls(arch=data["arch"], dropout=float(data["dropout"]), n_classes=int(data["n_classes"]),
                    image_shape=tuple(int(d) for d in data["image_shape"]), mean=channels(data["mean"]),
-                   std=channels(data["std"]), kwargs=dict(data.get("kwargs") or {}))
+                   std=channels(data["std"]), kwargs=dict(data.get("kwargs") or {}),
+                   modality=str(data.get("modality", "image")), input=dict(data.get("input") or {}))
 
     @classmethod
-    def from_spec(cls, arch: str, dropout: float, spec: InputSpec, kwargs: dict | None = None) -> "ModelArgs":
-        """The model for data of input spec `spec`: its classes, image shape and normalisation."""
+    def from_spec(cls, arch: str, dropout: float, spec: InputSpec, kwargs: dict | None = None,
+                  tokenizer: str | None = None) -> "ModelArgs":
+        """The model for data of input spec `spec`: its classes, input shape and normalisation (images), sample
+        rate (audio) or vocabulary and tokenizer JSON (text: `tokenizer`, which the spec names by its sha256)."""
+        extra: dict = {}
+        if spec.audio is not None:
+            extra = {"sample_rate": spec.audio.sample_rate, "spec": spec.to_dict()}
+        elif spec.text is not None:
+            if tokenizer is None:
+                raise ValueError("a text model needs its tokenizer's JSON (the prepared data's tokenizer.json)")
+            extra = {"vocab_size": spec.text.vocab_size, "pad_id": spec.text.pad_id, "spec": spec.to_dict(),
+                     "tokenizer": tokenizer}
         return cls(arch=arch, dropout=dropout, n_classes=spec.n_classes, image_shape=spec.shape,
-                   mean=spec.mean, std=spec.std, kwargs=dict(kwargs or {}))
+                   mean=spec.mean, std=spec.std, kwargs=dict(kwargs or {}), modality=spec.modality, input=extra)
 
     @classmethod
     def from_manifest(cls, arch: str, dropout: float, manifest: dict, kwargs: dict | None = None) -> "ModelArgs":
-        return cls.from_spec(arch, dropout, InputSpec.from_manifest(manifest), kwargs)
+        return cls.from_spec(arch, dropout, InputSpec.from_manifest(manifest), kwargs, manifest.get("tokenizer"))
+
+    def example_input(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """`batch` rows of zeros as the model takes them: float32 pixels or samples, int64 token ids."""
+        dtype = torch.long if self.modality == "text" else torch.float32
+        return torch.zeros(batch, *self.image_shape, dtype=dtype, device=device)
 
     def per_channel(self, values: float | tuple[float, ...]) -> tuple[float, ...]:
         return tuple(values) if isinstance(values, (tuple, list)) else (float(values),) * self.image_shape[0]
@@ -151,22 +175,43 @@ def user_model_module(arch: str) -> str | None:
 def build_network(args: ModelArgs) -> nn.Module:
     """The bare network (normalised pixels -> logits) that model.arch names, sized by the input spec."""
     kind = arch_kind(args.arch)
+    own = {"image": ARCHITECTURES, "audio": AUDIO_ARCHITECTURES, "text": TEXT_ARCHITECTURES}[args.modality]
+    if kind == "builtin" and args.arch not in own:
+        raise external.ModelBuildError(f"model.arch: {args.arch} is an image network but the data is {args.modality}: "
+                                       f"use one of {', '.join(sorted(own))}")
+    if kind != "builtin" and args.modality != "image":
+        raise external.ModelBuildError(f"model.arch: {args.arch}: torchvision and module:function networks take "
+                                       f"images; for {args.modality} use one of {', '.join(sorted(own))}")
+    if args.modality == "audio":
+        return _build(own[args.arch], args, sample_rate=args.input["sample_rate"])
+    if args.modality == "text":
+        return _build(own[args.arch], args, vocab_size=args.input["vocab_size"], pad_id=args.input["pad_id"])
     if kind == "torchvision":
         return external.build_torchvision(args.arch, args.n_classes, args.image_shape, args.kwargs)
     if kind == "factory":
         return external.build_factory(args.arch, args.n_classes, args.dropout, args.image_shape, args.kwargs)
+    return _build(ARCHITECTURES[args.arch], args)
+
+
+def _build(cls: type[nn.Module], args: ModelArgs, **given) -> nn.Module:
     try:
-        return ARCHITECTURES[args.arch](args.n_classes, args.dropout, args.image_shape, **args.kwargs)
+        return cls(args.n_classes, args.dropout, args.image_shape, **given, **args.kwargs)
     except TypeError as exc:
         raise external.ModelBuildError(f"model.kwargs: {args.arch} does not take {sorted(args.kwargs)} ({exc})") from None
 
 
+def as_model_input(records: torch.Tensor) -> torch.Tensor:
+    """Stored records as a model takes them: token ids (int32 in storage) as int64, pixels and samples as float32."""
+    return records.long() if records.dtype in (torch.int32, torch.int64) else records.float()
+
+
 class Classifier(nn.Module):
-    """Raw pixels (0..255) -> normalised -> network -> logits."""
+    """Raw pixels (0..255) -> normalised -> network -> logits; raw samples or token ids -> network -> logits."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.normalise = args.modality == "image"  # audio normalises its own features; token ids are not scaled
         # Folded into one multiply-add: (x / 255 - mean) / std == x * scale + shift. One channel keeps scalar
         # buffers (the graph and the state dict of single-channel models are what they always were);
         # several channels get one (scale, shift) per channel, broadcast over [C, 1, 1].
@@ -188,7 +233,7 @@ class Classifier(nn.Module):
         return self
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net(pixels * self.scale + self.shift)
+        return self.net(pixels * self.scale + self.shift) if self.normalise else self.net(pixels)
 
 
 def build_model(args: ModelArgs) -> Classifier:

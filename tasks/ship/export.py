@@ -21,7 +21,7 @@ import onnx
 import torch
 
 from tuneline.core.atomic import staged_dir, staged_file
-from tuneline.tasks.ship.latency import INPUT_NAME, OUTPUT_NAME, THROUGHPUT_BATCH, measure_serving, split_accuracy
+from tuneline.tasks.ship.latency import OUTPUT_NAME, THROUGHPUT_BATCH, measure_serving, split_accuracy
 from tuneline.core.onnx_session import Device, Provider, open_session
 from tuneline.tasks.model.checkpoint import load_checkpoint
 from tuneline.core.config.export import ExportConfig
@@ -32,7 +32,8 @@ from tuneline.tasks.data.stream import DataAccess, SplitReader
 from tuneline.core.errors import StageFailed
 from tuneline.tasks.evaluate.report import EvalReport
 from tuneline.tasks.ship.export_report import ExportReport
-from tuneline.core.onnx_metadata import build_metadata
+from tuneline.core.onnx_metadata import GRAPH_INPUTS, build_metadata
+from tuneline.tasks.model.architectures import as_model_input
 from tuneline.tasks.ship.quantize import VariantResult, build_variant
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,12 @@ def export_onnx_file(model: torch.nn.Module, example: torch.Tensor, path: Path, 
     exporter may fix the batch at 1). The export stage and the tuner's serving cost (tasks/tune/serving_cost.py)
     both use it."""
     batch = torch.export.Dim("batch", min=1)
+    input_name, _ = GRAPH_INPUTS[getattr(getattr(model, "args", None), "modality", "image")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter is chatty about things that do not apply here
-        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        torch.onnx.export(model, (example,), str(path), input_names=[input_name], output_names=[OUTPUT_NAME],
                           dynamo=True, external_data=False, opset_version=opset,
-                          dynamic_shapes={"pixels": {0: batch}}, verbose=False)
+                          dynamic_shapes=({0: batch},), verbose=False)
 
 
 def parity_batches(n_images: int) -> tuple[int, ...]:
@@ -78,12 +80,13 @@ def parity_batches(n_images: int) -> tuple[int, ...]:
 def check_parity(model: torch.nn.Module, onnx_path: Path, images: torch.Tensor, atol: float) -> dict[int, float]:
     """Max |ORT - PyTorch| logits at each of parity_batches(len(images)), on real images; raises ParityError."""
     session = open_session(onnx_path, "cpu")  # the reference: PyTorch runs on CPU too
+    input_name = session.get_inputs()[0].name
     diffs = {}
     for batch in parity_batches(len(images)):
-        pixels = images[:batch].float()
+        pixels = as_model_input(images[:batch])
         with torch.no_grad():
             expected = model(pixels).numpy()
-        (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})
+        (actual,) = session.run([OUTPUT_NAME], {input_name: pixels.numpy()})
         diffs[batch] = float(abs(actual - expected).max())
         if actual.shape != expected.shape or diffs[batch] > atol:
             raise ParityError(f"export: ONNX Runtime differs from PyTorch at batch {batch}: max |diff| "
@@ -120,10 +123,14 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
     }
     with staged_file(Path(onnx_path)) as tmp:
         # Two rows even from a one-image split: an example batch of 1 would let the exporter fix the batch axis at 1.
-        export_onnx_file(model, images[:1].float().repeat(2, 1, 1, 1), tmp, cfg.opset)
+        export_onnx_file(model, as_model_input(images[:1]).repeat(2, *[1] * (images.dim() - 1)), tmp, cfg.opset)
         proto = onnx.load(str(tmp))
         proto.producer_name = "tuneline"
-        proto.doc_string = "Tuneline classifier: raw pixels (0..255) in, logits out; see metadata_props"
+        proto.doc_string = {"image": "Tuneline classifier: raw pixels (0..255) in, logits out; see metadata_props",
+                            "audio": "Tuneline classifier: raw samples (-1..1) in, log-mel inside, logits out; see "
+                                     "metadata_props",
+                            "text": "Tuneline classifier: token ids of the tokenizer in metadata_props in, logits "
+                                    "out"}[model.args.modality]
         onnx.helper.set_model_props(proto, metadata)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, str(tmp), save_as_external_data=False)

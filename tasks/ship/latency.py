@@ -18,6 +18,7 @@ from tuneline.core.io_binding import BoundRunner, make_runner
 from tuneline.core.onnx_metadata import INPUT_NAME, OUTPUT_NAME
 from tuneline.core.onnx_session import Device, Provider, open_session
 from tuneline.tasks.data.stream import TensorSplit
+from tuneline.tasks.model.architectures import as_model_input
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME"]  # re-exported: export and quantize import them from here
 THROUGHPUT_BATCH = 256
@@ -26,12 +27,13 @@ THROUGHPUT_RUNS = 10     # timed batches of THROUGHPUT_BATCH images
 
 
 def as_pixels(images: torch.Tensor) -> np.ndarray:
-    """uint8 images [N, C, H, W] -> the model's input: float32 raw pixels [N, C, H, W]."""
-    return images.float().numpy()
+    """Stored records -> the model's input: float32 raw pixels [N, C, H, W] or samples [N, S], int64 token ids."""
+    return as_model_input(images).numpy()
 
 
 def onnx_logits(session, images: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
-    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: as_pixels(images[i:i + batch_size])})[0]
+    name = session.get_inputs()[0].name  # pixels, samples or tokens (core/onnx_metadata.py: GRAPH_INPUTS)
+    return np.concatenate([session.run([OUTPUT_NAME], {name: as_pixels(images[i:i + batch_size])})[0]
                            for i in range(0, len(images), batch_size)])
 
 
@@ -58,7 +60,7 @@ def measure_serving(path: Path, images: torch.Tensor, device: Device, latency_ru
     built and run as the server builds and runs it for serve.device=`device`, serve.provider=`provider`,
     serve.threads=`threads`."""
     session = open_session(path, device, threads, provider=provider)
-    run = make_runner(session, INPUT_NAME, OUTPUT_NAME, THROUGHPUT_BATCH)
+    run = make_runner(session, session.get_inputs()[0].name, OUTPUT_NAME, THROUGHPUT_BATCH)
     single = [as_pixels(images[i % len(images)][None]) for i in range(latency_runs)]  # real images, not zeros
     batch = as_pixels(images[:THROUGHPUT_BATCH])
     for x in single[:WARMUP_RUNS]:

@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from tuneline.tasks.data.stream import TensorSplit
-from tuneline.tasks.ship.latency import INPUT_NAME, as_pixels, split_accuracy
+from tuneline.tasks.ship.latency import as_pixels, split_accuracy
 from tuneline.core.onnx_session import Device
 from tuneline.core.registry_layout import VARIANT_FILES
 from tuneline.tasks.evaluate.gate import GateVerdict, gate_max
@@ -80,7 +80,8 @@ def make_int8(src: Path, dst: Path, calibration_images: torch.Tensor) -> None:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{INPUT_NAME: as_pixels(calibration_images[i:i + CALIBRATION_BATCH])}
+            name = onnx.load(str(src)).graph.input[0].name  # pixels, samples or tokens
+            self.batches = iter([{name: as_pixels(calibration_images[i:i + CALIBRATION_BATCH])}
                                  for i in range(0, len(calibration_images), CALIBRATION_BATCH)])
 
         def get_next(self):

@@ -22,10 +22,10 @@ import torch
 
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
-from tuneline.tasks.data.augment import augment_batch, flip_batch
+from tuneline.tasks.data.augment import add_noise, augment_batch, flip_batch, mask_spectrum, shift_clips
 from tuneline.tasks.data.prepare import load_manifest
 from tuneline.tasks.data.stream import DataAccess, EpochPlan, SplitReader, epoch_seed
-from tuneline.tasks.model.architectures import Classifier, ModelArgs, build_model
+from tuneline.tasks.model.architectures import Classifier, ModelArgs, as_model_input, build_model
 from tuneline.tasks.model.external import freeze_backbone, load_initial_weights
 from tuneline.tasks.train.distributed import DistContext, all_reduce_sum
 
@@ -116,6 +116,20 @@ class Strategy(Protocol):
     def keep(self, rows: list[int]) -> None: ...  # drop every other row
 
 
+AUGMENT_KNOBS = {"image": ("augment_rotate_deg", "augment_translate", "augment_scale", "augment_flip"),
+                 "audio": ("augment_time_shift", "augment_noise", "augment_spec_mask"),
+                 "text": ()}
+
+
+def check_augmentation(cfg: TrainConfig, modality: str) -> None:
+    """A train.augment_* knob of another modality is refused: it would silently do nothing."""
+    foreign = [f"train.{knob}" for other, knobs in AUGMENT_KNOBS.items() if other != modality for knob in knobs
+               if getattr(cfg, knob)]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)}: augmentation for another kind of data; this data is {modality} "
+                         f"(its knobs: {', '.join(AUGMENT_KNOBS[modality]) or 'none'}): set them to 0 / false")
+
+
 @dataclass(frozen=True)
 class Stream:
     """One walk through the train split: a batch order (one permutation per epoch) and augmentation draws."""
@@ -142,6 +156,7 @@ class EpochData:
     generator: torch.Generator  # the batch order (the same on every rank)
     augment_generator: torch.Generator
     ctx: DistContext = DistContext()
+    modality: str = "image"  # which train.augment_* knobs apply (core/spec.py)
 
     @property
     def stream(self) -> Stream:
@@ -163,8 +178,20 @@ class EpochData:
         return self.plan_of(0).steps
 
     def augment(self, x: torch.Tensor, stream: Stream) -> torch.Tensor:
-        """uint8 records -> float pixels, randomly transformed as train.augment_* say (on the device)."""
+        """Stored records -> the model's input, randomly transformed as train.augment_* say (on the device): pixels
+        (rotate, shift, zoom, flip), clips (time shift, noise, spectral masks); token ids as they are."""
         cfg = self.cfg
+        if self.modality == "text":
+            return as_model_input(x)
+        if self.modality == "audio":
+            x = x.float()
+            if cfg.augment_time_shift:
+                x = shift_clips(x, cfg.augment_time_shift, stream.augment)
+            if cfg.augment_noise:
+                x = add_noise(x, cfg.augment_noise, stream.augment)
+            if cfg.augment_spec_mask:
+                x = mask_spectrum(x, cfg.augment_spec_mask, stream.augment)
+            return x
         x = augment_batch(x.float(), cfg.augment_rotate_deg, cfg.augment_translate, cfg.augment_scale, stream.augment)
         if cfg.augment_flip:
             x = flip_batch(x, stream.augment)

@@ -38,7 +38,7 @@ from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.data.stream import DataAccess
 from tuneline.tasks.lineage import Lineage
-from tuneline.tasks.model.architectures import Classifier
+from tuneline.tasks.model.architectures import Classifier, as_model_input
 from tuneline.tasks.model.checkpoint import save_checkpoint
 from tuneline.tasks.train.distributed import DistContext, barrier, context
 from tuneline.tasks.train.epochs import MidEpoch, Trainee, train_epochs
@@ -74,7 +74,7 @@ class TrainResult:
 def predict_logits(model: Classifier, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """fp32 logits for uint8 images [N, C, H, W] (on the model's device), in eval mode, batch by batch."""
     model.eval()
-    return torch.cat([model(images[i:i + batch_size].float()).float()
+    return torch.cat([model(as_model_input(images[i:i + batch_size])).float()
                       for i in range(0, len(images), batch_size)])
 
 
@@ -85,7 +85,7 @@ def predict_split(model: Classifier, split, batch_size: int) -> tuple[torch.Tens
     model.eval()
     logits, labels = [], []
     for images, y in split.batches(batch_size):
-        logits.append(model(images.float()).float())
+        logits.append(model(as_model_input(images)).float())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
@@ -181,7 +181,7 @@ class OneModel:
         seen = 0
         with autocast(self.cfg, self.device):
             for images, labels in batches:
-                logits = self.model(images.float()).float()
+                logits = self.model(as_model_input(images)).float()
                 loss += F.cross_entropy(logits, labels, reduction="sum")
                 correct += (logits.argmax(1) == labels).sum()
                 seen += len(labels)

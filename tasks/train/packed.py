@@ -60,7 +60,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
-from tuneline.tasks.model.architectures import ModelArgs
+from tuneline.tasks.model.architectures import ModelArgs, as_model_input
 from tuneline.tasks.data.prepare import load_manifest
 from tuneline.tasks.data.stream import DataAccess
 from tuneline.tasks.train.epochs import Stream, Trainee, build_member, model_args, train_epochs
@@ -305,7 +305,7 @@ class _Pack:
         seen = 0
         with self.autocast:
             for images, labels in batches:
-                logits = self.forward(images.float()).float()  # [K, B, classes]
+                logits = self.forward(as_model_input(images)).float()  # [K, B, classes]
                 k = logits.shape[0]
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat(k), reduction="none")
                 batch_loss, batch_correct = loss.view(k, -1).sum(1), (logits.argmax(-1) == labels).sum(1)
@@ -494,7 +494,7 @@ def unpackable_reason(model_cfg: ModelConfig, train_cfg: TrainConfig, args: Mode
     cannot take (in-place ops on parameters, data-dependent control flow, modules vmap does not support)."""
     if model_cfg.freeze_backbone:
         return "model.freeze_backbone trains part of the network; a pack trains every stacked parameter"
-    x = torch.zeros(2, *args.image_shape, device=device)
+    x = args.example_input(2, device)
     y = torch.zeros(2, dtype=torch.long, device=device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

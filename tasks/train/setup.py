@@ -24,7 +24,7 @@ from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.data.stream import DataAccess, SplitReader
 from tuneline.tasks.model.architectures import Classifier, ModelArgs
 from tuneline.tasks.train.distributed import DistContext, device_for, process_group
-from tuneline.tasks.train.epochs import EpochData, build_member, load_data, model_args
+from tuneline.tasks.train.epochs import EpochData, build_member, check_augmentation, load_data, model_args
 
 Splits = tuple[dict, SplitReader, SplitReader]  # manifest, train, val (each resident or streaming)
 RANK_EPOCH_STRIDE = 1000  # a resumed rank > 0 reseeds with seed + rank + this × epochs done: fresh draws, not replays
@@ -111,7 +111,8 @@ def prepare_run(model_cfg: ModelConfig, train_cfg: TrainConfig, prepared: Path, 
         # The batch order is the same on every rank (each takes its share of it); augmentation draws per rank.
         order = torch.Generator(device=device).manual_seed(seed)
         augment = order if not ctx.enabled else torch.Generator(device=device).manual_seed(seed + ctx.rank)
-        data = EpochData(train, val, args.n_classes, train_cfg, order, augment, ctx)
+        check_augmentation(train_cfg, args.modality)
+        data = EpochData(train, val, args.n_classes, train_cfg, order, augment, ctx, args.modality)
         run = RunSetup(device, ctx, seed, manifest, args, data, model)
         run.seed_rank()
         yield run

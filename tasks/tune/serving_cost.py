@@ -20,6 +20,7 @@ import torch
 
 from tuneline.tasks.ship.export import export_onnx_file
 from tuneline.tasks.ship.latency import measure_serving
+from tuneline.tasks.model.architectures import as_model_input
 
 if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/params.py)
     from tuneline.core.config.params import Params
@@ -42,7 +43,8 @@ def measure_trial_cost(model: torch.nn.Module, images: torch.Tensor, params: Par
     with tempfile.TemporaryDirectory(prefix="tune-cost-") as tmp:
         path = Path(tmp) / "trial.onnx"
         # Two rows: an example batch of one would let the exporter fix the batch axis at 1 (as run_export does).
-        export_onnx_file(exported, images[:1].float().repeat(2, 1, 1, 1), path, params.export.opset)
+        export_onnx_file(exported, as_model_input(images[:1]).repeat(2, *[1] * (images.dim() - 1)), path,
+                         params.export.opset)
         cost = {"size_mb": path.stat().st_size / 1e6}
         if "latency_p99_ms" in wanted:
             serving = measure_serving(path, images, params.serve.device, params.tune.latency_runs, threads,

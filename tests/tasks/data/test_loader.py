@@ -133,7 +133,11 @@ def test_bad_loader_leaves_no_raw_dir_and_bad_names_are_clear(tmp_path):
 def test_data_config_checks_source_and_source_specific_keys():
     assert DataConfig(source="pkg.sub.mod:load_it").loader == "pkg.sub.mod:load_it"
     assert DataConfig().loader is None
-    for raw, problem in (({"source": "folder"}, "expected mnist, imagefolder or module:function"),
+    for raw, problem in (({"source": "folder"}, "expected mnist, imagefolder, audio, text or module:function"),
+                         ({"audio_folder": "clips"}, r"data\.audio_folder apply to source=audio only"),
+                         ({"source": "audio", "text_files": "a.tsv"}, r"data\.text_files apply to source=text only"),
+                         ({"source": "audio", "test_rule": "index < 5"}, "set the pattern too"),
+                         ({"class_names": {"0": "no"}}, "apply to source=audio or text"),
                          ({"source": "imagefolder", "image_size": 0}, "sides must be positive"),
                          ({"channels": 3}, "apply to source=imagefolder only"),
                          ({"options": {"n": 1}}, "data.options are passed to a module:function loader"),

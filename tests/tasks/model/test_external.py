@@ -170,7 +170,10 @@ def test_the_config_knows_exactly_the_built_in_architectures():
     from tuneline.core.config.model import BUILTIN_ARCHITECTURES
     from tuneline.tasks.model.architectures import ARCHITECTURES
 
-    assert tuple(ARCHITECTURES) == BUILTIN_ARCHITECTURES
+    from tuneline.tasks.model.audio import AUDIO_ARCHITECTURES
+    from tuneline.tasks.model.text import TEXT_ARCHITECTURES
+
+    assert (*ARCHITECTURES, *AUDIO_ARCHITECTURES, *TEXT_ARCHITECTURES) == BUILTIN_ARCHITECTURES
 
 
 @pytest.mark.fast
