@@ -162,7 +162,8 @@ class OneModel:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        x = x.contiguous(memory_format=self.memory_format)
+        if x.dim() == 4:  # channels_last is a layout of image batches; clips and token ids have none
+            x = x.contiguous(memory_format=self.memory_format)
         with autocast(cfg, self.device):
             logits = self.step_model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
