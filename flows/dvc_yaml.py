@@ -48,11 +48,16 @@ def _uncached(path: str, **options) -> dict:
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("fetch", params=("data.source", "data.image_folder", "data.channels", "data.image_size", "data.options"),
+    StageSpec("fetch", params=("data.source", "data.image_folder", "data.channels", "data.image_size", "data.options",
+                               "data.audio_folder", "data.label_pattern", "data.test_rule", "data.labels_file",
+                               "data.sample_rate", "data.text_files", "data.text_column", "data.label_column",
+                               "data.class_names"),
               outs=("${paths.raw}",),
-              comment="Deps follow data.source: an image folder or archive, a loader's module (source_deps, user_modules)."),
+              comment="Deps follow data.source: an image or audio folder or archive, text files, a loader's module "
+                      "(source_deps, user_modules)."),
     StageSpec("prepare", deps=("${paths.raw}",),
-              params=("data.val_fraction", "data.seed", "data.limit_train", "data.limit_test", "data.shard_mb"),
+              params=("data.val_fraction", "data.seed", "data.limit_train", "data.limit_test", "data.shard_mb",
+                      "data.clip_seconds", "data.max_length", "data.vocab_size", "data.min_frequency"),
               outs=("${paths.prepared}",)),
     StageSpec("tune", deps=("${paths.prepared}",), params=("tune", "model", "train"),
               outs=(_uncached("${paths.tuning}/best_params.json"), _uncached("${paths.tuning}/trials.csv")),
@@ -144,9 +149,10 @@ def source_deps(root: Path, stage: str) -> list[str]:
     `model.weights` file they start from. A data.image_folder URL is no dep: DVC cannot hash a folder behind a
     URL (docs/data.md says how to version one)."""
     data = _data_params(root)
-    folder = str(data.get("image_folder") or "")
-    if stage == "fetch" and data.get("source") == "imagefolder" and folder and not is_url(folder):
-        return ["${data.image_folder}"]
+    for source, key in (("imagefolder", "image_folder"), ("audio", "audio_folder"), ("text", "text_files")):
+        folder = str(data.get(key) or "")
+        if stage == "fetch" and data.get("source") == source and folder and not is_url(folder):
+            return [f"${{data.{key}}}"]
     # Fine-tuning starts from model.weights: a new state dict there is a new starting point for tune and train.
     if stage in ("tune", "train") and _section(root, "model").get("weights"):
         return ["${model.weights}"]

@@ -72,16 +72,21 @@ class AudioCNN(nn.Module):
     -> dropout -> linear. About 0.1 M parameters at width 24: keyword spotting sized, fast on a CPU."""
 
     def __init__(self, n_classes: int, dropout: float, input_shape: tuple[int, ...], sample_rate: int = 16000,
-                 n_mels: int = 40, width: int = 24):
+                 n_mels: int = 40, width: int = 24, utterance_norm: bool = False):
         super().__init__()
         self.features = LogMel(sample_rate, n_mels)
+        self.utterance_norm = utterance_norm  # each clip's log-mel to zero mean, unit variance: loudness-invariant
         self.input_norm = nn.BatchNorm2d(1)
         self.body = nn.Sequential(_block(1, width), nn.MaxPool2d(2), _block(width, 2 * width), nn.MaxPool2d(2),
                                   _block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * width, n_classes))
 
     def forward(self, samples: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body((self.input_norm(self.features(samples)))))
+        x = self.features(samples)
+        if self.utterance_norm:
+            mean = x.mean(dim=(2, 3), keepdim=True)
+            x = (x - mean) / (((x - mean) ** 2).mean(dim=(2, 3), keepdim=True) + 1e-5).sqrt()
+        return self.head(self.body(self.input_norm(x)))
 
 
 AUDIO_ARCHITECTURES = {"audio_cnn": AudioCNN}
