@@ -1,0 +1,80 @@
+"""`tuneline init --example speech|sst2` then `tuneline run` on slices of the real data sets (FSDD, SST-2), with
+accuracy floors, so later changes cannot regress either modality quietly; then the champion answers through a
+real server and `tuneline predict`. The full-size numbers are in docs/benchmarks.md (speech and text)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.flows.test_init import BIN, set_params, site_env, tool  # noqa: F401  (site_env is a fixture)
+
+FSDD = REPO.parent / "shared" / "data" / "fsdd" / "fsdd-recordings.tar.gz"
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+QUICK = {"tune.enabled": False, "export.int8": False, "export.fp16": False, "export.latency_runs": 10}
+
+pytestmark = pytest.mark.slow
+
+
+def _serve_and_predict(project: Path, env: dict, *predict_args: str) -> str:
+    """The champion served on a free loopback port; `tuneline predict` against it; the server stopped."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(BIN / "tuneline"), "serve", "--port", str(port)], cwd=project, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            done = subprocess.run([str(BIN / "tuneline"), "predict", "--url", url, *predict_args], cwd=project,
+                                  env=env, capture_output=True, text=True, timeout=60)
+            if done.returncode == 0 or time.monotonic() > deadline or server.poll() is not None:
+                break
+            time.sleep(1)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.skipif(not FSDD.is_file(), reason="the FSDD archive is not in ../shared/data")
+def test_speech_from_init_to_a_served_champion_on_a_slice_of_fsdd(tmp_path: Path, site_env):
+    site, env = site_env
+    project = tmp_path / "speech"
+    tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project), "--example", "speech", "--data", str(FSDD))
+    set_params(project, {**QUICK, "data.limit_train": 900, "train.epochs": 6, "gate.min_accuracy": 0.6,
+                         "gate.min_class_recall": 0.2, "gate.max_ece": 0.5})
+    out = tool(project, env, str(BIN / "tuneline"), "run")
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    # 900 clips, 6 epochs: about 0.9 on FSDD's 300 test clips here; the floor leaves room for seeds and BLAS.
+    assert metrics["n_test"] == 300 and metrics["accuracy"] >= 0.75, out.stdout
+    with tarfile.open(FSDD) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith("/7_jackson_0.wav"))
+        (tmp_path / "7_jackson_0.wav").write_bytes(archive.extractfile(member).read())
+    answer = _serve_and_predict(project, env, str(tmp_path / "7_jackson_0.wav"))
+    assert answer.split()[1] == "7", answer
+
+
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="SST-2 is not in ../shared/data")
+def test_text_from_init_to_a_served_champion_on_a_slice_of_sst2(tmp_path: Path, site_env):
+    site, env = site_env
+    project = tmp_path / "sst2"
+    tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project), "--example", "sst2", "--data", str(SST2))
+    set_params(project, {**QUICK, "data.limit_train": 12000, "train.epochs": 2, "gate.min_accuracy": 0.6,
+                         "gate.min_class_recall": 0.3, "gate.max_ece": 0.5})
+    out = tool(project, env, str(BIN / "tuneline"), "run")
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["n_test"] == 872 and metrics["accuracy"] >= 0.70, out.stdout
+    answer = _serve_and_predict(project, env, "--text", "a gorgeous, witty, seductive movie")
+    assert "positive" in answer, answer
