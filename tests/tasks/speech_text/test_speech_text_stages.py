@@ -148,3 +148,19 @@ def test_an_image_network_or_image_augmentation_on_audio_is_refused_saying_what_
         with pytest.raises(ValueError, match=problem):
             run_train(bad.model, bad.train, tmp_path / "prepared", tmp_path / "m.pt", tmp_path / "h.csv",
                       Lineage("t", "t", "t"), show_progress=False)
+
+
+@pytest.mark.parametrize("packing", [None, 2], ids=["one-by-one", "packed"])
+def test_tuning_with_pruning_runs_on_audio_one_by_one_and_packed(tmp_path, packing):
+    from tuneline.tasks.tune.stage import run_tune
+
+    write_tone_folder(tmp_path, per_class=6)
+    params = build_params({}, {**AUDIO, "data.audio_folder": "tones", "tune.enabled": True, "tune.n_trials": 3,
+                               "tune.epochs": 2, "tune.pruner": "median", "tune.packing": packing,
+                               "tune.space": {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}})
+    run_fetch(params.data, tmp_path / "raw", project_dir=tmp_path)
+    run_prepare(params.data, tmp_path / "raw", tmp_path / "prepared")
+    result = run_tune(params, tmp_path / "prepared", tmp_path / "tuning", data_version="tones.dir")
+    assert sum(result.states.values()) == 3 and result.states.get("FAIL", 0) == 0
+    best = json.loads(result.best_params_path.read_text())["params"]
+    assert 1e-3 <= best["train.lr"] <= 1e-2
