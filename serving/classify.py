@@ -1,4 +1,9 @@
-"""`POST /classify`: one uploaded PNG/JPEG image in, its class name, probability and top k out (REST)."""
+"""`POST /classify`: one upload in, its class name, probability and top k out (REST).
+
+What is uploaded follows the model's modality: a PNG/JPEG image, a WAV/FLAC/OGG clip of any sample rate and channel
+count, or UTF-8 text (a .txt file or a text/plain body). A multipart field 'file' is read as the model's modality
+takes it, whatever its declared type; a raw body's Content-Type must be one the model takes (else 415).
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,29 @@ from fastapi import FastAPI, Request
 from tuneline.serving import schemas
 from tuneline.serving.dataplane import DataPlane
 from tuneline.serving.errors import BadRequest, ServingError
+from tuneline.serving.inputs import check_upload_type
+from tuneline.serving.model_holder import LoadedModel
 from tuneline.serving.rest_v2 import json_response
 
 
 def register(app: FastAPI, dataplane: DataPlane) -> None:
-    errors = {400: {"model": schemas.Error}, 404: {"model": schemas.Error}, 503: {"model": schemas.Error}}
+    errors = {400: {"model": schemas.Error}, 404: {"model": schemas.Error}, 415: {"model": schemas.Error},
+              503: {"model": schemas.Error}}
 
     @app.post("/classify", tags=["inference"], response_model=schemas.Classification, responses=errors,
               openapi_extra={"requestBody": schemas.classify_request_body()},
-              summary="Convenience: upload one PNG/JPEG image (multipart field 'file'), in colour or gray at any "
-                      "size; get its class name, probability and the top k")
+              summary="Convenience: upload one file (multipart field 'file', or a raw body): a PNG/JPEG image in "
+                      "colour or gray at any size, a WAV/FLAC/OGG clip at any rate, or UTF-8 text, as the model "
+                      "takes; get its class name, probability and the top k")
     async def classify(request: Request, version: str | None = None, model: str | None = None, top_k: int = 1):
         served = dataplane.classify_model(model, version)  # an unknown model is a 404 before the body is read
-        data, fields = await uploaded_file(request)
+        data, fields = await uploaded_file(request, served)
         return json_response(await dataplane.classify(served, data, fields.get("top_k", top_k)))
 
 
-async def uploaded_file(request: Request) -> tuple[bytes, dict[str, str]]:
-    """The image bytes and the other form fields (top_k): multipart/form-data field 'file', or a raw image/png or
-    image/jpeg body (no fields)."""
+async def uploaded_file(request: Request, model: LoadedModel) -> tuple[bytes, dict[str, str]]:
+    """The upload's bytes and the other form fields (top_k): multipart/form-data field 'file', or a raw body of a
+    type the model takes (image/png or image/jpeg, audio/wav, audio/flac or audio/ogg, text/plain: no fields)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         try:
@@ -39,7 +48,5 @@ async def uploaded_file(request: Request) -> tuple[bytes, dict[str, str]]:
             raise BadRequest("multipart body has no file field 'file'")
         fields = {key: value for key, value in form.items() if isinstance(value, str)}
         return await upload.read(), fields
-    if content_type.startswith("image/"):
-        return await request.body(), {}
-    raise BadRequest(f"send the image as multipart/form-data field 'file' or as an image/png or image/jpeg body "
-                     f"(got content-type {content_type or 'none'!r})")
+    check_upload_type(content_type, model)  # 415 naming what this model takes
+    return await request.body(), {}

@@ -1,4 +1,4 @@
-"""`tuneline serve` and `tuneline predict IMAGE…` (argparse wiring lives in flows/cli.py)."""
+"""`tuneline serve` and `tuneline predict FILE… [--text TEXT]…` (argparse wiring lives in flows/cli.py)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,17 @@ def add_commands(sub) -> None:
     serve.add_argument("--model", help="serve only this model name (serve.model; default: every model's champion)")
     add_override_option(serve, "serve.max_batch_size=32")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the parent of serve.workers > 1
-    predict = sub.add_parser("predict", help="classify PNG/JPEG images (colour or gray, any size) with a running server")
-    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict = sub.add_parser("predict", help="classify files with a running server: PNG/JPEG images (colour or gray, "
+                                             "any size), WAV/FLAC/OGG clips (any rate), .txt texts; or --text TEXT")
+    predict.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                         help="an image, a clip or a .txt file, as the model takes (sent to /classify)")
+    predict.add_argument("--text", action="append", default=[], metavar="TEXT",
+                         help="a text to classify with a text model (repeatable)")
     predict.add_argument("--url", help="server URL (default http://<serve.host>:<serve.port>)")
     predict.add_argument("--model", help="the model name (default: the server's only model)")
     predict.add_argument("--version", help="a loaded model version instead of the champion")
     predict.add_argument("--top-k", type=int, default=1, help="also show the k most probable classes")
-    predict.add_argument("--json", action="store_true", help="one JSON object per image")
+    predict.add_argument("--json", action="store_true", help="one JSON object per file or text")
 
 
 def run_command(args: argparse.Namespace, root: Path) -> int:
@@ -103,12 +107,16 @@ def _freeze_start_up_objects() -> None:
 
 
 def predict(args: argparse.Namespace, root: Path) -> int:
-    """Classify each image with the server; one line per image; exit 1 if any failed."""
+    """Classify each file and each --text with the server; one line each; exit 1 if any failed (2: nothing given)."""
     import httpx
 
     from tuneline.serving.client import InferenceClient, ServerError
     from tuneline.serving.settings import TOKEN_ENV
 
+    if not args.files and not args.text:
+        print("tuneline predict: error: give files to classify (images, WAV/FLAC/OGG clips, .txt files) or --text TEXT",
+              file=sys.stderr)
+        return 2
     if args.url:  # a client of a server somewhere: no project (params.yaml) needed
         url = args.url
     else:
@@ -116,17 +124,32 @@ def predict(args: argparse.Namespace, root: Path) -> int:
         url = f"http://{settings.host}:{settings.port}"
     failed = 0
     with InferenceClient(url, model=args.model, token=os.environ.get(TOKEN_ENV)) as client:
-        for path in args.images:
+        items = [(str(path), "file", path) for path in args.files]
+        items += [(_quoted(text), "text", text) for text in args.text]
+        for shown, kind, item in items:
             try:
-                result = client.classify(path, version=args.version, top_k=args.top_k)
+                if kind == "file":
+                    result = client.classify(item, version=args.version, top_k=args.top_k)
+                else:
+                    result = client.classify_text(item, version=args.version, top_k=args.top_k)
             except (OSError, ServerError, httpx.HTTPError) as exc:
                 failed += 1
-                print(f"{path}: error: {exc}", file=sys.stderr)
+                print(f"{shown}: error: {exc}", file=sys.stderr)
                 continue
             if args.json:
-                print(json.dumps({"image": str(path), **result}))
+                key = "text" if kind == "text" else ("image" if _is_image(item) else "file")
+                print(json.dumps({key: str(item), **result}))
             else:
                 others = "".join(f", {c['label']} {c['probability']:.3f}" for c in result.get("top_k", [])[1:])
-                print(f"{path}: {result['label']} (p={result['probability']:.3f}{others}; "
+                print(f"{shown}: {result['label']} (p={result['probability']:.3f}{others}; "
                       f"{result['model_name']} {result['model_version']})")
     return 1 if failed else 0
+
+
+def _quoted(text: str, width: int = 60) -> str:
+    """A --text as its answer line shows it: quoted, cut to `width` characters."""
+    return json.dumps(text if len(text) <= width else text[:width - 1] + "…", ensure_ascii=False)
+
+
+def _is_image(path: Path) -> bool:
+    return Path(path).suffix.lower() in (".png", ".jpg", ".jpeg")

@@ -4,8 +4,15 @@
         result = client.infer(images)       # uint8 or float32 [N, C, H, W] / [N, H, W, C] / [N, C*H*W] (/ [N, H, W] gray)
         result.outputs["class"], result.model_version
         client.classify("cat.jpg", top_k=3)  # {"class": 3, "label": "cat", "probability": 0.91, "top_k": [...], ...}
+    with InferenceClient(url, model="speech") as client:
+        client.infer(samples)                # float32 [N, L] (or [L]) mono samples -1..1 at the model's rate
+        client.classify("7_jackson_0.wav")   # a WAV/FLAC/OGG clip, any rate and channel count
+    with InferenceClient(url, model="sst2") as client:
+        client.infer(["a gorgeous movie", "dull"])  # strings: a BYTES tensor
+        client.classify_text("a gorgeous, witty, seductive movie")  # or client.classify("review.txt")
 
-The input's name and shape come from the model's V2 metadata, so the client follows whatever the model takes.
+The input's name, datatype and shape come from the model's V2 metadata, so the client follows whatever the model
+takes.
 `model` may be left out when the server serves one model.
 """
 
@@ -29,6 +36,10 @@ from tuneline.serving.binary import (
     tensor_bytes,
     tensor_from_bytes,
 )
+from tuneline.serving.inputs import encode_bytes_elements
+
+UPLOAD_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".wav": "audio/wav",
+                ".flac": "audio/flac", ".ogg": "audio/ogg", ".txt": "text/plain"}
 
 
 class ServerError(RuntimeError):
@@ -91,22 +102,29 @@ class InferenceClient:
         return self._model
 
     # --- inference -----------------------------------------------------------------------------------------
-    def infer(self, pixels: np.ndarray, version: str | None = None,
+    def infer(self, pixels, version: str | None = None,
               outputs: tuple[str, ...] = ("class", "probabilities"), binary: bool = True,
               request_id: str | None = None) -> InferResult:
-        """Raw pixels 0..255 (uint8 sent as UINT8, anything else as FP32), one image per leading row."""
-        pixels = self._prepare(np.asarray(pixels))
-        if pixels.dtype != np.uint8:
-            pixels = pixels.astype(np.float32)
-        shape = self._input_shape(pixels)
-        tensor = {"name": self._input_name(), "shape": shape, "datatype": datatype_of(pixels)}
+        """One input per leading row, as the model's metadata says: images as raw pixels 0..255 (uint8 sent as UINT8,
+        anything else as FP32); audio as float32 samples [N, L] (or one clip [L]); text as strings (BYTES)."""
+        if self._datatype() == "BYTES":
+            values = [pixels] if isinstance(pixels, (str, bytes)) else list(pixels)
+            tensor = {"name": self._input_name(), "shape": [len(values)], "datatype": "BYTES"}
+            data = encode_bytes_elements(values)
+            json_data = [v if isinstance(v, str) else bytes(v).decode("utf-8") for v in values] if not binary else None
+        else:
+            array = self._prepare(np.asarray(pixels))
+            if array.dtype != np.uint8:
+                array = array.astype(np.float32)
+            tensor = {"name": self._input_name(), "shape": self._input_shape(array), "datatype": datatype_of(array)}
+            data = tensor_bytes(array) if binary else None
+            json_data = array.ravel() if not binary else None
         buffers = []
         if binary:
-            data = tensor_bytes(pixels)
             tensor["parameters"] = {"binary_data_size": len(data)}
             buffers.append(data)
         else:
-            tensor["data"] = pixels.ravel()
+            tensor["data"] = json_data
         request = {"inputs": [tensor], "outputs": [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]}
         if request_id is not None:
             request["id"] = request_id
@@ -117,16 +135,26 @@ class InferenceClient:
         response = self._checked(self.http.post(self._model_path(version) + "/infer", content=body, headers=headers))
         return parse_infer_response(response.content, response.headers.get(HEADER_LENGTH))
 
-    def classify(self, image: Path | str | bytes, version: str | None = None, top_k: int = 1) -> dict:
-        """Upload one PNG/JPEG image (colour or gray, any size); the server's class, label, top k, probabilities."""
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        name = "image" if isinstance(image, bytes) else Path(image).name
+    def classify(self, upload: Path | str | bytes, version: str | None = None, top_k: int = 1) -> dict:
+        """Upload one file as the model takes it: a PNG/JPEG image (colour or gray, any size), a WAV/FLAC/OGG clip
+        (any rate and channel count) or a UTF-8 .txt file; the server's class, label, top k, probabilities."""
+        data = upload if isinstance(upload, bytes) else Path(upload).read_bytes()
+        name = "upload" if isinstance(upload, bytes) else Path(upload).name
+        media = UPLOAD_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+        return self._classify(version, top_k, files={"file": (name, data, media)})
+
+    def classify_text(self, text: str, version: str | None = None, top_k: int = 1) -> dict:
+        """Send one text (a text/plain body, UTF-8) to a text model; the server's class, label, top k, probabilities."""
+        return self._classify(version, top_k, content=text.encode("utf-8"),
+                              headers={"content-type": "text/plain; charset=utf-8"})
+
+    def _classify(self, version: str | None, top_k: int, **body) -> dict:
         params: dict = {"top_k": top_k}
         if version:
             params["version"] = version
         if self._model is not None:  # else the server's only model (it says so when there are several)
             params["model"] = self._model
-        return self._checked(self.http.post("/classify", files={"file": (name, data)}, params=params)).json()
+        return self._checked(self.http.post("/classify", params=params, **body)).json()
 
     # --- repository ----------------------------------------------------------------------------------------
     def load(self, version: str | None = None) -> dict:
@@ -146,16 +174,27 @@ class InferenceClient:
     def _input_name(self) -> str:
         return self._metadata_once()["inputs"][0]["name"]
 
+    def _datatype(self) -> str:
+        return self._metadata_once()["inputs"][0]["datatype"]
+
     def _prepare(self, pixels: np.ndarray) -> np.ndarray:
         """Images given channels-last ([N, H, W, C] or [H, W, C], as PIL and OpenCV give them) made [N, C, H, W]."""
-        channels, height, width = self._metadata_once()["inputs"][0]["shape"][1:]
+        row = self._metadata_once()["inputs"][0]["shape"][1:]
+        if len(row) != 3:  # audio: [N, L] samples
+            return pixels
+        channels, height, width = row
         if channels > 1 and pixels.shape[-3:] == (height, width, channels) and pixels.shape[-3:] != (channels, height, width):
             pixels = np.moveaxis(pixels, -1, -3)
         return pixels
 
     def _input_shape(self, pixels: np.ndarray) -> list[int]:
-        """[N, *row] or [N, flat] as given; anything else holding whole images (e.g. [N, 28, 28]) as [N, *row]."""
+        """[N, *row] or [N, flat] as given; anything else holding whole images (e.g. [N, 28, 28]) as [N, *row]. Audio:
+        [N, L] as given, one clip [L] as [1, L] (the server fits any length up to serve.max_audio_s)."""
         row = self._metadata_once()["inputs"][0]["shape"][1:]
+        if len(row) == 1:
+            if pixels.ndim not in (1, 2) or pixels.size == 0:
+                raise ValueError(f"samples of shape {pixels.shape}: send one clip [L] or clips [N, L]")
+            return list(pixels.shape) if pixels.ndim == 2 else [1, pixels.shape[0]]
         count = int(np.prod(row))
         if pixels.ndim >= 2 and list(pixels.shape[1:]) in (row, [count]):
             return list(pixels.shape)

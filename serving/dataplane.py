@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from tuneline.serving import protocol
+from tuneline.serving import inputs, protocol
 from tuneline.serving.drain import Drain
 from tuneline.serving.errors import NotFound, NotReady
 from tuneline.serving.images import decode_image
@@ -88,23 +88,30 @@ class DataPlane:
         return protocol.model_metadata(model, versions)
 
     # ----- inference --------------------------------------------------------------------------------------
-    async def infer(self, model: LoadedModel, pixels: np.ndarray) -> Outputs:
-        """Run checked float32 pixels [rows, *image_shape] on `model`, batched with every other request for it.
+    async def infer(self, model: LoadedModel, rows: np.ndarray) -> Outputs:
+        """Run checked rows on `model` (float32 pixels or samples, int64 token ids: what its graph takes), batched
+        with every other request for it.
 
         Adapters pass the model they checked the request against (from model()), so a champion swapped in
         between cannot run a tensor validated for another version's input.
         """
-        return await model.batcher.submit(pixels)
+        return await model.batcher.submit(rows)
 
     def classify_model(self, name: str | None, version: str | None) -> LoadedModel:
         """The model /classify runs: `name`, or the one model served when the request names none."""
         return self.model(self.holder.default_name(name), version)
 
-    async def classify(self, model: LoadedModel, image: bytes, top_k=1) -> dict:
-        """One PNG/JPEG image -> class, label, probability, the top k and every class's probability."""
+    async def classify(self, model: LoadedModel, upload: bytes, top_k=1) -> dict:
+        """One upload -> class, label, probability, the top k and every class's probability. The upload is what the
+        model's modality takes: a PNG/JPEG image, a WAV/FLAC/OGG clip (any rate and channel count), UTF-8 text."""
         k = protocol.parse_top_k(top_k, model)
-        pixels = decode_image(image, model.spec).astype("float32")
-        results = await self.infer(model, pixels)
+        if model.modality == "image":
+            rows = decode_image(upload, model.spec).astype("float32")
+        elif model.modality == "audio":  # decoding and resampling a clip of up to serve.max_audio_s: off the loop
+            rows = await asyncio.to_thread(inputs.upload_rows, upload, model)
+        else:
+            rows = inputs.upload_rows(upload, model)
+        results = await self.infer(model, rows)
         return protocol.classification(model, results["probabilities"][0], k)
 
     # ----- model repository -------------------------------------------------------------------------------

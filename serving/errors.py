@@ -32,7 +32,15 @@ class Conflict(ServingError):
 
 
 class PayloadTooLarge(ServingError):
+    """A body over serve.max_body_bytes, a clip longer than serve.max_audio_s, a text row over MAX_TEXT_BYTES."""
+
     status = 413
+
+
+class UnsupportedMediaType(ServingError):
+    """A /classify body whose Content-Type the model does not take (an image to a speech model, ...)."""
+
+    status = 415
 
 
 class Busy(ServingError):

@@ -3,14 +3,15 @@
 A grpc.aio server in uvicorn's event loop, started and stopped by the app's lifespan when serve.grpc_port is
 set. An adapter over the data plane (serving/dataplane.py) like the REST routes: the models, each model's
 batcher (gRPC and REST requests join the same batches), the in-flight count, the bearer token, the size and
-concurrency limits, and the validation (tuneline.serving.protocol.check_input / to_pixels) are shared, so a
+concurrency limits, and the validation (tuneline.serving.protocol.check_input / to_rows) are shared, so a
 request gets the same answer, or the same error, either way.
 ServingError's HTTP status maps to a gRPC code (400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, ...); INTERNAL is
 left for real bugs.
 
 RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (raw_input_contents or
-typed contents in; raw_output_contents out, as Triton answers). ModelReady answers ready=false for a model
-that is unknown or not loaded, as Triton does: clients use it as a probe.
+typed contents in: fp32_contents, uint_contents, or a text model's strings as bytes_contents; raw_output_contents
+out, as Triton answers). ModelReady answers ready=false for a model that is unknown or not loaded, as Triton
+does: clients use it as a probe.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fastapi import FastAPI
 
 from tuneline.serving import protocol
 from tuneline.serving.admin import PathRedactor
-from tuneline.serving.binary import tensor_bytes, tensor_from_bytes
+from tuneline.serving.binary import tensor_bytes
 from tuneline.serving.dataplane import DataPlane
 from tuneline.serving.errors import BadRequest, Busy, ServingError, Unauthorized
 from tuneline.serving.proto import SERVICE, messages
@@ -38,10 +39,11 @@ log = logging.getLogger("tuneline.serving.grpc")
 
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
-         413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
          429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # probes work without the token, as on REST
-TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents"}  # where each accepted datatype's values go
+# Where each accepted datatype's values go in typed contents.
+TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
 
 class InferenceService:
@@ -80,11 +82,11 @@ class InferenceService:
         self.metrics.in_flight.inc()
         try:
             model = self.dataplane.model(_model_name(request.model_name), request.model_version or None)
-            pixels = _pixels(request, model)
+            rows = _rows(request, model)
             requested = [{"name": o.name, "parameters": {k: _parameter(v) for k, v in o.parameters.items()}}
                          for o in request.outputs]
             outputs = protocol.requested_outputs(requested or None, {})  # the REST checks and messages
-            results = await self.dataplane.infer(model, pixels)
+            results = await self.dataplane.infer(model, rows)
         finally:
             self.in_flight.count -= 1
             self.metrics.in_flight.dec()
@@ -108,8 +110,8 @@ def _parameter(value):
     return getattr(value, which) if which else None
 
 
-def _pixels(request, model) -> np.ndarray:
-    """The request's one input tensor, checked as REST checks it, as float32 [rows, *image_shape]."""
+def _rows(request, model) -> np.ndarray:
+    """The request's one input tensor, checked as REST checks it, as the rows the model's graph takes."""
     if len(request.inputs) != 1:
         raise BadRequest(f"inputs must hold the one input {model.input_name!r}; got {len(request.inputs)}")
     tensor = request.inputs[0]
@@ -121,13 +123,13 @@ def _pixels(request, model) -> np.ndarray:
             raise BadRequest(f"raw_input_contents has {len(raw)} entries for 1 input")
         if tensor.HasField("contents"):
             raise BadRequest(f"input {name!r} has both contents and raw_input_contents: send one")
-        array = tensor_from_bytes(raw[0], datatype, shape)
+        array = protocol.tensor_from_wire(raw[0], datatype, shape, name)
     else:
         array = _typed(tensor.contents, datatype, shape, name)
-    return protocol.to_pixels(array, datatype, shape, name, model)
+    return protocol.to_rows(array, datatype, shape, name, model)
 
 
-def _typed(contents, datatype: str, shape: list[int], name: str) -> np.ndarray:
+def _typed(contents, datatype: str, shape: list[int], name: str):
     field = TYPED_FIELD[datatype]
     others = [f.name for f, _ in contents.ListFields() if f.name != field]
     if others:
@@ -136,6 +138,8 @@ def _typed(contents, datatype: str, shape: list[int], name: str) -> np.ndarray:
     if len(values) != count:
         raise BadRequest(f"input {name!r}: shape {shape} has {count} elements but contents.{field} has "
                          f"{len(values)} (send the tensor there or in raw_input_contents)")
+    if datatype == "BYTES":
+        return list(values)
     if datatype == "UINT8":
         array = np.fromiter(values, dtype=np.uint32, count=count)
         if count and array.max() > 255:

@@ -3,6 +3,10 @@ any versions loaded beside it. Load, verify, warm up, then swap atomically.
 
 Which file of a version is loaded follows serve.precision and the export's measurements (serving/precision.py);
 on a GPU provider the model runs through I/O binding with reused page-locked buffers (core/io_binding.py).
+A model's input follows its input spec's modality (core/spec.py): images (float32 pixels), audio (float32 samples)
+or text (int64 token ids, from the tokenizer its ONNX metadata carries, checked against the spec's sha256 and loaded
+here once); serving/inputs.py turns each protocol's input into those rows.
+
 A load happens off the event loop (checksum, session creation, warm-up), so the old champion keeps
 answering; the swap is one reference assignment on the event loop. Requests that already hold the old
 version (queued in its batcher) finish on it. A failed load leaves everything as it was and is reported
@@ -24,18 +28,21 @@ import numpy as np
 
 from tuneline.serving.batcher import Batcher
 from tuneline.serving.errors import BadRequest, Conflict, LoadError, NotFound, NotReady, ServingError
+from tuneline.serving.inputs import v2_input_name
 from tuneline.serving.metrics import ServingMetrics
 from tuneline.serving.precision import FileChoice, choose_file
 from tuneline.serving.repository import RegistryReader, VerifiedModel, model_names
 from tuneline.serving.settings import ServeSettings
 from tuneline.core.spec import InputSpec, SpecError
-from tuneline.core.io_binding import BoundRunner, Runner, make_runner
-from tuneline.core.onnx_metadata import input_name, read_input_spec
+from tuneline.core.io_binding import BoundRunner, Runner, make_runner, plain_runner
+from tuneline.core.onnx_metadata import GRAPH_INPUTS, input_name, read_input_spec, read_tokenizer_json
+from tuneline.core.text import TextError, Tokenizer
 from tuneline.core.onnx_session import TENSORRT, DeviceError, open_session, tensorrt_options
 
 log = logging.getLogger("tuneline.serving.model")
 
 CHAMPION = "champion"
+ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}  # core.onnx_metadata.GRAPH_INPUTS' dtypes
 
 
 @dataclass
@@ -44,19 +51,36 @@ class LoadedModel:
     version: str
     provider: str
     session: object  # onnxruntime.InferenceSession
-    input_name: str
+    graph_input: str  # the graph's input: pixels, samples or tokens (core.onnx_metadata.GRAPH_INPUTS)
     output_name: str
     spec: InputSpec   # what the ONNX file declares: input shape, value range, class names
     metadata: dict[str, str]  # the ONNX file's metadata_props
     card: dict
     runner: Runner     # the session's run path: plain on CPU, I/O binding on a GPU (core/io_binding.py)
     choice: FileChoice  # which file of the version is served, and why (serve.precision)
+    tokenizer: Tokenizer | None = None  # a text model's, from its ONNX metadata
+    max_samples: int = 0  # an audio model's longest clip a request may send (serve.max_audio_s at its rate)
     loaded_at: float = field(default_factory=time.time)
     batcher: Batcher | None = None
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """Per-row shape the graph takes, (channels, height, width)."""
+    def modality(self) -> str:
+        return self.spec.modality
+
+    @property
+    def input_name(self) -> str:
+        """The V2 input's name: the graph's for images and audio (pixels, samples), `text` for a text model, whose
+        clients send strings (serving/inputs.py) that the server turns into the graph's `tokens`."""
+        return v2_input_name(self)
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """What the graph's input holds: float32 pixels or samples, int64 token ids."""
+        return np.dtype(GRAPH_INPUTS[self.spec.modality][1])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Per-row shape the graph takes: (channels, height, width), (samples,) or (max_length,)."""
         return self.spec.shape
 
     @property
@@ -68,9 +92,10 @@ class LoadedModel:
     def labels(self) -> list[str]:
         return list(self.spec.class_names)
 
-    def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """logits, probabilities and class for float32 pixels [rows, *image_shape] (runs in a worker thread)."""
-        logits = self.runner(pixels)
+    def run(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """logits, probabilities and class for checked rows [rows, *image_shape] of input_dtype (runs in a worker
+        thread)."""
+        logits = self.runner(rows)
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # stable softmax
         return {"logits": logits, "probabilities": shifted / shifted.sum(axis=1, keepdims=True),
                 "class": logits.argmax(axis=1).astype(np.int64)}
@@ -94,7 +119,7 @@ def build_model(registry: RegistryReader, version: str, settings: ServeSettings,
         return _session_model(registry.name, verified, settings, providers, choice)
     except ServingError:
         raise
-    except SpecError as exc:
+    except (SpecError, TextError) as exc:
         raise LoadError(f"{registry.name} {version}: {exc}", reason="metadata") from None
     except DeviceError as exc:
         raise LoadError(f"{version}: {exc}", reason="device") from None
@@ -130,18 +155,34 @@ def _session_model(name: str, verified: VerifiedModel, settings: ServeSettings, 
     if len(inputs) != 1 or inputs[0].name != declared:
         raise LoadError(f"{version}: metadata input {declared!r} does not match the graph's inputs "
                         f"{[i.name for i in inputs]}", reason="metadata")
-    if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
-        # Clients send and receive FP32 (the V2 metadata says so) whichever file is served.
+    wanted = ORT_TYPES[GRAPH_INPUTS[spec.modality][1]]
+    if inputs[0].type != wanted or outputs[0].type != "tensor(float)":
+        # Clients send and receive what the V2 metadata says whichever file is served.
         raise LoadError(f"{version}/{choice.file}: the graph takes {inputs[0].type} and returns {outputs[0].type}, "
-                        "but the server sends and returns float32: export it with float32 inputs/outputs",
+                        f"but a {spec.modality} model must take {wanted} and return tensor(float): export it so",
                         reason="metadata")
+    tokenizer = None
+    if spec.modality == "text":  # the tokenizer training used, carried by the file and named by the spec's sha256
+        tokenizer = Tokenizer.from_json(read_tokenizer_json(metadata, spec, where))
+        if tokenizer.max_length != spec.text.max_length:
+            raise LoadError(f"{version}: the tokenizer pads to {tokenizer.max_length} tokens but the input spec says "
+                            f"{spec.text.max_length}: re-export it", reason="metadata")
+    max_samples = 0
+    if spec.audio is not None:  # the model's own clip is always accepted, whatever serve.max_audio_s says
+        max_samples = max(spec.audio.samples, int(settings.max_audio_s * spec.audio.sample_rate))
+    # I/O binding (core/io_binding.py) binds float32 buffers: a graph taking int64 token ids runs through session.run.
+    if wanted == "tensor(float)":
+        runner = make_runner(session, inputs[0].name, outputs[0].name, settings.max_batch_size)
+    else:
+        runner = plain_runner(session, inputs[0].name, outputs[0].name)
     model = LoadedModel(name=name, version=version, provider=session.get_providers()[0], session=session,
-                        input_name=inputs[0].name, output_name=outputs[0].name, spec=spec, metadata=metadata,
-                        card=verified.card, choice=choice,
-                        runner=make_runner(session, inputs[0].name, outputs[0].name, settings.max_batch_size))
+                        graph_input=inputs[0].name, output_name=outputs[0].name, spec=spec, metadata=metadata,
+                        card=verified.card, choice=choice, runner=runner, tokenizer=tokenizer,
+                        max_samples=max_samples)
     # Warm-up before the model may answer: the first runs allocate arenas and pick kernels per batch size.
+    fill = spec.text.pad_id if spec.text is not None else 0
     for rows in sorted({1, settings.max_batch_size}):
-        model.run(np.zeros((rows, *model.image_shape), dtype=np.float32))
+        model.run(np.full((rows, *model.image_shape), fill, dtype=model.input_dtype))
     return model
 
 

@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe V2) messages: parse an inference request, build responses and metadata.
 
 Everything a client can get wrong is a BadRequest (400) with a message naming the field and what is
-expected; nothing here lets bad input reach ONNX Runtime.
+expected (an audio clip past serve.max_audio_s or an oversized text: 413); nothing here lets bad input reach
+ONNX Runtime. What each modality's input is, and how it becomes the graph's rows, is serving/inputs.py.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from importlib import metadata as package_metadata
 import numpy as np
 import orjson
 
+from tuneline.serving import inputs
 from tuneline.serving.binary import encode_body, split_body, tensor_bytes, tensor_from_bytes
 from tuneline.serving.errors import BadRequest
 from tuneline.serving.model_holder import LoadedModel
 
 SERVER_NAME = "tuneline"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
-INPUT_DATATYPES = ("FP32", "UINT8")
 OUTPUT_DATATYPES = {"logits": "FP32", "probabilities": "FP32", "class": "INT64"}  # what LoadedModel.run returns
 # Elements one request may declare. Counted in Python integers, before any array exists: numpy's int64 product
 # wraps ([2**62, 784] is "0 elements"). serve.max_body_bytes (gRPC: its message limit) bounds real requests far
@@ -30,7 +31,7 @@ MAX_ELEMENTS = 2**31 - 1
 @dataclass(frozen=True)
 class InferRequest:
     id: str | None
-    pixels: np.ndarray  # float32 [rows, *image_shape], validated
+    rows: np.ndarray  # validated rows the graph takes: float32 pixels or samples, int64 token ids
     outputs: list[tuple[str, bool]]  # (output name, send as binary)
 
 
@@ -45,20 +46,6 @@ def _object(value, what: str) -> dict:
 def _bool(value, what: str) -> bool:
     if not isinstance(value, bool):
         raise BadRequest(f"{what} must be true or false, got {value!r}")
-    return value
-
-
-def _shape(value, name: str, model: LoadedModel) -> list[int]:
-    row, flat = list(model.image_shape), int(np.prod(model.image_shape))
-    wanted = f"[N, {', '.join(map(str, row))}] or [N, {flat}] with N ≥ 1"
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
-        raise BadRequest(f"input {name!r}: shape must be a list of integers, {wanted}; got {value!r}")
-    if len(value) < 2 or value[0] < 1 or value[1:] not in (row, [flat]):
-        raise BadRequest(f"input {name!r}: shape {value} is not accepted: expected {wanted}")
-    count = math.prod(value)
-    if count > MAX_ELEMENTS:
-        raise BadRequest(f"input {name!r}: shape {value} has {count} elements, more than a request may carry "
-                         f"({MAX_ELEMENTS}): send fewer rows per request")
     return value
 
 
@@ -106,11 +93,11 @@ def parse_infer_request(body: bytes, header_length: str | None, model: LoadedMod
     parameters = _object(doc.get("parameters"), "parameters")
     # The message's own fields before the tensor: an error there is the same whichever model is asked.
     outputs = requested_outputs(doc.get("outputs"), parameters)
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1:
+    given = doc.get("inputs")
+    if not isinstance(given, list) or len(given) != 1:
         raise BadRequest(f"inputs must be a list holding the one input {model.input_name!r}; got "
-                         f"{len(inputs) if isinstance(inputs, list) else type(inputs).__name__}")
-    spec = _object(inputs[0], "inputs[0]")
+                         f"{len(given) if isinstance(given, list) else type(given).__name__}")
+    spec = _object(given[0], "inputs[0]")
     name, datatype = spec.get("name"), spec.get("datatype")
     shape = check_input(name, datatype, spec.get("shape"), model)
     input_parameters = _object(spec.get("parameters"), f"input {name!r} parameters")
@@ -123,24 +110,44 @@ def parse_infer_request(body: bytes, header_length: str | None, model: LoadedMod
         if size != len(binary):  # one input, so it owns every byte after the JSON
             raise BadRequest(f"input {name!r}: binary_data_size {size} but {len(binary)} bytes follow the JSON "
                              "(check Inference-Header-Content-Length)")
-        array = tensor_from_bytes(binary, datatype, shape)
+        array = tensor_from_wire(binary, datatype, shape, name)
     else:
         if len(binary):
             raise BadRequest(f"{len(binary)} bytes follow the JSON but no input has parameters.binary_data_size")
         if spec.get("data") is None:
             raise BadRequest(f"input {name!r} has neither \"data\" nor parameters.binary_data_size")
-        array = _json_tensor(spec["data"], datatype, shape, name)
-    pixels = to_pixels(array, datatype, shape, name, model)
-    return InferRequest(id=request_id, pixels=pixels, outputs=outputs)
+        if datatype == "BYTES":
+            array = inputs.json_strings(spec["data"], shape, name)
+        else:
+            array = _json_tensor(spec["data"], datatype, shape, name)
+    return InferRequest(id=request_id, rows=to_rows(array, datatype, shape, name, model), outputs=outputs)
 
 
 def check_input(name, datatype, shape, model: LoadedModel) -> list[int]:
     """The one input's name, datatype and shape against the model (REST and gRPC); returns the shape."""
     if name != model.input_name:
         raise BadRequest(f"unknown input {name!r}: model {model.name!r} takes {model.input_name!r}")
-    if datatype not in INPUT_DATATYPES:
-        raise BadRequest(f"input {name!r}: datatype {datatype!r} is not accepted: use {' or '.join(INPUT_DATATYPES)}")
-    return _shape(shape, name, model)
+    accepted = inputs.v2_datatypes(model)
+    if datatype not in accepted:
+        raise BadRequest(f"input {name!r}: datatype {datatype!r} is not accepted: use {' or '.join(accepted)}")
+    return inputs.check_shape(shape, name, model, MAX_ELEMENTS)
+
+
+def tensor_from_wire(data, datatype: str, shape: list[int], name: str):
+    """A checked input's binary form (binary extension, gRPC raw_input_contents): a numeric array, or for BYTES
+    the list of its elements' bytes."""
+    if datatype == "BYTES":
+        return inputs.bytes_elements(data, math.prod(shape), name)
+    return tensor_from_bytes(data, datatype, shape)
+
+
+def to_rows(values, datatype: str, shape: list[int], name: str, model: LoadedModel) -> np.ndarray:
+    """A checked input (array, or strings for BYTES) -> the rows the model's graph takes (serving/inputs.py)."""
+    if model.modality == "text":
+        return inputs.text_rows(values, name, model)
+    if model.modality == "audio":
+        return inputs.audio_rows(np.asarray(values).reshape(shape), name, model)
+    return to_pixels(values, datatype, shape, name, model)
 
 
 def to_pixels(array: np.ndarray, datatype: str, shape: list[int], name: str, model: LoadedModel) -> np.ndarray:
@@ -230,19 +237,17 @@ def model_metadata(model: LoadedModel, versions: list[str]) -> dict:
     """V2 model metadata plus what the ONNX file and the model card say about the model."""
     n_classes = len(model.labels)
     meta = model.metadata
+    datatypes = inputs.v2_datatypes(model)
     return {
         "name": model.name,
         "versions": versions,
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, *model.image_shape]}],
+        "inputs": [{"name": model.input_name, "datatype": datatypes[0], "shape": inputs.v2_shape(model)}],
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, n_classes]},
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, n_classes]},
                     {"name": "class", "datatype": "INT64", "shape": [-1]}],
-        "parameters": {"version": model.version, "provider": model.provider,
-                       "input_datatypes": ",".join(INPUT_DATATYPES),
-                       "input_range": "{:g}..{:g}".format(*model.value_range),
-                       "input_flat_shape": f"-1,{int(np.prod(model.image_shape))}",
-                       "input_layout": model.spec.layout, "input_color": model.spec.color,
+        "parameters": {"version": model.version, "provider": model.provider, "modality": model.modality,
+                       "input_datatypes": ",".join(datatypes), **_input_parameters(model),
                        **{k: meta[k] for k in ("data_version", "git_commit", "params_hash", "created") if k in meta}},
         "labels": model.labels,
         "input_spec": model.spec.to_dict(),
@@ -250,6 +255,22 @@ def model_metadata(model: LoadedModel, versions: list[str]) -> dict:
         "metrics": _loads(meta.get("metrics")),
         "card": {k: v for k, v in model.card.items() if k != "files"},
     }
+
+
+def _input_parameters(model: LoadedModel) -> dict[str, str]:
+    """What a client needs to build the input, beyond name, datatype and shape (strings, as V2 parameters are)."""
+    spec = model.spec
+    if spec.audio is not None:
+        return {"input_range": "{:g}..{:g}".format(*spec.value_range), "input_layout": spec.layout,
+                "input_sample_rate": str(spec.audio.sample_rate), "input_samples": str(spec.audio.samples),
+                "input_max_samples": str(model.max_samples), "input_fit": spec.audio.fit}
+    if spec.text is not None:
+        return {"input_encoding": "UTF-8", "input_max_bytes": str(inputs.MAX_TEXT_BYTES),
+                "input_max_tokens": str(spec.text.max_length), "tokenizer": spec.text.tokenizer,
+                "tokenizer_sha256": spec.text.sha256}
+    return {"input_range": "{:g}..{:g}".format(*model.value_range),
+            "input_flat_shape": f"-1,{int(np.prod(model.image_shape))}",
+            "input_layout": spec.layout, "input_color": spec.color}
 
 
 def _loads(text: str | None):

@@ -47,7 +47,7 @@ def _inference_routes(app: FastAPI, dataplane: DataPlane) -> None:
                              "body uncompressed (binary tensors are already compact)")
         body = await request.body()
         parsed = protocol.parse_infer_request(body, request.headers.get(HEADER_LENGTH), model)
-        results = await dataplane.infer(model, parsed.pixels)
+        results = await dataplane.infer(model, parsed.rows)
         content, json_length = protocol.encode_infer_response(parsed, model, results)
         if json_length is None:
             return Response(content, media_type=JSON)

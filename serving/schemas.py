@@ -38,20 +38,27 @@ class ModelMetadata(BaseModel):
     parameters: Parameters = Field(description="serving version, provider, lineage of the ONNX file")
     labels: list[str] = Field(description="class names, in the order of the logits")
     input_spec: dict[str, Any] = Field(description="the input spec the model was trained on (core/spec.py): "
-                                                   "channels, height, width, class names, mean/std, value range")
+                                                   "modality (image, audio, text), shape, class names, value range; "
+                                                   "audio: sample rate and samples; text: tokenizer and max_length")
     normalization: Any = None
     metrics: Any = None
     card: dict[str, Any] = Field(description="the registry's model card (metrics, gates, lineage, run id)")
 
 
 class RequestInput(BaseModel):
-    name: str = Field(examples=["pixels"], description="the model's input name (GET /v2/models/{name})")
-    shape: list[int] = Field(examples=[[1, 1, 28, 28]], description="[N, C, H, W] as the model's metadata declares "
-                                                                    "it, or flat [N, C*H*W]")
-    datatype: Literal["FP32", "UINT8"] = Field(examples=["UINT8"], description="raw pixels 0..255 either way")
+    name: str = Field(examples=["pixels", "samples", "text"], description="the model's input name (GET "
+                                                                          "/v2/models/{name}): pixels, samples or text")
+    shape: list[int] = Field(examples=[[1, 1, 28, 28], [1, 8000], [2]],
+                             description="images: [N, C, H, W] as the model's metadata declares it, or flat "
+                                         "[N, C*H*W]; audio: [N, L] samples, L up to serve.max_audio_s at the model's "
+                                         "rate (fitted to the model's length); text: [N] strings")
+    datatype: Literal["FP32", "UINT8", "BYTES"] = Field(examples=["UINT8"], description="images: FP32 or UINT8 raw "
+                                                        "pixels 0..255; audio: FP32 samples -1..1; text: BYTES (UTF-8)")
     parameters: Parameters | None = Field(None, description='{"binary_data_size": n} when the tensor follows the '
                                                             "JSON as binary (Inference-Header-Content-Length)")
-    data: list[Any] | None = Field(None, description="row-major values, flat or nested; absent for binary")
+    data: list[Any] | None = Field(None, description="row-major values, flat or nested (BYTES: strings); absent "
+                                                     "for binary (BYTES: each element a 4-byte little-endian length, "
+                                                     "then its bytes)")
 
 
 class OutputParameters(BaseModel):
@@ -156,8 +163,23 @@ def infer_request_body() -> dict:
     binary = {"type": "string", "format": "binary",
               "description": "the JSON request, then the binary tensors; header Inference-Header-Content-Length "
                              "gives the JSON's length"}
-    return {"required": True, "content": {"application/json": {"schema": _ref(InferenceRequest)},
+    return {"required": True, "content": {"application/json": {"schema": _ref(InferenceRequest),
+                                                               "examples": INFER_EXAMPLES},
                                           "application/octet-stream": {"schema": binary}}}
+
+
+# One request per modality: a speech model fits any clip length up to serve.max_audio_s, a text model takes strings.
+INFER_EXAMPLES = {
+    "image": {"summary": "an MNIST-shaped image model: raw pixels 0..255, flat",
+              "value": {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}],
+                        "outputs": [{"name": "class"}]}},
+    "audio": {"summary": "a speech model: mono samples -1..1 at its rate, any length (fitted to the model's)",
+              "value": {"inputs": [{"name": "samples", "shape": [2, 4], "datatype": "FP32",
+                                    "data": [0.0, 0.25, -0.25, 0.0, 0.5, -0.5, 0.5, -0.5]}]}},
+    "text": {"summary": "a text model: UTF-8 strings, tokenized by the server with the model's own tokenizer",
+             "value": {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
+                                   "data": ["a gorgeous, witty, seductive movie", "dull and boring"]}]}},
+}
 
 
 def infer_responses() -> dict:
@@ -166,24 +188,33 @@ def infer_responses() -> dict:
                                    "Inference-Header-Content-Length) when an output asked for binary_data",
                     "content": {"application/json": {"schema": _ref(InferenceResponse)},
                                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-            "400": {"description": "bad request: shape, datatype, size mismatch, NaN, unknown output",
-                    "content": error},
+            "400": {"description": "bad request: shape, datatype, size mismatch, NaN, unknown output, empty or "
+                                   "invalid UTF-8 text", "content": error},
             "401": {"description": "missing or wrong bearer token", "content": error},
             "404": {"description": "unknown model or version", "content": error},
-            "413": {"description": "body larger than serve.max_body_bytes", "content": error},
+            "413": {"description": "body larger than serve.max_body_bytes, an audio clip longer than "
+                                   "serve.max_audio_s, a text row over 64 KiB", "content": error},
             "429": {"description": "too many requests in flight (serve.max_concurrency)", "content": error},
             "503": {"description": "model not ready", "content": error}}
 
 
+UPLOAD_MEDIA = ("image/png", "image/jpeg", "audio/wav", "audio/flac", "audio/ogg", "text/plain")
+
+
 def classify_request_body() -> dict:
-    # Exactly what the server reads: one 'file' (PNG or JPEG) and optionally top_k; nothing else.
+    # Exactly what the server reads: one 'file' (what the model takes: an image, a clip, a text) and optionally
+    # top_k; nothing else. A raw body of one of UPLOAD_MEDIA works too (the model's modality decides which).
     form = {"type": "object", "required": ["file"], "additionalProperties": False,
-            "properties": {"file": {"type": "string", "format": "binary", "description": "a PNG or JPEG image, colour or gray, any size"},
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "image models: a PNG or JPEG image, colour or gray, any "
+                                                   "size; speech models: a WAV, FLAC or OGG clip, any sample rate "
+                                                   "and channel count; text models: UTF-8 text (a .txt file)"},
                            "top_k": {"type": "integer", "minimum": 1, "description": "how many classes to rank"}}}
-    encoding = {"file": {"contentType": "image/png, image/jpeg"}}
-    return {"required": True, "content": {"multipart/form-data": {"schema": form, "encoding": encoding},
-                                          "image/png": {"schema": {"type": "string", "format": "binary"}},
-                                          "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}
+    encoding = {"file": {"contentType": ", ".join(UPLOAD_MEDIA)}}
+    raw = {media: {"schema": {"type": "string", **({} if media == "text/plain" else {"format": "binary"})}}
+           for media in UPLOAD_MEDIA}
+    raw["text/plain"]["example"] = "a gorgeous, witty, seductive movie"
+    return {"required": True, "content": {"multipart/form-data": {"schema": form, "encoding": encoding}, **raw}}
 
 
 # What each route really answers, beyond what FastAPI infers from the handlers (which answer raw Responses):
@@ -210,7 +241,10 @@ ANSWERS: dict[tuple[str, str], dict[str, tuple[str, str | None, dict | None]]] =
         "404": ("unknown model name, or the version is not loaded", _ERROR, None),
         "409": ("the version is the champion (promote another version instead), or serve.workers > 1", _ERROR,
                 None)},
-    ("/classify", "post"): {"413": ("body larger than serve.max_body_bytes", _ERROR, None),
+    ("/classify", "post"): {"413": ("body larger than serve.max_body_bytes, a clip longer than serve.max_audio_s, a "
+                                    "text over 64 KiB", _ERROR, None),
+                            "415": ("a raw body of a type the model does not take (an image to a speech model, …)",
+                                    _ERROR, None),
                             "429": ("too many requests in flight (serve.max_concurrency)", _ERROR, None)},
 }
 OPEN = {"/v2/health/live", "/v2/health/ready"}  # no token needed (serving/middleware.py OPEN_PATHS)

@@ -33,6 +33,7 @@ class ServeConfig(Section):
     max_queue_delay_us: int = Field(2000, ge=0, description="longest a request waits for others to join its batch")
     reload_poll_s: float = Field(2.0, ge=0.0, description="how often aliases/champion.json is checked; 0 = never")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger requests get 413")
+    max_audio_s: float = Field(30.0, gt=0.0, le=3600.0, description="speech models: the longest clip a request may send, in seconds (longer: 413); shorter and longer clips are fitted to the model's length as training fitted them")
     max_concurrency: int = Field(256, ge=1, description="inference requests in flight before 429")
     shutdown_timeout_s: float = Field(10.0, gt=0.0, description="drain time for in-flight requests on SIGTERM")
     access_log: bool = Field(True, description="one JSON log line per request")

@@ -182,3 +182,51 @@ def registry(tmp_path_factory, onnx_model: Path) -> Path:
 def server(registry: Path) -> Iterator[RunningServer]:
     with run_server(registry) as running:
         yield running
+
+
+# --- speech and text models (tests/serving/speech_text_models.py) ------------------------------------------------
+SPEECH, SENTIMENT = "speech", "sentiment"  # the registry names the speech and text models are served under
+
+
+@pytest.fixture(scope="session")
+def speech_model(tmp_path_factory) -> Path:
+    """audio_cnn on two classes of tones (high, low), 8 kHz, 2000 samples, exported by the pipeline's export (~10 s)."""
+    from tests.conftest import once_per_session
+    from tests.serving.speech_text_models import build_speech_model
+
+    return once_per_session(tmp_path_factory, "serving-speech-model", build_speech_model) / "model" / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory) -> Path:
+    """text_bow on sentences (negative, positive), 16 tokens, its tokenizer in the ONNX metadata (~3 s)."""
+    from tests.conftest import once_per_session
+    from tests.serving.speech_text_models import build_text_model
+
+    return once_per_session(tmp_path_factory, "serving-text-model", build_text_model) / "model" / "model.onnx"
+
+
+def register_models(root: Path, models: dict[str, Path], versions: int = 1) -> Path:
+    """A registry holding `versions` copies of each named model, the last one champion (the real writer)."""
+    from tuneline.tasks.ship.registry import Registry
+
+    for name, path in models.items():
+        registry = Registry(root, name)
+        for _ in range(versions):
+            version = registry.register({"model.onnx": path}, metrics={"accuracy": 1.0}, gates=[], lineage={},
+                                        run_id=None)
+        registry.promote(version)
+    return root
+
+
+@pytest.fixture(scope="module")
+def speech_text_server(tmp_path_factory, speech_model: Path, text_model: Path) -> Iterator[RunningServer]:
+    """One server, REST and gRPC, serving the speech model as 'speech' and the text model as 'sentiment' (v0001
+    each), serve.max_audio_s at its default (30 s). `grpc_url` is its gRPC address."""
+    root = register_models(tmp_path_factory.mktemp("speech-text") / "registry",
+                           {SPEECH: speech_model, SENTIMENT: text_model})
+    with run_server(root, grpc_port=0) as running:
+        wait_until(lambda: all(httpx.get(f"{running.url}/v2/models/{n}/ready").status_code == 200
+                               for n in (SPEECH, SENTIMENT)), what="both models ready")
+        running.grpc_url = f"127.0.0.1:{running.app.state.grpc_port}"
+        yield running

@@ -48,13 +48,34 @@ def _image(digit: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def _wavs() -> dict[bytes, bytes]:
+    """The table's WAV tags: a 31 s clip at 8 kHz, a WAV without frames, a WAV whose `fmt ` chunk is renamed."""
+    from tests.serving.speech_text_models import tone, wav_bytes
+
+    bad_header = bytearray(wav_bytes(tone(300, 0.1, 8000), 8000))
+    assert bad_header[12:16] == b"fmt "
+    bad_header[12:16] = b"junk"
+    return {b"<WAV 31 s>": wav_bytes(tone(300, 31, 8000), 8000), b"<WAV 0 frames>": wav_bytes(np.zeros(0), 8000),
+            b"<WAV bad header>": bytes(bad_header)}
+
+
 def _expand(body: str, digit: np.ndarray) -> bytes:
-    """`V ×N` -> N copies of V; <PNG>/<WEBP> -> a real digit in that format."""
+    """`V ×N` -> N copies of V; <PNG>/<WEBP> -> a real digit in that format; <WAV …> -> those clips; <TEXT n> -> n
+    bytes of text; <BYTES ff fe> -> one V2 BYTES element holding those bytes; <ff fe> -> those bytes."""
     body = re.sub(r"([^\s\[,]+) ×(\d+)", lambda m: ", ".join([m.group(1)] * int(m.group(2))), body)
     data = body.encode()
     for tag, fmt in ((b"<PNG>", "PNG"), (b"<WEBP>", "WEBP")):
         data = data.replace(tag, _image(digit, fmt))
-    return data
+    if b"<WAV " in data:
+        for tag, clip in _wavs().items():
+            data = data.replace(tag, clip)
+    data = re.sub(rb"<TEXT (\d+)>", lambda m: b"a" * int(m.group(1)), data)
+    def element(match: re.Match) -> bytes:
+        raw = bytes.fromhex(match.group(1).decode())
+        return len(raw).to_bytes(4, "little") + raw
+
+    data = re.sub(rb"<BYTES ((?:[0-9a-f]{2} ?)+)>", element, data)
+    return re.sub(rb"<((?:[0-9a-f]{2} ?)+)>", lambda m: bytes.fromhex(m.group(1).decode()), data)
 
 
 def _send(url: str, row: dict[str, str], digit: np.ndarray) -> httpx.Response:
@@ -67,8 +88,14 @@ def _send(url: str, row: dict[str, str], digit: np.ndarray) -> httpx.Response:
     return httpx.post(url + row["path"], content=_expand(body, digit), headers=headers)
 
 
+def _for_speech_or_text(row: dict[str, str]) -> bool:
+    return any(name in row["path"] for name in ("/speech", "/sentiment", "model=speech", "model=sentiment"))
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[row["bad input"] for row in ROWS])
-def test_documented_bad_input_table(server, digits, row):
+def test_documented_bad_input_table(request, digits, row):
+    # The MNIST rows go to the MNIST server; the speech and text rows to the server with those models.
+    server = request.getfixturevalue("speech_text_server" if _for_speech_or_text(row) else "server")
     response = _send(server.url, row, digits.images[0])
     assert response.status_code == int(row["status"]), (response.status_code, response.text)
     assert response.headers["content-type"] == "application/json"
@@ -81,6 +108,11 @@ def test_the_table_covers_the_bad_input_the_issue_names():
     names = {row["bad input"] for row in ROWS}
     assert {"a shape past int64", "booleans as pixels", "a WEBP image", "not an image"} <= names
     assert len(ROWS) >= 20
+    # The speech and text inputs: empty and oversized text, invalid UTF-8, WAVs without frames or with a corrupt
+    # header, a clip longer than serve.max_audio_s, each over V2 or /classify.
+    assert {"text model: an empty text", "text model: a text over 64 KiB", "text model: invalid UTF-8 (binary BYTES)",
+            "a WAV with no frames", "a corrupt WAV header", "a clip longer than serve.max_audio_s",
+            "speech model: a clip longer than serve.max_audio_s", "empty text", "text not UTF-8"} <= names
 
 
 def _json_request(rows: np.ndarray, flat: bool, datatype: str) -> dict:
@@ -149,9 +181,11 @@ def test_openapi_describes_what_the_server_answers(server):
     assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert httpx.get(server.url + "/metrics").headers["content-type"].startswith("text/plain")
     form = paths["/classify"]["post"]["requestBody"]["content"]
-    assert set(form) == {"multipart/form-data", "image/png", "image/jpeg"}
+    media = {"image/png", "image/jpeg", "audio/wav", "audio/flac", "audio/ogg", "text/plain"}
+    assert set(form) == {"multipart/form-data", *media}
     assert form["multipart/form-data"]["schema"]["additionalProperties"] is False
-    assert form["multipart/form-data"]["encoding"]["file"]["contentType"] == "image/png, image/jpeg"
+    assert set(form["multipart/form-data"]["encoding"]["file"]["contentType"].split(", ")) == media
+    assert {"413", "415"} <= set(paths["/classify"]["post"]["responses"])
     for path in ("/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload"):
         assert {"400", "401", "403", "404"} <= set(paths[path]["post"]["responses"]), path
     assert not any("422" in op["responses"] for ops in paths.values() for op in ops.values())

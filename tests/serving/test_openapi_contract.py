@@ -6,8 +6,9 @@ check fails any that the server answers 400. A constraint the server enforces bu
 (top_k ≥ 1, exactly one input, an output name, the champion cannot be unloaded) shows up here.
 
 What no JSON Schema can state is left out, by the error's own words: whether bytes are a decodable PNG/JPEG
-or a well-formed JSON + binary body, and whether an input tensor fits the loaded model (its name, shape,
-element count and value range are the model's, served at GET /v2/models/{name}).
+or a well-formed JSON + binary body, whether an input tensor fits the loaded model (its name, shape,
+element count and value range are the model's, served at GET /v2/models/{name}), and which of /classify's media
+types the loaded model takes (an image model: images; a speech model: clips; a text model: text; else 415).
 Seeded and bounded: a fixed number of examples per operation and path variant, so every operation is tried.
 """
 
@@ -28,10 +29,14 @@ INFER = re.compile(r"^/v2/models/\{name\}(/versions/\{version\})?/infer$")
 TENSOR_VS_MODEL = re.compile(r"^(unknown input |input ')")  # protocol.check_input / to_pixels / the tensor parsers
 NOT_AN_IMAGE = re.compile(r"^(not a readable PNG or JPEG|image format \w+ is not accepted)")  # images.decode_image
 NOT_A_BINARY_BODY = re.compile(r"^(request body is not valid JSON|Inference-Header-Content-Length)")  # binary.py
+NOT_THIS_MODELS_MEDIA = re.compile(r"^model '[^']+' classifies ")  # inputs.check_upload_type (415)
 
 
 def beyond_the_schema(case, response) -> bool:
     """Whether a 400 is about content the schema cannot describe (see the module docstring)."""
+    if response.status_code == 415:
+        error = response.json().get("error", "")
+        return case.operation.path == "/classify" and bool(NOT_THIS_MODELS_MEDIA.match(error))
     if response.status_code != 400:
         return False
     error = response.json().get("error", "")
