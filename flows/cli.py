@@ -11,7 +11,7 @@
     tuneline dashboard [--host H] [--port P] [-S …]        optuna-dashboard over the live study storage
                                                            (tuneline tune --dashboard [PORT]: beside the study)
     tuneline serve [--host H] [--port P] [--device D] [-S serve.key=value …]   the inference server (serving/)
-    tuneline predict IMAGE… [--url URL]                  classify PNG/JPEG digits with a running server
+    tuneline predict [FILE…] [--text TEXT]… [--url URL]  classify images, audio clips or text with a running server
 
 Run from the project folder (the one holding params.yaml), or pass --project. A command that fails prints
 one line (`tuneline: <command> failed: <reason>`), then the details (a gate table); --debug adds tracebacks.

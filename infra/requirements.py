@@ -20,7 +20,7 @@ from pathlib import Path
 # psycopg: the driver of a PostgreSQL Optuna study (TUNELINE_TUNE_STORAGE), a tuning concern only.
 # optuna-dashboard (`tuneline dashboard`) requires optuna itself, so keeping it would bring the study stack along.
 TRAINING_ONLY = frozenset({"torch", "torchvision", "onnxscript", "prefect", "dvc", "optuna", "optuna-dashboard",
-                           "plotly", "psycopg", "sqlalchemy", "psutil", "fsspec", "aiohttp"})
+                           "plotly", "psycopg", "sqlalchemy", "psutil", "aiohttp"})
 
 
 def name_of(requirement: str) -> str:
