@@ -3,8 +3,8 @@ other package depends on it today (issue 13: ruamel.yaml, rich and sqlalchemy we
 
 Each .py file is parsed (imports anywhere: module level, inside functions, under try), each top-level import
 name is mapped to the distribution that installs it (importlib.metadata), and that distribution must be among
-the requirements its folder may rely on: flows/, tasks/, serving/ and bench/ the [project] dependencies; tests/
-those plus the `test` extra.
+the requirements its folder may rely on: flows/, tasks/ and serving/ the [project] dependencies; bench/ those
+plus the `bench` extra; tests/ those plus the `test` extra.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.fast
 REPO = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"tuneline", "tests", "bench"}
 # folder -> the optional-dependency extras it may use besides [project] dependencies
-SCANNED = {"core": (), "flows": (), "tasks": (), "serving": (), "tuneline": (), "bench": (), "tests": ("test",)}
+SCANNED = {"core": (), "flows": (), "tasks": (), "serving": (), "tuneline": (), "bench": ("bench",), "tests": ("test",)}
 
 
 def normalize(name: str) -> str:
