@@ -5,7 +5,6 @@ real server and `tuneline predict`. The full-size numbers are in docs/benchmarks
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tarfile
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, require_or_skip
 from tests.flows.test_init import BIN, set_params, site_env, tool  # noqa: F401  (site_env is a fixture)
 
 FSDD = REPO.parent / "shared" / "data" / "fsdd" / "fsdd-recordings.tar.gz"
@@ -48,8 +47,9 @@ def _serve_and_predict(project: Path, env: dict, *predict_args: str) -> str:
         server.wait(timeout=30)
 
 
-@pytest.mark.skipif(not FSDD.is_file(), reason="the FSDD archive is not in ../shared/data")
 def test_speech_from_init_to_a_served_champion_on_a_slice_of_fsdd(tmp_path: Path, site_env):
+    if not FSDD.is_file():
+        require_or_skip(f"{FSDD}: the FSDD archive is not there")
     site, env = site_env
     project = tmp_path / "speech"
     tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project), "--example", "speech", "--data", str(FSDD))
@@ -66,8 +66,9 @@ def test_speech_from_init_to_a_served_champion_on_a_slice_of_fsdd(tmp_path: Path
     assert answer.split()[1] == "7", answer
 
 
-@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="SST-2 is not in ../shared/data")
 def test_text_from_init_to_a_served_champion_on_a_slice_of_sst2(tmp_path: Path, site_env):
+    if not (SST2 / "train.tsv").is_file():
+        require_or_skip(f"{SST2}: SST-2 is not there")
     site, env = site_env
     project = tmp_path / "sst2"
     tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project), "--example", "sst2", "--data", str(SST2))
