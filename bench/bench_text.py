@@ -68,7 +68,8 @@ def baseline(texts: dict[str, list[str]], labels: dict[str, list[int]]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=SST2)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="Tuneline's seeds (none: the baseline alone, beside `tuneline run`'s own numbers)")
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -122,9 +123,10 @@ def main() -> int:
             runs.append({"seed": seed, "test_accuracy": round(accuracy, 4), "train_seconds": round(seconds, 1)})
             print(f"tuneline  {seeded.model.arch} seed {seed}: test {accuracy:.4f}, trained in {seconds:.0f} s", flush=True)
             del result
-    median = statistics.median(r["test_accuracy"] for r in runs)
-    print(f"tuneline median {median:.4f} over {len(runs)} seed(s); baseline {base['test_accuracy']:.4f}; "
-          f"ratio {median / base['test_accuracy']:.3f}")
+    median = statistics.median(r["test_accuracy"] for r in runs) if runs else None
+    if runs:
+        print(f"tuneline median {median:.4f} over {len(runs)} seed(s); baseline {base['test_accuracy']:.4f}; "
+              f"ratio {median / base['test_accuracy']:.3f}")
     if args.json:
         args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                          "counts": prepared.counts, "baseline": base, "tuneline": runs,

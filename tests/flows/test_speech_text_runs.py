@@ -53,12 +53,13 @@ def test_speech_from_init_to_a_served_champion_on_a_slice_of_fsdd(tmp_path: Path
     site, env = site_env
     project = tmp_path / "speech"
     tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project), "--example", "speech", "--data", str(FSDD))
-    set_params(project, {**QUICK, "data.limit_train": 900, "train.epochs": 6, "gate.min_accuracy": 0.6,
-                         "gate.min_class_recall": 0.2, "gate.max_ece": 0.5})
+    # The example's network at a third of its width, for 12 epochs: 0.89 on FSDD's 300 test clips here (the
+    # example's own recipe: 0.993, docs/benchmarks.md); the floor leaves room for other seeds and BLAS builds.
+    set_params(project, {**QUICK, "model.kwargs": {"width": 24}, "train.epochs": 12, "gate.min_accuracy": 0.7,
+                         "gate.min_class_recall": 0.3, "gate.max_ece": 0.5})
     out = tool(project, env, str(BIN / "tuneline"), "run")
     metrics = json.loads((project / "metrics" / "eval.json").read_text())
-    # 900 clips, 6 epochs: about 0.9 on FSDD's 300 test clips here; the floor leaves room for seeds and BLAS.
-    assert metrics["n_test"] == 300 and metrics["accuracy"] >= 0.75, out.stdout
+    assert metrics["n_test"] == 300 and metrics["accuracy"] >= 0.8, out.stdout
     with tarfile.open(FSDD) as archive:
         member = next(m for m in archive.getmembers() if m.name.endswith("/7_jackson_0.wav"))
         (tmp_path / "7_jackson_0.wav").write_bytes(archive.extractfile(member).read())
