@@ -38,8 +38,9 @@ TRIAL_DATA_KEYS = ("source", "val_fraction", "seed", "limit_train")
 # A key not listed here counts, so a new train.* setting starts a new study until someone says otherwise.
 TRAIN_EXECUTION_KEYS = frozenset({"device", "precision", "channels_last", "compile", "deterministic",
                                   "eval_batch_size", "resume", "epochs", "checkpoint_every_steps"})
-# train.* keys added after studies existed: left out at their default (null), so an existing study keeps its name.
-LATER_TRAIN_KEYS = frozenset({"images_per_epoch"})
+# train.* keys added after studies existed, and their defaults: left out at their default, so an existing study keeps
+# its name.
+LATER_TRAIN_KEYS = {"images_per_epoch": None, "augment_time_shift": 0.0, "augment_noise": 0.0, "augment_spec_mask": 0.0}
 
 # tune.* keys that change the budget, the storage or how trials are scheduled, not what a trial sees:
 # a larger n_trials (or patience, or max_failures) continues the study; packed and unpacked trials give the
@@ -55,7 +56,7 @@ def study_identity(params: Params, data_version: str) -> dict[str, Any]:
                        if f"{section}.{key}" not in space}
              for section in ("model", "train")}
     fixed["train"] = {k: v for k, v in fixed["train"].items()
-                      if k not in TRAIN_EXECUTION_KEYS and not (k in LATER_TRAIN_KEYS and v is None)}
+                      if k not in TRAIN_EXECUTION_KEYS and not (k in LATER_TRAIN_KEYS and v == LATER_TRAIN_KEYS[k])}
     return {
         "data_version": data_version,
         "prepare": {key: getattr(params.data, key) for key in TRIAL_DATA_KEYS},

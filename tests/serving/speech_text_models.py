@@ -106,12 +106,14 @@ def _train_and_export(base: Path, data: dict, model: dict, name: str) -> BuiltMo
 
 
 def build_speech_model(base: Path) -> BuiltModel:
-    """audio_cnn (width 8) on two tone classes at 8 kHz, 0.25 s clips, 10 epochs (it tells them apart)."""
+    """audio_cnn (width 16, no dropout, Adam 3e-3) on two tone classes at 8 kHz, 0.25 s clips, 15 epochs (it tells
+    them apart: width 8 with dropout 0.5 and lr 1e-2 once did not, in CI)."""
     write_tone_folder(base / "tones")
     return _train_and_export(base, {"source": "audio", "audio_folder": "tones", "sample_rate": SPEECH_RATE,
                                     "clip_seconds": SPEECH_SECONDS},
-                             {"model.arch": "audio_cnn", "model.kwargs": {"width": 8}, "train.epochs": 10,
-                              "train.scheduler": "none", "train.lr": 1e-2}, "speech")
+                             {"model.arch": "audio_cnn", "model.kwargs": {"width": 16},
+                              "model.dropout": 0.0, "train.epochs": 15, "train.scheduler": "none", "train.lr": 3e-3},
+                             "speech")
 
 
 def build_text_model(base: Path) -> BuiltModel:
