@@ -92,7 +92,7 @@ def serve(args: argparse.Namespace, root: Path) -> int:
     _freeze_start_up_objects()
     server = server_class(config)  # SIGTERM: the lossless drain of serving/drain.py
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started and not getattr(server, "failed", False) else 1  # failed: a worker that could not join
 
 
 def _freeze_start_up_objects() -> None:

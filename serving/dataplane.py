@@ -42,7 +42,8 @@ class DataPlane:
         # concurrent run would only fight it for them.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self.holder = ModelHolder(settings, providers, self.metrics, self.executor, self.in_flight)
-        self.drain = Drain(lambda: [m.batcher.flush() for m in self.holder.loaded() if m.batcher is not None])
+        self.drain = Drain(lambda: [m.batcher.flush() for m in self.holder.loaded() if m.batcher is not None],
+                           settings.drain_delay_s)
         self._watcher: asyncio.Task | None = None
 
     # ----- lifecycle (the app's lifespan) -----------------------------------------------------------------
@@ -61,10 +62,12 @@ class DataPlane:
 
     # ----- health and metadata ----------------------------------------------------------------------------
     def ready(self) -> bool:
-        """A champion is loaded and warm (with serve.model: that model's)."""
-        return self.holder.ready
+        """A champion is loaded and warm (with serve.model: that model's), and the server is not stopping."""
+        return self.holder.ready and not self.drain.announced
 
     def not_ready_reason(self) -> str:
+        if self.drain.announced:  # it still answers inference requests until the delay ends (serving/drain.py)
+            return "shutting down: send new requests elsewhere"
         return self.holder.last_error or "loading the champion"
 
     def server_metadata(self) -> dict:
@@ -75,12 +78,20 @@ class DataPlane:
         return self.holder.get(name, version)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        """Whether `name` (`version`) can answer now; False for an unknown or unloaded one (a probe's answer)."""
+        """Whether `name` (`version`) can answer now; False for an unknown or unloaded one, or while the server is
+        stopping (a probe's answer)."""
         try:
-            self.model(name, version)
+            self.probe_model(name, version)
         except (NotFound, NotReady):
             return False
         return True
+
+    def probe_model(self, name: str, version: str | None = None) -> LoadedModel:
+        """model(), for a readiness probe: also NotReady once the server is stopping (it still serves inference)."""
+        model = self.model(name, version)
+        if self.drain.announced:
+            raise NotReady(f"model {name!r}: server {self.not_ready_reason()}")
+        return model
 
     def model_metadata(self, name: str, version: str | None = None) -> dict:
         model = self.model(name, version)

@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -34,6 +35,7 @@ from tuneline.serving.binary import tensor_bytes
 from tuneline.serving.dataplane import DataPlane
 from tuneline.serving.errors import BadRequest, Busy, ServingError, Unauthorized
 from tuneline.serving.proto import SERVICE, messages
+from tuneline.serving.workers import WORKER_HEADER
 
 log = logging.getLogger("tuneline.serving.grpc")
 
@@ -149,13 +151,15 @@ def _typed(contents, datatype: str, shape: list[int], name: str):
 
 
 class _Calls:
-    """Wraps each RPC: the token check, ServingError -> gRPC status, the request metrics and access log."""
+    """Wraps each RPC: the token check, ServingError -> gRPC status, the request metrics and access log, and with
+    serve.workers > 1 the answering worker's pid in the trailing metadata (as REST's X-Tuneline-Worker header)."""
 
     def __init__(self, service: InferenceService):
         self.service = service
         token = service.settings.token
         self.token = token.get_secret_value().encode() if token else None
         self.redactor = PathRedactor(service.settings.registry)  # no server paths in client-facing messages
+        self.worker = ((WORKER_HEADER.lower(), str(os.getpid())),) if service.settings.workers > 1 else None
 
     def handler(self, method: str):
         implementation = getattr(self.service, method)
@@ -164,6 +168,8 @@ class _Calls:
 
         async def call(request, context: grpc.aio.ServicerContext):
             started, code = time.perf_counter(), grpc.StatusCode.OK
+            if self.worker is not None:  # sent with the status, also after an abort
+                context.set_trailing_metadata(self.worker)
             try:
                 if self.token is not None and method not in OPEN_METHODS:
                     self._authorize(context)
@@ -217,13 +223,22 @@ class GrpcServer:
 
 def register(app: FastAPI, dataplane: DataPlane) -> Callable[[], AbstractAsyncContextManager[None]]:
     """The gRPC listener for the app's lifespan: started with the app (app.state.grpc_port: its port, or None),
-    and told to refuse new RPCs as soon as the drain begins (those in progress finish)."""
-    @contextlib.asynccontextmanager
-    async def serving() -> AsyncIterator[None]:
+    and told to refuse new RPCs as soon as the drain begins (those in progress finish).
+
+    A worker of serve.workers > 1 that joins the shared ports only once ready (app.state.grpc_joins_later, set by
+    serving/workers.py) starts it later, by awaiting app.state.start_grpc().
+    """
+    async def start() -> None:
         server = await start_grpc(dataplane)  # a port it cannot bind fails start-up
         app.state.grpc_port = server.port if server else None
         if server is not None:
             dataplane.drain.on_begin(lambda: server.stop(dataplane.settings.shutdown_timeout_s))
+
+    @contextlib.asynccontextmanager
+    async def serving() -> AsyncIterator[None]:
+        app.state.grpc_port, app.state.start_grpc = None, start
+        if not getattr(app.state, "grpc_joins_later", False):
+            await start()
         yield
 
     return serving
@@ -237,7 +252,10 @@ async def start_grpc(dataplane: DataPlane) -> GrpcServer | None:
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_body_bytes),  # the REST body limit; larger: RESOURCE_EXHAUSTED
         ("grpc.max_send_message_length", -1),
-        ("grpc.so_reuseport", 0),  # else a second server would share a port that is taken instead of failing
+        # One process: without SO_REUSEPORT, so a port another server holds fails instead of being shared. Workers
+        # (serve.workers > 1) share the port with SO_REUSEPORT; their parent refused a taken one already
+        # (serving/workers.py reserves it), as it does serve.port.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ])
     server.add_generic_rpc_handlers((_handlers(InferenceService(dataplane)),))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -40,7 +40,7 @@ def is_inference(method: str, path: str) -> bool:
 class Gatekeeper:
     def __init__(self, app, settings: ServeSettings, metrics: ServingMetrics, in_flight: InFlight, drain=None):
         self.app, self.settings, self.metrics, self.in_flight = app, settings, metrics, in_flight
-        self.drain = drain  # tuneline.serving.drain.Drain: while draining, answers close their connection
+        self.drain = drain  # tuneline.serving.drain.Drain: once the server is stopping, answers close their connection
         self.token = settings.token.get_secret_value().encode() if settings.token else None
         self.admin_token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
         self.redactor = PathRedactor(settings.registry)
@@ -59,7 +59,8 @@ class Gatekeeper:
             nonlocal status, answered, held_start
             if message["type"] == "http.response.start":
                 status, answered = message["status"], True
-                if self.drain is not None and self.drain.draining:  # the client must not reuse this connection
+                # Stopping: the client must not reuse this connection (its next one goes through its load balancer).
+                if self.drain is not None and self.drain.announced:
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
                 if status >= 400:
                     held_start = message

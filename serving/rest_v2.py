@@ -74,7 +74,7 @@ def _health_routes(app: FastAPI, dataplane: DataPlane) -> None:
     @app.get("/v2/health/ready", tags=["health"], summary="Server ready: a champion is loaded and warm (200), "
              "else 503", responses={503: {"model": schemas.Error}})
     async def ready():
-        if not dataplane.ready():
+        if not dataplane.ready():  # also from SIGTERM on, while it still serves (serving/drain.py)
             return error_response(503, f"not ready: {dataplane.not_ready_reason()}")
         return Response(status_code=200)
 
@@ -95,13 +95,13 @@ def _model_routes(app: FastAPI, dataplane: DataPlane) -> None:
     async def model_version_metadata(name: str, version: str):
         return json_response(dataplane.model_metadata(name, version))
 
-    # REST answers why a model is not ready (404 unknown, 503 not loaded); dataplane.model raises which.
+    # REST answers why a model is not ready (404 unknown, 503 not loaded or shutting down); probe_model raises which.
     @app.get("/v2/models/{name}/ready", tags=["health"], responses=errors)
     async def ready(name: str):
-        dataplane.model(name, None)
+        dataplane.probe_model(name, None)
         return Response(status_code=200)
 
     @app.get("/v2/models/{name}/versions/{version}/ready", tags=["health"], responses=errors)
     async def version_ready(name: str, version: str):
-        dataplane.model(name, version)
+        dataplane.probe_model(name, version)
         return Response(status_code=200)

@@ -4,11 +4,14 @@ One event loop parses and answers every request of a server, and at 64 JSON clie
 (about 0.5 ms of CPU per request, on one core; docs/benchmarks.md). Each worker is a whole server as with
 serve.workers=1 (its event loop, model holder, batcher, ONNX Runtime session with serve.threads), started as a
 fresh `tuneline serve` process (never a fork: ONNX Runtime and gRPC do not survive one) that binds its own
-listening socket with SO_REUSEPORT; the kernel hands each new connection to one of them.
+listening socket with SO_REUSEPORT; the kernel hands each new connection to one of them. With serve.grpc_port
+set, the same goes for gRPC: each worker's grpc.aio server binds the gRPC port with SO_REUSEPORT, so each new
+gRPC connection (channel) reaches one worker.
 
-The parent process only starts, watches and stops them: SIGTERM/SIGINT is passed on as SIGTERM (each worker
-drains as serving/drain.py says), and a worker that exits on its own stops the others and makes the parent
-exit non-zero.
+The parent process only reserves the ports, starts, watches and stops them: SIGTERM/SIGINT is passed on as
+SIGTERM (each worker goes unready, then drains, as serving/drain.py says; a second signal is passed on too, and
+skips the rest of each worker's drain delay), and a worker that exits on its own stops the others and makes the
+parent exit non-zero.
 """
 
 from __future__ import annotations
@@ -44,15 +47,6 @@ JOIN_POLL_S = 0.1  # how often a loading worker checks whether it may join the p
 _PR_SET_PDEATHSIG = 1
 
 
-def check_workers(settings: ServeSettings) -> None:
-    """Refuse what several workers cannot do (a one-line ConfigError)."""
-    if settings.grpc_port is not None:
-        # serving/grpc_v2.py binds without SO_REUSEPORT on purpose (a taken port must fail, not be shared),
-        # so a second worker could not bind the same gRPC port.
-        raise ConfigError(f"serve.workers={settings.workers} with serve.grpc_port={settings.grpc_port}: gRPC is served "
-                          "by one process only; set serve.workers=1 to serve gRPC, or serve.grpc_port=null")
-
-
 def _address(host: str, port: int) -> tuple[int, tuple]:
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     return family, address
@@ -68,8 +62,8 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Hold serve.port for the workers (0: pick a free one), refusing one that another server already listens on.
+def _reserve_port(host: str, port: int, setting: str = "serve.port") -> socket.socket:
+    """Hold `setting`'s port for the workers (0: pick a free one), refusing one that another server already listens on.
 
     The check binds without SO_REUSEPORT: SO_REUSEPORT alone would let the workers silently join another
     server of the same user on that port. The reservation stays bound but never listens, so the kernel gives
@@ -81,14 +75,15 @@ def _reserve_port(host: str, port: int) -> socket.socket:
         try:
             probe.bind(address)
         except OSError as exc:
-            raise ConfigError(f"serve.port {port} on {host}: cannot listen ({exc.strerror}): pick another port, "
+            raise ConfigError(f"{setting} {port} on {host}: cannot listen ({exc.strerror}): pick another port, "
                               "or 0 for any free one") from None
         port = probe.getsockname()[1]
         return reuseport_socket(host, port)
 
 
-def worker_command(args: argparse.Namespace, root: Path, port: int, index: int) -> list[str]:
-    """`tuneline serve` as the user ran it (flags and -S overrides), on the reserved port, as worker `index`."""
+def worker_command(args: argparse.Namespace, root: Path, port: int, index: int,
+                   grpc_port: int | None = None) -> list[str]:
+    """`tuneline serve` as the user ran it (flags and -S overrides), on the reserved ports, as worker `index`."""
     command = [sys.executable, "-m", "tuneline.flows.cli", "--project", str(root), "serve"]
     for flag in ("host", "device", "registry", "model"):
         value = getattr(args, flag, None)
@@ -96,14 +91,22 @@ def worker_command(args: argparse.Namespace, root: Path, port: int, index: int) 
             command += [f"--{flag}", str(value)]
     for override in getattr(args, "overrides", []):
         command += ["-S", override]
+    if grpc_port is not None:  # the concrete port (serve.grpc_port 0 picked it in the parent); flags beat -S
+        command += ["--grpc-port", str(grpc_port)]
     return [*command, "--port", str(port), "--worker-index", str(index)]
 
 
 def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -> int:
     """Start serve.workers worker processes and wait for them; the exit status `tuneline serve` should have."""
-    check_workers(settings)
-    reservation = _reserve_port(settings.host, settings.port)
-    port = reservation.getsockname()[1]
+    reservations = [_reserve_port(settings.host, settings.port)]
+    port, grpc_port = reservations[0].getsockname()[1], None
+    if settings.grpc_port is not None:
+        try:
+            reservations.append(_reserve_port(settings.host, settings.grpc_port, "serve.grpc_port"))
+        except ConfigError:
+            reservations[0].close()
+            raise
+        grpc_port = reservations[1].getsockname()[1]
     stop_signals: list[int] = []
     workers: list[subprocess.Popen] = []
 
@@ -119,7 +122,8 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
 
     def kill_the_stuck() -> None:
         """SIGKILL workers still running well after their drain allowance: a stop must end even if a worker hangs."""
-        if stop_sent and time.monotonic() - stop_sent[0] > settings.shutdown_timeout_s + KILL_GRACE_S:
+        allowance = settings.drain_delay_s + settings.shutdown_timeout_s + KILL_GRACE_S
+        if stop_sent and time.monotonic() - stop_sent[0] > allowance:
             for worker in workers:
                 if worker.poll() is None:
                     log.warning("worker killed", extra={"event": "worker_killed", "pid": worker.pid,
@@ -132,10 +136,10 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
         for index in range(settings.workers):
             if stop_signals:
                 break
-            worker = subprocess.Popen(worker_command(args, root, port, index))
+            worker = subprocess.Popen(worker_command(args, root, port, index, grpc_port))
             workers.append(worker)
             log.info("worker started", extra={"event": "worker_started", "worker": index, "pid": worker.pid,
-                                              "host": settings.host, "port": port})
+                                              "host": settings.host, "port": port, "grpc_port": grpc_port})
         while _running(workers):
             if failed is None and not stop_signals:
                 died = next((w for w in workers if w.returncode is not None), None)
@@ -151,7 +155,8 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
         while _running(workers):
             kill_the_stuck()
             time.sleep(POLL_S)
-        reservation.close()
+        for reservation in reservations:
+            reservation.close()
         for sig, handler in original.items():
             signal.signal(sig, handler)
     for worker in workers:
@@ -195,8 +200,9 @@ class RefuseUnload:
 
 
 class WorkerServer(DrainingServer):
-    """A worker's server: worker 0 listens at once, as a one-process server does; any other joins serve.port only
-    once its own models are ready and the port answers ready (worker 0, or one that joined after it).
+    """A worker's server: worker 0 listens at once, as a one-process server does; any other joins serve.port (and
+    serve.grpc_port) only once its own models are ready and the port answers ready (worker 0, or one that joined
+    after it).
 
     So a connection never reaches a worker still loading while another says ready: until worker 0 is ready it
     takes every connection (and its /v2/health/ready tells the truth), and later workers join ready.
@@ -206,6 +212,7 @@ class WorkerServer(DrainingServer):
         super().__init__(config)
         self.sock, self.index, self.host = sock, index, host
         self._join: asyncio.Task | None = None
+        self.failed = False  # joining failed: the worker stops, and exits non-zero
 
     async def startup(self, sockets=None) -> None:
         if self.index == 0:
@@ -215,10 +222,18 @@ class WorkerServer(DrainingServer):
         self._join = asyncio.create_task(self._join_when_ready())
 
     async def _join_when_ready(self) -> None:
-        holder = self.config.app.state.holder
+        state = self.config.app.state
         port = self.sock.getsockname()[1]
-        while not (holder.ready and await _answers_ready(self.host, port)):
+        # Not once stopping: the others answer 503 then, and a worker that said nothing has nobody to tell.
+        while not (state.holder.ready and not state.drain.announced and await _answers_ready(self.host, port)):
             await asyncio.sleep(JOIN_POLL_S)
+        try:
+            await state.start_grpc()  # serving/grpc_v2.py left gRPC to this (app.state.grpc_joins_later)
+        except OSError:
+            log.exception("worker failed to join the gRPC port", extra={"event": "worker_join_failed",
+                                                                         "worker": self.index, "pid": os.getpid()})
+            self.failed = self.should_exit = True
+            return
         protocol = functools.partial(self.config.http_protocol_class, config=self.config,
                                      server_state=self.server_state, app_state=self.lifespan.state)
         server = await asyncio.get_running_loop().create_server(protocol, sock=self.sock, backlog=self.config.backlog)
@@ -252,8 +267,9 @@ async def _answers_ready(host: str, port: int) -> bool:
 def worker_server(app, config, settings: ServeSettings, index: int):
     """Make this process worker `index`; returns the server class to run (`server_class(config).run()`).
 
-    Adds the worker header and the unload refusal to the app, binds the SO_REUSEPORT socket, and makes the
-    worker exit when the parent dies (no worker outlives a killed parent).
+    Adds the worker header and the unload refusal to the app, binds the SO_REUSEPORT socket, has any worker but the
+    first start gRPC only when it joins the port, and makes the worker exit when the parent dies (no worker outlives
+    a killed parent).
     """
     from starlette.middleware import Middleware
 
@@ -262,6 +278,7 @@ def worker_server(app, config, settings: ServeSettings, index: int):
     config.headers = [*config.headers, (WORKER_HEADER, str(os.getpid()))]
     # Innermost (after the Gatekeeper): authentication and the admin checks answer first.
     app.user_middleware.append(Middleware(RefuseUnload))
+    app.state.grpc_joins_later = index > 0  # WorkerServer calls app.state.start_grpc when it joins
     sock = reuseport_socket(settings.host, settings.port)
     log.info("worker", extra={"event": "worker", "worker": index, "pid": os.getpid(), "port": settings.port})
     return functools.partial(WorkerServer, sock=sock, index=index, host=settings.host)

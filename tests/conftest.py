@@ -25,6 +25,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Servers the tests start (in-thread or `tuneline serve` subprocesses) stop without serve.drain_delay_s's wait for
+# a load balancer: none routes here. The tests of the delay itself set it with -S (which beats the environment).
+os.environ.setdefault("TUNELINE_SERVE_DRAIN_DELAY_S", "0")
 DEFAULT_MIRROR = REPO.parent / "shared" / "data" / "MNIST" / "raw"
 
 

@@ -412,6 +412,20 @@ def test_k8s_serving_matches_the_server_and_the_image():
     assert _parser_command(container["args"]) == "serve"
 
 
+def test_k8s_stop_timing_agrees_with_the_servers_drain():
+    """On SIGTERM the server stays up, unready, for serve.drain_delay_s, then drains for up to
+    serve.shutdown_timeout_s (serving/drain.py): the kubelet must not SIGKILL before both have run, and the
+    readiness probe must notice the 503 before the delay ends (so the listener closes after traffic left)."""
+    (serving,) = find(manifests(), "Deployment", "tuneline-serve")
+    spec = serving["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    serve = params().serve
+    assert spec["terminationGracePeriodSeconds"] > serve.drain_delay_s + serve.shutdown_timeout_s
+    probe = container["readinessProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] < serve.drain_delay_s
+    assert "preStop" not in container.get("lifecycle", {})  # the server waits itself; a preStop sleep would add to it
+
+
 def _parser_command(args: list[str]) -> str:
     from tuneline.flows.cli import _parser
 

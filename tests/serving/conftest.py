@@ -144,7 +144,7 @@ def run_server(registry: Path, wait_ready: bool = True, **settings) -> Iterator[
     from tuneline.core.onnx_session import resolve_providers
 
     port = free_port()
-    config = ServeSettings(registry=registry, port=port, **{"access_log": False, "reload_poll_s": 0.05, **settings})
+    config = ServeSettings(registry=registry, port=port, **{"access_log": False, "reload_poll_s": 0.05, "drain_delay_s": 0.0, **settings})
     app = create_app(config, resolve_providers(config.device))
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=config.shutdown_timeout_s))

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.serving.conftest import free_port, wait_until
@@ -19,7 +23,9 @@ from tests.serving.test_operations import _uint8_request
 
 REPO = Path(__file__).resolve().parents[2]
 TUNELINE = [sys.executable, "-m", "tuneline.flows.cli", "--project", str(REPO)]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNELINE_SERVE_RELOAD_POLL_S": "0.5", "TUNELINE_SERVE_THREADS": "1"}
+# serve.drain_delay_s 0: these stops test the workers' drain, not the delay before it (tests that do set it with -S).
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNELINE_SERVE_RELOAD_POLL_S": "0.5", "TUNELINE_SERVE_THREADS": "1",
+       "TUNELINE_SERVE_DRAIN_DELAY_S": "0"}
 
 
 def _alive(pid: int) -> bool:
@@ -85,12 +91,16 @@ def test_bad_worker_settings_are_one_line_errors(tmp_path, onnx_model):
     with pytest.raises(ConfigError, match=r"serve.workers: Input should be greater than or equal to 1"):
         load_params(REPO / "params.yaml", {"serve.workers": 0})
     registry = make_registry(tmp_path, onnx_model)  # the whole command: refused before any worker starts
-    result = subprocess.run([*TUNELINE, "serve", "--registry", str(registry), "--port", "0", "--grpc-port", "0",
-                             "-S", "serve.workers=2"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60,
-                            check=False)
+    with socket.socket() as taken:  # another server's gRPC port: the workers must not silently share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        grpc_port = taken.getsockname()[1]
+        result = subprocess.run([*TUNELINE, "serve", "--registry", str(registry), "--port", "0", "--grpc-port",
+                                 str(grpc_port), "-S", "serve.workers=2"], cwd=REPO, env=ENV, capture_output=True,
+                                text=True, timeout=60, check=False)
     assert result.returncode == 2, result.stderr
-    expected = ("tuneline: error: serve.workers=2 with serve.grpc_port=0: gRPC is served by one process only; set "
-                "serve.workers=1 to serve gRPC, or serve.grpc_port=null")
+    expected = (f"tuneline: error: serve.grpc_port {grpc_port} on 127.0.0.1: cannot listen (Address already in use): "
+                "pick another port, or 0 for any free one")
     assert result.stderr.splitlines() == [expected]
 
 
@@ -119,3 +129,128 @@ def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(tmp_path, onnx
     assert any(e.get("event") == "worker_exited" and e["pid"] == victim for e in events)
     others = [e["pid"] for e in events if e.get("event") == "worker_started" and e["pid"] != victim]
     assert len(others) == 1 and not _alive(others[0])
+
+
+class _Stderr:
+    """A process's stderr lines, read as they come (the parent logs the ports it picked)."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.lines) if line.startswith("{")]
+
+    def text(self) -> str:
+        self.thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+def _fresh_grpc(port: int):
+    """A channel with a TCP connection of its own (gRPC Python channels share connections unless told not to), so
+    the kernel picks a worker for it."""
+    import grpc
+
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _worker(call) -> int:
+    return int(dict(call.trailing_metadata())["x-tuneline-worker"])
+
+
+def test_two_workers_share_the_grpc_port_each_answers_a_stock_client_and_each_goes_unready_on_sigterm(
+        tmp_path, onnx_model, digits):
+    import grpc
+    import tritonclient.grpc as grpcclient
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    registry = make_registry(tmp_path, onnx_model)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([*TUNELINE, "serve", "--registry", str(registry), "--port", str(port), "--grpc-port", "0",
+                               "-S", "serve.workers=2", "-S", "serve.drain_delay_s=30"], cwd=REPO, env=ENV,
+                              stderr=subprocess.PIPE, text=True)
+    stderr = _Stderr(server.stderr)
+    try:
+        started = lambda: [e for e in stderr.events() if e.get("event") == "worker_started"]  # noqa: E731
+
+        def two_started() -> bool:
+            assert server.poll() is None, stderr.text()[-3000:]  # e.g. a refusal of the settings
+            return len(started()) == 2
+
+        wait_until(two_started, timeout=60, what="two workers started")
+        pids = {e["pid"] for e in started()}
+        (grpc_port,) = {e["grpc_port"] for e in started()}  # serve.grpc_port 0: one free port, picked by the parent
+        assert grpc_port not in (0, port)
+        ready: set[int] = set()
+
+        def both_ready() -> bool:  # each worker joins both ports once ready
+            with _fresh_grpc(grpc_port) as channel:
+                try:
+                    answer, call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady.with_call(
+                        service_pb2.ServerReadyRequest(), timeout=2)
+                except grpc.RpcError:  # worker 0 not listening yet
+                    return False
+            if answer.ready:
+                ready.add(_worker(call))
+            return server.poll() is None and ready == pids
+
+        wait_until(both_ready, timeout=60, what="both workers ready over gRPC")
+        served: Counter[int] = Counter()
+        for i in range(24):  # a new connection each: the kernel picks the worker per connection
+            pixels = digits.images[i][None, None]  # uint8 [1, 1, 28, 28]
+            request = service_pb2.ModelInferRequest(model_name="mnist", raw_input_contents=[pixels.tobytes()])
+            request.inputs.add(name="pixels", datatype="UINT8", shape=pixels.shape)
+            with _fresh_grpc(grpc_port) as channel:
+                answer, call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(request,
+                                                                                                      timeout=10)
+            assert grpcclient.InferResult(answer).as_numpy("class").tolist() == [digits.classes[i]]
+            served[_worker(call)] += 1
+        assert set(served) == pids, served  # both workers answered, correctly
+        for i in range(4):  # and tritonclient's own client, on channels of its own
+            with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}",
+                                                  channel_args=[("grpc.use_local_subchannel_pool", 1)]) as client:
+                assert client.is_server_ready() and client.is_model_ready("mnist")
+                pixels = grpcclient.InferInput("pixels", [1, 1, 28, 28], "UINT8")
+                pixels.set_data_from_numpy(np.ascontiguousarray(digits.images[i][None, None]))
+                assert client.infer("mnist", [pixels]).as_numpy("class").tolist() == [digits.classes[i]]
+
+        # SIGTERM: every worker says not ready at once, on both protocols, and keeps serving for the delay.
+        server.send_signal(signal.SIGTERM)
+        unready_rest: set[int] = set()
+        unready_grpc: set[int] = set()
+
+        def both_unready() -> bool:
+            with httpx.Client() as fresh:
+                answer = fresh.get(url + "/v2/health/ready")
+                assert fresh.get(url + "/v2/health/live").status_code == 200
+            if answer.status_code == 503:
+                unready_rest.add(int(answer.headers["x-tuneline-worker"]))
+            with _fresh_grpc(grpc_port) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                answer, call = stub.ServerReady.with_call(service_pb2.ServerReadyRequest(), timeout=2)
+                if not answer.ready:
+                    unready_grpc.add(_worker(call))
+                    assert not stub.ModelReady(service_pb2.ModelReadyRequest(name="mnist"), timeout=2).ready
+                    inferred = stub.ModelInfer(request, timeout=10)  # still served during the delay
+                    assert grpcclient.InferResult(inferred).as_numpy("class").tolist() == [digits.classes[23]]
+            return unready_rest == pids and unready_grpc == pids
+
+        wait_until(both_unready, timeout=15, what="both workers unready over REST and gRPC")
+        hurried = time.monotonic()
+        server.send_signal(signal.SIGTERM)  # a second one: the parent passes it on, the workers skip the 30 s
+        server.wait(timeout=30)
+        assert time.monotonic() - hurried < 10
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = stderr.text()
+    assert server.returncode == -signal.SIGTERM, log[-3000:]
+    events = stderr.events()
+    assert sum(e.get("event") == "stopped" and e["in_flight"] == 0 for e in events) == 2
+    assert not any(_alive(pid) for pid in pids)
