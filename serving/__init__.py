@@ -8,7 +8,7 @@ the middleware and the lifespan.
 Beneath them: settings (typed config), repository (core's registry reader, its errors as HTTP), model_holder
 (load, warm, swap), batcher (dynamic batching), binary + protocol (KServe V2 messages), schemas (the OpenAPI
 document), images (PNG/JPEG), middleware (auth, limits, metrics, access log), admin (who may load/unload),
-drain, workers, precision, metrics, logs, watcher (hot reload), client (Python client), cli (`tuneline
+drain, workers (+ siblings: load/unload reach every worker; cpu_budget: serve.workers auto), precision, metrics, logs, watcher (hot reload), client (Python client), cli (`tuneline
 serve|predict`).
 
 Shared with the pipeline (and copied into the serving image with it): core/registry_layout.py, the

@@ -330,7 +330,7 @@ class ModelHolder:
         model = slot.others.pop(version, None)
         if model is None:
             raise NotFound(f"model {name!r} version {version!r} is not loaded")
-        self.metrics.model_info.remove(model.name, model.version, model.provider, "loaded")
+        self.metrics.drop_model_info(model.name, model.version, model.provider, "loaded")
 
     def _batcher(self, model: LoadedModel) -> Batcher:
         s = self.settings
@@ -345,10 +345,7 @@ class ModelHolder:
     def _report_loaded(self, model: LoadedModel, replaced: LoadedModel | None, champion: bool) -> None:
         info = self.metrics.model_info
         if replaced is not None:
-            try:
-                info.remove(replaced.name, replaced.version, replaced.provider, CHAMPION)
-            except KeyError:
-                pass
+            self.metrics.drop_model_info(replaced.name, replaced.version, replaced.provider, CHAMPION)
         info.labels(model.name, model.version, model.provider, CHAMPION if champion else "loaded").set(1)
         self.metrics.loads.labels("success").inc()
         self.metrics.ready.set(1 if self.ready else 0)

@@ -1,5 +1,9 @@
 """The V2 model repository extension over REST: index, load and unload (load/unload are admin routes:
-serving/admin.py says who may call them)."""
+serving/admin.py says who may call them).
+
+With serve.workers > 1 a load or unload is applied by every worker before it is answered (serving/siblings.py);
+the index is the answering worker's, the same as every other's once they all applied the same loads.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from starlette.responses import Response
 
 from tuneline.serving import schemas
 from tuneline.serving.dataplane import DataPlane
-from tuneline.serving.errors import BadRequest
+from tuneline.serving.errors import BadRequest, NotFound
 from tuneline.serving.rest_v2 import json_response
+from tuneline.serving.siblings import Answer
 
 
 async def _parameters(request: Request) -> dict:
@@ -31,6 +36,13 @@ async def _parameters(request: Request) -> dict:
     return params
 
 
+async def _everywhere(app: FastAPI, op: str, name: str, version: str | None) -> list[Answer]:
+    """Have the other workers apply what this one just did (serve.workers > 1; nothing with one process): their
+    answers, once every one applied it (else NotAppliedEverywhere, a 500 naming those that did not)."""
+    siblings = getattr(app.state, "siblings", None)  # serving/workers.py sets it in each worker
+    return [] if siblings is None else await siblings.apply(op, name, version)
+
+
 def register(app: FastAPI, dataplane: DataPlane) -> None:
     @app.post("/v2/repository/index", tags=["repository"], summary="Every model and registry version, and its state")
     async def index():
@@ -42,7 +54,9 @@ def register(app: FastAPI, dataplane: DataPlane) -> None:
     async def load(request: Request, name: str):
         dataplane.check_model(name)  # an unknown name is a 404 before the body is read
         version = (await _parameters(request)).get("version")
-        return json_response(await dataplane.load(name, version))
+        loaded = await dataplane.load(name, version)
+        await _everywhere(app, "load", name, version)
+        return json_response(loaded)
 
     @app.post("/v2/repository/models/{name}/unload", tags=["repository"], responses={400: {"model": schemas.Error}},
               summary='Unload a non-champion version ({"parameters": {"version": "v0002"}})')
@@ -51,5 +65,13 @@ def register(app: FastAPI, dataplane: DataPlane) -> None:
         version = (await _parameters(request)).get("version")
         if version is None:
             raise BadRequest('unload needs {"parameters": {"version": "v0002"}}; the champion is never unloaded')
-        dataplane.unload(name, version)
+        try:
+            dataplane.unload(name, version)
+        except NotFound:
+            # Not loaded here. After an unload another worker failed to apply, it may still be loaded there: the
+            # retry unloads it wherever it is, and is a 404 only when no worker had it.
+            if not any(answer.status == 200 for answer in await _everywhere(app, "unload", name, version)):
+                raise
+            return Response(status_code=200)
+        await _everywhere(app, "unload", name, version)
         return Response(status_code=200)

@@ -234,12 +234,15 @@ ANSWERS: dict[tuple[str, str], dict[str, tuple[str, str | None, dict | None]]] =
         "200": ("the version now loaded", "application/json", {"$ref": REF.format(model="LoadResult")}),
         "403": ("from a non-loopback client while the server has no admin token", _ERROR, None),
         "404": ("unknown model name or version", _ERROR, None),
+        "500": ("serve.workers > 1: loaded here but not by every worker (the message names each; retry)", _ERROR,
+                None),
         "503": ("the model has no champion alias yet", _ERROR, None)},
     ("/v2/repository/models/{name}/unload", "post"): {
         "200": ("unloaded (empty body)", EMPTY, None),
         "403": ("from a non-loopback client while the server has no admin token", _ERROR, None),
         "404": ("unknown model name, or the version is not loaded", _ERROR, None),
-        "409": ("the version is the champion (promote another version instead), or serve.workers > 1", _ERROR,
+        "409": ("the version is the champion (promote another version instead)", _ERROR, None),
+        "500": ("serve.workers > 1: applied here but not by every worker (the message names each; retry)", _ERROR,
                 None)},
     ("/classify", "post"): {"413": ("body larger than serve.max_body_bytes, a clip longer than serve.max_audio_s, a "
                                     "text over 64 KiB", _ERROR, None),

@@ -1,7 +1,8 @@
 """Server settings: params.yaml `serve:` < env TUNELINE_SERVE_<KEY> < command line, validated once.
 
 The bearer token only comes from the environment (TUNELINE_SERVE_TOKEN): a token on the command line
-would show in `ps` and in shell history.
+would show in `ps` and in shell history. serve.workers `auto` and serve.threads 0 under several workers are
+resolved here, once, to the numbers the server runs with (serving/cpu_budget.py).
 """
 
 from __future__ import annotations
@@ -11,22 +12,28 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from tuneline.core.config.base import ConfigError
 from tuneline.core.config.params import Params
-from tuneline.core.config.serve import ServeConfig
+from tuneline.core.config.serve import MAX_WORKERS, ServeConfig
+from tuneline.serving.cpu_budget import plan_workers, usable_cpus
 
 ENV_PREFIX = "TUNELINE_SERVE_"
 TOKEN_ENV = ENV_PREFIX + "TOKEN"
 ADMIN_TOKEN_ENV = ENV_PREFIX + "ADMIN_TOKEN"  # opens repository load/unload (serving/admin.py)
 REGISTRY_ENV = ENV_PREFIX + "REGISTRY"
+# Set by the parent of serve.workers > 1 for its workers only: the server's private folder (serving/workers.py).
+# Not TUNELINE_SERVE_*: it is no setting a user gives.
+WORKERS_DIR_ENV = "TUNELINE_WORKERS_DIR"
 
 
 class ServeSettings(ServeConfig):
     registry: Path  # the registry folder; every model name in it is served unless serve.model names one
     token: SecretStr | None = None
     admin_token: SecretStr | None = None  # env only, as the token; None: load/unload are loopback-only
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)  # serve.workers, `auto` resolved to a count
+    workers_dir: Path | None = None  # a worker's: the folder its parent shares with the workers (WORKERS_DIR_ENV)
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -54,6 +61,9 @@ def build_settings(params: Params, root: Path, environ: Mapping[str, str],
     token = environ.get(TOKEN_ENV) or None
     admin_token = environ.get(ADMIN_TOKEN_ENV) or None
     serve = {**params.serve.model_dump(), "trt_cache_dir": str((Path(root) / params.serve.trt_cache_dir).resolve())}
+    serve["workers"], serve["threads"] = plan_workers(params.serve.workers, params.serve.threads, usable_cpus())
+    workers_dir = environ.get(WORKERS_DIR_ENV) or None
     return ServeSettings(**serve, registry=(Path(root) / registry).resolve(),
                          token=SecretStr(token) if token else None,
-                         admin_token=SecretStr(admin_token) if admin_token else None)
+                         admin_token=SecretStr(admin_token) if admin_token else None,
+                         workers_dir=Path(workers_dir) if workers_dir else None)

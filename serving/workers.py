@@ -12,6 +12,13 @@ The parent process only reserves the ports, starts, watches and stops them: SIGT
 SIGTERM (each worker goes unready, then drains, as serving/drain.py says; a second signal is passed on too, and
 skips the rest of each worker's drain delay), and a worker that exits on its own stops the others and makes the
 parent exit non-zero.
+
+Several processes still answer as one server where a client would notice. The parent makes a private folder for
+the server (mode 0700, TUNELINE_WORKERS_DIR; removed when it exits) and its workers share it:
+- metrics/ is every worker's PROMETHEUS_MULTIPROC_DIR: a scrape of /metrics on any worker reports the server's
+  totals (serving/metrics.py); the parent clears a stopped worker's live gauges (mark_process_dead);
+- worker-<index>.sock: the channel over which a repository load/unload that reached one worker is applied by
+  all before it is answered (serving/siblings.py).
 """
 
 from __future__ import annotations
@@ -23,18 +30,18 @@ import ctypes
 import functools
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import orjson
-
-from tuneline.serving.admin import ADMIN_ROUTE
 from tuneline.serving.drain import DrainingServer
-from tuneline.serving.settings import ServeSettings
+from tuneline.serving.settings import WORKERS_DIR_ENV, ServeSettings
+from tuneline.serving.siblings import Siblings, socket_path
 from tuneline.core.config.base import ConfigError
 
 log = logging.getLogger("tuneline.serving.workers")
@@ -45,6 +52,9 @@ POLL_S = 0.1
 KILL_GRACE_S = 5.0  # beyond serve.shutdown_timeout_s, how long a told-to-stop worker may take before SIGKILL
 JOIN_POLL_S = 0.1  # how often a loading worker checks whether it may join the port
 _PR_SET_PDEATHSIG = 1
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's: where each process writes its metric values
+METRICS_DIR = "metrics"  # in the server's folder
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (Linux: 108 with the terminating NUL)
 
 
 def _address(host: str, port: int) -> tuple[int, tuple]:
@@ -82,8 +92,9 @@ def _reserve_port(host: str, port: int, setting: str = "serve.port") -> socket.s
 
 
 def worker_command(args: argparse.Namespace, root: Path, port: int, index: int,
-                   grpc_port: int | None = None) -> list[str]:
-    """`tuneline serve` as the user ran it (flags and -S overrides), on the reserved ports, as worker `index`."""
+                   grpc_port: int | None = None, workers: int | None = None) -> list[str]:
+    """`tuneline serve` as the user ran it (flags and -S overrides), on the reserved ports, as worker `index` of
+    `workers` (the parent's count, so `auto` cannot resolve to another in a worker)."""
     command = [sys.executable, "-m", "tuneline.flows.cli", "--project", str(root), "serve"]
     for flag in ("host", "device", "registry", "model"):
         value = getattr(args, flag, None)
@@ -91,13 +102,55 @@ def worker_command(args: argparse.Namespace, root: Path, port: int, index: int,
             command += [f"--{flag}", str(value)]
     for override in getattr(args, "overrides", []):
         command += ["-S", override]
+    if workers is not None:  # the last -S wins
+        command += ["-S", f"serve.workers={workers}"]
     if grpc_port is not None:  # the concrete port (serve.grpc_port 0 picked it in the parent); flags beat -S
         command += ["--grpc-port", str(grpc_port)]
     return [*command, "--port", str(port), "--worker-index", str(index)]
 
 
+def _server_folder(workers: int) -> Path:
+    """A fresh private folder for the server's workers: their metrics files and sockets (see the module doc)."""
+    folder = Path(tempfile.mkdtemp(prefix="tuneline-serve-"))  # mode 0700: only this user opens the sockets
+    longest = socket_path(folder, workers - 1)
+    if len(os.fsencode(longest)) > UNIX_PATH_MAX:
+        folder.rmdir()
+        raise ConfigError(f"serve.workers: the workers' socket path {longest} is longer than a Unix socket path may "
+                          f"be ({UNIX_PATH_MAX} bytes): set TMPDIR to a shorter folder")
+    (folder / METRICS_DIR).mkdir()
+    return folder
+
+
+def _mark_stopped(workers: list[subprocess.Popen], marked: set[int], metrics: Path) -> None:
+    """Drop the live gauges (in flight, ready, model info) of each worker that has exited since the last call: the
+    other workers' scrapes would otherwise go on counting them. Its counters and histograms stay in the totals."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    for worker in workers:
+        if worker.returncode is not None and worker.pid not in marked:
+            marked.add(worker.pid)
+            mark_process_dead(worker.pid, str(metrics))
+
+
 def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -> int:
     """Start serve.workers worker processes and wait for them; the exit status `tuneline serve` should have."""
+    folder = _server_folder(settings.workers)
+    try:
+        status, stop_signals = _run_workers(settings, args, root, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    for sig in reversed(stop_signals):  # as uvicorn does: end "stopped by SIGTERM", like serve.workers=1
+        signal.raise_signal(sig)
+    return status
+
+
+def _run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path,
+                 folder: Path) -> tuple[int, list[int]]:
+    """run_workers' work: its exit status, and the stop signals it should end by (none when a worker failed)."""
+    metrics = folder / METRICS_DIR
+    # Each worker's environment only: prometheus_client reads it once, when a worker imports it.
+    env = {**os.environ, METRICS_ENV: str(metrics), WORKERS_DIR_ENV: str(folder)}
+    marked: set[int] = set()
     reservations = [_reserve_port(settings.host, settings.port)]
     port, grpc_port = reservations[0].getsockname()[1], None
     if settings.grpc_port is not None:
@@ -136,11 +189,13 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
         for index in range(settings.workers):
             if stop_signals:
                 break
-            worker = subprocess.Popen(worker_command(args, root, port, index, grpc_port))
+            worker = subprocess.Popen(worker_command(args, root, port, index, grpc_port, settings.workers), env=env)
             workers.append(worker)
             log.info("worker started", extra={"event": "worker_started", "worker": index, "pid": worker.pid,
-                                              "host": settings.host, "port": port, "grpc_port": grpc_port})
+                                              "host": settings.host, "port": port, "grpc_port": grpc_port,
+                                              "threads": settings.threads, "folder": str(folder)})
         while _running(workers):
+            _mark_stopped(workers, marked, metrics)
             if failed is None and not stop_signals:
                 died = next((w for w in workers if w.returncode is not None), None)
                 if died is not None:  # a worker stopped on its own: it failed to start, or it crashed
@@ -153,6 +208,7 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
     finally:
         stop_all(signal.SIGTERM)
         while _running(workers):
+            _mark_stopped(workers, marked, metrics)
             kill_the_stuck()
             time.sleep(POLL_S)
         for reservation in reservations:
@@ -165,38 +221,14 @@ def run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path) -
     if failed is None:
         failed = next((w.returncode for w in workers if w.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)), None)
     if failed is not None:
-        return failed if failed > 0 else 1
-    for sig in reversed(stop_signals):  # as uvicorn does: end "stopped by SIGTERM", like serve.workers=1
-        signal.raise_signal(sig)
-    return 0
+        return (failed if failed > 0 else 1), []
+    return 0, stop_signals
 
 
 def _running(workers: list[subprocess.Popen]) -> bool:
     """Whether any worker still runs, after polling every one (so each exit status is known: `any()` over a
     generator stops polling at the first live worker, and a later worker's death then went unseen)."""
     return [w.poll() for w in workers].count(None) > 0
-
-
-class RefuseUnload:
-    """Answers repository unload with 409: it would reach only the worker that got the request."""
-
-    MESSAGE = ("repository unload is refused with serve.workers > 1: it would unload the version in one worker "
-               "process only; restart the server to unload a version")
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = ADMIN_ROUTE.match(scope["path"])
-            if match is not None and match.group(1) == "unload":
-                body = orjson.dumps({"error": self.MESSAGE})
-                await send({"type": "http.response.start", "status": 409,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
 
 
 class WorkerServer(DrainingServer):
@@ -217,9 +249,12 @@ class WorkerServer(DrainingServer):
     async def startup(self, sockets=None) -> None:
         if self.index == 0:
             await super().startup(sockets=[self.sock])
-            return
-        await super().startup(sockets=[])  # the app's start-up (models load in the background); no listener yet
-        self._join = asyncio.create_task(self._join_when_ready())
+        else:
+            await super().startup(sockets=[])  # the app's start-up (models load in the background); no listener yet
+            self._join = asyncio.create_task(self._join_when_ready())
+        if not self.should_exit:  # the app started: the other workers may send it repository loads/unloads now
+            state = self.config.app.state
+            await state.siblings.listen(state.dataplane)
 
     async def _join_when_ready(self) -> None:
         state = self.config.app.state
@@ -244,7 +279,10 @@ class WorkerServer(DrainingServer):
         if self._join is not None and not self._join.done():
             self._join.cancel()
             self.sock.close()  # never listened: nothing to drain
-        await super().shutdown(sockets)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            self.config.app.state.siblings.close()  # after the drain: a load forwarded meanwhile still applies here
 
 
 async def _answers_ready(host: str, port: int) -> bool:
@@ -267,17 +305,19 @@ async def _answers_ready(host: str, port: int) -> bool:
 def worker_server(app, config, settings: ServeSettings, index: int):
     """Make this process worker `index`; returns the server class to run (`server_class(config).run()`).
 
-    Adds the worker header and the unload refusal to the app, binds the SO_REUSEPORT socket, has any worker but the
+    Adds the worker header to the app, has /metrics report every worker's totals and repository loads/unloads reach
+    every worker (the server's folder, from the parent), binds the SO_REUSEPORT socket, has any worker but the
     first start gRPC only when it joins the port, and makes the worker exit when the parent dies (no worker outlives
     a killed parent).
     """
-    from starlette.middleware import Middleware
-
+    if settings.workers_dir is None:
+        raise ConfigError(f"tuneline serve --worker-index: {WORKERS_DIR_ENV} is not set: workers are started by "
+                          "`tuneline serve` with serve.workers > 1, not by hand")
     with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere a killed parent leaves workers running
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     config.headers = [*config.headers, (WORKER_HEADER, str(os.getpid()))]
-    # Innermost (after the Gatekeeper): authentication and the admin checks answer first.
-    app.user_middleware.append(Middleware(RefuseUnload))
+    app.state.metrics.aggregate(settings.workers_dir / METRICS_DIR)
+    app.state.siblings = Siblings(settings.workers_dir, index, settings.workers)
     app.state.grpc_joins_later = index > 0  # WorkerServer calls app.state.start_grpc when it joins
     sock = reuseport_socket(settings.host, settings.port)
     log.info("worker", extra={"event": "worker", "worker": index, "pid": os.getpid(), "port": settings.port})

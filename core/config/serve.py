@@ -7,11 +7,13 @@ those stages in dvc.yaml, so changing their values in params.yaml reruns exactly
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tuneline.core.config.base import MODEL_NAME_PATTERN, Section
+
+MAX_WORKERS = 64
 
 
 class ServeConfig(Section):
@@ -27,7 +29,7 @@ class ServeConfig(Section):
     model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="serve only this model name (default: the champion of every model in the registry)")
     model_file: str = Field("model.onnx", description="which file of a registry version to serve")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
-    workers: int = Field(1, ge=1, le=64, description="server processes sharing serve.port (SO_REUSEPORT), each with its own event loop, models, batcher and serve.threads ONNX Runtime threads; 1 = one process")
+    workers: int | Literal["auto"] = Field(1, description="server processes sharing serve.port (SO_REUSEPORT), each with its own event loop, models, batcher and ONNX Runtime threads; 1 = one process; auto = one per CPU this process may use (its CPU affinity and its container's CPU limit, cgroup cpu.max); with several, serve.threads 0 gives each worker (usable CPUs // workers) threads")
     batching: bool = Field(True, description="merge concurrent requests into one session run")
     max_batch_size: int = Field(64, ge=1, description="rows per session run")
     max_queue_delay_us: int = Field(2000, ge=0, description="longest a request waits for others to join its batch")
@@ -40,6 +42,17 @@ class ServeConfig(Section):
     access_log: bool = Field(True, description="one JSON log line per request")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")
     notify_url: str | None = Field(None, description="pipeline: after a promotion, POST this server's load endpoint")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        # Before the union's own checks: their errors would name a member (serve.workers.int), not the choices.
+        # "auto" stays a word here; the server resolves it where it runs (serving/cpu_budget.py).
+        count = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS
+        if not (value == "auto" or count):
+            raise ValueError(f"serve.workers takes an integer from 1 to {MAX_WORKERS} (server processes) or 'auto' "
+                             "(one per CPU the server may use)")
+        return value
 
     @model_validator(mode="after")
     def _precision_or_file(self) -> "ServeConfig":

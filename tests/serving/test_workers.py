@@ -36,7 +36,41 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_two_workers_share_the_port_answer_correctly_and_drain_on_sigterm(tmp_path, onnx_model, digits):
+def _wait_both_ready(server: subprocess.Popen, url: str) -> set[str]:
+    """The two workers' pids, once each has answered ready (a fresh connection may reach either)."""
+    ready: set[str] = set()
+
+    def both_ready() -> bool:
+        with httpx.Client() as fresh:
+            answer = fresh.get(url + "/v2/health/ready")
+        if answer.status_code == 200:
+            ready.add(answer.headers["x-tuneline-worker"])
+        return server.poll() is None and len(ready) == 2
+
+    wait_until(both_ready, timeout=60, what="both workers ready")
+    return ready
+
+
+def _until_every_worker(pids: set[str], send) -> list[httpx.Response]:
+    """Every answer to `send()` (a fresh connection each, so the kernel picks a worker each time), sent until each
+    worker in `pids` has answered at least once."""
+    answers = [send()]
+    while {a.headers["x-tuneline-worker"] for a in answers} != pids:
+        assert len(answers) < 64, [a.headers.get("x-tuneline-worker") for a in answers]
+        answers.append(send())
+    return answers
+
+
+def _samples(text: str, name: str, endpoint: str) -> float:
+    """The sum of the `name` samples (e.g. tuneline_http_requests_total) whose endpoint label is `endpoint`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and s.labels.get("endpoint") == endpoint)
+
+
+def test_two_workers_share_the_port_answer_correctly_count_as_one_server_and_drain_on_sigterm(
+        tmp_path, onnx_model, digits):
     registry = make_registry(tmp_path, onnx_model)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -44,16 +78,7 @@ def test_two_workers_share_the_port_answer_correctly_and_drain_on_sigterm(tmp_pa
                                "-S", "serve.workers=2"], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
     try:
         # Ready means a worker is; each fresh connection may reach either, so wait until both have answered ready.
-        ready: set[str] = set()
-
-        def both_ready() -> bool:
-            with httpx.Client() as fresh:
-                answer = fresh.get(url + "/v2/health/ready")
-            if answer.status_code == 200:
-                ready.add(answer.headers["x-tuneline-worker"])
-            return server.poll() is None and len(ready) == 2
-
-        wait_until(both_ready, timeout=60, what="both workers ready")
+        _wait_both_ready(server, url)
         served: Counter[str] = Counter()
         for i in range(200):  # a fresh connection each: the kernel picks the worker per connection
             image = i % len(digits.images)
@@ -66,9 +91,22 @@ def test_two_workers_share_the_port_answer_correctly_and_drain_on_sigterm(tmp_pa
         pids = {int(p) for p in served}
         assert len(pids) == 2 and pids != {server.pid}, served  # two worker processes, not the parent
         assert min(served.values()) >= 10, served
-        # unload would reach one worker only: refused, in JSON, after the admin checks (loopback here)
-        refused = httpx.post(url + "/v2/repository/models/mnist/unload", json={"parameters": {"version": "v0001"}})
-        assert refused.status_code == 409 and "serve.workers" in refused.json()["error"]
+        # /metrics counts the server's requests, whichever worker a scrape reaches: each worker answered only its
+        # share of the 200, so a per-process count could never say 200. (The last answer's count lands just after
+        # it is sent, hence the wait for the first scrape.)
+        infer, requests = "/v2/models/{name}/infer", "tuneline_http_requests_total"
+        wait_until(lambda: _samples(httpx.get(url + "/metrics").text, requests, infer) == 200, timeout=5,
+                   what="a scrape that counts all 200 requests")
+        scrapes = _until_every_worker({str(p) for p in pids}, lambda: httpx.get(url + "/metrics"))
+        for scrape in scrapes:
+            assert _samples(scrape.text, requests, infer) == 200, scrape.text
+            assert _samples(scrape.text, "tuneline_http_request_duration_seconds_count", infer) == 200
+            lines = scrape.text.splitlines()
+            assert "tuneline_inference_requests_in_flight 0.0" in lines and "tuneline_ready 1.0" in lines
+            # one line per loaded version (not one per worker), no pid label anywhere: the names of one server
+            assert [line for line in lines if line.startswith("tuneline_model_info{")] == [
+                'tuneline_model_info{name="mnist",provider="CPUExecutionProvider",role="champion",version="v0001"} 1.0']
+            assert 'pid="' not in scrape.text
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=60)
@@ -82,14 +120,108 @@ def test_two_workers_share_the_port_answer_correctly_and_drain_on_sigterm(tmp_pa
     stopped = {e["pid"]: e["returncode"] for e in events if e.get("event") == "worker_stopped"}
     assert stopped == {pid: -signal.SIGTERM for pid in pids}
     assert not any(_alive(pid) for pid in pids)
+    (folder,) = {e["folder"] for e in started}  # the workers' shared folder (metrics, sockets) went with them
+    assert not Path(folder).exists()
+
+
+def test_repository_load_and_unload_reach_every_worker(tmp_path, onnx_model, digits):
+    registry = make_registry(tmp_path, onnx_model, versions=2)  # v0002 is champion, v0001 is not loaded
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([*TUNELINE, "serve", "--registry", str(registry), "--port", str(port),
+                               "-S", "serve.workers=2"], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
+    stderr = _Stderr(server.stderr)
+    repository, version = url + "/v2/repository/models/mnist", url + "/v2/models/mnist/versions/v0001"
+    one = {"parameters": {"version": "v0001"}}
+    info = 'tuneline_model_info{{name="mnist",provider="CPUExecutionProvider",role="{}",version="{}"}} 1.0'
+
+    def listed() -> list[str]:  # the loaded versions /metrics lists, whichever worker answers the scrape
+        scrapes = _until_every_worker(pids, lambda: httpx.get(url + "/metrics"))
+        (lines,) = {tuple(line for line in scrape.text.splitlines() if line.startswith("tuneline_model_info{"))
+                    for scrape in scrapes}
+        return sorted(lines)
+
+    try:
+        pids = _wait_both_ready(server, url)
+
+        def statuses() -> set[int]:  # what each worker answers to the version's ready route
+            return {a.status_code for a in _until_every_worker(pids, lambda: httpx.get(version + "/ready"))}
+
+        assert statuses() == {503}  # in the registry, loaded nowhere
+
+        # One request (it reaches one worker) loads the version in every worker before it answers.
+        loaded = httpx.post(repository + "/load", json=one, timeout=30)
+        assert loaded.status_code == 200 and loaded.json()["role"] == "loaded", loaded.text
+        assert statuses() == {200}
+        assert listed() == [info.format("champion", "v0002"), info.format("loaded", "v0001")]
+        unloaded = httpx.post(repository + "/unload", json=one, timeout=30)
+        assert unloaded.status_code == 200, unloaded.text
+        assert statuses() == {503}
+        assert listed() == [info.format("champion", "v0002")]
+        # The champion is refused by the worker that got the request, as by one process (and nothing is forwarded).
+        refused = httpx.post(repository + "/unload", json={"parameters": {"version": "v0002"}})
+        assert refused.status_code == 409 and "champion" in refused.json()["error"]
+
+        # Loaded again: every worker serves it.
+        assert httpx.post(repository + "/load", json=one, timeout=30).status_code == 200
+        infer = lambda: httpx.post(version + "/infer", content=_uint8_request(digits.images[3]),  # noqa: E731
+                                   headers={"content-type": "application/json"})
+        for answer in _until_every_worker(pids, infer):
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model_version"] == "v0001"
+            assert answer.json()["outputs"][2]["data"][0] == digits.classes[3]
+        reloaded = httpx.post(repository + "/load", timeout=30)  # an empty body: reload the champion alias everywhere
+        assert reloaded.status_code == 200 and reloaded.json()["version"] == "v0002", reloaded.text
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert server.returncode == -signal.SIGTERM, stderr.text()[-3000:]
+    loads = [e for e in stderr.events() if e.get("event") == "model_loaded" and e.get("source") == "api"]
+    # each worker: v0001, v0001 again, the champion
+    assert Counter(e["version"] for e in loads) == {"v0001": 4, "v0002": 2}, loads
+
+
+@pytest.mark.fast
+def test_the_workers_channel_applies_a_request_and_names_each_worker_that_did_not(tmp_path):
+    """serving/siblings.py on its own: worker 1 listens (a data plane over an empty registry, so it knows no model),
+    worker 2 never started; worker 0 asks both."""
+    import asyncio
+
+    from tuneline.serving.dataplane import DataPlane
+    from tuneline.serving.settings import ServeSettings
+    from tuneline.serving.siblings import NotAppliedEverywhere, Siblings
+
+    async def scenario() -> None:
+        dataplane = DataPlane(ServeSettings(registry=tmp_path / "registry", access_log=False), ["CPUExecutionProvider"])
+        listening = Siblings(tmp_path, index=1, count=3)
+        await listening.listen(dataplane)
+        try:
+            with pytest.raises(NotAppliedEverywhere) as failed:
+                await Siblings(tmp_path, index=0, count=3).apply("load", "mnist", "v0002")
+            message = str(failed.value)
+            assert message.startswith(f"load of mnist v0002: applied by this worker (pid {os.getpid()}) and 0 of its "
+                                       "2 sibling workers, not by worker 1 (pid ")
+            assert "404 unknown model 'mnist'" in message  # worker 1's own refusal, passed on
+            assert "worker 2: 503 not listening (No such file or directory): still starting, or stopped" in message
+            assert failed.value.status == 500
+            # An unload that finds nothing loaded there has nothing to do there: applied.
+            (answer,) = await Siblings(tmp_path, index=0, count=2).apply("unload", "mnist", "v0001")
+            assert (answer.worker, answer.pid, answer.status) == (1, os.getpid(), 404)
+        finally:
+            listening.close()
+            dataplane.executor.shutdown()
+
+    asyncio.run(scenario())
 
 
 def test_bad_worker_settings_are_one_line_errors(tmp_path, onnx_model):
     from tuneline.core.config.base import ConfigError
     from tuneline.core.config.params import load_params
 
-    with pytest.raises(ConfigError, match=r"serve.workers: Input should be greater than or equal to 1"):
-        load_params(REPO / "params.yaml", {"serve.workers": 0})
+    for bad in (0, 65, "two", True):
+        with pytest.raises(ConfigError, match=r"^override: serve.workers: .*serve.workers takes an integer from 1 to "
+                                              r"64 \(server processes\) or 'auto'"):
+            load_params(REPO / "params.yaml", {"serve.workers": bad})
     registry = make_registry(tmp_path, onnx_model)  # the whole command: refused before any worker starts
     with socket.socket() as taken:  # another server's gRPC port: the workers must not silently share it
         taken.bind(("127.0.0.1", 0))
