@@ -2,8 +2,9 @@
 its JSON with the data and the model, and the one function that turns strings into the model's token ids. Prepare,
 the server and `tuneline predict` all call `encode`, so a sentence is tokenized the same way everywhere.
 
-The tokenizer is word-level: lower-cased, Unicode-normalised (NFKC), split on whitespace and punctuation; words
-seen fewer than `min_frequency` times in training become [UNK]. Its JSON holds the normaliser, the
+Texts are lower-cased, Unicode-normalised (NFKC) and split on whitespace and punctuation; then data.tokenizer
+says what an id is: a word (words seen fewer than `min_frequency` times in training become [UNK]) or a WordPiece
+(frequent words whole, rarer ones as pieces). Its JSON holds the normaliser, the
 pre-tokenizer, the vocabulary, and padding and truncation to `max_length`, so loading it restores all of them.
 Nothing here imports PyTorch.
 """
@@ -11,6 +12,7 @@ Nothing here imports PyTorch.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,25 +57,37 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def token_counts(texts: list[str]) -> list[int]:
-    """Tokens per text before padding and truncation, as train_tokenizer's normaliser and splitter see them."""
-    from tokenizers import normalizers, pre_tokenizers
-
-    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    splitter = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return [len(splitter.pre_tokenize_str(normalizer.normalize_str(t))) for t in texts]
+TOKENIZER_KINDS = {"word": "wordlevel", "wordpiece": "wordpiece"}  # data.tokenizer -> Hugging Face model type
 
 
-def train_tokenizer(texts, max_length: int, vocab_size: int, min_frequency: int) -> Tokenizer:
-    """A word-level tokenizer trained on `texts` (an iterable of strings: the training split only)."""
+def train_tokenizer(texts: list[str], max_length: int | None, vocab_size: int, min_frequency: int,
+                    kind: str = "word") -> Tokenizer:
+    """A tokenizer trained on `texts` (the training split only), fixed to `max_length` ids per text.
+
+    kind "word": one id per word (words seen fewer than `min_frequency` times become [UNK]); "wordpiece": frequent
+    words whole, the rest as pieces of words ("unwatchable" -> "un", "##watch", "##able"), so a word never seen in
+    training still reaches the model through its parts. max_length None: the training texts' 99th-percentile count
+    of this tokenizer's own tokens, rounded up to 8 (at least 8).
+    """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, normalizers, pre_tokenizers, trainers
 
-    impl = HFTokenizer(models.WordLevel(unk_token=UNK))
+    if kind == "word":
+        impl = HFTokenizer(models.WordLevel(unk_token=UNK))
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[PAD, UNK],
+                                            show_progress=False)
+    elif kind == "wordpiece":
+        impl = HFTokenizer(models.WordPiece(unk_token=UNK))
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=[PAD, UNK], show_progress=False)
+    else:
+        raise TextError(f"data.tokenizer: unknown kind {kind!r}: use one of {', '.join(TOKENIZER_KINDS)}")
     impl.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     impl.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[PAD, UNK])
     impl.train_from_iterator(texts, trainer=trainer)
+    if max_length is None:
+        counts = [len(e.ids) for e in impl.encode_batch(list(texts))]
+        max_length = max(8, math.ceil(float(np.percentile(counts, 99)) / 8) * 8) if counts else 8
     pad_id = impl.token_to_id(PAD)
     impl.enable_padding(pad_id=pad_id, pad_token=PAD, length=max_length, direction="right")
     impl.enable_truncation(max_length=max_length, direction="right")

@@ -57,7 +57,7 @@ STAGES: tuple[StageSpec, ...] = (
                       "(source_deps, user_modules)."),
     StageSpec("prepare", deps=("${paths.raw}",),
               params=("data.val_fraction", "data.seed", "data.limit_train", "data.limit_test", "data.shard_mb",
-                      "data.clip_seconds", "data.max_length", "data.vocab_size", "data.min_frequency"),
+                      "data.clip_seconds", "data.max_length", "data.tokenizer", "data.vocab_size", "data.min_frequency"),
               outs=("${paths.prepared}",)),
     StageSpec("tune", deps=("${paths.prepared}",), params=("tune", "model", "train"),
               outs=(_uncached("${paths.tuning}/best_params.json"), _uncached("${paths.tuning}/trials.csv")),

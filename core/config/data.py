@@ -29,6 +29,7 @@ class DataConfig(Section):
     label_column: str = Field("label", description="text: the label column's name")
     class_names: dict[str, str] | None = Field(None, description="text or audio: label value -> class name shown by the server and reports, e.g. {'0': negative, '1': positive} (null: the label values)")
     max_length: int | None = Field(None, ge=1, le=4096, description="text: tokens per row; longer texts are cut at the end, shorter padded at the end (null: the training texts' 99th-percentile length, rounded up to 8)")
+    tokenizer: Literal["word", "wordpiece"] = Field("word", description="text: what one token id is: word (a word; words unseen in training are [UNK]) | wordpiece (frequent words whole, rarer ones as pieces, so unseen words reach the model through their parts)")
     vocab_size: int = Field(30000, ge=16, description="text: the tokenizer's vocabulary, most frequent training words first ([PAD] and [UNK] included)")
     min_frequency: int = Field(1, ge=1, description="text: words seen fewer times in training become [UNK]")
     options: dict[str, Any] = Field(default_factory=dict, description="source=module:function: keyword arguments passed to your loader")
@@ -77,6 +78,8 @@ class DataConfig(Section):
             set_keys = [f"data.{k}" for k, v in keys.items() if v is not None]
             if self.source != source and set_keys:
                 raise ValueError(f"{', '.join(set_keys)} apply to source={source} only")
+        if self.source != "text" and self.tokenizer != "word":
+            raise ValueError("data.tokenizer applies to source=text only")
         if self.test_rule is not None and self.label_pattern is None:
             raise ValueError("data.test_rule names a field of data.label_pattern: set the pattern too")
         if self.source not in ("audio", "text") and self.class_names is not None:

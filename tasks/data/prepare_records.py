@@ -7,7 +7,7 @@ carved stratified; validation carved stratified from train; train stored in a se
 - audio: every clip is fitted to one length (core/audio.py: zeros at the end of a shorter clip, the middle of a
   longer one), `data.clip_seconds` or the training clips' 95th-percentile length, rounded up to 0.05 s. Stored as
   float32 [N, samples]; the input spec records the sample rate and the length.
-- text: a word-level tokenizer (core/text.py) is trained on the training split only, saved as `tokenizer.json`
+- text: a tokenizer (core/text.py; data.tokenizer: word or wordpiece) is trained on the training split only, saved as `tokenizer.json`
   beside the shards (and in the manifest, which is what the model takes it from), and every split encoded to
   `data.max_length` token ids (or the training texts' 99th-percentile length, rounded up to 8): int32 [N, length].
 """
@@ -25,7 +25,7 @@ from tuneline.core.atomic import staged_dir
 from tuneline.core.audio import fit_length
 from tuneline.core.config.data import DataConfig
 from tuneline.core.spec import InputSpec, TextInput
-from tuneline.core.text import token_counts, train_tokenizer
+from tuneline.core.text import TOKENIZER_KINDS, train_tokenizer
 from tuneline.tasks.data.idx import DataError
 from tuneline.tasks.data.records import RECORDS_FILE
 from tuneline.tasks.data.shards import (FORMAT, RecordLayout, SplitShards, gather_rows, sha256_file, shard_plan,
@@ -123,14 +123,11 @@ def run_prepare_records(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> "
         elif kind == "text":
             train_split, train_rows = plan["train"]
             texts = _texts(raw[train_split], train_rows)
-            max_length = cfg.max_length
-            if max_length is None:
-                counts = token_counts(texts)
-                max_length = max(8, math.ceil(float(np.percentile(counts, 99)) / 8) * 8)
-            tokenizer = train_tokenizer(texts, max_length, cfg.vocab_size, cfg.min_frequency)
+            tokenizer = train_tokenizer(texts, cfg.max_length, cfg.vocab_size, cfg.min_frequency, cfg.tokenizer)
+            max_length = tokenizer.max_length
             (staging / TOKENIZER_FILE).write_text(tokenizer.json)
             manifest["tokenizer"] = tokenizer.json
-            spec = InputSpec.for_text(classes, TextInput("wordlevel", tokenizer.vocab_size, max_length,
+            spec = InputSpec.for_text(classes, TextInput(TOKENIZER_KINDS[cfg.tokenizer], tokenizer.vocab_size, max_length,
                                                          tokenizer.pad_id, tokenizer.sha256))
             layout = RecordLayout("int32", (max_length,))
 

@@ -164,3 +164,25 @@ def test_tuning_with_pruning_runs_on_audio_one_by_one_and_packed(tmp_path, packi
     assert sum(result.states.values()) == 3 and result.states.get("FAIL", 0) == 0
     best = json.loads(result.best_params_path.read_text())["params"]
     assert 1e-3 <= best["train.lr"] <= 1e-2
+
+
+def test_a_wordpiece_tokenizer_reaches_unseen_words_through_their_pieces_and_sizes_rows_by_its_own_tokens():
+    from tuneline.core.text import train_tokenizer
+
+    # Training words share pieces ("watch", "able", "un"); "unwatchable" itself is never seen. (Every letter also
+    # occurs inside a word somewhere, as in any real corpus: WordPiece has no piece for a letter it never saw there.)
+    texts = ["watchable film", "unfunny film", "unbearable film", "watch it", "able cast", "funny watch",
+             "unwise show"] * 20
+    word = train_tokenizer(texts, None, vocab_size=200, min_frequency=1, kind="word")
+    piece = train_tokenizer(texts, None, vocab_size=200, min_frequency=1, kind="wordpiece")
+    unk_word, unk_piece = word._impl.token_to_id("[UNK]"), piece._impl.token_to_id("[UNK]")
+    assert unk_word in word.encode(["unwatchable"])[0].tolist()
+    ids = [i for i in piece.encode(["unwatchable"])[0].tolist() if i != piece.pad_id]
+    assert len(ids) >= 2 and unk_piece not in ids  # pieces, not [UNK]
+    # max_length: the 99th percentile of the tokenizer's own counts (rounded up to 8): a long text of words that
+    # split into pieces needs more ids as pieces than as words.
+    long_texts = ["unwatchable unbearable " * 10] * 100
+    assert train_tokenizer(long_texts, None, 200, 1, "word").max_length == 24  # 20 words -> 24
+    many = train_tokenizer(long_texts + texts, None, 30, 1, "wordpiece")  # a vocabulary too small for whole words
+    pieces = len([i for i in many.encode(long_texts[:1])[0] if i != many.pad_id])  # the longest texts: not cut
+    assert 24 < pieces <= many.max_length < pieces + 8
