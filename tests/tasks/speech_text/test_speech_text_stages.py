@@ -186,3 +186,20 @@ def test_a_wordpiece_tokenizer_reaches_unseen_words_through_their_pieces_and_siz
     many = train_tokenizer(long_texts + texts, None, 30, 1, "wordpiece")  # a vocabulary too small for whole words
     pieces = len([i for i in many.encode(long_texts[:1])[0] if i != many.pad_id])  # the longest texts: not cut
     assert 24 < pieces <= many.max_length < pieces + 8
+
+
+def test_text_cnn_members_average_independently_initialised_networks():
+    import torch
+
+    from tuneline.tasks.model.text import TextCNN, text_cnn
+
+    torch.manual_seed(0)
+    one = text_cnn(2, 0.0, (8,), vocab_size=50)
+    assert isinstance(one, TextCNN) and "embed.weight" in one.state_dict()  # one CNN: the state dict it always had
+    three = text_cnn(2, 0.0, (8,), members=3, vocab_size=50).eval()
+    tokens = torch.randint(1, 50, (4, 8))
+    logits = [member(tokens) for member in three.members]
+    assert not torch.equal(three.members[0].embed.weight, three.members[1].embed.weight)  # each its own init
+    assert torch.allclose(three(tokens), sum(logits) / 3, atol=1e-6)
+    with pytest.raises(TypeError, match="members must be at least 1"):
+        text_cnn(2, 0.0, (8,), members=0, vocab_size=50)
