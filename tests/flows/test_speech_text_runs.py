@@ -73,7 +73,9 @@ def test_text_from_init_to_a_served_champion_on_a_slice_of_sst2(tmp_path: Path, 
     site, env = site_env
     project = tmp_path / "sst2"
     tool(tmp_path, env, str(BIN / "tuneline"), "init", str(project), "--example", "sst2", "--data", str(SST2))
-    set_params(project, {**QUICK, "data.limit_train": 12000, "train.epochs": 2, "gate.min_accuracy": 0.6,
+    # One CNN, not the example's mean of three (its export is checked in tests/tasks/speech_text): a third of the time.
+    set_params(project, {**QUICK, "data.limit_train": 12000, "train.epochs": 2, "model.kwargs": {"members": 1},
+                         "gate.min_accuracy": 0.6,
                          "gate.min_class_recall": 0.3, "gate.max_ece": 0.5})
     out = tool(project, env, str(BIN / "tuneline"), "run")
     metrics = json.loads((project / "metrics" / "eval.json").read_text())

@@ -188,7 +188,7 @@ def test_a_wordpiece_tokenizer_reaches_unseen_words_through_their_pieces_and_siz
     assert 24 < pieces <= many.max_length < pieces + 8
 
 
-def test_text_cnn_members_average_independently_initialised_networks():
+def test_text_cnn_members_average_independently_initialised_networks(tmp_path):
     import torch
 
     from tuneline.tasks.model.text import TextCNN, text_cnn
@@ -203,3 +203,9 @@ def test_text_cnn_members_average_independently_initialised_networks():
     assert torch.allclose(three(tokens), sum(logits) / 3, atol=1e-6)
     with pytest.raises(TypeError, match="members must be at least 1"):
         text_cnn(2, 0.0, (8,), members=0, vocab_size=50)
+    # One ONNX graph of the three, equal to PyTorch at batch 1, 7 and 32 (the export stage's own parity check).
+    from tuneline.tasks.ship.export import check_parity, export_onnx_file
+
+    path = tmp_path / "three.onnx"
+    export_onnx_file(three, torch.randint(1, 50, (2, 8)), path, opset=18)
+    assert max(check_parity(three, path, torch.randint(0, 50, (32, 8), dtype=torch.int32), atol=1e-4).values()) < 1e-4
