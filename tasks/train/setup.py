@@ -39,9 +39,16 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware: CUDA, or a CPU with AVX512-BF16 or AMX (oneDNN's test). Elsewhere
+    oneDNN emulates bf16 on a CPU, slower than fp32."""
+    return device.type == "cuda" or (device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
 def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
-    """bf16 autocast where it pays (CUDA) or where asked; plain fp32 otherwise."""
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    """bf16 autocast where it pays (auto: CUDA; native: CUDA and bf16 CPUs) or where asked; plain fp32 otherwise."""
+    use_bf16 = (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+                or (cfg.precision == "native" and native_bf16(device)))
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
