@@ -12,6 +12,7 @@ its solo twin (tests/tasks/tune/test_trial_run.py, tests/tasks/train/test_packed
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,16 +40,17 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 in hardware: CUDA, or a CPU with AVX512-BF16 or AMX (oneDNN's test). Elsewhere
-    oneDNN emulates bf16 on a CPU, slower than fp32."""
-    return device.type == "cuda" or (device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether a `device_type` device computes bf16 in hardware: CUDA, or a CPU with AVX512-BF16 or AMX (oneDNN's
+    test; asked once per process, not at every step). Elsewhere oneDNN emulates bf16 on a CPU, slower than fp32."""
+    return device_type == "cuda" or (device_type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
     """bf16 autocast where it pays (auto: CUDA; native: CUDA and bf16 CPUs) or where asked; plain fp32 otherwise."""
     use_bf16 = (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-                or (cfg.precision == "native" and native_bf16(device)))
+                or (cfg.precision == "native" and native_bf16(device.type)))
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 

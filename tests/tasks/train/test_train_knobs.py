@@ -199,3 +199,15 @@ def test_bn_cnn_trains(tmp_path, small_prepared_dir):
                           lr=3e-3, scheduler="onecycle", epochs=1)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert result.history[-1]["val_accuracy"] > 0.85
+
+
+@pytest.mark.fast
+def test_precision_native_is_bf16_exactly_where_the_hardware_computes_it():
+    from tuneline.tasks.train.setup import autocast, native_bf16
+
+    cpu = torch.device("cpu")
+    hardware = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 or AMX
+    assert native_bf16("cpu") is hardware and native_bf16("cuda")
+    assert autocast(TrainConfig(precision="native"), cpu)._enabled is hardware
+    assert autocast(TrainConfig(precision="auto"), cpu)._enabled is False   # auto: fp32 on any CPU
+    assert autocast(TrainConfig(precision="bf16"), cpu)._enabled is True    # asked for: bf16 even where emulated
