@@ -141,6 +141,14 @@ def _l1_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for name, p in model.named_parameters() if name.endswith("weight") and p.dim() > 1]
 
 
+def data_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy of [B, classes] logits; for [members, B, classes] (an ensemble in training mode, e.g.
+    tasks/model/text.py TextCNNEnsemble) the mean of the members' own cross-entropies, so each learns alone."""
+    if logits.dim() == 3:
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.repeat(logits.shape[0])
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+
+
 class OneModel:
     """The one-model strategy: a module (DDP-wrapped under torchrun, optionally compiled) and a torch optimizer."""
 
@@ -166,7 +174,7 @@ class OneModel:
             x = x.contiguous(memory_format=self.memory_format)
         with autocast(cfg, self.device):
             logits = self.step_model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = data_loss(logits, y, cfg.label_smoothing)
         total = loss + cfg.l1 * sum(w.abs().sum() for w in self.l1_weights) if cfg.l1 else loss
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()

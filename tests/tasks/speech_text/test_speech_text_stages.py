@@ -188,6 +188,24 @@ def test_a_wordpiece_tokenizer_reaches_unseen_words_through_their_pieces_and_siz
     assert 24 < pieces <= many.max_length < pieces + 8
 
 
+def test_text_cnn_members_learn_from_their_own_losses():
+    """Each member's gradient under the train loop's loss is what training it alone (on a third of the loss) gives:
+    trained on the loss of their mean logits instead, the members would co-adapt into one wide network."""
+    import torch
+    import torch.nn.functional as F
+
+    from tuneline.tasks.model.text import text_cnn
+    from tuneline.tasks.train.loop import data_loss
+
+    torch.manual_seed(0)
+    three = text_cnn(2, 0.0, (8,), members=3, vocab_size=50).train()
+    tokens, labels = torch.randint(1, 50, (6, 8)), torch.tensor([0, 1, 1, 0, 1, 0])
+    data_loss(three(tokens), labels, 0.0).backward()
+    for member in three.members:
+        alone = torch.autograd.grad(F.cross_entropy(member(tokens), labels) / 3, member.head[1].weight)[0]
+        assert torch.allclose(member.head[1].weight.grad, alone, atol=1e-6)
+
+
 def test_text_cnn_members_average_independently_initialised_networks(tmp_path):
     import torch
 
