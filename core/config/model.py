@@ -40,8 +40,8 @@ def check_arch_name(arch: str) -> str:
 class ModelConfig(Section):
     """The network the train stage builds (docs/models.md)."""
 
-    arch: str = Field("seed_cnn", description="images: seed_cnn | seed_mlp (the article's) | bn_cnn (small CNN with batch norm) | slim_cnn (bn_cnn at half width: the fast MNIST default) | fast_cnn (airbench-style CIFAR net) | torchvision:NAME | module:function (your factory); audio: audio_cnn (log-mel CNN); text: text_cnn (Kim's sentence CNN) | text_bow (bag of words)")
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout rate before the classifier (0 = off)")
+    arch: str = Field("slim_cnn", description="images: seed_cnn | seed_mlp (the article's) | bn_cnn (small CNN with batch norm) | slim_cnn (bn_cnn at half width: the fast MNIST default) | fast_cnn (airbench-style CIFAR net) | torchvision:NAME | module:function (your factory); audio: audio_cnn (log-mel CNN); text: text_cnn (Kim's sentence CNN) | text_bow (bag of words)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout rate before the classifier (0 = off)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the architecture's builder, e.g. {width: 16} for fast_cnn; tunable as model.kwargs.KEY")
     weights: str | None = Field(None, description="start from this local state dict (fine-tuning): matching tensors are kept, the rest initialised afresh")
     freeze_backbone: bool = Field(False, description="train only the classifier head (with model.weights: fine-tune the head)")

@@ -122,12 +122,14 @@ AUGMENT_KNOBS = {"image": ("augment_rotate_deg", "augment_translate", "augment_s
 
 
 def check_augmentation(cfg: TrainConfig, modality: str) -> None:
-    """A train.augment_* knob of another modality is refused: it would silently do nothing."""
+    """A train.augment_* knob of another modality set away from its default is refused: it would silently do
+    nothing. At their defaults (the image knobs' are the fast MNIST recipe's) they are simply not used: a speech or
+    text project need not zero the image recipe."""
     foreign = [f"train.{knob}" for other, knobs in AUGMENT_KNOBS.items() if other != modality for knob in knobs
-               if getattr(cfg, knob)]
+               if getattr(cfg, knob) != TrainConfig.model_fields[knob].default]
     if foreign:
         raise ValueError(f"{', '.join(foreign)}: augmentation for another kind of data; this data is {modality} "
-                         f"(its knobs: {', '.join(AUGMENT_KNOBS[modality]) or 'none'}): set them to 0 / false")
+                         f"(its knobs: {', '.join(AUGMENT_KNOBS[modality]) or 'none'}): remove them or set them to their defaults")
 
 
 @dataclass(frozen=True)

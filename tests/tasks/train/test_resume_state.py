@@ -75,7 +75,7 @@ def test_a_checkpoint_of_another_run_is_refused_saying_what_differs(tiny_prepare
                         run.data.generator, run.device, trainee).save(path)
 
     other_lr = run_identity(MODEL, CFG.model_copy(update={"lr": 0.01}), run.manifest)
-    with pytest.raises(ResumeMismatch, match=rf"{path}: a resume checkpoint of another run \(train\.lr: 0\.001 in "
+    with pytest.raises(ResumeMismatch, match=rf"{path}: a resume checkpoint of another run \(train\.lr: {CFG.lr} in "
                                              r"the checkpoint, 0\.01 in this run\)"):
         ResumeState.load(path, other_lr)
     changed = copy.deepcopy(run.manifest)
