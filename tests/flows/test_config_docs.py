@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import shutil
 import subprocess
 import sys
@@ -59,7 +61,7 @@ def test_a_stale_comment_or_table_row_is_caught_and_rewritten(tmp_path: Path):
 def test_regenerating_keeps_the_projects_values(tmp_path: Path):
     root = copy_docs(tmp_path)
     params = root / "params.yaml"
-    params.write_text(params.read_text().replace("  epochs: 3 ", "  epochs: 7 "))
+    params.write_text(re.sub(r"(?m)^  epochs: \d+ ", "  epochs: 7 ", params.read_text(), count=1))
     config_docs.write(root)
     from tuneline.core.config.params import load_params
 

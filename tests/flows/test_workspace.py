@@ -6,6 +6,8 @@ tests/flows/test_pipeline.py and test_deployment.py; these check the workspace i
 
 from __future__ import annotations
 
+import re
+
 import logging
 import subprocess
 from pathlib import Path
@@ -34,7 +36,7 @@ def test_project_scoped_paths_stay_with_the_project_and_outputs_go_to_the_worksp
 def test_a_workspace_has_the_checkouts_params_plus_overrides_and_goes_away(tmp_path: Path):
     project = make_project(tmp_path)
     params = project / "params.yaml"
-    params.write_text(params.read_text().replace("  epochs: 3 ", "  epochs: 5 "))  # uncommitted, on disk
+    params.write_text(re.sub(r"(?m)^  epochs: \d+ ", "  epochs: 5 ", params.read_text(), count=1))  # uncommitted, on disk
     before = params.read_bytes()
     with open_workspace(project, {"train.lr": 0.01}, log) as workspace:
         assert workspace.isolated and workspace.root.parent == project / RUNS_DIR
