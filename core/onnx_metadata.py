@@ -3,7 +3,8 @@
 Keys written by export: `input_spec` (InputSpec.to_dict: shape, class names, per-channel mean/std, value
 range), `model_name` (project.name), and, for readers of files exported before specs existed, `labels`,
 `input` and `normalization`. Lineage (`data_version`, `params_hash`, `git_commit`), `metrics`, `params`,
-`created` and `variant` complete it. Reading falls back to the old keys, so a file exported before this
+`created` and `variant` complete it; `drift_profile` is the training data's reference profile the server
+scores live drift against (core/drift.py: its typed reader and writer). Reading falls back to the old keys, so a file exported before this
 change is still served with the spec it really has. Nothing here imports PyTorch or ONNX.
 """
 

@@ -10,6 +10,8 @@ each with its own versions and its own champion:
                               is staged under a dot name and renamed into place whole
         aliases/<alias>.json  {"version": "v0003", "previous": ["v0002", ...], "updated": iso8601}, replaced
                               with os.replace of a temp file
+      events.jsonl            every alias move of every model, appended one JSON line at a time (RegistryEvent):
+                              when, which alias, from which version to which, by whom, why, with the numbers
       .lock                   the writer's inter-process lock (one for the whole registry)
 
 A registry written before names existed holds one model at its top (<registry>/versions/, <registry>/aliases/).
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneline.core.config.base import MODEL_NAME_PATTERN, safe_model_name
@@ -35,6 +37,8 @@ MODELS_DIR = "models"
 VERSIONS_DIR = "versions"
 ALIASES_DIR = "aliases"
 LOCK_FILE = ".lock"
+EVENTS_FILE = "events.jsonl"
+EVENT_SOURCES = ("pipeline", "cli", "live")  # who moved an alias: a run's promote, `tuneline models`, promote --live
 STAGING_PREFIX = ".staging-"  # a version folder being written (the dot keeps it out of versions())
 CARD_FILE = "card.json"
 MODEL_FILE = "model.onnx"
@@ -169,6 +173,10 @@ class RegistryTree:
     def lock_path(self) -> Path:
         return self.root / LOCK_FILE
 
+    @property
+    def events_path(self) -> Path:
+        return self.root / EVENTS_FILE
+
     def model_dir(self, name: str) -> Path:
         return self.models_dir / check_model_name(name)
 
@@ -207,3 +215,71 @@ class RegistryTree:
         if not folder.is_dir() and self.legacy_name() == name:
             return RegistryLayout(self.root)
         return RegistryLayout(folder)
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    """One alias move, as one line of events.jsonl: {"time", "model", "alias", "from", "to", "by", "reason",
+    "numbers"}. `from` is None when the alias was not set before; `numbers` are the metrics that decided."""
+
+    time: str                      # ISO 8601, UTC
+    model: str
+    alias: str
+    from_version: str | None
+    to_version: str
+    by: str                        # one of EVENT_SOURCES
+    reason: str                    # one line
+    numbers: dict = field(default_factory=dict)
+
+    def to_line(self) -> str:
+        """The event as one JSON line, newline included (what the writer appends in a single write)."""
+        record = {"time": self.time, "model": self.model, "alias": self.alias, "from": self.from_version,
+                  "to": self.to_version, "by": self.by, "reason": " ".join(self.reason.split()),
+                  "numbers": self.numbers}
+        return json.dumps(record, sort_keys=False, default=str) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: object) -> "RegistryEvent":
+        """An event from its JSON object; LayoutError when a field is missing or of the wrong kind."""
+        if not isinstance(data, dict):
+            raise LayoutError(f"not an event object: {str(data)[:80]!r}")
+        source = data.get("from")
+        if not (is_version_id(data.get("to")) and (source is None or is_version_id(source))
+                and isinstance(data.get("model"), str) and data.get("alias") in ALIASES
+                and isinstance(data.get("time"), str)):
+            raise LayoutError(f"not an event: {json.dumps(data)[:120]}")
+        numbers = data.get("numbers")
+        return cls(time=data["time"], model=data["model"], alias=data["alias"], from_version=source,
+                   to_version=data["to"], by=str(data.get("by", "")), reason=str(data.get("reason", "")),
+                   numbers=numbers if isinstance(numbers, dict) else {})
+
+
+@dataclass(frozen=True)
+class EventLog:
+    """events.jsonl read back: the events in the order they were appended, and how many lines were unreadable."""
+
+    events: list[RegistryEvent]
+    skipped: int = 0   # lines that are not an event: a last line cut short by a crash mid-write, or damage
+
+
+def read_events(path: Path) -> EventLog:
+    """Every event of an events.jsonl (none when the file does not exist yet).
+
+    A writer appends a whole line in one write, so a reader sees whole lines, and at worst a last line cut short
+    by a crash; the next append starts on a new line, so such a fragment stays a line of its own. Either way an
+    unreadable line is skipped and counted, never fatal: the log is a record, and one bad line must not hide
+    the rest.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return EventLog([])
+    events, skipped = [], 0
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            events.append(RegistryEvent.from_dict(json.loads(line)))
+        except (ValueError, LayoutError):  # json's errors are ValueErrors; UnicodeDecodeError is one too
+            skipped += 1
+    return EventLog(events, skipped)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from tuneline.core.errors import InputError
-from tuneline.core.registry_layout import ALIASES, LayoutError, RegistryLayout, RegistryTree, check_model_name
+from tuneline.core.registry_layout import (ALIASES, EventLog, LayoutError, RegistryLayout, RegistryTree, check_model_name,
+                                           read_events)
 
 # not_found: no such version, or an alias not set; ambiguous: several models and none named; alias: an unknown
 # alias name or an unreadable alias file; card: an unreadable card; missing: a file the card lists (or that was
@@ -57,6 +58,14 @@ def model_names(root: Path) -> list[str]:
     """Every model name in the registry folder, sorted (an old single-model registry's included; none when the
     folder does not exist yet)."""
     return RegistryTree(Path(root)).names()
+
+
+def registry_events(root: Path, name: str | None = None) -> EventLog:
+    """The registry's alias moves, oldest first (only model `name`'s when given): its events.jsonl read back."""
+    log = read_events(RegistryTree(Path(root)).events_path)
+    if name is None:
+        return log
+    return EventLog([event for event in log.events if event.model == name], log.skipped)
 
 
 class RegistryReader:

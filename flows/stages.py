@@ -42,8 +42,11 @@ if TYPE_CHECKING:  # the root schema: not a code dep of this stage (core/config/
 
 def fetch(params: Params, root: Path, project: Path | None = None) -> FetchResult:
     mirror = resolve_mirror(params.data, Environment.read().data_mirror)
-    # A relative data.image_folder and a user loader's module are the project's: looked up from `root`.
-    return run_fetch(params.data, params.paths.resolve(root).raw, mirror=mirror, project_dir=root)
+    # A relative data.image_folder and a user loader's module are the project's: looked up from `root`. The server's
+    # capture folder (untracked, under .tuneline/) and the registry stay with the checkout: looked up from `project`.
+    shared = Path(project if project is not None else root)
+    return run_fetch(params.data, params.paths.resolve(root).raw, mirror=mirror, project_dir=root,
+                     capture_dir=shared / params.data.capture_dir, registry_dir=params.paths.resolve(root, project).registry)
 
 
 def prepare(params: Params, root: Path, project: Path | None = None) -> PrepareResult:

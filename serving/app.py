@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from tuneline.serving import classify, grpc_v2, rest_metrics, rest_repository, rest_v2, schemas
+from tuneline.serving import classify, grpc_v2, rest_live, rest_metrics, rest_repository, rest_v2, schemas
 from tuneline.serving.dataplane import DataPlane
 from tuneline.serving.errors import ServingError
 from tuneline.serving.middleware import Gatekeeper, error_headers
@@ -25,7 +25,7 @@ from tuneline.serving.settings import ServeSettings
 log = logging.getLogger("tuneline.serving.app")
 
 # rest_v2 first: it puts the inference routes at the head of the router (the hot path matches first).
-PROTOCOLS = (rest_v2, classify, rest_repository, rest_metrics, grpc_v2)
+PROTOCOLS = (rest_v2, classify, rest_repository, rest_live, rest_metrics, grpc_v2)
 
 
 def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:

@@ -14,7 +14,8 @@ from tuneline.serving.dataplane import DataPlane
 from tuneline.serving.errors import BadRequest, ServingError
 from tuneline.serving.inputs import check_upload_type
 from tuneline.serving.model_holder import LoadedModel
-from tuneline.serving.rest_v2 import json_response
+from tuneline.serving.challenger import CLIENT_KEY
+from tuneline.serving.rest_v2 import answer_headers, json_response
 
 
 def register(app: FastAPI, dataplane: DataPlane) -> None:
@@ -27,9 +28,12 @@ def register(app: FastAPI, dataplane: DataPlane) -> None:
                       "colour or gray at any size, a WAV/FLAC/OGG clip at any rate, or UTF-8 text, as the model "
                       "takes; get its class name, probability and the top k")
     async def classify(request: Request, version: str | None = None, model: str | None = None, top_k: int = 1):
-        served = dataplane.classify_model(model, version)  # an unknown model is a 404 before the body is read
-        data, fields = await uploaded_file(request, served)
-        return json_response(await dataplane.classify(served, data, fields.get("top_k", top_k)))
+        # An unknown model is a 404 before the body is read; the route (champion, or a canary's challenger) is chosen
+        # by the client key as for V2 inference.
+        route = dataplane.classify_model(model, version, request.headers.get(CLIENT_KEY))
+        data, fields = await uploaded_file(request, route.model)
+        answer, served = await dataplane.classify(route, data, fields.get("top_k", top_k))
+        return json_response(answer, headers=answer_headers(served))
 
 
 async def uploaded_file(request: Request, model: LoadedModel) -> tuple[bytes, dict[str, str]]:

@@ -32,6 +32,7 @@ from fastapi import FastAPI
 from tuneline.serving import protocol
 from tuneline.serving.admin import PathRedactor
 from tuneline.serving.binary import tensor_bytes
+from tuneline.serving.challenger import CLIENT_KEY, REQUEST_ID_HEADER, VERSION_HEADER
 from tuneline.serving.dataplane import DataPlane
 from tuneline.serving.errors import BadRequest, Busy, ServingError, Unauthorized
 from tuneline.serving.proto import SERVICE, messages
@@ -55,6 +56,8 @@ class InferenceService:
         self.dataplane = dataplane
         self.settings, self.metrics, self.in_flight = dataplane.settings, dataplane.metrics, dataplane.in_flight
         self.m = messages()
+        # With serve.workers > 1 the answering worker's pid, in every RPC's trailing metadata (as REST's header).
+        self.trailing = ((WORKER_HEADER.lower(), str(os.getpid())),) if self.settings.workers > 1 else ()
 
     async def ServerLive(self, request):  # the protocol's method names
         return self.m.ServerLiveResponse(live=True)
@@ -75,7 +78,7 @@ class InferenceService:
                                             inputs=[tensor(**t) for t in meta["inputs"]],
                                             outputs=[tensor(**t) for t in meta["outputs"]])
 
-    async def ModelInfer(self, request):
+    async def ModelInfer(self, request, context=None):
         if self.in_flight.count >= self.settings.max_concurrency:
             self.metrics.rejected.labels("429").inc()
             raise Busy(f"server busy: {self.in_flight.count} inference requests in flight (serve.max_concurrency); "
@@ -83,16 +86,25 @@ class InferenceService:
         self.in_flight.count += 1  # the batcher reads it: gRPC requests count as REST ones do
         self.metrics.in_flight.inc()
         try:
-            model = self.dataplane.model(_model_name(request.model_name), request.model_version or None)
-            rows = _rows(request, model)
+            key = dict(context.invocation_metadata() or ()).get(CLIENT_KEY) if context is not None else None
+            route = self.dataplane.route(_model_name(request.model_name), request.model_version or None, key)
+            model = route.model
+            rows, texts = _rows(request, model)
             requested = [{"name": o.name, "parameters": {k: _parameter(v) for k, v in o.parameters.items()}}
                          for o in request.outputs]
             outputs = protocol.requested_outputs(requested or None, {})  # the REST checks and messages
-            results = await self.dataplane.infer(model, rows)
+            served = await self.dataplane.serve(route, rows, texts)
+            results = served.outputs
         finally:
             self.in_flight.count -= 1
             self.metrics.in_flight.dec()
-        response = self.m.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        answer = [(VERSION_HEADER, served.version)]
+        if served.ids:
+            answer.append((REQUEST_ID_HEADER, ",".join(served.ids)))
+        if context is not None:  # sent with the status (as REST's x-tuneline-version header)
+            context.set_trailing_metadata((*self.trailing, *answer))
+        response = self.m.ModelInferResponse(model_name=model.name, model_version=model.version,
+                                             id=request.id or ",".join(served.ids))
         for name, _binary in outputs:  # gRPC answers are always raw bytes: the binary flag is moot
             value = results[name]
             response.outputs.add(name=name, datatype=protocol.OUTPUT_DATATYPES[name], shape=value.shape)
@@ -112,8 +124,9 @@ def _parameter(value):
     return getattr(value, which) if which else None
 
 
-def _rows(request, model) -> np.ndarray:
-    """The request's one input tensor, checked as REST checks it, as the rows the model's graph takes."""
+def _rows(request, model) -> tuple[np.ndarray, list[str] | None]:
+    """The request's one input tensor, checked as REST checks it, as the rows the model's graph takes (and a text
+    model's strings as sent)."""
     if len(request.inputs) != 1:
         raise BadRequest(f"inputs must hold the one input {model.input_name!r}; got {len(request.inputs)}")
     tensor = request.inputs[0]
@@ -128,7 +141,7 @@ def _rows(request, model) -> np.ndarray:
         array = protocol.tensor_from_wire(raw[0], datatype, shape, name)
     else:
         array = _typed(tensor.contents, datatype, shape, name)
-    return protocol.to_rows(array, datatype, shape, name, model)
+    return protocol.to_rows(array, datatype, shape, name, model), protocol.sent_texts(array, model)
 
 
 def _typed(contents, datatype: str, shape: list[int], name: str):
@@ -159,7 +172,7 @@ class _Calls:
         token = service.settings.token
         self.token = token.get_secret_value().encode() if token else None
         self.redactor = PathRedactor(service.settings.registry)  # no server paths in client-facing messages
-        self.worker = ((WORKER_HEADER.lower(), str(os.getpid())),) if service.settings.workers > 1 else None
+        self.worker = service.trailing or None
 
     def handler(self, method: str):
         implementation = getattr(self.service, method)
@@ -173,6 +186,8 @@ class _Calls:
             try:
                 if self.token is not None and method not in OPEN_METHODS:
                     self._authorize(context)
+                if method == "ModelInfer":  # sets its own trailing metadata: the worker's, the version's
+                    return await implementation(request, context)
                 return await implementation(request)
             except ServingError as exc:
                 code = CODES.get(exc.status, grpc.StatusCode.INTERNAL)

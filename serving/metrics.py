@@ -20,6 +20,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02,
                    0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512)  # rows per session run
 MODEL_INFO = "tuneline_model_info"
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 
 class ServingMetrics:
@@ -55,6 +56,34 @@ class ServingMetrics:
         # 1 only once every live worker has its champion warm: a worker still loading shows as 0, not hidden.
         self.ready = Gauge("tuneline_ready", "1 when a champion is loaded and warmed", registry=r,
                            multiprocess_mode="livemin")
+        # Live comparison of the versions served (serving/live.py has the same numbers as JSON at GET /v2/live).
+        # role: champion, challenger (canary answers and shadow runs) or loaded (a version asked for by name).
+        version_labels = ["model", "version", "role"]
+        self.live_requests = Counter("tuneline_live_requests", "inference requests per model version and role",
+                                     version_labels, registry=r)
+        self.live_errors = Counter("tuneline_live_errors", "inference requests a model version failed to answer",
+                                   version_labels, registry=r)
+        self.live_latency = Histogram("tuneline_live_latency_seconds", "time from a request's rows reaching the "
+                                      "model's batcher to its answer, seconds", version_labels,
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.predicted = Counter("tuneline_predicted_class", "rows answered per predicted class",
+                                 [*version_labels, "class"], registry=r)
+        self.confidence = Histogram("tuneline_confidence", "the answered class's probability per row",
+                                    version_labels, buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.shadow_compared = Counter("tuneline_shadow_compared", "rows the challenger ran in shadow and compared "
+                                       "with the champion's answer", ["model", "version"], registry=r)
+        self.shadow_agreed = Counter("tuneline_shadow_agreed", "shadow rows where the challenger's class was the "
+                                     "champion's", ["model", "version"], registry=r)
+        self.shadow_dropped = Counter("tuneline_shadow_dropped", "sampled requests not run in shadow: the queue "
+                                      "(serve.shadow_queue) was full", ["model", "version"], registry=r)
+        # The server's score (every worker's window merged); the last worker to compute it sets it.
+        self.drift_score = Gauge("tuneline_drift_score", "drift score of live inputs against the champion's training "
+                                 "profile (largest PSI over its features)", ["model"], registry=r,
+                                 multiprocess_mode="livemostrecent")
+        self.drift_threshold = Gauge("tuneline_drift_threshold", "serve.drift_threshold", registry=r,
+                                     multiprocess_mode="livemax")
+        self.captured = Counter("tuneline_captured_rows", "rows written to serve.capture_dir", ["model"], registry=r)
+        self.feedback = Counter("tuneline_feedback", "labels received at POST /v2/feedback", registry=r)
 
     def aggregate(self, folder: Path) -> None:
         """Render the totals of every process writing metrics to `folder` (this process's PROMETHEUS_MULTIPROC_DIR)

@@ -37,11 +37,12 @@ from tuneline.core.spec import InputSpec, SpecError
 from tuneline.core.io_binding import BoundRunner, Runner, make_runner, plain_runner
 from tuneline.core.onnx_metadata import GRAPH_INPUTS, input_name, read_input_spec, read_tokenizer_json
 from tuneline.core.text import TextError, Tokenizer
+from tuneline.core.drift import DriftProfile, ProfileError, read_profile
 from tuneline.core.onnx_session import TENSORRT, DeviceError, open_session, tensorrt_options
 
 log = logging.getLogger("tuneline.serving.model")
 
-CHAMPION = "champion"
+CHAMPION, CHALLENGER = "champion", "challenger"
 ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}  # core.onnx_metadata.GRAPH_INPUTS' dtypes
 
 
@@ -60,6 +61,7 @@ class LoadedModel:
     choice: FileChoice  # which file of the version is served, and why (serve.precision)
     tokenizer: Tokenizer | None = None  # a text model's, from its ONNX metadata
     max_samples: int = 0  # an audio model's longest clip a request may send (serve.max_audio_s at its rate)
+    drift_profile: DriftProfile | None = None  # the training data's reference profile (core/drift.py), if exported
     loaded_at: float = field(default_factory=time.time)
     batcher: Batcher | None = None
 
@@ -175,10 +177,16 @@ def _session_model(name: str, verified: VerifiedModel, settings: ServeSettings, 
         runner = make_runner(session, inputs[0].name, outputs[0].name, settings.max_batch_size)
     else:
         runner = plain_runner(session, inputs[0].name, outputs[0].name)
+    try:
+        profile = read_profile(metadata)
+    except ProfileError as exc:  # served all the same, without a drift score
+        log.warning("no drift score", extra={"event": "drift_profile_unreadable", "model": name, "version": version,
+                                             "error": str(exc)})
+        profile = None
     model = LoadedModel(name=name, version=version, provider=session.get_providers()[0], session=session,
                         graph_input=inputs[0].name, output_name=outputs[0].name, spec=spec, metadata=metadata,
                         card=verified.card, choice=choice, runner=runner, tokenizer=tokenizer,
-                        max_samples=max_samples)
+                        max_samples=max_samples, drift_profile=profile)
     # Warm-up before the model may answer: the first runs allocate arenas and pick kernels per batch size.
     fill = spec.text.pad_id if spec.text is not None else 0
     for rows in sorted({1, settings.max_batch_size}):
@@ -193,12 +201,21 @@ class ModelSlot:
         self.registry = registry
         self.name = registry.name
         self.champion: LoadedModel | None = None
+        self.challenger: LoadedModel | None = None  # the challenger alias's version (serve.challenger shadow/canary)
         self.others: dict[str, LoadedModel] = {}  # versions loaded by id, beside the champion
         self.last_error: str | None = None
         self.lock = asyncio.Lock()
 
     def loaded(self) -> list[LoadedModel]:
-        return [m for m in [self.champion, *self.others.values()] if m is not None]
+        return [m for m in [self.champion, self.challenger, *self.others.values()] if m is not None]
+
+    def role(self, version: str) -> str:
+        """champion, challenger or loaded: what `version` is to this model now."""
+        if self.champion is not None and version == self.champion.version:
+            return CHAMPION
+        if self.challenger is not None and version == self.challenger.version:
+            return CHALLENGER
+        return "loaded"
 
 
 class ModelHolder:
@@ -271,6 +288,8 @@ class ModelHolder:
             return champion
         if version in slot.others:
             return slot.others[version]
+        if slot.challenger is not None and version == slot.challenger.version:
+            return slot.challenger
         slot.registry.card(version)  # NotFound when the version does not exist at all
         load = json.dumps({"parameters": {"version": version}})
         raise NotReady(f"model {name!r} version {version!r} is in the registry but not loaded: "
@@ -295,8 +314,28 @@ class ModelHolder:
             return slot.champion
         return await self.load(name, version, champion=True, source=source)
 
-    async def load(self, name: str, version: str, champion: bool, source: str = "api") -> LoadedModel:
-        """Load + warm `name` `version`; make it the champion or an extra version. Raises LoadError / NotFound."""
+    async def reload_challenger(self, name: str, source: str = "watch") -> LoadedModel | None:
+        """Follow `name`'s challenger alias (serve.challenger shadow or canary): load the version it names beside the
+        champion; None (and nothing loaded) when it is unset or names the champion's version."""
+        slot = self.slot(name)
+        try:
+            version = slot.registry.alias_version(CHALLENGER)
+        except LoadError as exc:
+            self._failed(slot, exc, version="?", source=source)
+            raise
+        if version is None or (slot.champion is not None and version == slot.champion.version):
+            if slot.challenger is not None:
+                old, slot.challenger = slot.challenger, None
+                self.metrics.drop_model_info(old.name, old.version, old.provider, CHALLENGER)
+            return None
+        if slot.challenger is not None and slot.challenger.version == version:
+            return slot.challenger
+        return await self.load(name, version, champion=False, source=source, challenger=True)
+
+    async def load(self, name: str, version: str, champion: bool, source: str = "api",
+                   challenger: bool = False) -> LoadedModel:
+        """Load + warm `name` `version`; make it the champion, the challenger or an extra version. Raises LoadError /
+        NotFound."""
         slot = self.slot(name)
         async with slot.lock:
             started = time.perf_counter()
@@ -306,19 +345,22 @@ class ModelHolder:
                 self._failed(slot, exc, version, source)
                 raise
             model.batcher = self._batcher(model)
-            previous = slot.champion
+            previous = slot.champion if champion else (slot.challenger if challenger else None)
             if champion:
                 slot.champion = model  # the swap: later requests see the new version, queued ones finish on the old
                 slot.others.pop(version, None)
+            elif challenger:
+                slot.challenger = model
             else:
                 slot.others[version] = model
             slot.last_error = None
-            self._report_loaded(model, previous if champion else None, champion)
+            role = CHAMPION if champion else (CHALLENGER if challenger else "loaded")
+            self._report_loaded(model, previous, role)
             log.info("model loaded", extra={"event": "model_loaded", "model": model.name, "version": version,
-                                            "role": CHAMPION if champion else "loaded", "provider": model.provider,
+                                            "role": role, "provider": model.provider,
                                             **model.run_path,
                                             "input": model.spec.describe(),
-                                            "previous": previous.version if champion and previous else None,
+                                            "previous": previous.version if previous else None,
                                             "source": source,
                                             "load_ms": round((time.perf_counter() - started) * 1e3, 1)})
             return model
@@ -327,6 +369,9 @@ class ModelHolder:
         slot = self.slot(name)
         if slot.champion is not None and version == slot.champion.version:
             raise Conflict(f"{name} {version} is the champion; promote another version instead of unloading it")
+        if slot.challenger is not None and version == slot.challenger.version and version not in slot.others:
+            raise Conflict(f"{name} {version} is the challenger (serve.challenger {self.settings.challenger}); move or "
+                           "clear the challenger alias instead of unloading it")
         model = slot.others.pop(version, None)
         if model is None:
             raise NotFound(f"model {name!r} version {version!r} is not loaded")
@@ -342,11 +387,11 @@ class ModelHolder:
                        max_delay_s=s.max_queue_delay_us / 1e6, enabled=s.batching, in_flight=self.in_flight,
                        on_batch=on_batch)
 
-    def _report_loaded(self, model: LoadedModel, replaced: LoadedModel | None, champion: bool) -> None:
+    def _report_loaded(self, model: LoadedModel, replaced: LoadedModel | None, role: str) -> None:
         info = self.metrics.model_info
         if replaced is not None:
-            self.metrics.drop_model_info(replaced.name, replaced.version, replaced.provider, CHAMPION)
-        info.labels(model.name, model.version, model.provider, CHAMPION if champion else "loaded").set(1)
+            self.metrics.drop_model_info(replaced.name, replaced.version, replaced.provider, role)
+        info.labels(model.name, model.version, model.provider, role).set(1)
         self.metrics.loads.labels("success").inc()
         self.metrics.ready.set(1 if self.ready else 0)
 

@@ -33,6 +33,7 @@ class InferRequest:
     id: str | None
     rows: np.ndarray  # validated rows the graph takes: float32 pixels or samples, int64 token ids
     outputs: list[tuple[str, bool]]  # (output name, send as binary)
+    texts: list[str] | None = None  # a text model's strings, as sent (serve.capture records them)
 
 
 def _object(value, what: str) -> dict:
@@ -120,7 +121,15 @@ def parse_infer_request(body: bytes, header_length: str | None, model: LoadedMod
             array = inputs.json_strings(spec["data"], shape, name)
         else:
             array = _json_tensor(spec["data"], datatype, shape, name)
-    return InferRequest(id=request_id, rows=to_rows(array, datatype, shape, name, model), outputs=outputs)
+    return InferRequest(id=request_id, rows=to_rows(array, datatype, shape, name, model), outputs=outputs,
+                        texts=sent_texts(array, model))
+
+
+def sent_texts(values, model: LoadedModel) -> list[str] | None:
+    """A text model's input strings as sent (checked already by to_rows); None for other modalities."""
+    if model.modality != "text":
+        return None
+    return [v if isinstance(v, str) else bytes(v).decode("utf-8", "replace") for v in values]
 
 
 def check_input(name, datatype, shape, model: LoadedModel) -> list[int]:

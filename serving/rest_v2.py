@@ -6,6 +6,8 @@ validation of 784 numbers; the pydantic models in `schemas` only document the AP
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response
@@ -13,7 +15,8 @@ from starlette.routing import Match, Route
 
 from tuneline.serving import protocol, schemas
 from tuneline.serving.binary import HEADER_LENGTH, OCTET_STREAM
-from tuneline.serving.dataplane import DataPlane
+from tuneline.serving.challenger import CLIENT_KEY, REQUEST_ID_HEADER, VERSION_HEADER
+from tuneline.serving.dataplane import DataPlane, Served
 from tuneline.serving.errors import BadRequest
 
 JSON = "application/json"
@@ -25,6 +28,14 @@ def json_response(content, status: int = 200, headers: dict | None = None) -> Re
 
 def error_response(status: int, message: str, headers: dict | None = None) -> Response:
     return json_response({"error": message}, status, headers)
+
+
+def answer_headers(served: Served) -> dict[str, str]:
+    """Which version answered, and the captured rows' ids (serve.capture) when this request was captured."""
+    headers = {VERSION_HEADER: served.version}
+    if served.ids:
+        headers[REQUEST_ID_HEADER] = ",".join(served.ids)
+    return headers
 
 
 def register(app: FastAPI, dataplane: DataPlane) -> None:
@@ -41,17 +52,24 @@ def _inference_routes(app: FastAPI, dataplane: DataPlane) -> None:
     0.56 ms. Their OpenAPI entries come from schemas.add_components.
     """
     async def infer(request: Request) -> Response:
-        model = dataplane.model(request.path_params["name"], request.path_params.get("version"))
+        # The version that answers: the one named, else the champion or (canary) the challenger, by the client key.
+        route = dataplane.route(request.path_params["name"], request.path_params.get("version"),
+                                request.headers.get(CLIENT_KEY))
+        model = route.model
         if request.headers.get("content-encoding", "identity") != "identity":
             raise BadRequest(f"Content-Encoding {request.headers['content-encoding']!r} is not supported: send the "
                              "body uncompressed (binary tensors are already compact)")
         body = await request.body()
         parsed = protocol.parse_infer_request(body, request.headers.get(HEADER_LENGTH), model)
-        results = await dataplane.infer(model, parsed.rows)
-        content, json_length = protocol.encode_infer_response(parsed, model, results)
+        served = await dataplane.serve(route, parsed.rows, parsed.texts)
+        if served.ids and parsed.id is None:  # the captured rows' ids, for POST /v2/feedback
+            parsed = replace(parsed, id=",".join(served.ids))
+        content, json_length = protocol.encode_infer_response(parsed, model, served.outputs)
+        headers = answer_headers(served)
         if json_length is None:
-            return Response(content, media_type=JSON)
-        return Response(content, media_type=OCTET_STREAM, headers={HEADER_LENGTH: str(json_length)})
+            return Response(content, media_type=JSON, headers=headers)
+        headers[HEADER_LENGTH] = str(json_length)
+        return Response(content, media_type=OCTET_STREAM, headers=headers)
 
     app.router.routes[0:0] = [_LabelledRoute(path, infer, methods=["POST"]) for path in schemas.INFER_PATHS]
 

@@ -201,6 +201,15 @@ def infer_responses() -> dict:
 UPLOAD_MEDIA = ("image/png", "image/jpeg", "audio/wav", "audio/flac", "audio/ogg", "text/plain")
 
 
+def feedback_request_body() -> dict:
+    """POST /v2/feedback's body: a captured row's id and its true class."""
+    schema = {"type": "object", "required": ["id", "label"], "additionalProperties": False,
+              "properties": {"id": {"type": "string", "pattern": "^[0-9A-Za-z]{1,64}$",
+                                    "description": "a captured row's id (the x-tuneline-request-id header)"},
+                             "label": {"type": "integer", "minimum": 0, "description": "its true class index"}}}
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 def classify_request_body() -> dict:
     # Exactly what the server reads: one 'file' (what the model takes: an image, a clip, a text) and optionally
     # top_k; nothing else. A raw body of one of UPLOAD_MEDIA works too (the model's modality decides which).

@@ -60,7 +60,8 @@ def build_settings(params: Params, root: Path, environ: Mapping[str, str],
         registry = Path(environ.get(REGISTRY_ENV) or params.paths.registry)
     token = environ.get(TOKEN_ENV) or None
     admin_token = environ.get(ADMIN_TOKEN_ENV) or None
-    serve = {**params.serve.model_dump(), "trt_cache_dir": str((Path(root) / params.serve.trt_cache_dir).resolve())}
+    serve = {**params.serve.model_dump(), "trt_cache_dir": str((Path(root) / params.serve.trt_cache_dir).resolve()),
+             "capture_dir": str((Path(root) / params.serve.capture_dir).resolve())}
     serve["workers"], serve["threads"] = plan_workers(params.serve.workers, params.serve.threads, usable_cpus())
     workers_dir = environ.get(WORKERS_DIR_ENV) or None
     return ServeSettings(**serve, registry=(Path(root) / registry).resolve(),

@@ -16,6 +16,8 @@ server (serving/workers.py: mode 0700, removed when the server stops), and a req
   that user could read a secret from the workers' environment);
 - a file the workers poll (as the champion alias is): the answer would come a poll later, or before the others
   acted, unless each wrote an acknowledgement back; here the client's answer is the outcome.
+The same channel answers {"op": "live"} with the worker's live numbers and drift window (serving/live.py), which
+GET /v2/live and the drift gauge merge into the server's: {"pid", "status", "error", "result"}.
 A worker not listening yet (still starting: it listens once its app has started, and its models load after)
 or no longer (stopped) counts as not applied. Forwarded calls reach the data plane directly: one client request
 is one request in /metrics, however many workers apply it.
@@ -41,8 +43,9 @@ log = logging.getLogger("tuneline.serving.siblings")
 
 CONNECT_TIMEOUT_S = 5.0
 APPLY_TIMEOUT_S = 600.0  # a load verifies, opens and warms a session (a TensorRT engine build can take minutes)
-MAX_LINE = 64 * 1024
-OPS = ("load", "unload")
+MAX_LINE = 64 * 1024 * 1024  # a live answer carries every model's drift window (serve.drift_window rows each)
+OPS = ("load", "unload", "live")
+LIVE_TIMEOUT_S = 5.0  # a worker that does not answer a live request within this is left out of the numbers
 
 
 def socket_path(folder: Path, index: int) -> Path:
@@ -62,6 +65,7 @@ class Answer:
     pid: int | None  # None: it did not answer
     status: int
     error: str | None
+    result: object = None  # a read-only op's answer (live)
 
     def applied(self, op: str) -> bool:
         return self.status == 200 or (op == "unload" and self.status == 404)  # 404: not loaded there either
@@ -106,7 +110,17 @@ class Siblings:
             f"{len(others)} sibling workers, not by {reasons}. The workers now differ: retry the request, or "
             "restart the server")
 
-    async def _ask(self, index: int, request: bytes) -> Answer:
+    async def collect(self, op: str) -> list:
+        """Every other worker's answer to a read-only `op` (live): the results of those that answered in time."""
+        request = json.dumps({"op": op, "name": "", "version": None}).encode() + b"\n"
+        others = [i for i in range(self.count) if i != self.index]
+        answers = await asyncio.gather(*(self._ask(i, request, LIVE_TIMEOUT_S) for i in others))
+        missing = [a.worker for a in answers if a.status != 200]
+        if missing:
+            log.warning("workers left out", extra={"event": "siblings_missing", "op": op, "workers": missing})
+        return [a.result for a in answers if a.status == 200 and a.result is not None]
+
+    async def _ask(self, index: int, request: bytes, timeout_s: float = APPLY_TIMEOUT_S) -> Answer:
         path = socket_path(self.folder, index)
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=MAX_LINE),
@@ -116,11 +130,11 @@ class Siblings:
             return Answer(index, None, 503, f"not listening ({why}): still starting, or stopped")
         try:
             writer.write(request)
-            line = await asyncio.wait_for(reader.readline(), APPLY_TIMEOUT_S)
+            line = await asyncio.wait_for(reader.readline(), timeout_s)
             reply = json.loads(line)
-            return Answer(index, reply["pid"], int(reply["status"]), reply["error"])
+            return Answer(index, reply["pid"], int(reply["status"]), reply["error"], reply.get("result"))
         except TimeoutError:
-            return Answer(index, None, 504, f"no answer within {APPLY_TIMEOUT_S:g} s")
+            return Answer(index, None, 504, f"no answer within {timeout_s:g} s")
         except (OSError, ValueError, KeyError, TypeError) as exc:  # it stopped mid-way, or answered nonsense
             return Answer(index, None, 502, f"no answer ({type(exc).__name__}: {exc})")
         finally:
@@ -129,11 +143,14 @@ class Siblings:
 
 async def _serve_one(dataplane: DataPlane, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """One request from a sibling: apply it here, answer how it went."""
-    status, error = 200, None
+    status, error, result = 200, None, None
     try:
         try:
             request = json.loads(await reader.readline())
-            await _apply(dataplane, request["op"], request["name"], request.get("version"))
+            if request["op"] == "live":
+                result = dataplane.live_state()
+            else:
+                await _apply(dataplane, request["op"], request["name"], request.get("version"))
         except ServingError as exc:
             status, error = exc.status, str(exc)
         except (ValueError, KeyError, TypeError) as exc:
@@ -141,7 +158,8 @@ async def _serve_one(dataplane: DataPlane, reader: asyncio.StreamReader, writer:
         except Exception as exc:  # noqa: BLE001 - a bug: logged here, reported to the worker that asked
             log.exception("sibling request crashed", extra={"event": "internal_error", "path": "siblings"})
             status, error = 500, f"internal error ({type(exc).__name__}); see the worker's log"
-        writer.write(json.dumps({"pid": os.getpid(), "status": status, "error": error}).encode() + b"\n")
+        writer.write(json.dumps({"pid": os.getpid(), "status": status, "error": error, "result": result}).encode()
+                     + b"\n")
         await writer.drain()
     except OSError:
         pass  # the asking worker went away: nothing to tell

@@ -318,6 +318,7 @@ def worker_server(app, config, settings: ServeSettings, index: int):
     config.headers = [*config.headers, (WORKER_HEADER, str(os.getpid()))]
     app.state.metrics.aggregate(settings.workers_dir / METRICS_DIR)
     app.state.siblings = Siblings(settings.workers_dir, index, settings.workers)
+    app.state.dataplane.siblings = app.state.siblings  # GET /v2/live and the drift gauge merge every worker's numbers
     app.state.grpc_joins_later = index > 0  # WorkerServer calls app.state.start_grpc when it joins
     sock = reuseport_socket(settings.host, settings.port)
     log.info("worker", extra={"event": "worker", "worker": index, "pid": os.getpid(), "port": settings.port})

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from tuneline.core.registry_layout import RegistryTree
+from tuneline.tasks.data.capture import CaptureReport
 from tuneline.tasks.evaluate.gate import GateVerdict, markdown_table
 from tuneline.tasks.tune.pareto import pareto_markdown
 
@@ -109,6 +110,15 @@ def _promotion_lines(summary: dict, links: Links) -> list[str]:
         card = RegistryTree(Path(summary["registry_path"])).model(name).card_path(version)
         lines.append(f"- **model card**: {links.file(card, f'{version}/card.json')}")
     return lines
+
+
+def capture_lines(raw_dir: Path) -> list[str]:
+    """The captured traffic a run trained and was tested on (data.source=capture): how many requests, how many
+    labelled, from which model versions; nothing for any other source."""
+    report = CaptureReport.read(raw_dir)
+    if report is None:
+        return []
+    return [f"- **captured traffic**: {report.describe()}"]
 
 
 def _evaluation_lines(summary: dict) -> list[str]:
@@ -208,6 +218,7 @@ def render_summary(params: Params, summary: dict, verdicts: list[GateVerdict], p
         "",
         f"- **test accuracy**: {summary['accuracy']:.4f} — gates {'passed' if summary['gates_passed'] else 'FAILED'}",
         f"- **data version** (DVC md5 of `{params.paths.raw}`): `{summary['data_version']}`",
+        *capture_lines(paths.raw),
         f"- **params hash**: `{summary['params_hash']}` — **git commit**: `{summary['git_commit']}`",
         f"- **ONNX model**: {links.file(summary['onnx_path'])}",
         "- **stages**: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()),

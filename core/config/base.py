@@ -37,8 +37,8 @@ def safe_model_name(text: str) -> str:
 
 
 
-# Sections that shape no model: its name, where files go, and how the server runs it.
-NOT_IN_PARAMS_HASH = frozenset({"project", "paths", "serve"})
+# Sections that shape no model: its name, where files go, how the server runs it, and what watches the server.
+NOT_IN_PARAMS_HASH = frozenset({"project", "paths", "serve", "watch"})
 
 
 def params_hash(params: BaseModel) -> str:

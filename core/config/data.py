@@ -7,13 +7,16 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tuneline.core.config.base import Section
+from tuneline.core.config.base import MODEL_NAME_PATTERN, Section
+
+
+BUILT_IN_SOURCES = ("mnist", "imagefolder", "audio", "text", "capture")
 
 
 class DataConfig(Section):
     """Where the data comes from and how prepare splits it (fetch and prepare stages)."""
 
-    source: str = Field("mnist", description="mnist | imagefolder | audio | text | module:function (your own loader, docs/data.md)")
+    source: str = Field("mnist", description="mnist | imagefolder | audio | text | capture (the server's captured requests with feedback labels) | module:function (your own loader, docs/data.md)")
     mirror: str | None = Field(None, description="folder or URL holding the four MNIST .gz files; env TUNELINE_DATA_MIRROR wins")
     image_folder: str | None = Field(None, description="for source=imagefolder: a folder (or .tar/.tar.gz/.zip of one) of class sub-folders of PNG/JPEG images, optionally under train/ val/ test/; a path or a URL (https://, s3://, gs://: read where it lies)")
     channels: Literal["auto", 1, 3] = Field("auto", description="imagefolder: auto (3 if any image is colour, else 1) | 1 (gray) | 3 (RGB)")
@@ -32,6 +35,8 @@ class DataConfig(Section):
     tokenizer: Literal["word", "wordpiece"] = Field("word", description="text: what one token id is: word (a word; words unseen in training are [UNK]) | wordpiece (frequent words whole, rarer ones as pieces, so unseen words reach the model through their parts)")
     vocab_size: int = Field(30000, ge=16, description="text: the tokenizer's vocabulary, most frequent training words first ([PAD] and [UNK] included)")
     min_frequency: int = Field(1, ge=1, description="text: words seen fewer times in training become [UNK]")
+    capture_dir: str = Field(".tuneline/capture", description="for source=capture: the folder the server captures requests (capture-*.jsonl) and feedback labels (feedback-*.jsonl) into; relative to the project")
+    capture_model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="for source=capture: the served model whose captured requests are the data (its registry name, e.g. mnist); the retrained model is registered under it")
     options: dict[str, Any] = Field(default_factory=dict, description="source=module:function: keyword arguments passed to your loader")
     val_fraction: float = Field(0.083333, gt=0.0, lt=1.0, description="share of the training set held out for validation (stratified; 5000 of 60000)")
     seed: int = Field(0, description="split seed")
@@ -46,9 +51,10 @@ class DataConfig(Section):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        if value in ("mnist", "imagefolder", "audio", "text") or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+        if value in BUILT_IN_SOURCES or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             return value
-        raise ValueError(f"{value!r}: expected mnist, imagefolder, audio, text or module:function (e.g. mypkg.data:load)")
+        raise ValueError(f"{value!r}: expected mnist, imagefolder, audio, text, capture or module:function "
+                         "(e.g. mypkg.data:load)")
 
     @field_validator("prepare_task_runner")
     @classmethod
@@ -84,6 +90,11 @@ class DataConfig(Section):
             raise ValueError("data.test_rule names a field of data.label_pattern: set the pattern too")
         if self.source not in ("audio", "text") and self.class_names is not None:
             raise ValueError("data.class_names apply to source=audio or text (image classes are their folder names)")
+        if self.source == "capture" and self.capture_model is None:
+            raise ValueError("data.source=capture reads one served model's captured requests: set data.capture_model "
+                             "(its registry name, e.g. mnist)")
+        if self.source != "capture" and self.capture_model is not None:
+            raise ValueError("data.capture_model applies to source=capture only")
         if ":" not in self.source and self.options:
             raise ValueError("data.options are passed to a module:function loader; this source takes none")
         return self

@@ -24,6 +24,7 @@ from tuneline.core.config.project import ProjectConfig
 from tuneline.core.config.serve import ServeConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.core.config.tune import TuneConfig
+from tuneline.core.config.watch import WatchConfig
 
 
 class Params(Section):
@@ -36,6 +37,7 @@ class Params(Section):
     gate: GateConfig = GateConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
+    watch: WatchConfig = WatchConfig()
 
     def params_hash(self) -> str:
         """Short sha256 of everything that shapes the model (core/config/base.py: params_hash)."""

@@ -13,7 +13,7 @@ from tuneline.core.config.base import ARCHIVE_SUFFIXES, MODEL_NAME_PATTERN, Sect
 class ProjectConfig(Section):
     """What this project's models are called in the registry and the server (one champion per name)."""
 
-    name: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="the registry/server model name; null = the data set's: mnist, the image folder's (or archive's) stem, the user loader's module")
+    name: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="the registry/server model name; null = the data set's: mnist, the image folder's (or archive's) stem, the user loader's module, data.capture_model for captured traffic")
 
     def resolve_name(self, data: Any) -> str:
         """The model name: project.name, else derived from the data source (the one place this rule lives)."""
@@ -27,6 +27,8 @@ class ProjectConfig(Section):
                 if derived.lower().endswith(suffix):
                     derived = derived[: -len(suffix)]
                     break
+        elif source == "capture" and getattr(data, "capture_model", None):  # retrained on its own live traffic
+            derived = data.capture_model
         elif ":" in source:  # a user loader, mypkg.data:load -> mypkg.data
             derived = source.split(":", 1)[0]
         else:

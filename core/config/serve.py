@@ -42,6 +42,18 @@ class ServeConfig(Section):
     access_log: bool = Field(True, description="one JSON log line per request")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")
     notify_url: str | None = Field(None, description="pipeline: after a promotion, POST this server's load endpoint")
+    # Closing the loop (docs/serving.md, "Challenger, drift and capture"): the challenger alias on live traffic,
+    # drift of live inputs against the profile export stored in the model, captured traffic for fetch.
+    challenger: Literal["off", "shadow", "canary"] = Field("off", description="the registry's challenger alias of each model on live traffic: off | shadow (the champion answers; serve.shadow_percent of requests also run on the challenger, off the response path, and are compared) | canary (serve.canary_percent of requests are answered by the challenger; sticky per x-tuneline-client key)")
+    canary_percent: float = Field(10.0, ge=0.0, le=100.0, description="serve.challenger canary: the share of requests (percent) the challenger answers; a request with an x-tuneline-client key always gets the same version (a hash of the key decides)")
+    shadow_percent: float = Field(10.0, ge=0.0, le=100.0, description="serve.challenger shadow: the share of requests (percent) also run on the challenger after the champion answered")
+    shadow_queue: int = Field(256, ge=1, description="serve.challenger shadow: requests waiting for the challenger at most; when full, a sampled request is dropped and counted (the caller never waits)")
+    drift_window: int = Field(1000, ge=10, description="rows of live inputs (and the champion's outputs) per model the drift score compares with the model's training profile (a sliding window)")
+    drift_threshold: float = Field(0.25, gt=0.0, description="drift score (the largest population stability index over the profile's features) above which a model's live inputs count as drifted; 0.1-0.25 is the usual 'moderate shift' band, above 0.25 a significant one")
+    capture: bool = Field(False, description="write a sample of requests (inputs, version, class, probability) to serve.capture_dir as JSONL for fetch to read back, and accept POST /v2/feedback labels; off by default: captured inputs are your users' data")
+    capture_percent: float = Field(1.0, ge=0.0, le=100.0, description="serve.capture: the share of requests (percent) captured")
+    capture_max_mb: float = Field(100.0, gt=0.0, description="serve.capture: the capture folder's size cap in MB: files are closed at a tenth of it and the oldest deleted beyond it")
+    capture_dir: str = Field(".tuneline/capture", description="serve.capture: where capture-*.jsonl and feedback-*.jsonl files go; relative to the project")
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -53,6 +65,11 @@ class ServeConfig(Section):
             raise ValueError(f"serve.workers takes an integer from 1 to {MAX_WORKERS} (server processes) or 'auto' "
                              "(one per CPU the server may use)")
         return value
+
+    @field_validator("challenger", mode="before")
+    @classmethod
+    def _challenger(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads an unquoted `off` (-S serve.challenger=off) as false
 
     @model_validator(mode="after")
     def _precision_or_file(self) -> "ServeConfig":

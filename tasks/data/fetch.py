@@ -5,8 +5,8 @@ of official mirrors, and is checked against the content checksums below: the dec
 the same on every mirror, while the gzip bytes are not, so the DVC hash of `paths.raw` (the data
 version) does not depend on where the data came from. An image folder (class sub-folders of PNG/JPEG, or an
 archive of them, local or at a URL; tasks/data/imagefolder.py) is streamed into the same IDX layout a
-user's `module:function` loader's arrays are written in (`write_raw`; tasks/data/loader.py), so `prepare`
-has one code path. Everything is written to a staging folder that replaces `paths.raw` only once complete.
+user's `module:function` loader's arrays and the server's captured requests (tasks/data/capture.py) are written in
+(`write_raw`; tasks/data/loader.py), so `prepare` has one code path. Everything is written to a staging folder that replaces `paths.raw` only once complete.
 """
 
 from __future__ import annotations
@@ -137,12 +137,15 @@ def _fetch_loader(cfg: DataConfig, project_dir: Path, staging: Path) -> dict[str
     return {split: int(labels.size) for split, (_, labels) in sets.items()}
 
 
-def run_fetch(cfg: DataConfig, raw_dir: Path, mirror: str | None = None, project_dir: Path | None = None) -> FetchResult:
+def run_fetch(cfg: DataConfig, raw_dir: Path, mirror: str | None = None, project_dir: Path | None = None,
+              capture_dir: Path | None = None, registry_dir: Path | None = None) -> FetchResult:
     """Fetch and validate the source into `raw_dir`, replacing it only when everything checked out.
 
     `project_dir` (default: the working directory, where DVC runs a stage) is where a relative
     data.image_folder lies, as dvc.yaml's `${data.image_folder}` dep resolves it, and where a
     `module:function` loader is imported from. A data.image_folder URL (`scheme://…`) is read where it lies.
+    source=capture reads `capture_dir` (default project_dir / data.capture_dir) and the captured model's input spec
+    from the registry at `registry_dir` (tasks/data/capture.py).
     """
     raw_dir = Path(raw_dir)
     project_dir = Path(project_dir) if project_dir is not None else Path.cwd()
@@ -162,6 +165,12 @@ def run_fetch(cfg: DataConfig, raw_dir: Path, mirror: str | None = None, project
             where = given if is_url(given) else str(project_dir / Path(given).expanduser())
             counts, _, notes = (fetch_audio if cfg.source == "audio" else fetch_text)(cfg, where, staging)
             source = f"{cfg.source}:{given}"
+        elif cfg.source == "capture":
+            from tuneline.tasks.data.capture import fetch_capture
+
+            folder = Path(capture_dir) if capture_dir is not None else project_dir / cfg.capture_dir
+            counts, notes = fetch_capture(cfg, folder, registry_dir, staging)
+            source = f"capture:{cfg.capture_model}"
         elif cfg.loader:
             counts = _fetch_loader(cfg, project_dir, staging)
             source = cfg.loader

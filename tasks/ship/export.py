@@ -33,6 +33,8 @@ from tuneline.core.errors import StageFailed
 from tuneline.tasks.evaluate.report import EvalReport
 from tuneline.tasks.ship.export_report import ExportReport
 from tuneline.core.onnx_metadata import GRAPH_INPUTS, build_metadata
+from tuneline.core.drift import PROFILE_KEY, PROFILE_ROWS, DriftProfile, build_profile, unk_id_of
+from tuneline.core.spec import InputSpec
 from tuneline.tasks.model.architectures import as_model_input
 from tuneline.tasks.ship.quantize import VariantResult, build_variant
 
@@ -118,6 +120,7 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
     evaluation = EvalReport.read(Path(metrics_path))
     metadata = {
         **build_metadata(checkpoint, model_name, evaluation.headline()),
+        PROFILE_KEY: drift_profile(model, checkpoint, prepared_dir).to_json(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "variant": "fp32",
     }
@@ -158,6 +161,22 @@ def run_export(cfg: ExportConfig, model_path: Path, prepared_dir: Path, metrics_
         _write_report(report_path, replace(report, gates=verdicts))
     return ExportResult(onnx_path=Path(onnx_path), max_abs_diff=diffs, metadata=metadata, onnx_accuracy=accuracy,
                         serving=serving, variants=variants, verdicts=verdicts)
+
+
+def drift_profile(model: torch.nn.Module, checkpoint: dict, prepared_dir: Path) -> DriftProfile:
+    """The reference profile the server scores live drift against (core/drift.py): a seeded sample of the train
+    split and the model's probabilities for it."""
+    train = SplitReader(prepared_dir, "train", torch.device("cpu"), resident=False)
+    rows = train.sample(PROFILE_ROWS, seed=CALIBRATION_SEED)
+    with torch.no_grad():
+        probabilities = torch.cat([torch.softmax(model(as_model_input(rows[i:i + 256])), dim=1)
+                                   for i in range(0, len(rows), 256)]).numpy()
+    modality = model.args.modality
+    pad_id, unk_id = 0, None
+    if modality == "text":
+        spec = InputSpec.from_dict(checkpoint["model_args"]["input"]["spec"])
+        pad_id, unk_id = spec.text.pad_id, unk_id_of(checkpoint["model_args"]["input"]["tokenizer"])
+    return build_profile(modality, rows.numpy(), probabilities, probabilities.shape[1], pad_id, unk_id)
 
 
 def _build_variants(cfg: ExportConfig, fp32_path: Path, variants_dir: Path, metadata: dict[str, str],

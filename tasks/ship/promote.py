@@ -13,7 +13,8 @@ was once scored on. Outcomes:
 - otherwise: registered and kept as the challenger, with the numbers that kept it from promotion.
 
 The comparison, the registration and the alias change happen under the registry lock, so the champion
-a run beat is still the champion when it takes its place.
+a run beat is still the champion when it takes its place. The alias move is recorded in the registry's event log
+(by "pipeline", with this reason and the comparison's numbers).
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ def run_promote(cfg: GateConfig, registry_dir: Path, onnx_path: Path, prepared_d
             else:
                 reason = (f"{version} kept as challenger, not promoted: {numbers} < gate.min_improvement "
                           f"{cfg.min_improvement:.4f}); champion {comparison['champion']} stays")
-        registry.promote(version, "champion" if promoted else "challenger")
+        numbers = comparison or {"challenger_accuracy": round(challenger, 6), "n_test": len(test)}
+        registry.promote(version, "champion" if promoted else "challenger", by="pipeline", reason=reason,
+                         numbers={**numbers, "gate.min_improvement": cfg.min_improvement,
+                                  "gate.max_regression": cfg.max_regression})
     log.info("promote: %s", reason)
     champion = (registry.alias("champion") or {}).get("version")
     return PromoteResult(version, registered=True, promoted=promoted, reason=reason, champion=champion,

@@ -7,6 +7,10 @@ the only writer: registrations, alias changes and the one-time move of a single-
 models/<name>/ are serialised between processes by the registry's `.lock`. Versions are never modified or
 deleted, so an alias, which only ever names a version that verified under the lock, never points at a missing
 or partial model. Every file is checked (valid ONNX, size and sha256 of its card) when registered and when loaded.
+
+Every alias move (a run's promotion, `tuneline models promote|rollback`, `promote --live`) appends one line to the
+registry's events.jsonl under the same lock, after the alias file is in place: who moved it, from which version to
+which, why, and the numbers that decided (core/registry_layout.py: RegistryEvent).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from filelock import FileLock, Timeout
 
 from tuneline.core.atomic import make_staging_dir, staged_file
 from tuneline.core.errors import StageFailed
-from tuneline.core.registry_layout import CARD_FILE, MODEL_FILE, MODEL_FILES, STAGING_PREFIX, check_model_name
+from tuneline.core.registry_layout import (CARD_FILE, EVENT_SOURCES, MODEL_FILE, MODEL_FILES, STAGING_PREFIX,
+                                           RegistryEvent, check_model_name)
 from tuneline.core.registry_reader import RegistryReader, RegistryReadError, sha256_file
 
 LOCK_TIMEOUT_S = 120.0  # registrations hold the lock for seconds (a copy and a rename), never minutes
@@ -54,6 +59,27 @@ def _link_or_copy(source: str, target: str) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one whole line to `path` atomically: O_APPEND, a single write, fsync.
+
+    A reader never sees half of a line that was written whole; if a crash once cut the file's last line short,
+    this line starts on a new line of its own, so the fragment stays one unreadable line (skipped by the reader)
+    and this event stays readable."""
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        written = os.write(fd, data)
+        if written != len(data):  # a full disk, for one: say so rather than leave a torn line unannounced
+            raise RegistryError(f"{path}: appended {written} of {len(data)} bytes of an event: free disk space; the "
+                                "alias has moved, its event line is incomplete")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Registry(RegistryReader):
@@ -178,8 +204,19 @@ class Registry(RegistryReader):
         with staged_file(self.layout.alias_path(alias)) as tmp:
             tmp.write_text(json.dumps(record, indent=2) + "\n")
 
-    def promote(self, ref: str, alias: str = "champion") -> dict:
-        """Point `alias` at a verified version; the version it named before goes first in `previous`."""
+    def _record_event(self, alias: str, source: str | None, target: str, updated: str, by: str, reason: str,
+                      numbers: dict | None) -> None:
+        """Append the alias move to events.jsonl (call it under the lock, after the alias file is written)."""
+        if by not in EVENT_SOURCES:
+            raise ValueError(f"unknown event source {by!r}: choose one of {', '.join(EVENT_SOURCES)}")
+        event = RegistryEvent(time=updated, model=self.name, alias=alias, from_version=source, to_version=target,
+                              by=by, reason=reason, numbers=dict(numbers or {}))
+        append_line(self.tree.events_path, event.to_line())
+
+    def promote(self, ref: str, alias: str = "champion", *, by: str = "cli", reason: str | None = None,
+                numbers: dict | None = None) -> dict:
+        """Point `alias` at a verified version; the version it named before goes first in `previous`. The move is
+        recorded in events.jsonl with `by`, `reason` (one line) and `numbers`; no move, no event."""
         with self.locked():
             version = self.resolve(ref)
             self.verify(version)
@@ -189,10 +226,13 @@ class Registry(RegistryReader):
             previous = [current["version"], *current.get("previous", [])] if current else []
             record = {"version": version, "previous": previous, "updated": _now()}
             self._write_alias(alias, record)
+            self._record_event(alias, current["version"] if current else None, version, record["updated"], by,
+                               reason or f"{alias} set to {version}" + (f" (was {current['version']})" if current else ""),
+                               numbers)
             return record
 
-    def rollback(self, alias: str = "champion") -> dict:
-        """Point `alias` back at the version it named before (first of `previous`), verified."""
+    def rollback(self, alias: str = "champion", *, by: str = "cli", reason: str | None = None) -> dict:
+        """Point `alias` back at the version it named before (first of `previous`), verified; recorded as a move."""
         with self.locked():
             current = self.alias(alias)
             if current is None or not current.get("previous"):
@@ -202,4 +242,6 @@ class Registry(RegistryReader):
             self.verify(target)
             record = {"version": target, "previous": rest, "updated": _now()}
             self._write_alias(alias, record)
+            self._record_event(alias, current["version"], target, record["updated"], by,
+                               reason or f"rolled back from {current['version']} to {target}", None)
             return record
