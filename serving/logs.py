@@ -1,16 +1,23 @@
 """Structured logs: one JSON object per line, with the fields passed as `extra=` kept as keys.
 
-Set up by `tuneline serve` only (nothing is configured at import time).
+Set up by `tuneline serve` only (nothing is configured at import time). Records are formatted and written by a
+thread of their own: the event loop only puts each record on a queue. Written on the loop, every access-log line
+was a write() the loop waited for, and when the kernel held writes back (many MB of log after seconds of traffic,
+or a stderr pipe nobody was reading) every request in flight waited with it.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 from datetime import UTC, datetime
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+MAX_QUEUED = 100_000  # records waiting for the writer; beyond it new ones are dropped (and counted), not held
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,19 +25,56 @@ class JsonFormatter(logging.Formatter):
         entry = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
                  "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_text or record.exc_info:
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str = "info") -> None:
-    """Send the server's and uvicorn's logs to stderr as JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+class _Enqueue(logging.handlers.QueueHandler):
+    """Puts the record itself on the queue: formatting happens in the writer thread too (QueueHandler's own
+    prepare() would format here, on the caller's thread). A full queue drops the record and counts it."""
+
+    dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if record.exc_info and not record.exc_text:  # the traceback is rendered while its frames still exist
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            type(self).dropped += 1
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def configure_logging(level: str = "info", stream=None) -> None:
+    """Send the server's and uvicorn's logs to `stream` (stderr) as JSON lines, written by a background thread."""
+    global _listener
+    stop_logging()
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter())
+    records: queue.Queue = queue.Queue(MAX_QUEUED)
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # the middleware writes the access log, with more fields
+
+
+def stop_logging() -> None:
+    """Write what is queued and stop the writer thread (at exit, or before configuring again)."""
+    global _listener
+    if _listener is not None:
+        listener, _listener = _listener, None
+        listener.stop()
+
+
+atexit.register(stop_logging)
