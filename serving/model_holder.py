@@ -187,11 +187,21 @@ def _session_model(name: str, verified: VerifiedModel, settings: ServeSettings, 
                         graph_input=inputs[0].name, output_name=outputs[0].name, spec=spec, metadata=metadata,
                         card=verified.card, choice=choice, runner=runner, tokenizer=tokenizer,
                         max_samples=max_samples, drift_profile=profile)
-    # Warm-up before the model may answer: the first runs allocate arenas and pick kernels per batch size.
+    # Warm-up before the model may answer: the first runs allocate arenas and pick kernels per batch size, so every
+    # size the batcher can form runs once, largest first (the arena is sized once, then reused). Under TensorRT a
+    # new shape within the engine's profile needs no new engine: 1 and the largest cover it.
     fill = spec.text.pad_id if spec.text is not None else 0
-    for rows in sorted({1, settings.max_batch_size}):
+    for rows in warm_batch_sizes(settings.max_batch_size, providers[0]):
         model.run(np.full((rows, *model.image_shape), fill, dtype=model.input_dtype))
     return model
+
+
+def warm_batch_sizes(max_batch_size: int, provider: str) -> list[int]:
+    """The batch sizes a load runs before the model answers: every one up to max_batch_size, largest first (only 1
+    and the largest under TensorRT)."""
+    if provider == TENSORRT:
+        return sorted({1, max_batch_size}, reverse=True)
+    return list(range(max_batch_size, 0, -1))
 
 
 class ModelSlot:
