@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from tuneline.serving import classify, grpc_v2, rest_live, rest_metrics, rest_repository, rest_v2, schemas
 from tuneline.serving.dataplane import DataPlane
 from tuneline.serving.errors import ServingError
+from tuneline.serving.logs import stop_logging
 from tuneline.serving.middleware import Gatekeeper, error_headers
 from tuneline.serving.rest_v2 import error_response
 from tuneline.serving.settings import ServeSettings
@@ -49,6 +50,7 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
                 # tuneline.serving.drain began the drain (gRPC's stop among it) when the signal came.
                 await dataplane.stop()
                 log.info("server stopped", extra={"event": "stopped", "in_flight": dataplane.in_flight.count})
+                stop_logging()  # write every queued line now: the process may end by a re-raised signal
 
     app = FastAPI(title="Tuneline inference server", version=dataplane.server_metadata()["version"],
                   summary="Open Inference Protocol (KServe V2) REST with the binary tensor data extension",

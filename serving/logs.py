@@ -49,13 +49,14 @@ class _Enqueue(logging.handlers.QueueHandler):
 
 
 _listener: logging.handlers.QueueListener | None = None
+_writer: logging.Handler | None = None  # the stream handler the listener writes with
 
 
 def configure_logging(level: str = "info", stream=None) -> None:
     """Send the server's and uvicorn's logs to `stream` (stderr) as JSON lines, written by a background thread."""
-    global _listener
+    global _listener, _writer
     stop_logging()
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _writer = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter())
     records: queue.Queue = queue.Queue(MAX_QUEUED)
     _listener = logging.handlers.QueueListener(records, handler)
@@ -70,11 +71,17 @@ def configure_logging(level: str = "info", stream=None) -> None:
 
 
 def stop_logging() -> None:
-    """Write what is queued and stop the writer thread (at exit, or before configuring again)."""
+    """Write what is queued, stop the writer thread, and write any later record at once on the caller's thread.
+
+    The server calls it when it has stopped serving (serving/app.py): a process that ends by re-raising SIGTERM,
+    or a worker process ending with os._exit, runs no atexit hook, and its last lines would be lost."""
     global _listener
     if _listener is not None:
         listener, _listener = _listener, None
         listener.stop()
+        root = logging.getLogger()
+        if _writer is not None and any(isinstance(h, _Enqueue) for h in root.handlers):
+            root.handlers[:] = [_writer]
 
 
 atexit.register(stop_logging)

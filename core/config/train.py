@@ -49,7 +49,7 @@ class TrainConfig(Section):
     seed: int = Field(0, description="weight init, data order and augmentation seed", json_schema_extra={"packing": "per_model"})
     deterministic: bool = Field(False, description="deterministic kernels: bit-identical reruns, a little slower", json_schema_extra={"packing": "shared"})
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda", json_schema_extra={"packing": "shared"})
-    precision: Literal["auto", "native", "fp32", "bf16"] = Field("native", description="auto: bf16 autocast on CUDA, fp32 on CPU | native: bf16 wherever the hardware computes it (CUDA, and CPUs with AVX512-BF16 or AMX: about twice fp32's images/s for small CNNs), fp32 elsewhere | fp32 | bf16", json_schema_extra={"packing": "shared"})
+    precision: Literal["auto", "native", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU | native: bf16 wherever the hardware computes it (CUDA, and CPUs with AVX512-BF16 or AMX: about twice fp32's images/s for small CNNs), fp32 elsewhere | fp32 | bf16", json_schema_extra={"packing": "shared"})
     channels_last: bool = Field(True, description="NHWC memory layout for convolutions (faster on GPUs)", json_schema_extra={"packing": "shared"})
     compile: bool = Field(False, description="torch.compile the model (pays a one-off compile time)", json_schema_extra={"packing": "shared"})
     resume: bool = Field(True, description="continue from the last epoch checkpoint of the same config", json_schema_extra={"packing": "shared"})

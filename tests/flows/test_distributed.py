@@ -22,7 +22,9 @@ from tests.conftest import cli_env
 pytestmark = pytest.mark.slow
 TOLERANCE = 0.01  # accuracy, absolute: same updates up to float summation order
 OVERRIDES = {"tune.enabled": False, "model.arch": "seed_mlp", "model.dropout": 0.0, "train.device": "cpu",
-             "train.batch_size": 64, "train.scheduler": "none", "train.deterministic": True}
+             "train.batch_size": 64, "train.scheduler": "none", "train.deterministic": True,
+             # Augmentation draws per rank: the two processes would see other images than the one process does.
+             "train.augment_rotate_deg": 0.0, "train.augment_translate": 0.0, "train.augment_scale": 0.0}
 
 
 @pytest.fixture

@@ -500,11 +500,13 @@ def test_k8s_deployment_is_valid_for_prefect_deploy_and_stays_out_of_deploy_all(
     (gpu,) = k8s.deployments
     assert gpu.name == "gpu-cluster" and gpu.work_pool.name == "tuneline-k8s"
     local = prefect_yaml(REPO / "prefect.yaml")
-    assert {gpu.entrypoint} == {d["entrypoint"] for d in local["deployments"]}
+    pipelines = [d for d in local["deployments"] if d["entrypoint"].startswith("flows/pipeline.py")]
+    assert {gpu.entrypoint} == {d["entrypoint"] for d in pipelines}  # the live loop's flows stay local
     # The Job's checkout: a fixed path, since `prefect deploy` would bake in the deploying shell's
     # $TUNELINE_PROJECT_DIR if it is set there.
     (step,) = prefect_yaml(K8S_PREFECT_FILE)["pull"]
     assert step["prefect.deployments.steps.set_working_directory"]["directory"] == last(TRAIN, "WORKDIR")
     # `prefect deploy --all` (tests/flows/test_deployment.py creates only this pool) fails on any other pool.
     assert prefect_pools(REPO / "prefect.yaml") == {"tuneline-process"}
-    assert {d["name"] for d in local["deployments"]} == {"nightly", "adhoc"}
+    assert {d["name"] for d in pipelines} == {"nightly", "adhoc"}
+    assert {d["name"] for d in local["deployments"]} == {"nightly", "adhoc", "drift-watch", "promote-live"}

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_repo_params_file_is_valid_and_matches_the_defaults():
     params = load_params(REPO / "params.yaml")
     assert params.train.optimizer == "adamw" and params.train.lr == 0.004  # the fast MNIST recipe
-    assert params.model.arch == "slim_cnn" and params.train.precision == "native"
+    assert params.model.arch == "slim_cnn" and params.train.batch_size == 256
     # Every key of the file is a known key and vice versa: the file is the one source of defaults.
     assert params == Params()
 

@@ -133,7 +133,7 @@ def test_bad_loader_leaves_no_raw_dir_and_bad_names_are_clear(tmp_path):
 def test_data_config_checks_source_and_source_specific_keys():
     assert DataConfig(source="pkg.sub.mod:load_it").loader == "pkg.sub.mod:load_it"
     assert DataConfig().loader is None
-    for raw, problem in (({"source": "folder"}, "expected mnist, imagefolder, audio, text or module:function"),
+    for raw, problem in (({"source": "folder"}, "expected mnist, imagefolder, audio, text, capture or module:function"),
                          ({"audio_folder": "clips"}, r"data\.audio_folder apply to source=audio only"),
                          ({"source": "audio", "text_files": "a.tsv"}, r"data\.text_files apply to source=text only"),
                          ({"source": "audio", "test_rule": "index < 5"}, "set the pattern too"),

@@ -15,7 +15,7 @@ LINEAGE = Lineage("abc123.dir", "p" * 16, "c" * 40)
 def test_training_learns_and_writes_a_self_describing_checkpoint(small_checkpoint, small_prepared_dir):
     model, checkpoint = load_checkpoint(small_checkpoint)
     assert checkpoint["lineage"] == LINEAGE.to_dict()
-    assert checkpoint["model_args"]["arch"] == "seed_cnn" and checkpoint["classes"] == [str(d) for d in range(10)]
+    assert checkpoint["model_args"]["arch"] == "slim_cnn" and checkpoint["classes"] == [str(d) for d in range(10)]
     assert checkpoint["config"]["train"]["epochs"] == 2
     history = checkpoint["history"]
     assert [h["epoch"] for h in history] == [1, 2]
@@ -23,8 +23,8 @@ def test_training_learns_and_writes_a_self_describing_checkpoint(small_checkpoin
     assert history[1]["train_loss"] < history[0]["train_loss"]
     rows = list(csv.DictReader(open(small_checkpoint.parent / "history.csv")))
     assert tuple(rows[0]) == HISTORY_FIELDS and len(rows) == 2
-    # StepLR(step 1, gamma 0.5) halves the lr every epoch, as the history records.
-    assert float(rows[1]["lr"]) == pytest.approx(float(rows[0]["lr"]) / 2)
+    # The default one-cycle schedule: the history records each epoch's starting lr, rising from lr/25 toward 4e-3.
+    assert float(rows[0]["lr"]) == pytest.approx(4e-3 / 25) and float(rows[0]["lr"]) < float(rows[1]["lr"]) <= 4e-3
 
 
 def test_same_seed_same_model_on_cpu(tmp_path, small_prepared_dir):

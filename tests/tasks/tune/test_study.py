@@ -35,7 +35,7 @@ def test_a_changed_prepare_setting_starts_a_new_study_and_leaves_the_old_one_alo
 @pytest.mark.parametrize("key, value", [
     ("data.limit_train", 3000), ("data.val_fraction", 0.2), ("data.seed", 1),
     ("train.weight_decay", 1e-4), ("train.optimizer", "sgd"), ("train.batch_size", 64), ("train.seed", 1),
-    ("model.dropout", 0.1), ("model.arch", "seed_cnn"),
+    ("model.dropout", 0.3), ("model.arch", "seed_cnn"),
     ("tune.epochs", 2), ("tune.limit_train", 1000), ("tune.pruner", "median"), ("tune.sampler_seed", 1),
 ])
 def test_what_a_trial_sees_is_part_of_the_identity(key, value):
