@@ -22,7 +22,9 @@ MLP = ModelConfig(arch="seed_mlp", dropout=0.0)
 
 
 def train(tmp_path, prepared, name="m", model_cfg=MLP, **knobs):
-    cfg = TrainConfig(**{"epochs": 1, "batch_size": 128, "device": "cpu", "scheduler": "none", **knobs})
+    # One plain epoch: the knob under test alone, not the default recipe's augmentation and weight decay.
+    plain = {"augment_rotate_deg": 0.0, "augment_translate": 0.0, "augment_scale": 0.0, "weight_decay": 0.0}
+    cfg = TrainConfig(**{"epochs": 1, "batch_size": 128, "device": "cpu", "scheduler": "none", **plain, **knobs})
     result = run_train(model_cfg, cfg, prepared, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", LINEAGE)
     model, _ = load_checkpoint(tmp_path / f"{name}.pt")
     return result, model
