@@ -193,20 +193,22 @@ def wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 60
     raise RuntimeError(f"server on port {port} not ready after {timeout:.0f} s")
 
 
-def make_registry(root: Path, model_path: Path, name: str) -> Path:
-    """One version + champion alias of model `name`, in the registry layout the server reads."""
+def make_registry(root: Path, model_path: Path, name: str, version_id: str = "v0001",
+                  alias: str = "champion") -> Path:
+    """Version `version_id` of model `name` holding `model_path`, with `alias` on it, in the registry layout the
+    server reads (called again with v0002 and "challenger", it adds a challenger beside the champion)."""
     from tuneline.core.registry_layout import RegistryTree
 
     folder = RegistryTree(root).model_dir(name)
     data = model_path.read_bytes()
-    version = folder / "versions" / "v0001"
+    version = folder / "versions" / version_id
     version.mkdir(parents=True)
     (version / "model.onnx").write_bytes(data)
-    (version / "card.json").write_text(json.dumps({"name": name, "version": "v0001", "created": "",
+    (version / "card.json").write_text(json.dumps({"name": name, "version": version_id, "created": "",
                                                    "files": {"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(),
                                                                             "bytes": len(data)}}}))
-    (folder / "aliases").mkdir()
-    (folder / "aliases" / "champion.json").write_text(json.dumps({"version": "v0001", "previous": [], "updated": ""}))
+    (folder / "aliases").mkdir(exist_ok=True)
+    (folder / "aliases" / f"{alias}.json").write_text(json.dumps({"version": version_id, "previous": [], "updated": ""}))
     return root
 
 

@@ -43,22 +43,6 @@ def read_images(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=16).reshape(count, 1, rows, cols)[:N_IMAGES].copy()
 
 
-def add_challenger(registry: Path, name: str, model: Path) -> None:
-    """v0002 holding `model`, and the challenger alias on it (the layout bench_serving.make_registry writes)."""
-    import hashlib
-
-    from tuneline.core.registry_layout import RegistryTree
-
-    folder = RegistryTree(registry).model_dir(name)
-    data = model.read_bytes()
-    version = folder / "versions" / "v0002"
-    version.mkdir(parents=True)
-    (version / "model.onnx").write_bytes(data)
-    (version / "card.json").write_text(json.dumps({"name": name, "version": "v0002", "created": "", "files": {
-        "model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}}))
-    (folder / "aliases" / "challenger.json").write_text(json.dumps({"version": "v0002", "previous": [], "updated": ""}))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "model.onnx")
@@ -79,7 +63,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-shadow-") as tmp:
         tmp = Path(tmp)
         registry = make_registry(tmp / "registry", args.model, args.name)
-        add_challenger(registry, args.name, args.challenger or args.model)
+        make_registry(registry, args.challenger or args.model, args.name, "v0002", "challenger")
         bodies = write_bodies(tmp / "binary", images, binary=True)
         for run in range(args.runs):
             arms = ["off", "shadow"] if run % 2 == 0 else ["shadow", "off"]

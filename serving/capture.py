@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from tuneline.serving.background import cancel_and_wait
+
 log = logging.getLogger("tuneline.serving.capture")
 
 FLUSH_S = 0.5  # how often buffered lines are written
@@ -104,12 +106,7 @@ class Capture:
         self._task = asyncio.create_task(self._flush_every())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         await self.flush()
 
     async def _flush_every(self) -> None:

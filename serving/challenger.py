@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tuneline.serving.background import cancel_and_wait
+
 log = logging.getLogger("tuneline.serving.challenger")
 
 CLIENT_KEY = "x-tuneline-client"  # REST header and gRPC metadata key
@@ -82,12 +84,7 @@ class Shadow:
         self._task = asyncio.create_task(self._consume())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _consume(self) -> None:
         while True:

@@ -13,7 +13,6 @@ decodes its wire format, calls a method, and encodes the answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import numpy as np
 import orjson
 
 from tuneline.serving import inputs, live, protocol
+from tuneline.serving.background import cancel_and_wait
 from tuneline.serving.capture import Capture
 from tuneline.serving.challenger import Shadow, routes_to_challenger
 from tuneline.serving.drain import Drain
@@ -94,10 +94,7 @@ class DataPlane:
         await self.shadow.stop()
         if self.capture is not None:
             await self.capture.stop()  # what is buffered is written
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await cancel_and_wait(self._watcher)
         self.executor.shutdown(wait=True)
 
     # ----- health and metadata ----------------------------------------------------------------------------
