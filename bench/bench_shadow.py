@@ -43,6 +43,13 @@ def read_images(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=16).reshape(count, 1, rows, cols)[:N_IMAGES].copy()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) the server process has used so far: a cost per request that other
+    load on the machine changes far less than it changes latency."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "model.onnx")
@@ -82,7 +89,9 @@ def main() -> int:
                             pass
                     wrk(url, bodies, args.connections, WARMUP_S)
                     before = httpx.get(f"http://127.0.0.1:{port}/v2/live/{args.name}").json()
+                    cpu_before = cpu_seconds(proc.pid)
                     result = wrk(url, bodies, args.connections, args.duration)
+                    result["cpu_s"] = cpu_seconds(proc.pid) - cpu_before
                     after = httpx.get(f"http://127.0.0.1:{port}/v2/live/{args.name}").json()
                 finally:
                     stop(proc)
@@ -94,8 +103,9 @@ def main() -> int:
                 result["compared"] = challenger.get("compared", 0) - earlier.get("compared", 0)
                 result["dropped"] = challenger.get("dropped", 0) - earlier.get("dropped", 0)
                 result["agreement"] = challenger.get("agreement")
+                result["cpu_us_per_request"] = result["cpu_s"] / max(result["requests"], 1) * 1e6
                 results[arm].append(result)
-                print(f"run {run + 1} {arm:6s}: {json.dumps({k: result.get(k) for k in ('requests_per_s', 'p50_ms', 'p99_ms', 'errors', 'compared', 'dropped', 'agreement')})}",
+                print(f"run {run + 1} {arm:6s}: {json.dumps({k: result.get(k) for k in ('requests_per_s', 'p50_ms', 'p99_ms', 'cpu_us_per_request', 'errors', 'compared', 'dropped', 'agreement')})}",
                       flush=True)
     return report(results, args)
 
@@ -104,12 +114,13 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace) -> int:
     print(f"\nshadow benchmark: wrk, {args.connections} connections, V2 binary bodies, {args.duration:g} s per arm, "
           f"{args.runs} runs; {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}")
     print("| run | off p50 ms | shadow p50 ms | ratio | off p99 ms | shadow p99 ms | ratio | off req/s | shadow req/s "
-          "| compared | dropped | agreement |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| off CPU µs/req | shadow CPU µs/req | compared | dropped | agreement |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run, (off, shadow) in enumerate(zip(results["off"], results["shadow"], strict=True), 1):
         print(f"| {run} | {off['p50_ms']:.2f} | {shadow['p50_ms']:.2f} | {shadow['p50_ms'] / off['p50_ms']:.3f} "
               f"| {off['p99_ms']:.2f} | {shadow['p99_ms']:.2f} | {shadow['p99_ms'] / off['p99_ms']:.3f} "
-              f"| {off['requests_per_s']:.0f} | {shadow['requests_per_s']:.0f} | {shadow['compared']} "
+              f"| {off['requests_per_s']:.0f} | {shadow['requests_per_s']:.0f} | {off['cpu_us_per_request']:.0f} "
+              f"| {shadow['cpu_us_per_request']:.0f} | {shadow['compared']} "
               f"| {shadow['dropped']} | {shadow['agreement']} |")
     return 0
 

@@ -1,4 +1,4 @@
-"""The server's background tasks (the champion watcher, the shadow consumer, the capture writer): how they end."""
+"""The server's background tasks (the champion watcher, the capture writer): how they end."""
 
 from __future__ import annotations
 

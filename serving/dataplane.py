@@ -72,7 +72,8 @@ class DataPlane:
                            settings.drain_delay_s)
         self._watcher: asyncio.Task | None = None
         self.live = live.LiveStats(settings.drift_window)
-        self.shadow = Shadow(settings.shadow_queue, settings.shadow_percent, self._shadow_result, self._shadow_dropped)
+        self.shadow = Shadow(settings.shadow_queue, settings.shadow_percent, self._shadow_result, self._shadow_dropped,
+                             max_batch_rows=settings.max_batch_size)
         self.capture = (Capture(settings.capture_dir, settings.capture_percent, settings.capture_max_mb)
                         if settings.capture else None)
         self.siblings: Siblings | None = None  # serve.workers > 1: the other workers (serving/workers.py sets it)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections import Counter
 
 import grpc
@@ -165,3 +167,48 @@ def test_a_full_shadow_queue_drops_and_counts_instead_of_waiting():
     assert asyncio.run(offer_three()) == [True, True, False] and dropped == ["challenger"]
     shadow = Shadow(size=2, percent=10, on_result=None, on_drop=None)
     assert abs(sum(shadow.sampled() for _ in range(10_000)) / 10_000 - 0.10) < 0.015
+
+
+class _SlowChallenger:
+    """A challenger whose session takes 0.3 s a run; row i's class is int(row value) % 2."""
+
+    name, version = "mnist", "v0002"
+
+    def __init__(self):
+        self.runs: list[int] = []
+        self.threads: set[int] = set()
+
+    def run(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        self.threads.add(threading.get_ident())
+        self.runs.append(len(rows))
+        time.sleep(0.3)
+        probabilities = np.full((len(rows), 2), 0.1)
+        probabilities[np.arange(len(rows)), rows[:, 0].astype(int) % 2] = 0.9
+        return {"probabilities": probabilities}
+
+
+def test_the_shadow_runs_waiting_requests_together_in_its_own_thread_while_the_loop_keeps_going():
+    async def scenario():
+        delivered = []
+        shadow = Shadow(size=16, percent=100, on_drop=None, on_result=lambda model, rows, probabilities, seconds,
+                        champion: delivered.append((threading.get_ident(), probabilities.argmax(1).tolist(),
+                                                    champion.tolist(), seconds)))
+        shadow.start()
+        challenger = _SlowChallenger()
+        for i in range(5):  # offered in the same moment: one run of 5 rows
+            assert shadow.offer(challenger, np.full((1, 4), float(i)), np.array([i % 2]))
+        ticks, started = 0, time.perf_counter()
+        while len(delivered) < 5:  # the event loop keeps turning while the challenger's 0.3 s run goes on
+            await asyncio.sleep(0.01)
+            ticks += 1
+            assert time.perf_counter() - started < 10, "the shadow results never came back"
+        await shadow.stop()
+        return delivered, challenger, ticks, threading.get_ident()
+
+    delivered, challenger, ticks, loop_thread = asyncio.run(scenario())
+    assert challenger.runs == [5] and loop_thread not in challenger.threads
+    assert ticks >= 15
+    assert all(thread == loop_thread for thread, *_ in delivered)  # live numbers are only touched on the loop
+    assert [classes for _, classes, _, _ in delivered] == [champion for _, _, champion, _ in delivered] == \
+        [[i % 2] for i in range(5)]  # each request gets its own rows' answers back
+    assert all(seconds >= 0.3 for *_, seconds in delivered)
