@@ -72,6 +72,14 @@ def capture_overrides(params: Params, model: str) -> dict[str, Any]:
         overrides["data.channels"] = "auto"
     if params.data.image_size is not None:
         overrides["data.image_size"] = None
+    # The audio and text sources' keys (the speech and sst2 examples set some): the captured model's spec fixes
+    # its classes, clip length and tokenizer.
+    for key in ("audio_folder", "label_pattern", "test_rule", "labels_file", "clip_seconds", "text_files",
+                "text_column", "max_length", "class_names"):
+        if getattr(params.data, key) is not None:
+            overrides[f"data.{key}"] = None
+    if params.data.tokenizer != "word":
+        overrides["data.tokenizer"] = "word"
     return overrides
 
 

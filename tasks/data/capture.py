@@ -11,17 +11,25 @@ for any source without splits); rows without a label are counted, not used. A li
 line of a file the server was writing when it stopped, cut short) is skipped and counted; when a request has several
 labels, the last one read wins (files in name order, lines in order).
 
-Values: the server captures a row as the model's graph received it. For images that is float32 pixels 0..255
-(normalisation is inside the ONNX graph: clients send raw pixels, core/spec.py), so each value is rounded to the
-uint8 pixel it was; no mean/std is undone. A row whose values lie outside 0..255 is refused with its id. The class
-names and the input shape come from the captured version's input spec in the registry (its ONNX metadata), so the
-retrained model keeps the served model's contract; every row must have that shape.
+Image, audio and text models are read. The contract (class names and order, input shape, sample rate and clip
+length, tokenizer) comes from the captured version's input spec in the registry (the newest version the labelled
+rows name; its ONNX metadata), so the retrained model keeps the served model's contract and challenges it. Every
+labelled row must be of that contract; a row that states another modality than the model's, or rows of one model
+name that state different modalities, are refused. The server captures what each model takes (serving/capture.py):
 
-Only image models are read so far: an audio row is a fitted clip and a text row token ids, which the records
-format (tasks/data/records.py) would need as clips and strings.
+- image: float32 pixels 0..255 [C, H, W] as the graph received them (normalisation is inside the ONNX graph:
+  clients send raw pixels, core/spec.py), so each value is rounded to the uint8 pixel it was; no mean/std is
+  undone. Written as the raw IDX layout (fetch.write_raw, split `all`). A row of another shape or with values
+  outside 0..255 (a normalised one) is refused with its id.
+- audio: the float samples the model took, already resampled and fitted to its length; written as the speech
+  source's raw records at the model's sample rate, with its clip length fixed for prepare (capture_records.py).
+  A row of another length, or not float samples, is refused with its id.
+- text: the string the client sent; written as the text source's raw records (UTF-8 sentences), with the served
+  model's tokenizer for prepare to encode with (capture_records.py). A row that is not a non-empty string (token
+  ids, say) is refused with its id.
 
-Besides the raw IDX files, fetch writes `capture.json` (CaptureReport: rows, labelled, versions; never a path),
-which the run summary reports.
+Besides the raw files, fetch writes `capture.json` (CaptureReport: rows, labelled, versions; never a path), which
+the run summary reports.
 """
 
 from __future__ import annotations
@@ -124,9 +132,10 @@ class _Labelled:
     time: str
     id: str
     version: str
-    values: list
+    values: list | str             # the captured input: pixels, samples or a text
     label: int
     where: str
+    modality: str | None = None    # as the row states it
 
 
 def scan_capture(folder: Path, model: str) -> tuple[CaptureReport, list[_Labelled]]:
@@ -158,7 +167,7 @@ def scan_capture(folder: Path, model: str) -> tuple[CaptureReport, list[_Labelle
                 raise DataError(f"{path}: row {line} (id {row.get('id')}) has no 'input': not a capture row")
             counts["labelled"] += 1
             kept.append(_Labelled(str(row.get("time", "")), str(row["id"]), version, row["input"], label,
-                                  f"{path.name} id {row['id']}"))
+                                  f"{path.name} id {row['id']}", row.get("modality")))
     kept.sort(key=lambda r: (r.time, r.id))
     report = CaptureReport(model=model, rows=rows, labelled=len(kept), skipped_lines=skipped, files=len(files),
                            versions={v: {"rows": c["rows"], "labelled": c["labelled"]}
@@ -166,8 +175,9 @@ def scan_capture(folder: Path, model: str) -> tuple[CaptureReport, list[_Labelle
     return report, kept
 
 
-def captured_spec(registry_dir: Path, model: str, versions: list[str]) -> tuple[str, InputSpec]:
-    """The input spec of the newest captured version in the registry (class names and shape of the data)."""
+def captured_spec(registry_dir: Path, model: str, versions: list[str]) -> tuple[str, InputSpec, dict[str, str]]:
+    """The input spec of the newest captured version in the registry (the contract of the data), and its ONNX
+    metadata (a text model's tokenizer)."""
     import onnx
 
     reader = RegistryReader(Path(registry_dir), model)
@@ -180,7 +190,7 @@ def captured_spec(registry_dir: Path, model: str, versions: list[str]) -> tuple[
     try:
         data = reader.read_verified(version, MODEL_FILE).data
         metadata = {p.key: p.value for p in onnx.load_model_from_string(data).metadata_props}
-        return version, read_input_spec(metadata, f"registry {model} {version}")
+        return version, read_input_spec(metadata, f"registry {model} {version}"), metadata
     except (RegistryReadError, SpecError) as exc:
         raise DataError(f"capture: {exc}") from None
 
@@ -188,7 +198,11 @@ def captured_spec(registry_dir: Path, model: str, versions: list[str]) -> tuple[
 def to_pixels(values: list, spec: InputSpec, where: str) -> np.ndarray:
     """One captured image row (float32 0..255, [C, H, W] as the graph took it) as the uint8 pixels prepare stores:
     [H, W] for gray, [H, W, C] for colour (fetch's raw layout)."""
-    array = np.asarray(values, dtype=np.float32)
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):  # a string, or rows of uneven lengths
+        raise DataError(f"capture {where}: input is not nested lists of pixels [C, H, W]: the row is not of this "
+                        "model's contract; move its file out of data.capture_dir") from None
     if array.shape != spec.shape:
         raise DataError(f"capture {where}: input shape {list(array.shape)}, the model takes {list(spec.shape)}: "
                         "the row is not of this model's contract")
@@ -200,9 +214,28 @@ def to_pixels(values: list, spec: InputSpec, where: str) -> np.ndarray:
     return pixels[0] if spec.channels == 1 else np.transpose(pixels, (1, 2, 0))
 
 
+def check_modality(kept: list[_Labelled], spec: InputSpec, model: str, version: str) -> None:
+    """Every labelled row states the captured model's modality (rows that state none are held to its contract)."""
+    first: dict[str, _Labelled] = {}
+    for row in kept:
+        if row.modality is not None:
+            first.setdefault(str(row.modality), row)
+    if len(first) > 1:
+        seen = "; ".join(f"{modality} ({row.where})" for modality, row in first.items())
+        raise DataError(f"capture: the rows of model {model!r} are of more than one modality ({seen}): one model "
+                        "name serves one contract; move the other model's capture files out of data.capture_dir")
+    for modality, row in first.items():
+        if modality != spec.modality:
+            raise DataError(f"capture {row.where}: a {modality} row, but {model} {version} is a {spec.modality} "
+                            f"model ({spec.describe()}): move the other model's capture files out of "
+                            "data.capture_dir, or set data.capture_model to the model it was captured from")
+
+
 def fetch_capture(cfg: DataConfig, folder: Path, registry_dir: Path | None, staging: Path) -> tuple[dict[str, int], list[str]]:
-    """Write the labelled captured rows of data.capture_model as fetch's raw IDX layout (split `all`), with
-    classes.json from the captured model's spec and capture.json (the counts); returns counts and notes."""
+    """Write the labelled captured rows of data.capture_model as the raw layout of the model's modality (images:
+    fetch's IDX files, split `all`; audio and text: the records of capture_records.py), with the classes from the
+    captured model's spec and capture.json (the counts); returns counts and notes."""
+    from tuneline.tasks.data.capture_records import write_capture_records
     from tuneline.tasks.data.fetch import write_raw
 
     model = cfg.capture_model
@@ -214,10 +247,8 @@ def fetch_capture(cfg: DataConfig, folder: Path, registry_dir: Path | None, stag
         raise DataError(f"data.capture_dir {folder}: {report.describe()}: nothing to train on; send true labels "
                         "for captured request ids to the server's feedback route first")
     versions = sorted({r.version for r in kept if is_version_id(r.version)}, key=version_number)
-    version, spec = captured_spec(registry_dir, model, versions)
-    if spec.modality != "image":
-        raise DataError(f"capture: {model} is a {spec.modality} model; captured requests are read as a data set for "
-                        "image models only so far (docs/data.md)")
+    version, spec, metadata = captured_spec(registry_dir, model, versions)
+    check_modality(kept, spec, model, version)
     valid = [r for r in kept if 0 <= r.label < spec.n_classes]
     invalid = len(kept) - len(valid)
     if invalid:  # a label sent for a class the model does not have: counted in the report, not trained on
@@ -227,11 +258,15 @@ def fetch_capture(cfg: DataConfig, folder: Path, registry_dir: Path | None, stag
                                   "versions": versions})
     if not valid:
         raise DataError(f"data.capture_dir {folder}: no feedback label names a class of {model} (0..{spec.n_classes - 1})")
-    images = np.stack([to_pixels(r.values, spec, r.where) for r in valid])
-    labels = np.array([r.label for r in valid], dtype=np.int64)
-    write_raw(staging, {"all": (images, labels)}, list(spec.class_names), "capture")
+    if spec.modality == "image":
+        images = np.stack([to_pixels(r.values, spec, r.where) for r in valid])
+        write_raw(staging, {"all": (images, np.array([r.label for r in valid], dtype=np.int64))},
+                  list(spec.class_names), "capture")
+    else:
+        write_capture_records(staging, spec, metadata, [(r.values, r.label, r.where) for r in valid], cfg.shard_mb,
+                              f"registry {model} {version}")
     report.write(staging)
-    notes = [report.describe(), f"classes and shape from {model} {version}'s input spec ({spec.describe()})"]
+    notes = [report.describe(), f"the contract from {model} {version}'s input spec ({spec.describe()})"]
     for note in notes:
         log.info("fetch: %s", note)
-    return {"all": int(labels.size)}, notes
+    return {"all": len(valid)}, notes

@@ -5,7 +5,7 @@ of official mirrors, and is checked against the content checksums below: the dec
 the same on every mirror, while the gzip bytes are not, so the DVC hash of `paths.raw` (the data
 version) does not depend on where the data came from. An image folder (class sub-folders of PNG/JPEG, or an
 archive of them, local or at a URL; tasks/data/imagefolder.py) is streamed into the same IDX layout a
-user's `module:function` loader's arrays and the server's captured requests (tasks/data/capture.py) are written in
+user's `module:function` loader's arrays and the server's captured image requests (tasks/data/capture.py) are written in
 (`write_raw`; tasks/data/loader.py), so `prepare` has one code path. Everything is written to a staging folder that replaces `paths.raw` only once complete.
 """
 

@@ -10,6 +10,10 @@ carved stratified; validation carved stratified from train; train stored in a se
 - text: a tokenizer (core/text.py; data.tokenizer: word or wordpiece) is trained on the training split only, saved as `tokenizer.json`
   beside the shards (and in the manifest, which is what the model takes it from), and every split encoded to
   `data.max_length` token ids (or the training texts' 99th-percentile length, rounded up to 8): int32 [N, length].
+
+Records of captured traffic (tasks/data/capture_records.py) fix what is otherwise measured: records.json names
+the served model's clip length (`samples`) or its tokenizer (`tokenizer`, `tokenizer_kind`), and those are kept,
+so the retrained model takes the served model's inputs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from tuneline.core.atomic import staged_dir
 from tuneline.core.audio import fit_length
 from tuneline.core.config.data import DataConfig
 from tuneline.core.spec import InputSpec, TextInput
-from tuneline.core.text import TOKENIZER_KINDS, train_tokenizer
+from tuneline.core.text import TOKENIZER_KINDS, Tokenizer, train_tokenizer
 from tuneline.tasks.data.idx import DataError
 from tuneline.tasks.data.records import RECORDS_FILE
 from tuneline.tasks.data.shards import (FORMAT, RecordLayout, SplitShards, gather_rows, sha256_file, shard_plan,
@@ -90,6 +94,18 @@ def _clip_samples(cfg: DataConfig, train: SplitShards, rows: np.ndarray, rate: i
     return round(seconds * rate)
 
 
+def _fixed_samples(cfg: DataConfig, records: dict, rate: int) -> int | None:
+    """The clip length the raw records fix (a captured model's), None when prepare measures it."""
+    if "samples" not in records:
+        return None
+    samples = int(records["samples"])
+    if cfg.clip_seconds is not None and round(cfg.clip_seconds * rate) != samples:
+        raise DataError(f"data.clip_seconds {cfg.clip_seconds:g} ({round(cfg.clip_seconds * rate)} samples at {rate} "
+                        f"Hz): the captured model takes {samples}: unset data.clip_seconds (the retrained model keeps "
+                        "the served model's clip length)")
+    return samples
+
+
 def _texts(shards: SplitShards, rows: np.ndarray) -> list[str]:
     return [bytes(r).decode("utf-8") for r in gather_rows(shards, rows)[0]] if rows.size else []
 
@@ -113,7 +129,8 @@ def run_prepare_records(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> "
     with staged_dir(prepared_dir) as staging:
         if kind == "audio":
             rate = int(records["sample_rate"])
-            samples = _clip_samples(cfg, raw[plan["train"][0]], plan["train"][1], rate)
+            samples = _fixed_samples(cfg, records, rate) or _clip_samples(cfg, raw[plan["train"][0]], plan["train"][1],
+                                                                         rate)
             spec = InputSpec.for_audio(classes, rate, samples)
             layout = RecordLayout("float32", (samples,))
 
@@ -122,12 +139,16 @@ def run_prepare_records(cfg: DataConfig, raw_dir: Path, prepared_dir: Path) -> "
                     if len(texts_or_clips) else np.empty((0, samples), np.float32)
         elif kind == "text":
             train_split, train_rows = plan["train"]
-            texts = _texts(raw[train_split], train_rows)
-            tokenizer = train_tokenizer(texts, cfg.max_length, cfg.vocab_size, cfg.min_frequency, cfg.tokenizer)
+            if "tokenizer" in records:  # a captured model's own tokenizer: its contract, not trained again
+                tokenizer, tokenizer_kind = Tokenizer.from_json(records["tokenizer"]), records["tokenizer_kind"]
+            else:
+                texts = _texts(raw[train_split], train_rows)
+                tokenizer = train_tokenizer(texts, cfg.max_length, cfg.vocab_size, cfg.min_frequency, cfg.tokenizer)
+                tokenizer_kind = TOKENIZER_KINDS[cfg.tokenizer]
             max_length = tokenizer.max_length
             (staging / TOKENIZER_FILE).write_text(tokenizer.json)
             manifest["tokenizer"] = tokenizer.json
-            spec = InputSpec.for_text(classes, TextInput(TOKENIZER_KINDS[cfg.tokenizer], tokenizer.vocab_size, max_length,
+            spec = InputSpec.for_text(classes, TextInput(tokenizer_kind, tokenizer.vocab_size, max_length,
                                                          tokenizer.pad_id, tokenizer.sha256))
             layout = RecordLayout("int32", (max_length,))
 

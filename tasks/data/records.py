@@ -103,11 +103,14 @@ def class_order(labels) -> list[str]:
 
 
 def _write_records(staging: Path, kind: str, writers: dict[str, SplitWriter], extra: dict,
-                   class_names: dict[str, str] | None) -> tuple[dict[str, int], list[str]]:
+                   class_names: dict[str, str] | None, label_values: list[str] | None = None,
+                   source: str | None = None) -> tuple[dict[str, int], list[str]]:
+    """records.json, classes.json and source.json (`source`, default `kind`); `label_values` fixes the classes and
+    their order (a captured model's, tasks/data/capture_records.py), else they are the labels seen."""
     labels = [label for w in writers.values() for labels in (*w._labels_of, w.labels) for label in labels]
     if not labels:
         raise DataError(f"{kind}: no records found")
-    values = class_order(labels)
+    values = list(label_values) if label_values is not None else class_order(labels)
     if len(values) < 2:
         raise DataError(f"{kind}: every record has the label {values[0]!r}: a classifier needs at least 2 classes")
     if class_names:
@@ -121,7 +124,7 @@ def _write_records(staging: Path, kind: str, writers: dict[str, SplitWriter], ex
                 "classes": names, "label_values": values, "splits": splits, **extra}
     (staging / RECORDS_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     (staging / "classes.json").write_text(json.dumps(names))
-    (staging / "source.json").write_text(json.dumps({"source": kind}) + "\n")
+    (staging / "source.json").write_text(json.dumps({"source": source or kind}) + "\n")
     return {split: entry["count"] for split, entry in splits.items()}, names
 
 
