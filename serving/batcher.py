@@ -7,7 +7,7 @@ latency. The "usually holds" part matters under load: requests still unread in s
 "in flight", and without it a busy server would fire many small batches. A lone request (the only one in
 flight at the server) always goes at once, whatever the last burst taught "usually holds": concurrency 1
 runs at batch-1 speed, never held for the window (tests/serving/test_latency.py), and on the event loop
-itself when its last run took under INLINE_RUN_S. While one batch runs in the worker thread, the next one fills up. The drain task exists
+itself when its last run took under INLINE_RUN_S and the traffic is one client's (one_client). While one batch runs in the worker thread, the next one fills up. The drain task exists
 only while requests are queued, so a swapped-out model version needs no shutdown: its last batches finish.
 """
 
@@ -37,15 +37,17 @@ class _Item:
 class Batcher:
     def __init__(self, run: Callable[[np.ndarray], Outputs], executor: Executor, max_batch_size: int = 64,
                  max_delay_s: float = 0.002, enabled: bool = True, in_flight: Callable[[], int] | None = None,
-                 on_batch: Callable[[int, list[float], float], None] | None = None):
+                 on_batch: Callable[[int, list[float], float], None] | None = None,
+                 one_client: Callable[[], bool] | None = None):
         """`run` maps a [rows, ...] array to outputs whose first axis is rows; it runs on `executor`.
 
-        `in_flight` reports how many inference requests the server is handling; `on_batch(rows, queue
-        waits in s, run time in s)` is called after each run (metrics).
+        `in_flight` reports how many inference requests the server is handling; `one_client` whether the traffic
+        is one client's (middleware.InFlight.one_client; None: never, so nothing runs on the loop); `on_batch(rows,
+        queue waits in s, run time in s)` is called after each run (metrics).
         """
         self.run, self.executor = run, executor
         self.max_batch_size, self.max_delay_s, self.enabled = max_batch_size, max_delay_s, enabled
-        self.in_flight, self.on_batch = in_flight, on_batch
+        self.in_flight, self.on_batch, self.one_client = in_flight, on_batch, one_client
         self._pending: deque[_Item] = deque()
         self._pending_rows = 0
         self._typical = 1.0  # moving average of requests per batch
@@ -66,7 +68,8 @@ class Batcher:
         if not self.enabled:
             await self._execute([item])
             return item.future.result()
-        if self._worker is None and self._lone_run_s < INLINE_RUN_S and self.in_flight and self.in_flight() <= 1:
+        if (self._worker is None and self._lone_run_s < INLINE_RUN_S and self.in_flight and self.in_flight() <= 1
+                and self.one_client is not None and self.one_client()):
             self._run_inline(item)
             return item.future.result()
         self._pending.append(item)

@@ -84,6 +84,7 @@ class InferenceService:
             raise Busy(f"server busy: {self.in_flight.count} inference requests in flight (serve.max_concurrency); "
                        "retry shortly")
         self.in_flight.count += 1  # the batcher reads it: gRPC requests count as REST ones do
+        self.in_flight.arrived(context.peer() if context is not None else None)
         self.metrics.in_flight.inc()
         try:
             key = dict(context.invocation_metadata() or ()).get(CLIENT_KEY) if context is not None else None

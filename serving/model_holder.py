@@ -397,7 +397,7 @@ class ModelHolder:
 
         return Batcher(model.run, self.executor, max_batch_size=s.max_batch_size,
                        max_delay_s=s.max_queue_delay_us / 1e6, enabled=s.batching, in_flight=self.in_flight,
-                       on_batch=on_batch)
+                       one_client=self.in_flight.one_client, on_batch=on_batch)
 
     def _report_loaded(self, model: LoadedModel, replaced: LoadedModel | None, role: str) -> None:
         info = self.metrics.model_info

@@ -210,13 +210,54 @@ def test_a_quick_lone_request_runs_on_the_event_loop_a_slow_one_in_the_worker(ru
 
     async def main():
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(run, executor, max_batch_size=64, max_delay_s=0.2, in_flight=lambda: 1)
+            batcher = Batcher(run, executor, max_batch_size=64, max_delay_s=0.2, in_flight=lambda: 1,
+                              one_client=lambda: True)
             for _ in range(3):
                 await batcher.submit(np.zeros((1, 4), np.float32))
 
     asyncio.run(main())
     assert threads[0] is not threading.main_thread()  # the first run's time is unknown: worker thread
     assert all((t is threading.main_thread()) == on_loop for t in threads[1:])
+
+
+def test_a_quick_lone_request_amid_many_clients_traffic_runs_in_the_worker():
+    threads = []
+
+    def run(rows):
+        threads.append(threading.current_thread())
+        return {"rows": rows}
+
+    async def main():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(run, executor, max_batch_size=64, max_delay_s=0.2, in_flight=lambda: 1,
+                              one_client=lambda: False)
+            for _ in range(5):
+                await batcher.submit(np.zeros((1, 4), np.float32))
+
+    asyncio.run(main())
+    assert len(threads) == 5 and threading.main_thread() not in threads
+
+
+def test_one_client_means_most_recent_requests_came_over_one_connection():
+    from tuneline.serving.middleware import ONE_CLIENT_SHARE, ONE_CLIENT_WINDOW, InFlight
+
+    in_flight = InFlight()
+    for _ in range(ONE_CLIENT_WINDOW - 1):
+        in_flight.arrived(("127.0.0.1", 5001))
+    assert not in_flight.one_client()  # too few requests to tell
+    in_flight.arrived(("127.0.0.1", 5001))
+    assert in_flight.one_client()
+    for i in range(ONE_CLIENT_WINDOW - ONE_CLIENT_SHARE):  # a monitor's few requests do not end it
+        in_flight.arrived(("127.0.0.1", 6000 + i))
+    assert in_flight.one_client()
+    in_flight.arrived(("127.0.0.1", 7000))  # one more: under the share
+    assert not in_flight.one_client()
+    for i in range(3 * ONE_CLIENT_WINDOW):  # many connections taking turns
+        in_flight.arrived(("127.0.0.1", 5001 + i % 2))
+    assert not in_flight.one_client()
+    for _ in range(2 * ONE_CLIENT_WINDOW):
+        in_flight.arrived(None)  # requests of unknown origin are never one client's
+    assert not in_flight.one_client()
 
 
 def test_batcher_off_runs_each_request_alone_and_failures_reach_every_caller():
