@@ -125,6 +125,7 @@ simply yours.
 
 from pathlib import Path
 
+from tuneline.flows.drift_watch import drift_watch, promote_live  # noqa: F401  (the live loop's deployments)
 from tuneline.flows.pipeline import pipeline  # noqa: F401  (prefect.yaml's entry point names it here)
 
 if __name__ == "__main__":
@@ -168,6 +169,26 @@ deployments:
     description: >-
       Run on demand, e.g. prefect deployment run '{name}/adhoc' --params '{{"overrides": {{"train.epochs": 4}}}}'
     entrypoint: {flow_file}:pipeline
+    parameters:
+      project_dir: "."
+    work_pool: *tuneline_pool
+  # The live loop (Tuneline's docs/operations.md): off until a server with drift and capture serves this project.
+  - name: drift-watch
+    description: >-
+      Every 10 minutes: read the inference server's drift score (GET /v2/live/<model>) and, when it is over its
+      threshold, start tuneline/adhoc on the captured traffic (data.source=capture), at most once per watch.cooldown_s.
+    entrypoint: {flow_file}:drift_watch
+    parameters:
+      project_dir: "."
+    work_pool: *tuneline_pool
+    schedules:
+      - interval: 600
+        active: false
+  - name: promote-live
+    description: >-
+      On demand: promote the challenger to champion only if the server's live window of it meets gate.live_* and its
+      offline gates held (`tuneline models promote --live` as a flow run).
+    entrypoint: {flow_file}:promote_live
     parameters:
       project_dir: "."
     work_pool: *tuneline_pool

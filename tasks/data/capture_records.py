@@ -21,7 +21,7 @@ from tuneline.core.onnx_metadata import read_tokenizer_json
 from tuneline.core.spec import InputSpec, SpecError
 from tuneline.core.text import TextError, check_text
 from tuneline.tasks.data.idx import DataError
-from tuneline.tasks.data.records import SplitWriter, _write_records
+from tuneline.tasks.data.records import SplitWriter, write_records
 from tuneline.tasks.data.shards import RecordLayout
 
 # A clip resampled from an upload can overshoot ±1 a little (the server checks the range of V2 samples only);
@@ -80,5 +80,5 @@ def write_capture_records(staging: Path, spec: InputSpec, metadata: dict[str, st
     for record, (_, label, _) in zip(records, rows):
         writer.add(record, str(label))
     values = [str(index) for index in range(spec.n_classes)]  # labels are class indices; the names are the spec's
-    _write_records(staging, spec.modality, {"all": writer}, extra, dict(zip(values, spec.class_names)),
+    write_records(staging, spec.modality, {"all": writer}, extra, dict(zip(values, spec.class_names)),
                    label_values=values, source="capture")

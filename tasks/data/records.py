@@ -102,7 +102,7 @@ def class_order(labels) -> list[str]:
     return names
 
 
-def _write_records(staging: Path, kind: str, writers: dict[str, SplitWriter], extra: dict,
+def write_records(staging: Path, kind: str, writers: dict[str, SplitWriter], extra: dict,
                    class_names: dict[str, str] | None, label_values: list[str] | None = None,
                    source: str | None = None) -> tuple[dict[str, int], list[str]]:
     """records.json, classes.json and source.json (`source`, default `kind`); `label_values` fixes the classes and
@@ -278,7 +278,7 @@ def fetch_audio(cfg: DataConfig, source: str, staging: Path) -> tuple[dict[str, 
     notes.append(f"{len(lengths)} clips at {cfg.sample_rate} Hz, {seconds.min():.2f}-{seconds.max():.2f} s "
                  f"(median {np.median(seconds):.2f} s)")
     writers = {s: w for s, w in writers.items() if w.records or w.shards}
-    counts, classes = _write_records(staging, "audio", writers, {"sample_rate": cfg.sample_rate}, cfg.class_names)
+    counts, classes = write_records(staging, "audio", writers, {"sample_rate": cfg.sample_rate}, cfg.class_names)
     for note in notes:
         log.info("fetch: %s", note)
     return counts, classes, notes
@@ -352,6 +352,6 @@ def fetch_text(cfg: DataConfig, source: str, staging: Path) -> tuple[dict[str, i
         writer = writers[split] = SplitWriter(split, staging, layout, cfg.shard_mb * 1e6)
         for text, label in _text_rows(path, cfg):
             writer.add(np.frombuffer(text.encode("utf-8"), dtype=np.uint8), label)
-    counts, classes = _write_records(staging, "text", writers, {}, cfg.class_names)
+    counts, classes = write_records(staging, "text", writers, {}, cfg.class_names)
     notes = [f"{sum(counts.values())} texts in {len(classes)} classes"]
     return counts, classes, notes

@@ -66,9 +66,21 @@ def test_init_writes_a_committed_project_that_generates_its_own_dvc_yaml(tmp_pat
     assert ".tuneline/code/train.json" in stages["train"]["deps"]
     assert not any(dep.startswith("tasks/") for stage in stages.values() for dep in stage.get("deps", []))
     # prefect.yaml's entry point exists in the folder and names the pipeline flow
-    entry = yaml.safe_load((project / "prefect.yaml").read_text())["deployments"][0]["entrypoint"]
+    deployments = yaml.safe_load((project / "prefect.yaml").read_text())["deployments"]
+    entry = deployments[0]["entrypoint"]
     module, _, flow = entry.partition(":")
     assert (project / module).is_file() and flow == "pipeline"
+    # ...and the live loop's deployments (drift watch, promote on live evidence) are there too, their flows in that file
+    assert [d["name"] for d in deployments] == ["nightly", "adhoc", "drift-watch", "promote-live"]
+    import runpy
+
+    from prefect import Flow
+
+    flow_file = runpy.run_path(str(project / module))
+    for deployment in deployments:
+        module, _, flow = deployment["entrypoint"].partition(":")
+        assert (project / module).is_file() and isinstance(flow_file.get(flow), Flow), deployment
+    assert all(not s["active"] for d in deployments[2:] for s in d.get("schedules", []))
     assert tool(project, env, str(BIN / "tuneline"), "dvc-yaml", "--check").returncode == 0
 
 
