@@ -95,10 +95,6 @@ class Shadow:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def queued(self) -> int:
-        return len(self._jobs)
-
     def sampled(self) -> bool:
         return self.percent > 0 and random.random() * 100 < self.percent
 

@@ -196,8 +196,10 @@ def test_a_lone_request_after_a_burst_is_not_held_for_the_batch_window():
     assert max(waits) < 0.1, waits  # each lone request skipped the 0.2 s window
 
 
-@pytest.mark.parametrize("run_s, on_loop", [(0.0, True), (0.2, False)])
-def test_a_quick_lone_request_runs_on_the_event_loop_a_slow_one_in_the_worker(run_s, on_loop, monkeypatch):
+@pytest.mark.parametrize("run_s, one_client, on_loop", [(0.0, True, True), (0.2, True, False), (0.0, False, False)],
+                         ids=["quick-one-client", "slow-one-client", "quick-amid-many-clients"])
+def test_a_quick_lone_request_of_one_client_runs_on_the_event_loop_others_in_the_worker(run_s, one_client, on_loop,
+                                                                                      monkeypatch):
     # The threshold well above a no-op's run time even on busy cores (0.5 ms is not: a preempted worker thread
     # measures more), and the slow run well above the threshold: the rule is tested, not the machine's load.
     monkeypatch.setattr("tuneline.serving.batcher.INLINE_RUN_S", 0.05)
@@ -211,31 +213,14 @@ def test_a_quick_lone_request_runs_on_the_event_loop_a_slow_one_in_the_worker(ru
     async def main():
         with ThreadPoolExecutor(1) as executor:
             batcher = Batcher(run, executor, max_batch_size=64, max_delay_s=0.2, in_flight=lambda: 1,
-                              one_client=lambda: True)
-            for _ in range(3):
-                await batcher.submit(np.zeros((1, 4), np.float32))
-
-    asyncio.run(main())
-    assert threads[0] is not threading.main_thread()  # the first run's time is unknown: worker thread
-    assert all((t is threading.main_thread()) == on_loop for t in threads[1:])
-
-
-def test_a_quick_lone_request_amid_many_clients_traffic_runs_in_the_worker():
-    threads = []
-
-    def run(rows):
-        threads.append(threading.current_thread())
-        return {"rows": rows}
-
-    async def main():
-        with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(run, executor, max_batch_size=64, max_delay_s=0.2, in_flight=lambda: 1,
-                              one_client=lambda: False)
+                              one_client=lambda: one_client)
             for _ in range(5):
                 await batcher.submit(np.zeros((1, 4), np.float32))
 
     asyncio.run(main())
-    assert len(threads) == 5 and threading.main_thread() not in threads
+    assert len(threads) == 5
+    assert threads[0] is not threading.main_thread()  # the first run's time is unknown: worker thread
+    assert all((t is threading.main_thread()) == on_loop for t in threads[1:])
 
 
 def test_one_client_means_most_recent_requests_came_over_one_connection():
