@@ -129,7 +129,7 @@ def small_prepared_dir(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: P
 
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_prepared_dir: Path) -> Path:
-    """The default network (slim_cnn) trained for 2 epochs on the slice with the default recipe (≈95% test accuracy)."""
+    """The default network (lean_cnn) trained for 2 epochs on the slice with the default recipe (≈95% test accuracy)."""
     from tuneline.core.config.model import ModelConfig
     from tuneline.core.config.train import TrainConfig
     from tuneline.tasks.lineage import Lineage

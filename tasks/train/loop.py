@@ -42,6 +42,7 @@ from tuneline.tasks.model.architectures import Classifier, as_model_input
 from tuneline.tasks.model.checkpoint import save_checkpoint
 from tuneline.tasks.train.distributed import DistContext, barrier, context
 from tuneline.tasks.train.epochs import MidEpoch, Trainee, train_epochs
+from tuneline.tasks.train.averaging import WeightAverage
 from tuneline.tasks.train.optim import LRSchedule, build_optimizer, optimizer_step
 from tuneline.tasks.train.resume import ResumeMismatch, ResumeState, run_identity
 from tuneline.tasks.train.setup import RunSetup, autocast, memory_format, prepare_run, resolve_device
@@ -163,6 +164,9 @@ class OneModel:
         self.optimizer = build_optimizer(cfg, model)
         self.schedule = LRSchedule(cfg, self.optimizer, steps_per_epoch=steps_per_epoch)
         self.l1_weights = _l1_weights(model)
+        self.average = WeightAverage(model, cfg.ema) if cfg.ema else None
+        # The model validation scores and the run keeps: the weight average under train.ema, else the live one.
+        self.eval_model = self.average.module if self.average is not None else model
 
     def begin_epoch(self) -> list[float]:
         self.model.train()
@@ -180,17 +184,20 @@ class OneModel:
         total.backward()
         optimizer_step(cfg, self.model, self.optimizer)
         self.schedule.after_step()
+        if self.average is not None:
+            self.average.update()
         return loss.detach().view(1)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, list]:
-        self.model.eval()
+        model = self.eval_model
+        model.eval()
         loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         with autocast(self.cfg, self.device):
             for images, labels in batches:
-                logits = self.model(as_model_input(images)).float()
+                logits = model(as_model_input(images)).float()
                 loss += F.cross_entropy(logits, labels, reduction="sum")
                 correct += (logits.argmax(1) == labels).sum()
                 seen += len(labels)
@@ -200,7 +207,7 @@ class OneModel:
         self.schedule.after_epoch(val_accuracy)
 
     def weights(self, row: int) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().clone() for k, v in self.eval_model.state_dict().items()}
 
     def keep(self, rows: list[int]) -> None:
         pass  # one model: the loop ends when it does
@@ -233,7 +240,7 @@ def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: 
            on_epoch: EpochCallback | None) -> TrainResult:
     model, ctx, device, data = run.model, run.ctx, run.device, run.data
     one = OneModel(model, cfg, ctx, device, steps_per_epoch=run.steps_per_epoch)
-    trainee = Trainee(cfg, on_epoch=(lambda record: on_epoch(record, model)) if on_epoch is not None else None)
+    trainee = Trainee(cfg, on_epoch=(lambda record: on_epoch(record, one.eval_model)) if on_epoch is not None else None)
 
     resume_path = checkpoint_dir / "last.pt"
     identity = run_identity(model_cfg, cfg, run.manifest)
@@ -244,7 +251,7 @@ def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: 
         except ResumeMismatch as exc:
             log.info("train: not resuming, starting over: %s", exc)
         else:
-            state.restore(model, one.optimizer, one.schedule, data.generator, device, trainee)
+            state.restore(model, one.optimizer, one.schedule, data.generator, device, trainee, one.average)
             start_epoch, mid_epoch = state.epoch, state.resume_point
             run.seed_rank(epochs_done=start_epoch)  # rank 0's streams are the checkpoint's; the others move on
             log.info("train: resuming from %s after epoch %d%s", resume_path, start_epoch,
@@ -257,7 +264,7 @@ def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: 
     def save_resume(epoch: int, mid: MidEpoch | None = None) -> None:
         if ctx.is_main:  # after `epoch` (or `mid.step` steps into it): epochs done, then the steps
             ResumeState.capture(identity, epoch if mid is None else epoch - 1, model, one.optimizer, one.schedule,
-                                data.generator, device, trainee, mid_epoch=mid).save(resume_path)
+                                data.generator, device, trainee, mid_epoch=mid, average=one.average).save(resume_path)
 
     every = cfg.checkpoint_every_steps
     with _Progress(show_progress, data.steps) as progress:
@@ -268,6 +275,8 @@ def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: 
 
     if cfg.restore_best and trainee.best_state is not None:
         model.load_state_dict(trainee.best_state)
+    elif one.average is not None:  # the last epoch's weights: their average, as validated
+        model.load_state_dict(one.weights(0))
     history = trainee.history
     if ctx.is_main:
         save_checkpoint(model_path, model, config={"model": model_cfg.model_dump(), "train": cfg.model_dump()},

@@ -63,6 +63,7 @@ from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.model.architectures import ModelArgs, as_model_input
 from tuneline.tasks.data.prepare import load_manifest
 from tuneline.tasks.data.stream import DataAccess
+from tuneline.tasks.train.averaging import stacked_decays
 from tuneline.tasks.train.epochs import Stream, Trainee, build_member, model_args, train_epochs
 from tuneline.tasks.train.optim import OPTIMIZER_FAMILY, OPTIMIZER_STATES, StackedOptimizer, StackedSchedules
 from tuneline.tasks.train.setup import RunSetup, autocast, prepare_run, resolve_device
@@ -171,7 +172,10 @@ class _Pack:
 
     def __init__(self, members: list[Member], args: ModelArgs, device: torch.device, steps_per_epoch: int):
         train_cfgs = [m.train for m in members]
-        self.device, self.autocast, self.args = device, autocast(train_cfgs[0], device), args
+        # bf16 autocast does not reach through vmap's batch norm on a CPU (a dtype error), so a pack there trains in
+        # fp32 whatever train.precision says; on CUDA it autocasts as run_train does.
+        precision = train_cfgs[0] if device.type != "cpu" else train_cfgs[0].model_copy(update={"precision": "fp32"})
+        self.device, self.autocast, self.args = device, autocast(precision, device), args
         self.key = group_key(members[0].model, members[0].train)
         self.no_dropout = all(m.model.dropout == 0 for m in members)
         models = self._build(members)
@@ -197,6 +201,12 @@ class _Pack:
         self.members = list(range(len(members)))  # the member of each row
         self.steps_done = [0] * len(members)  # optimizer steps of each row's model (Adam's bias correction)
         self.steps_per_epoch, self._table, self._step = steps_per_epoch, {}, 0
+        # train.ema: the rows' weight averages (averaging.py), stacked like the live tensors; a row with ema 0 keeps
+        # its live weights there (a lerp of weight 1 is exact). A pack where no row averages keeps none.
+        self.averaging = any(c.ema for c in train_cfgs)
+        self.decays = torch.tensor([c.ema for c in train_cfgs], dtype=torch.float32, device=device)
+        self.updates = [0] * len(members)
+        self.avg_params, self.avg_buffers = self._averages(self.params, self.buffers)
 
     def _build(self, members: list[Member]) -> list[nn.Module]:
         models = []
@@ -215,6 +225,23 @@ class _Pack:
             for n in self.input_major:
                 params[n] = params[n].transpose(1, 2).contiguous().requires_grad_(True)
         return params, stacked
+
+    def _averages(self, params: dict, buffers: dict) -> tuple[dict, dict]:
+        if not self.averaging:
+            return {}, {}
+        return ({n: p.detach().clone() for n, p in params.items()},
+                {n: b.clone() for n, b in buffers.items()})
+
+    @torch.no_grad()
+    def _update_averages(self) -> None:
+        self.updates = [u + 1 for u in self.updates]
+        weights = 1.0 - stacked_decays(self.decays, self.updates)  # [K]
+        for averaged, live in ((self.avg_params, self.params), (self.avg_buffers, self.buffers)):
+            for n, a in averaged.items():
+                if a.is_floating_point():
+                    a.lerp_(live[n].detach(), weights.view(-1, *[1] * (a.dim() - 1)).to(a.dtype))
+                else:  # counts (batch norm's num_batches_tracked): copied
+                    a.copy_(live[n])
 
     def _loss_hypers(self, train_cfgs: list[TrainConfig]) -> dict[str, torch.Tensor]:
         return {"l1": torch.tensor([c.l1 for c in train_cfgs], dtype=torch.float32, device=self.device),
@@ -241,6 +268,9 @@ class _Pack:
             self.params = {n: torch.cat([p.detach(), params[n].detach()]).requires_grad_(True)
                            for n, p in self.params.items()}
             self.buffers = {n: torch.cat([b, stacked[n]]) for n, b in self.buffers.items()}
+            if self.averaging:  # a newcomer's average starts at its own initial weights
+                self.avg_params = {n: torch.cat([a, params[n].detach()]) for n, a in self.avg_params.items()}
+                self.avg_buffers = {n: torch.cat([a, stacked[n]]) for n, a in self.avg_buffers.items()}
         train_cfgs = [m.train for m in members]
         hyper = self._loss_hypers(train_cfgs)
         self.hyper = {n: torch.cat([t, hyper[n]]) for n, t in self.hyper.items()}
@@ -250,6 +280,9 @@ class _Pack:
         self.schedules.add(train_cfgs)
         self.members += list(range(first, first + len(members)))
         self.steps_done += [0] * len(members)
+        self.decays = torch.cat([self.decays, torch.tensor([c.ema for c in train_cfgs], dtype=torch.float32,
+                                                           device=self.device)])
+        self.updates += [0] * len(members)
 
     @property
     def size(self) -> int:
@@ -263,11 +296,13 @@ class _Pack:
         self.steps_done, self._step = [s + self.steps_per_epoch for s in self.steps_done], 0
         return lr_table[0].tolist()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] pixels (one batch for all) or [K, B, C, H, W] (one per model) -> [K, B, classes] logits."""
-        params = {n: p.transpose(1, 2) if n in self.input_major else p for n, p in self.params.items()}
+    def forward(self, x: torch.Tensor, averaged: bool = False) -> torch.Tensor:
+        """[B, C, H, W] pixels (one batch for all) or [K, B, C, H, W] (one per model) -> [K, B, classes] logits, of the
+        live weights or (`averaged`, under train.ema) of their averages."""
+        live, buffers = (self.avg_params, self.avg_buffers) if averaged and self.averaging else (self.params, self.buffers)
+        params = {n: p.transpose(1, 2) if n in self.input_major else p for n, p in live.items()}
         forward = self._forward_own if x.dim() == len(self.args.image_shape) + 2 else self._forward
-        return forward(params, self.buffers, self.shared, x)
+        return forward(params, buffers, self.shared, x)
 
     def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-model cross-entropy [K] with per-model label smoothing (torch's formula); y is [B] or [K, B]."""
@@ -294,6 +329,8 @@ class _Pack:
         total.backward()
         self.optimizer.step(params, {name: values[self._step] for name, values in self._table.items()})
         self._step += 1
+        if self.averaging:
+            self._update_averages()
         return loss.detach()
 
     @torch.no_grad()
@@ -305,7 +342,7 @@ class _Pack:
         seen = 0
         with self.autocast:
             for images, labels in batches:
-                logits = self.forward(as_model_input(images)).float()  # [K, B, classes]
+                logits = self.forward(as_model_input(images), averaged=True).float()  # [K, B, classes]
                 k = logits.shape[0]
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat(k), reduction="none")
                 batch_loss, batch_correct = loss.view(k, -1).sum(1), (logits.argmax(-1) == labels).sum(1)
@@ -325,14 +362,18 @@ class _Pack:
             self.params = {n: p.index_select(0, index).requires_grad_(True) for n, p in self.params.items()}
             self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
             self.hyper = {n: t.index_select(0, index) for n, t in self.hyper.items()}
+            self.avg_params = {n: a.index_select(0, index) for n, a in self.avg_params.items()}
+            self.avg_buffers = {n: a.index_select(0, index) for n, a in self.avg_buffers.items()}
+            self.decays = self.decays.index_select(0, index)
             self.optimizer.keep(index)
+        self.updates = [self.updates[r] for r in rows]
         self.members = [self.members[r] for r in rows]
         self.steps_done = [self.steps_done[r] for r in rows]
         self._table = {n: t.index_select(1, index) for n, t in self._table.items()}
 
     def weights(self, row: int) -> dict[str, torch.Tensor]:
         """Model `row`'s state dict as build_model's module names it (the packed dropout rates left out)."""
-        tensors = {**self.params, **self.buffers}
+        tensors = {**self.avg_params, **self.avg_buffers} if self.averaging else {**self.params, **self.buffers}
         state = {n: (t[row].T if n in self.input_major else t[row]).detach().contiguous().clone()
                  for n, t in tensors.items() if n not in self.dropout_buffers}
         return {**state, **{n: t.detach().clone() for n, t in self.shared.items()}}

@@ -25,6 +25,7 @@ from tuneline.core.atomic import staged_file
 from tuneline.core.config.model import ModelConfig
 from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.data.shards import data_files
+from tuneline.tasks.train.averaging import WeightAverage
 from tuneline.tasks.train.epochs import MidEpoch, Trainee
 
 RESUME_FORMAT = "tuneline.resume/1"
@@ -77,11 +78,12 @@ class ResumeState:
     bad_epochs: int
     identity: str | None = None  # run_identity(...) it was written for; None in checkpoints of older releases
     mid_epoch: dict | None = None  # taken inside epoch `epoch` + 1: epochs.MidEpoch's fields (None: at an epoch end)
+    average: dict | None = None  # train.ema's weight average (averaging.WeightAverage.state_dict); None: ema off
 
     @classmethod
     def capture(cls, identity: str, epoch: int, model: torch.nn.Module, optimizer, schedule,
                 generator: torch.Generator, device: torch.device, trainee: Trainee,
-                mid_epoch: MidEpoch | None = None) -> ResumeState:
+                mid_epoch: MidEpoch | None = None, average: WeightAverage | None = None) -> ResumeState:
         """The state of a run after `epoch` (its model, optimizer, schedule, RNG streams, trainee's bookkeeping),
         and `mid_epoch` steps into the next one."""
         rng = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
@@ -90,7 +92,8 @@ class ResumeState:
                    optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), rng=rng,
                    history=copy.deepcopy(trainee.history), best_metric=trainee.best_metric,
                    best_state=trainee.best_state, bad_epochs=trainee.bad_epochs, identity=identity,
-                   mid_epoch=asdict(mid_epoch) if mid_epoch is not None else None)
+                   mid_epoch=asdict(mid_epoch) if mid_epoch is not None else None,
+                   average=average.state_dict() if average is not None else None)
 
     def save(self, path: Path) -> None:
         """Write it atomically: a run killed mid-write leaves the previous epoch's checkpoint, never half of one."""
@@ -115,6 +118,7 @@ class ResumeState:
         state.pop("format")
         state.setdefault("identity", None)
         state.setdefault("mid_epoch", None)
+        state.setdefault("average", None)
         return cls(**state)
 
     @property
@@ -122,9 +126,11 @@ class ResumeState:
         return MidEpoch(**self.mid_epoch) if self.mid_epoch else None
 
     def restore(self, model: torch.nn.Module, optimizer, schedule, generator: torch.Generator,
-                device: torch.device, trainee: Trainee) -> None:
+                device: torch.device, trainee: Trainee, average: WeightAverage | None = None) -> None:
         """Put the saved state back into a freshly set-up run (inverse of `capture`)."""
         model.load_state_dict(self.model)
+        if average is not None:  # run_identity includes train.ema: a run with the average resumes one with it
+            average.load_state_dict(self.average)
         optimizer.load_state_dict(self.optimizer)
         schedule.load_state_dict(self.schedule)
         # RNG states are CPU byte tensors whatever map_location moved them to.

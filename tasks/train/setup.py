@@ -64,12 +64,16 @@ def determinism(enabled: bool) -> Iterator[None]:
     previous = torch.are_deterministic_algorithms_enabled()
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-    torch.use_deterministic_algorithms(enabled)
+    # The switch's first call in a process costs about a second (torch imports its deterministic-op tables), so a
+    # run that keeps the process's setting does not touch it.
+    if enabled != previous:
+        torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.benchmark = not enabled
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        if enabled != previous:
+            torch.use_deterministic_algorithms(previous)
 
 
 @dataclass(frozen=True)

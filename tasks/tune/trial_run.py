@@ -107,5 +107,5 @@ def train_trial(model_cfg: ModelConfig, cfg: TrainConfig, prepared: Path, on_epo
     if trainee.status == "diverged":
         raise DivergedError(trainee.reason)
     if on_trained is not None:
-        on_trained(run.model, run.data.val.take(SERVING_COST_IMAGES)[0])
+        on_trained(one.eval_model, run.data.val.take(SERVING_COST_IMAGES)[0])
     return trainee.history

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_repo_params_file_is_valid_and_matches_the_defaults():
     params = load_params(REPO / "params.yaml")
     assert params.train.optimizer == "adamw" and params.train.lr == 0.004  # the fast MNIST recipe
-    assert params.model.arch == "slim_cnn" and params.train.batch_size == 256
+    assert params.model.arch == "lean_cnn" and params.train.batch_size == 256
     # Every key of the file is a known key and vice versa: the file is the one source of defaults.
     assert params == Params()
 
@@ -65,7 +65,7 @@ def test_unknown_key_in_the_file_is_an_error_naming_it(tmp_path):
     ({"train.lr": "abc"}, r"override: train.lr: Input should be a valid number"),
     ({"train.epochs": 2.5}, r"train.epochs: Input should be a valid integer"),
     ({"model.arch": "resnet"}, r"model.arch: .*unknown architecture 'resnet': use a built-in \(seed_cnn \| seed_mlp "
-                               r"\| bn_cnn \| slim_cnn \| fast_cnn \| audio_cnn \| text_cnn \| text_bow\), torchvision:NAME .* \(got 'resnet'\)"),
+                               r"\| bn_cnn \| slim_cnn \| lean_cnn \| fast_cnn \| audio_cnn \| text_cnn \| text_bow\), torchvision:NAME .* \(got 'resnet'\)"),
     ({"train.optimizer": "lion"}, r"train.optimizer: Input should be 'sgd', 'adam', 'adamw' or 'rmsprop'"),
     ({"train.lr": -1}, r"train.lr: Input should be greater than 0"),
     ({"data.val_fraction": 1.5}, r"data.val_fraction: Input should be less than 1"),

@@ -92,7 +92,7 @@ def test_numbers_are_rounded_and_params_are_tables_with_the_tuned_values_marked(
     assert "| 1 | 0.1223 | 0.0512 | 0.9838 | 0.002673 | 19.8 | 2775 |" in markdown  # the history, rounded
     assert "| `lr` | **0.002673** (tuned) |" in markdown and "| `dropout` | **0.3748** (tuned) |" in markdown
     assert "| `optimizer` | adamw |" in markdown and "| `kwargs` | {} |" in markdown  # as given: not marked
-    assert "**model**\n\n| key | value |\n|---|---|\n| `arch` | slim_cnn |" in markdown
+    assert "**model**\n\n| key | value |\n|---|---|\n| `arch` | lean_cnn |" in markdown
     assert "{'" not in markdown  # no Python dict dumps
 
 

@@ -155,7 +155,7 @@ def test_failed_serving_gate_writes_the_report_and_exports_nothing(tmp_path, sma
     # The exporter's output for this checkpoint is already on disk; reuse it (parity still runs for real) to save ~6 s.
     monkeypatch.setattr(tuneline.tasks.ship.export, "export_onnx_file", lambda model, example, path, opset: shutil.copyfile(
         exported.onnx_path, path))
-    gates = GateConfig(max_size_mb=0.1)  # the default network (slim_cnn) is ~0.35 MB
+    gates = GateConfig(max_size_mb=0.1)  # the default network (lean_cnn) is ~0.35 MB
     with pytest.raises(GateFailed, match=r"gate gate.max_size_mb FAILED: ONNX file size, MB 0\.\d{4} vs "
                                          r"threshold 0\.1000"):
         run_export(ExportConfig(), small_checkpoint, small_prepared_dir, exported.onnx_path.parent / "eval.json",

@@ -65,8 +65,9 @@ def test_a_packed_member_matches_its_solo_twin(name, tiny_dir, tmp_path):
     # Deterministic kernels, dropout 0 (a pack draws its dropout masks for all its models at once, so they
     # cannot equal a solo run's draws); the twin's seed is the pack's data seed: same init, same data order.
     model_cfg, train = TWINS[name]
+    # fp32: a pack on a CPU trains in fp32. The default weight average (train.ema) stays on: the twins compare it too.
     train = train.model_copy(update={"epochs": 2, "batch_size": 64, "device": "cpu", "deterministic": True,
-                                     "channels_last": False, "seed": 0})
+                                     "channels_last": False, "seed": 0, "precision": "fp32"})
     solo = run_train(model_cfg, train, tiny_dir, tmp_path / "m.pt", tmp_path / "h.csv", Lineage("t", "t", "t"),
                      show_progress=False)
     others = [train.model_copy(update={"lr": train.lr * 3, "seed": 5}),
@@ -92,7 +93,8 @@ def test_a_packed_member_matches_its_solo_twin(name, tiny_dir, tmp_path):
 
 def test_per_trial_hyperparameters_take_effect(tiny_dir):
     mlp = ModelConfig(arch="seed_mlp", dropout=0.0)
-    base = TrainConfig(optimizer="adam", lr=2e-3, epochs=2, batch_size=64, scheduler="none", device="cpu", seed=0)
+    base = TrainConfig(optimizer="adam", lr=2e-3, epochs=2, batch_size=64, scheduler="none", device="cpu", seed=0,
+                       ema=0.0)  # the live weights, where each knob acts
     configs = {
         "base": (mlp, base),
         "frozen": (mlp, base.model_copy(update={"lr": 1e-30, "seed": 1})),  # lr > 0 is required; 1e-30 moves nothing

@@ -27,8 +27,10 @@ from tuneline.tasks.train.packed import (PACKING_ROLES, Member, group_key, pack_
 
 MLP = ModelConfig(arch="seed_mlp", dropout=0.0)
 # Short runs (384 images, 6 steps an epoch) of a deterministic MLP: cheap, and float noise stays far below effects.
+# fp32: a pack on a CPU trains in fp32 (tasks/train/packed.py), so its solo twin must too. No weight average in the
+# base, so every other probe's effect is on the live weights; the ema probe turns it on.
 BASE = TrainConfig(optimizer="adam", lr=2e-3, epochs=1, batch_size=64, scheduler="none", device="cpu",
-                   deterministic=True, channels_last=False, seed=0)
+                   deterministic=True, channels_last=False, seed=0, precision="fp32", ema=0.0)
 FROZEN = {"lr": 1e-6}  # next to nothing learns: val accuracy stays flat, so plateau and early stopping act at once
 
 # Every per_model field: (the context it acts in, its probe value).
@@ -45,6 +47,7 @@ PROBES = {
     "l1": ({}, 1e-3),
     "label_smoothing": ({}, 0.3),
     "grad_clip": ({"optimizer": "sgd", "lr": 0.1}, 0.1),
+    "ema": ({"epochs": 2}, 0.9),
     "scheduler": ({"epochs": 2}, "step"),
     "step_size": ({"epochs": 3, "scheduler": "step"}, 2),
     "gamma": ({"epochs": 2, "scheduler": "step"}, 0.1),
@@ -111,28 +114,28 @@ def test_a_shared_setting_splits_packs(name):
 
 
 class _WithSolo(TrainConfig):
-    ema: float = Field(0.0, ge=0.0, description="a knob packing does not implement",
+    lookahead: float = Field(0.0, ge=0.0, description="a knob packing does not implement",
                        json_schema_extra={"packing": "solo"})
 
 
 class _Undeclared(TrainConfig):
-    ema: float = Field(0.0, description="a knob that forgot its role")
+    lookahead: float = Field(0.0, description="a knob that forgot its role")
 
 
 def test_a_solo_setting_trains_alone_instead_of_being_ignored(tiny, caplog):
-    default, set_ = _WithSolo(**BASE.model_dump()), _WithSolo(**BASE.model_dump(), ema=0.9)
-    assert solo_settings(default) == [] and solo_settings(set_) == ["ema"]
+    default, set_ = _WithSolo(**BASE.model_dump()), _WithSolo(**BASE.model_dump(), lookahead=0.9)
+    assert solo_settings(default) == [] and solo_settings(set_) == ["lookahead"]
     assert group_key(MLP, default) != group_key(MLP, set_)
     assert pack_capacity(MLP, default, tiny, requested=4) == 4
     with caplog.at_level(logging.INFO, logger="tuneline.tasks.train.packed"):
         assert pack_capacity(MLP, set_, tiny, requested=4) == 1  # the tuner trains a pack of one with run_train
-    assert "train.ema=0.9 trains alone: packed training does not implement it" in caplog.text
-    with pytest.raises(ValueError, match=r"train.ema=0.9 runs solo .* train this config with run_train"):
+    assert "train.lookahead=0.9 trains alone: packed training does not implement it" in caplog.text
+    with pytest.raises(ValueError, match=r"train.lookahead=0.9 runs solo .* train this config with run_train"):
         train_packed([Member(MLP, default), Member(MLP, set_)], tiny)
 
 
 def test_a_setting_without_a_role_cannot_be_packed():
-    with pytest.raises(TypeError, match=r"TrainConfig.ema declares no packing role"):
+    with pytest.raises(TypeError, match=r"TrainConfig.lookahead declares no packing role"):
         group_key(MLP, _Undeclared(**BASE.model_dump()))
 
 

@@ -15,7 +15,7 @@ LINEAGE = Lineage("abc123.dir", "p" * 16, "c" * 40)
 def test_training_learns_and_writes_a_self_describing_checkpoint(small_checkpoint, small_prepared_dir):
     model, checkpoint = load_checkpoint(small_checkpoint)
     assert checkpoint["lineage"] == LINEAGE.to_dict()
-    assert checkpoint["model_args"]["arch"] == "slim_cnn" and checkpoint["classes"] == [str(d) for d in range(10)]
+    assert checkpoint["model_args"]["arch"] == "lean_cnn" and checkpoint["classes"] == [str(d) for d in range(10)]
     assert checkpoint["config"]["train"]["epochs"] == 2
     history = checkpoint["history"]
     assert [h["epoch"] for h in history] == [1, 2]
