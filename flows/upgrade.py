@@ -11,8 +11,9 @@ That file is prefect.yaml's entry point, so a deployment of such a project fails
 - prefect.yaml: the old generated file is re-rendered (Tuneline's logger is now `tuneline`); an edited one is
   left as it is;
 - params.yaml: the keys this release's dvc.yaml names (`${paths.…}` templates, params deps) that the file
-  lacks are added with their defaults (DVC reads them from the file, not from Tuneline's defaults); the rest of
-  the file, its comments included, is kept;
+  lacks are added with their defaults (DVC reads them from the file, not from Tuneline's defaults); a setting added
+  later whose default changes how a model trains (KEPT_BEHAVIOUR: train.ema) is added at the value that keeps the
+  project training as it did; the rest of the file, its comments included, is kept;
 - dvc.yaml, when it is the generated one and differs from what this release generates;
 - .tuneline/code/<stage>.json, the fingerprints of the installed code (git ignores them).
 
@@ -273,20 +274,39 @@ def _prefect_yaml(root: Path, notes: list[str]) -> Change | None:
     return None
 
 
+# Settings added after projects existed whose default trains differently from the release before them, and the value
+# that trains as before. A project's params.yaml without the key gets this value, so upgrading keeps its recipe
+# (and its tuning study: tasks/tune/study.py leaves these keys out at that value); delete the line to take the new
+# default.
+KEPT_BEHAVIOUR = {"train.ema": 0.0}
+
+
+def _kept_behaviour_missing(path: Path) -> list[str]:
+    parsed = yaml.safe_load(path.read_text()) or {}
+    return [key for key in KEPT_BEHAVIOUR
+            if key.split(".")[1] not in (parsed.get(key.split(".")[0]) or {})]
+
+
 def _params_yaml(root: Path, notes: list[str]) -> Change | None:
-    """params.yaml with each missing key dvc.yaml reads added at its default (a line of its own at the end of its
-    section, with its description as the comment); every other line is kept as it is."""
+    """params.yaml with each missing key dvc.yaml reads added at its default and each missing KEPT_BEHAVIOUR key at
+    its earlier behaviour's value (a line of its own at the end of its section, with its description as the
+    comment); every other line is kept as it is."""
     from tuneline.core.config.params import Params, load_params
 
-    missing = missing_params(root)
+    path = root / "params.yaml"
+    kept = _kept_behaviour_missing(path) if path.is_file() else []
+    missing = missing_params(root) + [key for key in kept if key not in missing_params(root)]
     if not missing:
         return None
-    path = root / "params.yaml"
     values = load_params(path).model_dump(mode="json")  # validates the file first: a broken one is reported as such
+    for key in kept:
+        values[key.split(".")[0]][key.split(".")[1]] = KEPT_BEHAVIOUR[key]
     lines = path.read_text().splitlines(keepends=True)
     for key in missing:
         section, name = key.split(".")
         description = Params.model_fields[section].annotation.model_fields[name].description
+        if key in kept:
+            description = f"{description} (written by tuneline upgrade: the release before trained this way)"
         value = yaml.safe_dump(values[section][name], default_flow_style=True, width=10_000).strip()
         line = f"  {name}: {value.removesuffix('...').strip()}"
         line = f"{line.ljust(31)} # {description}\n" if description else f"{line}\n"
@@ -297,7 +317,11 @@ def _params_yaml(root: Path, notes: list[str]) -> Change | None:
            for section, name in (key.split(".") for key in missing)):
         raise ConfigError(f"{path}: could not add {', '.join(missing)} (its layout is unusual): add them by hand "
                           "(defaults in docs/configuration.md), then run `tuneline upgrade` again")
-    return Change(path, text, f"added {', '.join(missing)} (defaults), which dvc.yaml reads")
+    added = [key for key in missing if key not in kept]
+    what = ([f"added {', '.join(added)} (defaults), which dvc.yaml reads"] if added else []) + (
+        [f"added {', '.join(f'{k}: {KEPT_BEHAVIOUR[k]}' for k in kept)}, which keeps this project training as the "
+         "release before did (delete the line to take the new default)"] if kept else [])
+    return Change(path, text, "; ".join(what))
 
 
 def _end_of_section(lines: list[str], section: str, line: str) -> tuple[int, str]:

@@ -40,7 +40,8 @@ TRAIN_EXECUTION_KEYS = frozenset({"device", "precision", "channels_last", "compi
                                   "eval_batch_size", "resume", "epochs", "checkpoint_every_steps"})
 # train.* keys added after studies existed, and their defaults: left out at their default, so an existing study keeps
 # its name.
-LATER_TRAIN_KEYS = {"images_per_epoch": None, "augment_time_shift": 0.0, "augment_noise": 0.0, "augment_spec_mask": 0.0}
+LATER_TRAIN_KEYS = {"images_per_epoch": None, "augment_time_shift": 0.0, "augment_noise": 0.0, "augment_spec_mask": 0.0,
+                    "ema": 0.0}  # ema's default is 0.98; tuneline upgrade writes 0 into an earlier project's params
 
 # tune.* keys that change the budget, the storage or how trials are scheduled, not what a trial sees:
 # a larger n_trials (or patience, or max_failures) continues the study; packed and unpacked trials give the

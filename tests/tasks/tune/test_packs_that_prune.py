@@ -45,7 +45,7 @@ def test_a_refilled_member_matches_its_solo_twin(tiny_dir):
     mlp = ModelConfig(arch="seed_mlp", dropout=0.0)
     # Adam with a step schedule: bias correction and lr both depend on the member's own step count.
     train = TrainConfig(optimizer="adam", lr=2e-3, scheduler="step", gamma=0.5, epochs=2, batch_size=64,
-                        device="cpu", deterministic=True, seed=0)
+                        device="cpu", deterministic=True, seed=0, precision="fp32")  # a CPU pack's precision
     late = train.model_copy(update={"lr": 1.5e-3, "seed": 7})  # its own seed: its own init and batch order
     offered = []
 
@@ -68,6 +68,7 @@ def test_a_pack_with_asha_refills_pruned_slots(tmp_path, tiny_dir):
     params = build_params({}, {
         "model.arch": "seed_mlp", "model.dropout": 0.0, "train.scheduler": "none", "train.device": "cpu",
         "train.deterministic": True, "train.batch_size": 64, "tune.epochs": 2, "tune.pruner": "asha",
+        "train.precision": "fp32",  # a pack on a CPU trains in fp32: so does the solo twin it is compared with
         "tune.n_trials": len(lrs), "tune.packing": 2, "tune.study_name": "refill",
         "tune.space": {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True}}})
     study = create_study(params.tune, "refill", f"sqlite:///{tmp_path / 'study.db'}")
