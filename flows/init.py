@@ -46,11 +46,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "cifar10": {
         "project": {"name": "cifar10"},
         "data": {"source": "imagefolder", "val_fraction": 0.1},
-        "model": {"arch": "fast_cnn", "dropout": 0.0, "kwargs": {"width": 16, "logit_scale": 1.0}},
-        "train": {"epochs": 15, "batch_size": 256, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 5e-4,
+        "model": {"arch": "fast_cnn", "dropout": 0.0, "kwargs": {"width": 16, "logit_scale": 1.0, "flip_average": True}},
+        "train": {"epochs": 17, "batch_size": 256, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 5e-4,
                   "scheduler": "onecycle", "label_smoothing": 0.1, "augment_flip": True, "augment_translate": 0.0625,
-                  "augment_rotate_deg": 0.0, "augment_scale": 0.0, "eval_batch_size": 1000, "precision": "native",
-                  "ema": 0.0},
+                  "augment_rotate_deg": 0.0, "augment_scale": 0.0, "eval_batch_size": 1000, "precision": "native"},
         # Two epochs per trial (40 steps of batch 256): with fewer steps batch norm's running statistics are still at
         # their initial values when the trial validates, and every trial scores chance.
         "tune": {"enabled": True, "n_trials": 3, "epochs": 2, "limit_train": 5000, "limit_val": 2000,

@@ -12,6 +12,11 @@ CPU cost, measured on the 2-core EPYC this project is developed on (2026-12-02, 
 ~200-290 (the cost grows with width squared). bench/bench_cifar.py measures accuracy per epoch.
 
 Any input size works: a group pools only while the side is at least 2 (a 12x12 image gets 12 -> 6 -> 3 -> 1).
+
+`flip_average=True` (model.kwargs) averages the logits of each image and its mirror image whenever the model is not
+training: validation, evaluation, the exported ONNX graph and so the server all score both views (airbench's
+test-time augmentation), for twice the inference work. Only for data whose mirror images are the same classes
+(train.augment_flip's condition).
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ class FastCNN(nn.Module):
     """Stem (width) -> groups (2, 4, 8 x width, each pooling 2x) -> global max-pool -> dropout -> linear / scale."""
 
     def __init__(self, n_classes: int, dropout: float, image_shape: tuple[int, int, int] = (3, 32, 32),
-                 width: int = 16, logit_scale: float = 1 / 9):
+                 width: int = 16, logit_scale: float = 1 / 9, flip_average: bool = False):
         super().__init__()
+        if not isinstance(flip_average, bool):
+            raise ValueError(f"model.kwargs.flip_average: {flip_average!r} is not true or false")
+        self.flip_average = flip_average
         channels, height, width_px = image_shape
         if not 1 <= int(width) <= 1024:
             raise ValueError(f"model.kwargs.width: {width!r} is out of range: fast_cnn takes 1..1024 (16 suits a CPU)")
@@ -54,6 +62,11 @@ class FastCNN(nn.Module):
         self.head = nn.Linear(widths[-1], n_classes, bias=False)
         self.logit_scale = float(logit_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(self.stem(x)).amax(dim=(2, 3))  # global max-pool: [N, C]
         return self.head(self.dropout(x)) * self.logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip_average and not self.training:
+            return (self.logits(x) + self.logits(x.flip(3))) / 2  # the image and its mirror image, left to right
+        return self.logits(x)

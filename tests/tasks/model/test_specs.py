@@ -37,3 +37,33 @@ def test_exports_to_onnx_with_parity(arch, tmp_path):
     export_onnx_file(model, images[:2].float(), tmp_path / "m.onnx", opset=18)
     diffs = check_parity(model, tmp_path / "m.onnx", images, atol=1e-4)
     assert max(diffs.values()) < 1e-4
+
+
+def test_fast_cnn_flip_average_scores_the_image_and_its_mirror_outside_training_and_exports(tmp_path):
+    torch.manual_seed(0)
+    args = args_for("fast_cnn", 3, 12, 12, 4, width=4, flip_average=True)
+    model = build_model(args).eval()
+    plain = build_model(args_for("fast_cnn", 3, 12, 12, 4, width=4))
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    images = (torch.rand(8, 3, 12, 12) * 255).to(torch.uint8)
+    pixels = images.float()
+    with torch.no_grad():
+        averaged = (plain(pixels) + plain(pixels.flip(3))) / 2
+        # Relative comparisons: a fresh fast_cnn's logits are tiny (batch norm at its initial statistics, logits / 9).
+        assert torch.allclose(model(pixels), averaged, rtol=1e-4, atol=1e-12)
+        assert not torch.allclose(plain(pixels), averaged, rtol=1e-2, atol=0)  # the mirror image scores differently
+        model.train(), plain.train()
+        torch.manual_seed(1)  # the same dropout masks for both
+        trained_view = model(pixels)
+        torch.manual_seed(1)
+        assert torch.allclose(trained_view, plain(pixels), rtol=1e-4, atol=1e-12)  # training: one view
+    model.eval()
+    export_onnx_file(model, pixels[:2], tmp_path / "m.onnx", opset=18)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(exported), model(pixels).detach(), rtol=1e-3, atol=1e-9)
+    with pytest.raises(ValueError, match="model.kwargs.flip_average: 'yes' is not true or false"):
+        build_model(args_for("fast_cnn", 3, 12, 12, 4, width=4, flip_average="yes"))
