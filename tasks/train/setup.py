@@ -25,6 +25,7 @@ from tuneline.core.config.train import TrainConfig
 from tuneline.tasks.data.stream import DataAccess, SplitReader
 from tuneline.tasks.model.architectures import Classifier, ModelArgs
 from tuneline.tasks.train.distributed import DistContext, device_for, process_group
+from tuneline.tasks.train.host_memory import keep_freed_memory
 from tuneline.tasks.train.epochs import EpochData, build_member, check_augmentation, load_data, model_args
 
 Splits = tuple[dict, SplitReader, SplitReader]  # manifest, train, val (each resident or streaming)
@@ -115,6 +116,7 @@ def prepare_run(model_cfg: ModelConfig, train_cfg: TrainConfig, prepared: Path, 
     builds K of them with build_member, as this does one).
     """
     device = device_for(ctx, resolve_device(train_cfg.device))
+    keep_freed_memory()  # a step's buffers stay in the process: no page faults per step (host_memory.py)
     with determinism(train_cfg.deterministic), process_group(ctx, device):
         manifest, train, val = load(Path(prepared), device, access)
         args = model_args(model_cfg, manifest)
