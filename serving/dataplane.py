@@ -174,7 +174,7 @@ class DataPlane:
         self._observe(model, role, len(rows), time.perf_counter() - started, probabilities)
         if role == CHAMPION:
             if model.drift_profile is not None:
-                self.live.add_drift(model.name, model.version, model.drift_profile.row_features(rows, probabilities))
+                self.live.add_drift(model.name, model.version, model.drift_profile, rows, probabilities)
             challenger = self.holder.slots[model.name].challenger
             if challenger is not None and self.settings.challenger == "shadow" and self.shadow.sampled():
                 self.shadow.offer(challenger, rows, results["class"])

@@ -48,6 +48,23 @@ class _Enqueue(logging.handlers.QueueHandler):
             type(self).dropped += 1
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A stream handler that writes to whatever `sys.stderr` is when it writes, not the object it was when the logging
+    was set up: a process that replaces sys.stderr later (a test runner capturing output per test, a daemon
+    redirecting it) must not meet a closed file ("I/O operation on closed file")."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it: sys.stderr is the stream
+        pass
+
+
 _listener: logging.handlers.QueueListener | None = None
 _writer: logging.Handler | None = None  # the stream handler the listener writes with
 
@@ -56,7 +73,7 @@ def configure_logging(level: str = "info", stream=None) -> None:
     """Send the server's and uvicorn's logs to `stream` (stderr) as JSON lines, written by a background thread."""
     global _listener, _writer
     stop_logging()
-    handler = _writer = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _writer = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler.setFormatter(JsonFormatter())
     records: queue.Queue = queue.Queue(MAX_QUEUED)
     _listener = logging.handlers.QueueListener(records, handler)

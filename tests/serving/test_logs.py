@@ -72,3 +72,28 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks)
+
+
+def test_the_log_writer_follows_sys_stderr_when_it_is_replaced(monkeypatch):
+    # A test runner swaps sys.stderr per test and closes the old one; a server configured earlier in the process
+    # must write to the current one, not fail on the closed one ("--- Logging error --- I/O on closed file").
+    import io
+    import sys
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    try:
+        configure_logging("info")
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        first.close()
+        logging.getLogger("tuneline.serving.test").info("after the swap")
+        stop_logging()
+        written = second.getvalue()
+        assert '"msg": "after the swap"' in written and "Logging error" not in written, written
+    finally:
+        stop_logging()
+        root.handlers[:] = handlers
+        root.setLevel(level)
