@@ -295,7 +295,8 @@ def _params_yaml(root: Path, notes: list[str]) -> Change | None:
 
     path = root / "params.yaml"
     kept = _kept_behaviour_missing(path) if path.is_file() else []
-    missing = missing_params(root) + [key for key in kept if key not in missing_params(root)]
+    read_by_dvc = missing_params(root)
+    missing = read_by_dvc + [key for key in kept if key not in read_by_dvc]
     if not missing:
         return None
     values = load_params(path).model_dump(mode="json")  # validates the file first: a broken one is reported as such

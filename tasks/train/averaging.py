@@ -37,15 +37,15 @@ class WeightAverage:
             p.requires_grad_(False)
         live, averaged = model.state_dict(), self.module.state_dict()
         # Integer buffers (batch norm's num_batches_tracked) are counts, not weights: copied, not averaged.
-        self._pairs = [(averaged[k], live[k]) for k in live if live[k].is_floating_point()]
+        weights = [k for k in live if live[k].is_floating_point()]
+        self._averaged, self._live = [averaged[k] for k in weights], [live[k] for k in weights]
         self._counts = [(averaged[k], live[k]) for k in live if not live[k].is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
         """Move the average towards the live weights (after each optimizer step)."""
         self.updates += 1
-        averaged, live = zip(*self._pairs)
-        torch._foreach_lerp_(list(averaged), list(live), 1.0 - warmed_decay(self.decay, self.updates))
+        torch._foreach_lerp_(self._averaged, self._live, 1.0 - warmed_decay(self.decay, self.updates))
         for mine, theirs in self._counts:
             mine.copy_(theirs)
 

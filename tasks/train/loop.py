@@ -276,7 +276,7 @@ def _train(run: RunSetup, model_cfg: ModelConfig, cfg: TrainConfig, model_path: 
     if cfg.restore_best and trainee.best_state is not None:
         model.load_state_dict(trainee.best_state)
     elif one.average is not None:  # the last epoch's weights: their average, as validated
-        model.load_state_dict(one.weights(0))
+        model.load_state_dict(one.eval_model.state_dict())
     history = trainee.history
     if ctx.is_main:
         save_checkpoint(model_path, model, config={"model": model_cfg.model_dump(), "train": cfg.model_dump()},
