@@ -19,8 +19,8 @@ from tuneline.serving import classify, grpc_v2, rest_live, rest_metrics, rest_re
 from tuneline.serving.dataplane import DataPlane
 from tuneline.serving.errors import ServingError
 from tuneline.serving.logs import stop_logging
-from tuneline.serving.middleware import Gatekeeper, error_headers
-from tuneline.serving.rest_v2 import error_response
+from tuneline.serving.middleware import Gatekeeper
+from tuneline.serving.rest_v2 import error_answer, error_response
 from tuneline.serving.settings import ServeSettings
 
 log = logging.getLogger("tuneline.serving.app")
@@ -52,7 +52,7 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
                 log.info("server stopped", extra={"event": "stopped", "in_flight": dataplane.in_flight.count})
                 stop_logging()  # write every queued line now: the process may end by a re-raised signal
 
-    app = FastAPI(title="Tuneline inference server", version=dataplane.server_metadata()["version"],
+    app = InferenceServer(title="Tuneline inference server", version=dataplane.server_metadata()["version"],
                   summary="Open Inference Protocol (KServe V2) REST with the binary tensor data extension",
                   lifespan=lifespan)
     app.state.dataplane = dataplane
@@ -66,16 +66,35 @@ def create_app(settings: ServeSettings, providers: list[str]) -> FastAPI:
         listener = protocol.register(app, dataplane)
         if listener is not None:
             listeners.append(listener)
-    app.add_middleware(Gatekeeper, settings=settings, metrics=dataplane.metrics, in_flight=dataplane.in_flight,
-                       drain=dataplane.drain)
+    gatekeeper = dict(settings=settings, metrics=dataplane.metrics, in_flight=dataplane.in_flight, drain=dataplane.drain)
+    app.add_middleware(Gatekeeper, **gatekeeper)
+    app.hot_path = (app.state.inference.match, Gatekeeper(app.state.inference, **gatekeeper))
     return app
+
+
+class InferenceServer(FastAPI):
+    """FastAPI, with inference requests answered ahead of its middleware stack (rest_v2.InferenceEndpoint says why).
+
+    `hot_path` is (match, app): `match(scope)` says whether a request is an inference request (and sets its route),
+    and `app` answers it: the bare endpoint behind a Gatekeeper of its own. Every other request, and every request
+    when hot_path is None, goes through FastAPI as usual.
+    """
+
+    hot_path: tuple | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.hot_path is not None and self.hot_path[0](scope):
+            scope["app"] = self
+            await self.hot_path[1](scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def _error_handlers(app: FastAPI) -> None:
     """Every error a REST route raises becomes {"error": message} with its status."""
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError):
-        return error_response(exc.status, str(exc), error_headers(exc))
+        return error_answer(exc, request.url.path)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -89,5 +108,4 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error", extra={"event": "internal_error", "path": request.url.path})
-        return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+        return error_answer(exc, request.url.path)

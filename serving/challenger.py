@@ -64,7 +64,7 @@ class _Job:
 @dataclass
 class _Result:
     job: _Job
-    probabilities: np.ndarray | None  # None: the run failed
+    outputs: dict[str, np.ndarray] | None  # LoadedModel.run's outputs for the job's rows; None: the run failed
     seconds: float
 
 
@@ -85,8 +85,8 @@ class Shadow:
 
     def __init__(self, size: int, percent: float, on_result: Callable, on_drop: Callable,
                  max_batch_rows: int = 256):
-        """`on_result(model, job_rows, probabilities | None, seconds, champion_classes)` after each shadow run (None:
-        it failed), on the event loop; `on_drop(model)` for each request dropped because the queue was full."""
+        """`on_result(model, job_rows, outputs | None, seconds, champion_classes)` after each shadow run, on the event
+        loop (outputs: the job's rows' slice of LoadedModel.run's; None: it failed); `on_drop(model)` for each request dropped because the queue was full."""
         self.percent, self.size, self.max_batch_rows = percent, size, max_batch_rows
         self.on_result, self.on_drop = on_result, on_drop
         self._jobs: deque[_Job] = deque()  # append (loop) and popleft (thread) are atomic: no lock needed
@@ -153,7 +153,7 @@ class Shadow:
         started = time.perf_counter()
         try:
             rows = jobs[0].rows if len(jobs) == 1 else np.concatenate([job.rows for job in jobs])
-            probabilities = model.run(rows)["probabilities"]
+            outputs = model.run(rows)
         except Exception:  # noqa: BLE001 - a failing challenger is counted as an error, never the caller's problem
             log.warning("shadow run failed", exc_info=True, extra={"event": "shadow_error", "model": model.name,
                                                                    "version": model.version})
@@ -162,7 +162,8 @@ class Shadow:
         seconds = time.perf_counter() - started
         results, offset = [], 0
         for job in jobs:
-            results.append(_Result(job, probabilities[offset:offset + len(job.rows)], seconds))
+            end = offset + len(job.rows)
+            results.append(_Result(job, {name: value[offset:end] for name, value in outputs.items()}, seconds))
             offset += len(job.rows)
         return results
 
@@ -170,5 +171,5 @@ class Shadow:
         """On the event loop: the live numbers of one batch."""
         for result in results:
             job = result.job
-            self.on_result(job.model, job.rows, result.probabilities, result.seconds, job.champion_classes)
+            self.on_result(job.model, job.rows, result.outputs, result.seconds, job.champion_classes)
 

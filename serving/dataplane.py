@@ -31,7 +31,7 @@ from tuneline.serving.errors import BadRequest, NotFound, NotReady
 from tuneline.serving.images import decode_image
 from tuneline.serving.metrics import ServingMetrics
 from tuneline.serving.middleware import InFlight
-from tuneline.serving.model_holder import CHALLENGER, CHAMPION, LoadedModel, ModelHolder
+from tuneline.serving.model_holder import CHALLENGER, CHAMPION, CONFIDENCE, DRIFT_FEATURES, LoadedModel, ModelHolder
 from tuneline.serving.settings import ServeSettings
 from tuneline.serving.watcher import watch_champion
 
@@ -170,17 +170,16 @@ class DataPlane:
         except Exception:
             self._observe(model, role, len(rows), time.perf_counter() - started, None)
             raise
-        probabilities = results["probabilities"]
-        self._observe(model, role, len(rows), time.perf_counter() - started, probabilities)
+        self._observe(model, role, len(rows), time.perf_counter() - started, results)
         if role == CHAMPION:
-            if model.drift_profile is not None:
-                self.live.add_drift(model.name, model.version, model.drift_profile, rows, probabilities)
+            if DRIFT_FEATURES in results:
+                self.live.add_drift(model.name, model.version, results[DRIFT_FEATURES])
             challenger = self.holder.slots[model.name].challenger
             if challenger is not None and self.settings.challenger == "shadow" and self.shadow.sampled():
                 self.shadow.offer(challenger, rows, results["class"])
         ids: list[str] = []
         if self.capture is not None and self.capture.sampled():
-            ids = self.capture.record(model, rows, texts, probabilities)
+            ids = self.capture.record(model, rows, texts, results["probabilities"])
             self.metrics.captured.labels(model.name).inc(len(ids))
         return Served(results, model.version, ids)
 
@@ -193,28 +192,30 @@ class DataPlane:
                                                m.live_latency.labels(*key), m.confidence.labels(*key), {})
         return children
 
-    def _observe(self, model: LoadedModel, role: str, rows: int, seconds: float,
-                 probabilities: np.ndarray | None) -> None:
-        self.live.observe(model.name, model.version, rows, seconds, probabilities, error=probabilities is None)
+    def _observe(self, model: LoadedModel, role: str, rows: int, seconds: float, results: Outputs | None) -> None:
+        """A request's (or shadow run's) live numbers and metrics; `results` are LoadedModel.run's outputs for its
+        rows, None when it failed."""
         requests, errors, latency, confidence, classes = self._metric_children(model.name, model.version, role)
         requests.inc()
         latency.observe(seconds)
-        if probabilities is None:
+        if results is None:
+            self.live.observe(model.name, model.version, rows, seconds, None, None, error=True)
             errors.inc()
             return
-        for best, p in zip(probabilities.argmax(axis=1).tolist(), probabilities.max(axis=1).tolist()):
+        best_classes, confidences = results["class"].tolist(), results[CONFIDENCE].tolist()
+        self.live.observe(model.name, model.version, rows, seconds, best_classes, confidences)
+        for best, p in zip(best_classes, confidences):
             confidence.observe(p)
             child = classes.get(best)
             if child is None:
                 child = classes[best] = self.metrics.predicted.labels(model.name, model.version, role, str(best))
             child.inc()
 
-    def _shadow_result(self, challenger: LoadedModel, rows: np.ndarray, probabilities: np.ndarray | None,
+    def _shadow_result(self, challenger: LoadedModel, rows: np.ndarray, results: Outputs | None,
                        seconds: float, champion_classes: np.ndarray) -> None:
-        self._observe(challenger, CHALLENGER, len(rows), seconds, probabilities)
-        if probabilities is not None:
-            agreed = self.live.compare(challenger.name, challenger.version, champion_classes,
-                                       probabilities.argmax(axis=1))
+        self._observe(challenger, CHALLENGER, len(rows), seconds, results)
+        if results is not None:
+            agreed = self.live.compare(challenger.name, challenger.version, champion_classes, results["class"])
             self.metrics.shadow_compared.labels(challenger.name, challenger.version).inc(len(rows))
             self.metrics.shadow_agreed.labels(challenger.name, challenger.version).inc(agreed)
 

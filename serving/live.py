@@ -79,10 +79,10 @@ class VersionStats:
 class DriftWindow:
     """The last `size` rows' drift features for one model (and the champion version they were scored with).
 
-    Requests hand their rows and answers over as they are (`add_rows`); their features are computed together when
-    PENDING_ROWS have gathered or when the window is read. One vectorised pass over a few hundred rows costs about
-    what one request's own pass did, and each request's numpy calls on the event loop were 15 % of a server's CPU at
-    64 connections (docs/benchmarks.md, inference server).
+    The features come with each request's answer (LoadedModel.run computes them for the whole batch in the inference
+    thread). Requests hand them over as they are (`add_features`), and they enter the ring buffer together when
+    PENDING_ROWS have gathered or when the window is read: a ring write per request was numpy calls on the event loop
+    for every request.
     """
 
     PENDING_ROWS = 256
@@ -93,31 +93,29 @@ class DriftWindow:
         self.features: np.ndarray | None = None  # [size, F] ring buffer
         self.times = np.zeros(size)
         self.count = 0  # rows ever added (the ring's write position is count % size)
-        self._pending: list[tuple[np.ndarray, np.ndarray, float]] = []  # (rows, probabilities, arrival time)
-        self._pending_of: tuple | None = None  # (version, profile) of the pending rows
+        self._pending: list[tuple[np.ndarray, float]] = []  # (features [rows, F], arrival time)
+        self._pending_version: str | None = None  # the version that answered the pending rows
         self._pending_rows = 0
 
-    def add_rows(self, version: str, profile, rows: np.ndarray, probabilities: np.ndarray) -> None:
-        """Rows a champion answered and its answers (probabilities); `profile` (core.drift.DriftProfile) scores them."""
-        if self._pending_of is not None and (self._pending_of[0] != version or self._pending_of[1] is not profile):
+    def add_features(self, version: str, features: np.ndarray) -> None:
+        """The drift features [rows, F] of rows that champion `version` answered (core.drift.row_features)."""
+        if self._pending_version is not None and self._pending_version != version:
             self.flush()
-        self._pending_of = (version, profile)
-        # The answers are views of a batch's outputs: copied (a few floats a row); the rows are the request's own.
-        self._pending.append((rows, np.array(probabilities, copy=True), time.time()))
-        self._pending_rows += len(rows)
+        self._pending_version = version
+        self._pending.append((features, time.time()))
+        self._pending_rows += len(features)
         if self._pending_rows >= self.PENDING_ROWS:
             self.flush()
 
     def flush(self) -> None:
-        """Score the pending rows into the window."""
+        """Move the pending rows into the window."""
         if not self._pending:
             return
-        (version, profile), pending = self._pending_of, self._pending
-        self._pending, self._pending_of, self._pending_rows = [], None, 0
-        rows = np.concatenate([r.reshape(len(r), -1) for r, _, _ in pending])
-        probabilities = np.concatenate([p for _, p, _ in pending])
-        times = np.concatenate([np.full(len(r), t) for r, _, t in pending])
-        self.add(version, profile.row_features(rows, probabilities), times)
+        version, pending = self._pending_version, self._pending
+        self._pending, self._pending_version, self._pending_rows = [], None, 0
+        features = np.concatenate([f for f, _ in pending])
+        times = np.concatenate([np.full(len(f), t) for f, t in pending])
+        self.add(version, features, times)
 
     def add(self, version: str, features: np.ndarray, times: np.ndarray | None = None) -> None:
         if version != self.version or self.features is None or self.features.shape[1] != features.shape[1]:
@@ -147,18 +145,18 @@ class LiveStats:
         self.versions: dict[tuple[str, str], VersionStats] = defaultdict(VersionStats)
         self.drift: dict[str, DriftWindow] = {}
 
-    def observe(self, model: str, version: str, rows: int, seconds: float, probabilities: np.ndarray | None,
-                error: bool = False) -> None:
+    def observe(self, model: str, version: str, rows: int, seconds: float, classes: list[int] | None,
+                confidences: list[float] | None, error: bool = False) -> None:
+        """One request's numbers: its rows, latency, and each row's class and confidence (None: it failed)."""
         stats = self.versions[(model, version)]
         stats.requests += 1
         stats.latency[latency_bucket(seconds)] += 1
-        if error or probabilities is None:
+        if error or classes is None:
             stats.errors += 1
             return
         stats.rows += rows
-        best = probabilities.argmax(axis=1)
-        stats.confidence_sum += float(probabilities.max(axis=1).sum())
-        for cls in best.tolist():
+        stats.confidence_sum += sum(confidences)
+        for cls in classes:
             stats.classes[cls] += 1
 
     def compare(self, model: str, version: str, champion: np.ndarray, challenger: np.ndarray) -> int:
@@ -177,12 +175,12 @@ class LiveStats:
         stats.labelled += 1
         stats.correct += int(correct)
 
-    def add_drift(self, model: str, version: str, profile, rows: np.ndarray, probabilities: np.ndarray) -> None:
-        """A champion's rows and answers for the drift window; `profile` (its DriftProfile) scores them, in batches."""
+    def add_drift(self, model: str, version: str, features: np.ndarray) -> None:
+        """The drift features of rows that `model`'s champion `version` answered, for its drift window."""
         window = self.drift.get(model)
         if window is None:
             window = self.drift[model] = DriftWindow(self.window)
-        window.add_rows(version, profile, rows, probabilities)
+        window.add_features(version, features)
 
     def state(self) -> dict:
         """This process's numbers as JSON (what a sibling worker sends; merge() adds them up)."""

@@ -71,6 +71,7 @@ class Gatekeeper:
         self.token = settings.token.get_secret_value().encode() if settings.token else None
         self.admin_token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
         self.redactor = PathRedactor(settings.registry)
+        self._metric_children: dict[tuple, tuple] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -126,13 +127,23 @@ class Gatekeeper:
                 self.in_flight.count -= 1
                 self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "(unmatched)"
-            self.metrics.requests.labels(method, endpoint, str(status)).inc()
-            self.metrics.latency.labels(method, endpoint, str(status)).observe(elapsed)
+            requests, latency = self._children(method, getattr(scope.get("route"), "path", None), status)
+            requests.inc()
+            latency.observe(elapsed)
             if self.settings.access_log:
                 log.info("request", extra={"event": "request", "method": method, "path": path, "status": status,
                                            "ms": round(elapsed * 1e3, 2), "client": (scope.get("client") or ("?",))[0]})
+
+    def _children(self, method: str, endpoint: str | None, status: int) -> tuple:
+        """The request counter's and latency histogram's children for these labels (`.labels()` once per kind of
+        request, not per request)."""
+        key = (method, endpoint, status)
+        children = self._metric_children.get(key)
+        if children is None:
+            labels = (method, endpoint or "(unmatched)", str(status))
+            children = self._metric_children[key] = (self.metrics.requests.labels(*labels),
+                                                     self.metrics.latency.labels(*labels))
+        return children
 
     def _refusal(self, scope, path: str, inference: bool) -> ServingError | None:
         headers = dict(scope["headers"])

@@ -43,6 +43,7 @@ from tuneline.core.onnx_session import TENSORRT, DeviceError, open_session, tens
 log = logging.getLogger("tuneline.serving.model")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+CONFIDENCE, DRIFT_FEATURES = "confidence", "drift_features"  # LoadedModel.run's outputs for the live numbers only
 ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}  # core.onnx_metadata.GRAPH_INPUTS' dtypes
 
 
@@ -96,11 +97,20 @@ class LoadedModel:
 
     def run(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """logits, probabilities and class for checked rows [rows, *image_shape] of input_dtype (runs in a worker
-        thread)."""
+        thread); also what the live numbers read of each row: its confidence (highest probability) and, when the
+        model has a drift profile, its drift features (DRIFT_FEATURES).
+
+        The last two are computed here, once per batch in the inference thread, rather than per request on the event
+        loop: at 64 connections they were a tenth of the loop's CPU per request (docs/benchmarks.md, inference
+        server), and the loop is what limits one process."""
         logits = self.runner(rows)
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # stable softmax
-        return {"logits": logits, "probabilities": shifted / shifted.sum(axis=1, keepdims=True),
-                "class": logits.argmax(axis=1).astype(np.int64)}
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        outputs = {"logits": logits, "probabilities": probabilities, "class": logits.argmax(axis=1).astype(np.int64),
+                   CONFIDENCE: probabilities.max(axis=1)}
+        if self.drift_profile is not None:
+            outputs[DRIFT_FEATURES] = self.drift_profile.row_features(rows, probabilities)
+        return outputs
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "provider": self.provider}

@@ -56,7 +56,9 @@ def _has_bool(data: list) -> bool:
     return bool in types or (list in types and any(_has_bool(d) for d in data if type(d) is list))
 
 
-def _json_tensor(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
+def _json_tensor(data, datatype: str, shape: list[int], name: str, may_hold_bools: bool = True) -> np.ndarray:
+    """`data` as a numeric array of `shape`; `may_hold_bools` False when the request's JSON has no true/false
+    anywhere (the scan of every element's type is then skipped: a few µs for the whole body against ~15 µs)."""
     if not isinstance(data, list):
         raise BadRequest(f"input {name!r}: data must be a JSON array, got {type(data).__name__}")
     try:
@@ -67,7 +69,7 @@ def _json_tensor(data, datatype: str, shape: list[int], name: str) -> np.ndarray
     except (ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0]
         raise BadRequest(f"input {name!r}: data is not a regular array of numbers ({reason})") from None
-    if _has_bool(data):
+    if may_hold_bools and _has_bool(data):
         raise BadRequest(f"input {name!r}: data holds true/false: pixels are numbers")
     count = math.prod(shape)
     if array.size != count:
@@ -120,7 +122,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: LoadedMod
         if datatype == "BYTES":
             array = inputs.json_strings(spec["data"], shape, name)
         else:
-            array = _json_tensor(spec["data"], datatype, shape, name)
+            array = _json_tensor(spec["data"], datatype, shape, name, b"true" in head or b"false" in head)
     return InferRequest(id=request_id, rows=to_rows(array, datatype, shape, name, model), outputs=outputs,
                         texts=sent_texts(array, model))
 
@@ -163,11 +165,14 @@ def to_pixels(array: np.ndarray, datatype: str, shape: list[int], name: str, mod
     """A checked input tensor -> float32 [rows, *image_shape]; FP32 values must be finite and in the model's range."""
     pixels = array.reshape(shape[0], *model.image_shape).astype(np.float32, copy=False)
     if datatype == "FP32":
+        low, high = model.value_range
+        least, most = pixels.min(), pixels.max()
+        if low <= least and most <= high:  # False for a NaN (every comparison with it is): the common case is 2 passes
+            return pixels
         if not np.isfinite(pixels).all():
             raise BadRequest(f"input {name!r} contains NaN or infinite values")
-        low, high = model.value_range
-        if pixels.min() < low or pixels.max() > high:
-            raise BadRequest(f"input {name!r}: values span [{pixels.min():g}, {pixels.max():g}] but the model takes "
+        if least < low or most > high:
+            raise BadRequest(f"input {name!r}: values span [{least:g}, {most:g}] but the model takes "
                              f"raw pixels in [{low:g}, {high:g}] (normalisation is inside the model: do not normalise)")
     return pixels
 

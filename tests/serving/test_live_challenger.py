@@ -190,8 +190,8 @@ class _SlowChallenger:
 def test_the_shadow_runs_waiting_requests_together_in_its_own_thread_while_the_loop_keeps_going():
     async def scenario():
         delivered = []
-        shadow = Shadow(size=16, percent=100, on_drop=None, on_result=lambda model, rows, probabilities, seconds,
-                        champion: delivered.append((threading.get_ident(), probabilities.argmax(1).tolist(),
+        shadow = Shadow(size=16, percent=100, on_drop=None, on_result=lambda model, rows, outputs, seconds,
+                        champion: delivered.append((threading.get_ident(), outputs["probabilities"].argmax(1).tolist(),
                                                     champion.tolist(), seconds)))
         shadow.start()
         challenger = _SlowChallenger()
