@@ -62,9 +62,20 @@ def build_settings(params: Params, root: Path, environ: Mapping[str, str],
     admin_token = environ.get(ADMIN_TOKEN_ENV) or None
     serve = {**params.serve.model_dump(), "trt_cache_dir": str((Path(root) / params.serve.trt_cache_dir).resolve()),
              "capture_dir": str((Path(root) / params.serve.capture_dir).resolve())}
-    serve["workers"], serve["threads"] = plan_workers(params.serve.workers, params.serve.threads, usable_cpus())
+    serve["workers"], serve["threads"] = plan_workers(params.serve.workers, params.serve.threads, usable_cpus(),
+                                                      gpu=params.serve.workers == "auto" and _on_a_gpu(params))
     workers_dir = environ.get(WORKERS_DIR_ENV) or None
     return ServeSettings(**serve, registry=(Path(root) / registry).resolve(),
                          token=SecretStr(token) if token else None,
                          admin_token=SecretStr(admin_token) if admin_token else None,
                          workers_dir=Path(workers_dir) if workers_dir else None)
+
+
+def _on_a_gpu(params: Params) -> bool:
+    """Whether the models will run on a GPU provider: serve.device cuda, or auto where core.onnx_session's probe
+    (done once per process) finds one."""
+    from tuneline.core.onnx_session import CPU, resolve_providers
+
+    if params.serve.device != "auto":
+        return params.serve.device == "cuda"  # asked for; one that cannot load is refused at start, in one process
+    return resolve_providers("auto", params.serve.provider)[0] != CPU

@@ -166,8 +166,8 @@ def _run_workers(settings: ServeSettings, args: argparse.Namespace, root: Path,
     stop_sent: list[float] = []  # when the workers were first told to stop
 
     def stop_all(signum: int, frame=None) -> None:
-        if frame is not None:  # called as a signal handler: remember it, to end as a one-process server does
-            stop_signals.append(signum)
+        if frame is not None and not stop_signals:  # a signal handler's first call: end by it, as a one-process
+            stop_signals.append(signum)               # server does (a second signal only hurries the stop)
         stop_sent.append(time.monotonic())
         for worker in workers:
             if worker.poll() is None:

@@ -29,7 +29,7 @@ class ServeConfig(Section):
     model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$", description="serve only this model name (default: the champion of every model in the registry)")
     model_file: str = Field("model.onnx", description="which file of a registry version to serve")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
-    workers: int | Literal["auto"] = Field(1, description="server processes sharing serve.port (SO_REUSEPORT), each with its own event loop, models, batcher and ONNX Runtime threads; 1 = one process; auto = one per CPU this process may use (its CPU affinity and its container's CPU limit, cgroup cpu.max); with several, serve.threads 0 gives each worker (usable CPUs // workers) threads")
+    workers: int | Literal["auto"] = Field("auto", description="server processes sharing serve.port (SO_REUSEPORT), each with its own event loop, models, batcher and ONNX Runtime threads; auto = one per CPU this process may use (its CPU affinity and its container's CPU limit, cgroup cpu.max), or 1 when the models run on a GPU; 1 = one process; with several, serve.threads 0 gives each worker (usable CPUs // workers) threads")
     batching: bool = Field(True, description="merge concurrent requests into one session run")
     max_batch_size: int = Field(64, ge=1, description="rows per session run")
     max_queue_delay_us: int = Field(2000, ge=0, description="longest a request waits for others to join its batch")

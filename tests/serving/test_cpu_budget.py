@@ -87,6 +87,23 @@ def test_plan_workers(workers, threads, cpus, expected):
     assert plan_workers(workers, threads, cpus) == expected
 
 
+def test_auto_is_one_process_when_the_models_run_on_a_gpu():
+    assert plan_workers("auto", 0, 16, gpu=True) == (1, 0)
+    assert plan_workers(4, 0, 16, gpu=True) == (4, 4)  # a count you set is kept
+
+
+def test_the_default_is_a_worker_per_usable_cpu_on_the_cpu(tmp_path):
+    from tuneline.core.config.params import build_params
+    from tuneline.serving.settings import build_settings
+
+    params = build_params({}, {})
+    assert params.serve.workers == "auto"
+    cpu = build_settings(build_params({}, {"serve.device": "cpu"}), tmp_path, {}, registry=tmp_path)
+    assert cpu.workers == min(usable_cpus(), 64)
+    cuda = build_settings(build_params({}, {"serve.device": "cuda"}), tmp_path, {}, registry=tmp_path)
+    assert cuda.workers == 1  # a GPU: one process (a missing CUDA is refused when that process starts)
+
+
 def test_auto_workers_in_the_settings(tmp_path):
     from tuneline.core.config.params import build_params
     from tuneline.serving.settings import build_settings
