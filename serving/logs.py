@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import queue
 import sys
+import time
 from datetime import UTC, datetime
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -65,6 +66,48 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
+class _BatchWriter(logging.handlers.QueueListener):
+    """The writer thread: takes every record waiting at once and writes them with one write() and one flush, then
+    lets records gather for WRITE_EVERY_S. Writing and flushing each line on its own, and waking this thread for
+    each, took 30 % of a one-process server's requests/s at 64 connections with the access log on
+    (docs/benchmarks.md, inference server). A lone record is still written at once (the thread waits for it)."""
+
+    WRITE_EVERY_S = 0.01
+    MAX_BATCH = 2048
+
+    def _monitor(self) -> None:
+        records = self.queue
+        while True:
+            batch = [records.get()]  # blocks until there is something to write
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    batch.append(records.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = self._sentinel in batch
+            self._write([record for record in batch if record is not self._sentinel])
+            if stopping:
+                return
+            time.sleep(self.WRITE_EVERY_S)  # meanwhile a put() wakes nobody: no thread waits on the queue
+
+    def _write(self, batch: list[logging.LogRecord]) -> None:
+        handler = self.handlers[0]
+        lines = []
+        for record in batch:
+            try:
+                lines.append(handler.format(record))
+            except Exception:  # noqa: BLE001 - as logging does: report the record, keep the others
+                handler.handleError(record)
+        if not lines:
+            return
+        try:
+            stream = handler.stream
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or full stream: logging's own report, once per batch
+            handler.handleError(batch[-1])
+
+
 _listener: logging.handlers.QueueListener | None = None
 _writer: logging.Handler | None = None  # the stream handler the listener writes with
 
@@ -76,7 +119,7 @@ def configure_logging(level: str = "info", stream=None) -> None:
     handler = _writer = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler.setFormatter(JsonFormatter())
     records: queue.Queue = queue.Queue(MAX_QUEUED)
-    _listener = logging.handlers.QueueListener(records, handler)
+    _listener = _BatchWriter(records, handler)
     _listener.start()
     root = logging.getLogger()
     root.handlers[:] = [_Enqueue(records)]

@@ -97,3 +97,38 @@ def test_the_log_writer_follows_sys_stderr_when_it_is_replaced(monkeypatch):
         stop_logging()
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+class _CountingStream:
+    """A text stream that keeps what it is given and counts the write() calls."""
+
+    def __init__(self) -> None:
+        self.text, self.writes = "", 0
+
+    def write(self, text: str) -> int:
+        self.text += text
+        self.writes += 1
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_lines_are_written_in_batches_and_a_lone_line_at_once():
+    stream, log = _CountingStream(), logging.getLogger("tuneline.serving.access")
+    configure_logging("info", stream=stream)
+    try:
+        log.info("request", extra={"event": "request", "i": -1})
+        deadline = time.monotonic() + 2
+        while not stream.text and time.monotonic() < deadline:  # the writer waits for the first line: no delay
+            time.sleep(0.001)
+        assert stream.writes == 1 and json.loads(stream.text)["i"] == -1
+        for i in range(5000):  # faster than the writer's pace: one write() per batch, not per line
+            log.info("request", extra={"event": "request", "i": i})
+        stop_logging()
+    finally:
+        stop_logging()
+        logging.getLogger().handlers[:] = []
+    entries = [json.loads(line) for line in stream.text.splitlines()]
+    assert [e["i"] for e in entries] == list(range(-1, 5000))
+    assert stream.writes <= 5001 / 20, f"{stream.writes} writes for 5001 lines"
