@@ -86,7 +86,8 @@ class Shadow:
     def __init__(self, size: int, percent: float, on_result: Callable, on_drop: Callable,
                  max_batch_rows: int = 256):
         """`on_result(model, job_rows, outputs | None, seconds, champion_classes)` after each shadow run, on the event
-        loop (outputs: the job's rows' slice of LoadedModel.run's; None: it failed); `on_drop(model)` for each request dropped because the queue was full."""
+        loop (outputs: the job's rows' slice of LoadedModel.run's; None: it failed); `on_drop(model)` for each request
+        dropped because the queue was full."""
         self.percent, self.size, self.max_batch_rows = percent, size, max_batch_rows
         self.on_result, self.on_drop = on_result, on_drop
         self._jobs: deque[_Job] = deque()  # append (loop) and popleft (thread) are atomic: no lock needed
@@ -164,7 +165,7 @@ class Shadow:
         for job in jobs:
             end = offset + len(job.rows)
             results.append(_Result(job, {name: value[offset:end] for name, value in outputs.items()}, seconds))
-            offset += len(job.rows)
+            offset = end
         return results
 
     def _deliver(self, results: list[_Result]) -> None:

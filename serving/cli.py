@@ -49,16 +49,22 @@ def run_command(args: argparse.Namespace, root: Path) -> int:
         return 2
 
 
-def _settings(args: argparse.Namespace, root: Path):
-    from tuneline.serving.settings import build_settings, env_overrides
+def _params(args: argparse.Namespace, root: Path):
+    """The project's params with the environment's, -S and the flags' serve overrides applied."""
+    from tuneline.serving.settings import env_overrides
     from tuneline.core.config.params import load_params
 
     serve_flags = ("host", "port", "grpc_port", "device", "model") if args.command == "serve" else ("host", "port", "device")
     flags = {f"serve.{k}": getattr(args, k) for k in serve_flags if getattr(args, k, None) is not None}
     cli = parse_overrides(getattr(args, "overrides", []))
     # Precedence: params.yaml < environment < -S < explicit flags.
-    params = load_params(root / "params.yaml", {**env_overrides(os.environ), **cli, **flags})
-    return build_settings(params, root, os.environ, registry=getattr(args, "registry", None))
+    return load_params(root / "params.yaml", {**env_overrides(os.environ), **cli, **flags})
+
+
+def _settings(args: argparse.Namespace, root: Path):
+    from tuneline.serving.settings import build_settings
+
+    return build_settings(_params(args, root), root, os.environ, registry=getattr(args, "registry", None))
 
 
 def serve(args: argparse.Namespace, root: Path) -> int:
@@ -120,8 +126,8 @@ def predict(args: argparse.Namespace, root: Path) -> int:
     if args.url:  # a client of a server somewhere: no project (params.yaml) needed
         url = args.url
     else:
-        settings = _settings(args, root)
-        url = f"http://{settings.host}:{settings.port}"
+        serve = _params(args, root).serve  # not the server's settings: they would probe for a GPU to plan workers
+        url = f"http://{serve.host}:{serve.port}"
     failed = 0
     with InferenceClient(url, model=args.model, token=os.environ.get(TOKEN_ENV)) as client:
         items = [(str(path), "file", path) for path in args.files]

@@ -199,7 +199,7 @@ class DataPlane:
         requests.inc()
         latency.observe(seconds)
         if results is None:
-            self.live.observe(model.name, model.version, rows, seconds, None, None, error=True)
+            self.live.observe(model.name, model.version, rows, seconds, None, None)
             errors.inc()
             return
         best_classes, confidences = results["class"].tolist(), results[CONFIDENCE].tolist()

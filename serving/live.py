@@ -146,12 +146,12 @@ class LiveStats:
         self.drift: dict[str, DriftWindow] = {}
 
     def observe(self, model: str, version: str, rows: int, seconds: float, classes: list[int] | None,
-                confidences: list[float] | None, error: bool = False) -> None:
-        """One request's numbers: its rows, latency, and each row's class and confidence (None: it failed)."""
+                confidences: list[float] | None) -> None:
+        """One request's numbers: its rows, latency, and each row's class and confidence (both None: it failed)."""
         stats = self.versions[(model, version)]
         stats.requests += 1
         stats.latency[latency_bucket(seconds)] += 1
-        if error or classes is None:
+        if classes is None:
             stats.errors += 1
             return
         stats.rows += rows

@@ -44,6 +44,11 @@ def test_serve_predict_and_sigterm(tmp_path, onnx_model, digits):
         refused = subprocess.run([*tuneline, "predict", str(images[0]), "--url", url], cwd=REPO, env=no_token,
                                  capture_output=True, text=True, timeout=60, check=False)
         assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+        # Without --url, predict finds the server where the project's params (here: the environment's port) say.
+        from_project = subprocess.run([*tuneline, "predict", str(images[1])], cwd=REPO,
+                                      env={**env, "TUNELINE_SERVE_PORT": str(port)}, capture_output=True, text=True,
+                                      timeout=60, check=False)
+        assert from_project.returncode == 0 and from_project.stdout.startswith(f"{images[1]}: {digits.classes[1]} ")
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)
